@@ -1,0 +1,54 @@
+//! The rfbauth password file format, as `vncpasswd -f` writes it.
+//!
+//! VNC authentication (RFC 6143 §7.2.2) uses only the first 8 bytes of a password. TigerVNC
+//! stores them zero-padded and DES-encrypted with a fixed, public key — obfuscation, not
+//! secrecy, which is why the file must be 0600 and owned by the user. TigerVNC's DES code
+//! (d3des) reads key bytes least-significant bit first, so the standard-DES equivalent of its
+//! key is each byte bit-reversed.
+use des::Des;
+use des::cipher::{BlockEncrypt, KeyInit, generic_array::GenericArray};
+
+/// The fixed obfuscation key every VNC implementation uses.
+const VNC_KEY: [u8; 8] = [23, 82, 107, 6, 35, 78, 88, 7];
+
+/// The 8 bytes of an rfbauth file for `password` (callers validate length and NUL first).
+pub fn obfuscate(password: &[u8]) -> [u8; 8] {
+    let mut block = [0u8; 8];
+    let n = password.len().min(8);
+    block[..n].copy_from_slice(&password[..n]);
+    let cipher = Des::new(GenericArray::from_slice(&VNC_KEY.map(u8::reverse_bits)));
+    let mut b = GenericArray::from(block);
+    cipher.encrypt_block(&mut b);
+    b.into()
+}
+
+/// Answers an RFB VNC-authentication challenge (16 bytes) the way a viewer does: DES with the
+/// password as key (bit-reversed, zero-padded). Used by the readiness probe's tests and by
+/// clients in this workspace.
+pub fn challenge_response(password: &[u8], challenge: &[u8; 16]) -> [u8; 16] {
+    let mut key = [0u8; 8];
+    let n = password.len().min(8);
+    key[..n].copy_from_slice(&password[..n]);
+    let cipher = Des::new(GenericArray::from_slice(&key.map(u8::reverse_bits)));
+    let mut out = *challenge;
+    for chunk in out.chunks_exact_mut(8) {
+        cipher.encrypt_block(GenericArray::from_mut_slice(chunk));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_vector() {
+        // `printf password | vncpasswd -f | xxd -p` on TigerVNC 1.12.
+        assert_eq!(obfuscate(b"password"), [0xdb, 0xd8, 0x3c, 0xfd, 0x72, 0x7a, 0x14, 0x58]);
+    }
+
+    #[test]
+    fn only_eight_bytes_count() {
+        assert_eq!(obfuscate(b"password"), obfuscate(b"password-and-more"));
+    }
+}

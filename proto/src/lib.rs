@@ -1,0 +1,27 @@
+//! The vncdispatch wire contract and the rules every service applies to its fields.
+//!
+//! Layout:
+//! - [`v1`]: code generated from `proto/vncdispatch/v1/*.proto` (package `vncdispatch.v1`):
+//!   the `Dispatcher` and `BladeAgent` services, their clients and messages.
+//! - [`rules`]: what a valid username, VNC password, remote IP and token are. The dispatcher,
+//!   the blade agent and ws-proxy all validate with these, so a value one accepts the others do too.
+//! - [`FILE_DESCRIPTOR_SET`]: the compiled descriptors, served by gRPC reflection.
+#![forbid(unsafe_code)]
+
+pub mod redact;
+pub mod rules;
+
+/// Generated code for package `vncdispatch.v1`.
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    missing_debug_implementations
+)]
+pub mod v1 {
+    tonic::include_proto!("vncdispatch.v1");
+}
+
+/// Encoded `FileDescriptorSet` of the whole contract, for `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("vncdispatch_descriptor");

@@ -1,0 +1,221 @@
+//! Field rules shared by every service.
+//!
+//! Each check returns a [`FieldError`] whose text names the field and says what is wrong, so the
+//! services can hand it straight to the caller as an INVALID_ARGUMENT message. Checks never echo
+//! secrets (passwords, tokens) back.
+use std::net::IpAddr;
+
+/// Longest username accepted; the Linux `utmp` limit and what `useradd` allows by default.
+pub const USERNAME_MAX: usize = 32;
+/// VNC authentication uses only the first 8 bytes of a password (RFC 6143 §7.2.2).
+pub const PASSWORD_MAX: usize = 8;
+/// What `vncpasswd` itself insists on.
+pub const PASSWORD_MIN: usize = 6;
+/// Session tokens are 30 random bytes, hex-encoded.
+pub const TOKEN_BYTES: usize = 30;
+/// Hex length of a session token.
+pub const TOKEN_HEX_LEN: usize = TOKEN_BYTES * 2;
+
+/// Why a field was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    /// The username is empty, too long or has characters outside the portable set.
+    #[error("invalid username {shown}: {why}")]
+    Username {
+        /// The name, quoted and escaped so control characters are visible but harmless in logs.
+        shown: String,
+        /// What rule it breaks.
+        why: &'static str,
+    },
+    /// The VNC password breaks a rule (its value is never included).
+    #[error("invalid password: {0}")]
+    Password(&'static str),
+    /// The remote IP is not a plain IPv4 or IPv6 address.
+    #[error("invalid remote_ip {shown}: {why}")]
+    RemoteIp {
+        /// The value, quoted and escaped.
+        shown: String,
+        /// What rule it breaks.
+        why: &'static str,
+    },
+    /// The token is not 60 lowercase hex characters (its value is never included).
+    #[error("invalid token: {0}")]
+    Token(&'static str),
+}
+
+/// Quotes a user-supplied value for an error message: at most 40 characters, escaped.
+fn shown(value: &str) -> String {
+    let cut: String = value.chars().take(40).collect();
+    let more = if cut.len() < value.len() { "…" } else { "" };
+    format!("{:?}{more}", cut)
+}
+
+/// Checks a username against the POSIX portable user name rules, tightened for safety:
+/// 1 to 32 bytes of `[A-Za-z0-9._-]`, starting with a letter or `_`. That keeps out path
+/// separators, `..`, shell metacharacters, whitespace, NUL, a leading `-` (option injection)
+/// and Unicode look-alikes. Whether the account exists and is not a system account is the
+/// blade's question, not a syntax rule.
+pub fn validate_username(name: &str) -> Result<(), FieldError> {
+    let err = |why| FieldError::Username {
+        shown: shown(name),
+        why,
+    };
+    let first = name
+        .bytes()
+        .next()
+        .ok_or_else(|| err("must not be empty"))?;
+    if name.len() > USERNAME_MAX {
+        return Err(err("longer than 32 bytes"));
+    }
+    if !(first.is_ascii_alphabetic() || first == b'_') {
+        return Err(err("must start with a letter or '_'"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(err(
+            "only ASCII letters, digits, '.', '_' and '-' are allowed",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a VNC password: 6 to 8 bytes and no NUL (the rfbauth format pads with NUL, so a NUL
+/// would make two passwords equal). Longer passwords are refused rather than silently cut.
+pub fn validate_password(password: &str) -> Result<(), FieldError> {
+    if password.len() < PASSWORD_MIN {
+        return Err(FieldError::Password("must be at least 6 bytes"));
+    }
+    if password.len() > PASSWORD_MAX {
+        return Err(FieldError::Password(
+            "VNC uses at most 8 bytes; longer passwords are refused",
+        ));
+    }
+    if password.bytes().any(|b| b == 0) {
+        return Err(FieldError::Password("must not contain NUL"));
+    }
+    Ok(())
+}
+
+/// Parses a remote IP: a plain IPv4 or IPv6 address, without zone id, port or brackets.
+pub fn parse_remote_ip(value: &str) -> Result<IpAddr, FieldError> {
+    let err = |why| FieldError::RemoteIp {
+        shown: shown(value),
+        why,
+    };
+    if value.is_empty() {
+        return Err(err("must not be empty"));
+    }
+    if value.contains('%') {
+        return Err(err("zone ids are not allowed"));
+    }
+    value
+        .parse::<IpAddr>()
+        .map_err(|_| err("not an IPv4 or IPv6 address"))
+}
+
+/// Checks a token's shape (60 lowercase hex characters) before any lookup, so junk never
+/// reaches a store.
+pub fn validate_token(token: &str) -> Result<(), FieldError> {
+    if token.len() != TOKEN_HEX_LEN {
+        return Err(FieldError::Token("must be 60 hex characters"));
+    }
+    if !token
+        .bytes()
+        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(FieldError::Token("must be lowercase hex"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames() {
+        for ok in [
+            "alice",
+            "a",
+            "_svc",
+            "first.last",
+            "user-1",
+            "A_b.c-d",
+            &"a".repeat(32),
+        ] {
+            assert_eq!(validate_username(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "a;id",
+            "a;rm -rf /",
+            "-rf",
+            ".hidden",
+            "a b",
+            "a\nb",
+            "a\0b",
+            "ａlice",
+            "a/b",
+            "a$",
+            "1abc",
+            "émile",
+            &"a".repeat(33),
+            &"a".repeat(300),
+        ] {
+            assert!(validate_username(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn username_error_is_escaped_and_short() {
+        let e = validate_username(&format!("a\n{}", "b".repeat(300)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\\n"), "{e}");
+        assert!(e.len() < 150, "{e}");
+    }
+
+    #[test]
+    fn passwords() {
+        for ok in ["secret", "12345678", "a b;c'd"] {
+            assert_eq!(validate_password(ok), Ok(()));
+        }
+        for bad in ["", "12345", "123456789", "abc\0def"] {
+            assert!(validate_password(bad).is_err());
+        }
+        assert!(
+            !validate_password("topsecret1")
+                .unwrap_err()
+                .to_string()
+                .contains("topsecret")
+        );
+    }
+
+    #[test]
+    fn remote_ips() {
+        assert!(parse_remote_ip("192.0.2.1").is_ok());
+        assert!(parse_remote_ip("2001:db8::1").is_ok());
+        for bad in [
+            "",
+            "999.1.1.1",
+            "::1%eth0",
+            "example.com",
+            "1.2.3.4:80",
+            "[::1]",
+            " 1.2.3.4",
+        ] {
+            assert!(parse_remote_ip(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tokens() {
+        assert!(validate_token(&"ab".repeat(30)).is_ok());
+        assert!(validate_token(&"AB".repeat(30)).is_err());
+        assert!(validate_token(&"ab".repeat(31)).is_err());
+        assert!(validate_token(&"zz".repeat(30)).is_err());
+    }
+}
