@@ -1,1 +1,173 @@
-fn main() {}
+//! The `blade-agent` command: `serve`, `cloudvnc`, `init-secret`, and the internal
+//! `session-helper`.
+use anyhow::Context;
+use blade_agent::agent::Agent;
+use blade_agent::auth::SharedSecret;
+use blade_agent::config::DesktopConfig;
+use blade_agent::helper::{self, HelperArgs};
+use clap::{Parser, Subcommand};
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Exit code for configuration errors (sysexits EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+/// Starts users' TigerVNC desktops on this blade for the vncdispatch dispatcher.
+///
+/// Runs as root (it switches to each user to start their desktop). Every option can also be
+/// given as the environment variable shown with it.
+#[derive(Debug, Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the BladeAgent gRPC API (what systemd runs).
+    Serve {
+        /// Address to listen on for gRPC.
+        #[arg(long, env = "BLADE_AGENT_LISTEN", default_value = "0.0.0.0:7501")]
+        listen: SocketAddr,
+        /// File holding the shared secret callers must send (mode 0600; `init-secret` makes one).
+        #[arg(
+            long,
+            env = "BLADE_AGENT_SECRET_FILE",
+            default_value = "/etc/blade-agent/secret"
+        )]
+        secret_file: PathBuf,
+        /// Log lines as JSON objects (for log shippers) instead of text.
+        #[arg(long, env = "BLADE_AGENT_LOG_JSON")]
+        log_json: bool,
+        #[command(flatten)]
+        desktop: DesktopConfig,
+    },
+    /// Drop-in for the original `cloudvnc` script, for SSH: reads the VNC password from stdin,
+    /// starts (or finds) the user's desktop and prints `HOST PID DISPLAY`.
+    Cloudvnc {
+        /// The account to start the desktop for.
+        #[arg(long)]
+        user: String,
+        #[command(flatten)]
+        desktop: DesktopConfig,
+    },
+    /// Write a new random shared secret to a file (mode 0600), for `serve` and its callers.
+    InitSecret {
+        /// Where to write it; an existing file is left alone.
+        path: PathBuf,
+    },
+    /// Internal: the per-session helper the agent runs as the user.
+    #[command(hide = true)]
+    SessionHelper(HelperArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::SessionHelper(args) => helper::main(args),
+        Command::Serve {
+            listen,
+            secret_file,
+            log_json,
+            desktop,
+        } => {
+            init_logging(log_json, "info");
+            let secret = match SharedSecret::from_file(&secret_file) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("blade-agent: --secret-file: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            report(runtime().and_then(|rt| rt.block_on(serve(listen, secret, desktop))))
+        }
+        Command::Cloudvnc { user, desktop } => {
+            init_logging(false, "warn");
+            report(runtime().and_then(|rt| rt.block_on(cloudvnc(user, desktop))))
+        }
+        Command::InitSecret { path } => report(init_secret(&path)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blade-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(json: bool, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(
+    listen: SocketAddr,
+    secret: SharedSecret,
+    desktop: DesktopConfig,
+) -> anyhow::Result<()> {
+    let agent = Arc::new(Agent::new(desktop)?);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    blade_agent::server::run(
+        listener,
+        agent,
+        secret,
+        vncdispatch_proto::serve::shutdown_signal(),
+    )
+    .await
+}
+
+async fn cloudvnc(user: String, desktop: DesktopConfig) -> anyhow::Result<()> {
+    let mut password = String::new();
+    std::io::stdin()
+        .take(64)
+        .read_to_string(&mut password)
+        .context("reading the password from stdin")?;
+    let password = password.strip_suffix('\n').unwrap_or(&password);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    let agent = Agent::new(desktop)?;
+    let server = agent.start_session(&user, password, None).await?;
+    println!("{} {} {}", server.host, server.vnc_pid, server.display);
+    Ok(())
+}
+
+fn init_secret(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 32];
+    rand::TryRngCore::try_fill_bytes(&mut rand::rngs::OsRng, &mut bytes)
+        .context("OS random number generator")?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{hex}").with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -5,11 +5,15 @@
 //!   the `Dispatcher` and `BladeAgent` services, their clients and messages.
 //! - [`rules`]: what a valid username, VNC password, remote IP and token are. The dispatcher,
 //!   the blade agent and ws-proxy all validate with these, so a value one accepts the others do too.
+//! - [`vncauth`]: VNC password obfuscation (rfbauth files) and challenge responses.
+//! - [`serve`]: what every gRPC server here shares (limits, health, reflection, signals).
 //! - [`FILE_DESCRIPTOR_SET`]: the compiled descriptors, served by gRPC reflection.
 #![forbid(unsafe_code)]
 
 pub mod redact;
 pub mod rules;
+pub mod serve;
+pub mod vncauth;
 
 /// Generated code for package `vncdispatch.v1`.
 #[allow(

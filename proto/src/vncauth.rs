@@ -1,4 +1,5 @@
-//! The rfbauth password file format, as `vncpasswd -f` writes it.
+//! VNC authentication (RFB security type 2): the rfbauth password file format, as
+//! `vncpasswd -f` writes it, and a viewer's answer to the server's challenge.
 //!
 //! VNC authentication (RFC 6143 §7.2.2) uses only the first 8 bytes of a password. TigerVNC
 //! stores them zero-padded and DES-encrypted with a fixed, public key — obfuscation, not
@@ -23,8 +24,7 @@ pub fn obfuscate(password: &[u8]) -> [u8; 8] {
 }
 
 /// Answers an RFB VNC-authentication challenge (16 bytes) the way a viewer does: DES with the
-/// password as key (bit-reversed, zero-padded). Used by the readiness probe's tests and by
-/// clients in this workspace.
+/// password as key (bit-reversed, zero-padded), each 8-byte half encrypted separately.
 pub fn challenge_response(password: &[u8], challenge: &[u8; 16]) -> [u8; 16] {
     let mut key = [0u8; 8];
     let n = password.len().min(8);
@@ -44,7 +44,32 @@ mod tests {
     #[test]
     fn known_vector() {
         // `printf password | vncpasswd -f | xxd -p` on TigerVNC 1.12.
-        assert_eq!(obfuscate(b"password"), [0xdb, 0xd8, 0x3c, 0xfd, 0x72, 0x7a, 0x14, 0x58]);
+        assert_eq!(
+            obfuscate(b"password"),
+            [0xdb, 0xd8, 0x3c, 0xfd, 0x72, 0x7a, 0x14, 0x58]
+        );
+    }
+
+    #[test]
+    fn challenge_response_matches_obfuscation_key_schedule() {
+        // Encrypting the zero-padded password under the VNC key and encrypting the VNC key
+        // under the password are different operations; check the response is deterministic,
+        // depends on the password, and only on its first 8 bytes.
+        let ch = [7u8; 16];
+        assert_eq!(
+            challenge_response(b"password", &ch),
+            challenge_response(b"password-more", &ch)
+        );
+        assert_ne!(
+            challenge_response(b"password", &ch),
+            challenge_response(b"passwore", &ch)
+        );
+        let r = challenge_response(b"password", &ch);
+        assert_eq!(
+            r[..8],
+            r[8..],
+            "ECB: equal halves of the challenge give equal halves"
+        );
     }
 
     #[test]

@@ -1,0 +1,110 @@
+//! Settings for starting desktops, shared by `serve` and `cloudvnc`. Every flag can also be set
+//! through the environment variable named in `--help`.
+use crate::helper::StartMode;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How and where desktops are started on this blade.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DesktopConfig {
+    /// Lowest uid that may have a desktop; root and system accounts below it are refused.
+    #[arg(long, env = "BLADE_AGENT_MIN_UID", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub min_uid: u32,
+    /// First X display number handed out.
+    #[arg(long, env = "BLADE_AGENT_DISPLAY_FIRST", default_value_t = 1)]
+    pub display_first: u32,
+    /// How many displays (and so desktops) this blade offers.
+    #[arg(long, env = "BLADE_AGENT_DISPLAY_COUNT", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub display_count: u32,
+    /// RFB port of display N is PORT_BASE + N (5900 is the VNC convention).
+    #[arg(long, env = "BLADE_AGENT_PORT_BASE", default_value_t = 5900)]
+    pub port_base: u16,
+    /// Address Xvnc listens on for RFB connections (from ws-proxy).
+    #[arg(long, env = "BLADE_AGENT_RFB_LISTEN", default_value = "0.0.0.0")]
+    pub rfb_listen: IpAddr,
+    /// Host name or address reported to callers as where to connect; the machine's host name
+    /// when unset, or RFB_LISTEN when that is a specific address.
+    #[arg(long, env = "BLADE_AGENT_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+    /// fast: run Xtigervnc and the session command directly; wrapper: TigerVNC's vncserver.
+    #[arg(long, env = "BLADE_AGENT_MODE", value_enum, default_value = "fast")]
+    pub mode: StartMode,
+    /// The Xvnc binary.
+    #[arg(long, env = "BLADE_AGENT_XVNC", default_value = "/usr/bin/Xtigervnc")]
+    pub xvnc: PathBuf,
+    /// The vncserver wrapper (wrapper mode).
+    #[arg(
+        long,
+        env = "BLADE_AGENT_VNCSERVER",
+        default_value = "/usr/bin/vncserver"
+    )]
+    pub vncserver: PathBuf,
+    /// Program run as the user inside the desktop (no arguments, no shell); the desktop ends
+    /// when it exits.
+    #[arg(
+        long,
+        env = "BLADE_AGENT_SESSION_COMMAND",
+        default_value = "/etc/X11/Xtigervnc-session"
+    )]
+    pub session_command: PathBuf,
+    /// Screen size when the caller gives none.
+    #[arg(long, env = "BLADE_AGENT_GEOMETRY", default_value = "1280x800", value_parser = parse_geometry)]
+    pub geometry: (u32, u32),
+    /// How long to wait for a new Xvnc to accept connections before giving up.
+    #[arg(long, env = "BLADE_AGENT_START_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub start_timeout: Duration,
+    /// Directory for per-user lock files (root-only).
+    #[arg(long, env = "BLADE_AGENT_RUN_DIR", default_value = "/run/blade-agent")]
+    pub run_dir: PathBuf,
+    /// The blade-agent binary run as the per-session helper; this binary when unset. It must
+    /// be executable by desktop users.
+    #[arg(long, env = "BLADE_AGENT_HELPER")]
+    pub helper: Option<PathBuf>,
+}
+
+impl DesktopConfig {
+    /// The host callers should connect to.
+    pub fn host(&self) -> String {
+        if let Some(h) = &self.advertise_host {
+            return h.clone();
+        }
+        if !self.rfb_listen.is_unspecified() {
+            return self.rfb_listen.to_string();
+        }
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into())
+    }
+
+    /// RFB port of a display, if it fits in a port number.
+    pub fn port_of(&self, display: u32) -> Option<u16> {
+        u16::try_from(u32::from(self.port_base) + display).ok()
+    }
+
+    /// The last display in range.
+    pub fn display_last(&self) -> u32 {
+        self.display_first + self.display_count - 1
+    }
+}
+
+/// Parses `WIDTHxHEIGHT` within what Xvnc and browsers handle.
+pub fn parse_geometry(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s
+        .split_once('x')
+        .ok_or("expected WIDTHxHEIGHT, e.g. 1280x800")?;
+    let w: u32 = w.parse().map_err(|_| format!("bad width {w:?}"))?;
+    let h: u32 = h.parse().map_err(|_| format!("bad height {h:?}"))?;
+    check_geometry(w, h).map_err(|e| e.to_string())?;
+    Ok((w, h))
+}
+
+/// Checks a screen size.
+pub fn check_geometry(width: u32, height: u32) -> Result<(), crate::error::AgentError> {
+    if (320..=8192).contains(&width) && (200..=8192).contains(&height) {
+        Ok(())
+    } else {
+        Err(crate::error::AgentError::Geometry { width, height })
+    }
+}

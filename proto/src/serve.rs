@@ -1,0 +1,67 @@
+//! What every vncdispatch gRPC server shares: the same limits, health and reflection, an accept
+//! loop that survives accept errors, and one shutdown signal.
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::{Stream, StreamExt, wrappers::TcpListenerStream};
+
+/// Largest request any vncdispatch RPC needs; bigger ones are refused before decoding.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// A tonic server with the limits tonic leaves open by default: a per-request deadline,
+/// bounded HTTP/2 streams and per-connection concurrency, keepalives that find dead peers.
+pub fn server(request_timeout: Duration) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .timeout(request_timeout)
+        .max_concurrent_streams(Some(256))
+        .concurrency_limit_per_connection(256)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .tcp_nodelay(true)
+}
+
+/// Accepted connections from `listener`. An accept error (EMFILE, ECONNABORTED) is logged and
+/// followed by a short pause instead of ending the server or spinning on it.
+pub fn incoming(listener: TcpListener) -> impl Stream<Item = std::io::Result<TcpStream>> {
+    TcpListenerStream::new(listener).then(|accepted| async move {
+        match &accepted {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; pausing 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        accepted
+    })
+}
+
+/// gRPC reflection over the whole contract (plus the health service).
+pub fn reflection() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::Error,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
