@@ -30,31 +30,41 @@ impl Account {
     }
 }
 
+/// The uids that may have a desktop.
+#[derive(Debug, Clone, Copy)]
+pub struct UidRange {
+    /// Lowest allowed uid (0 is refused whatever this says).
+    pub min: u32,
+    /// Highest allowed uid.
+    pub max: u32,
+}
+
 /// Looks up `name` for a desktop: it must pass the shared username rules, exist, and have a uid
-/// at or above `min_uid` (never 0, whatever the configuration says). Blocking (NSS).
-pub fn lookup(name: &str, min_uid: u32) -> Result<Account, AgentError> {
+/// in `uids` (never 0, whatever the configuration says). Blocking (NSS).
+pub fn lookup(name: &str, uids: UidRange) -> Result<Account, AgentError> {
     validate_username(name)?;
     let user = User::from_name(name)
         .map_err(|e| AgentError::io(format!("looking up account {name:?}"), e.into()))?
         .ok_or_else(|| AgentError::UnknownUser(name.to_owned()))?;
-    from_user(user, min_uid)
+    from_user(user, uids)
 }
 
 /// Like [`lookup`], by uid (for servers found running on the blade).
-pub fn lookup_uid(uid: u32, min_uid: u32) -> Result<Account, AgentError> {
+pub fn lookup_uid(uid: u32, uids: UidRange) -> Result<Account, AgentError> {
     let user = User::from_uid(Uid::from_raw(uid))
         .map_err(|e| AgentError::io(format!("looking up uid {uid}"), e.into()))?
         .ok_or_else(|| AgentError::UnknownUser(format!("uid {uid}")))?;
-    from_user(user, min_uid)
+    from_user(user, uids)
 }
 
-fn from_user(user: User, min_uid: u32) -> Result<Account, AgentError> {
+fn from_user(user: User, uids: UidRange) -> Result<Account, AgentError> {
     let uid = user.uid.as_raw();
-    if uid == 0 || uid < min_uid {
+    if uid == 0 || uid < uids.min || uid > uids.max {
         return Err(AgentError::SystemAccount {
             user: user.name,
             uid,
-            min_uid: min_uid.max(1),
+            min_uid: uids.min.max(1),
+            max_uid: uids.max,
         });
     }
     // A passwd entry whose name breaks the rules (NSS can return anything) is not ours to run.

@@ -10,7 +10,7 @@ use crate::account::{self, Account};
 use crate::config::{DesktopConfig, check_geometry};
 use crate::discover::{self, RunningXvnc};
 use crate::error::AgentError;
-use crate::helper::{Action, StartMode};
+use crate::helper::StartMode;
 use crate::privdrop;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
@@ -78,7 +78,6 @@ impl Agent {
             None => std::env::current_exe()
                 .map_err(|e| AgentError::io("finding own binary for the session helper", e))?,
         };
-        ensure_x11_socket_dir();
         let host = cfg.host();
         Ok(Agent {
             cfg,
@@ -113,9 +112,16 @@ impl Agent {
         let account = self.account(username).await?;
         let _guard = self.lock_user(&account.name).await?;
         if let Some(running) = self.running_for(&account)? {
-            self.run_helper(&account, password, Action::Passwd, None, geometry)
-                .await
-                .map_err(|e| e.into_agent_error(&account.name, running.display))?;
+            let rfbauth = running.rfbauth.clone();
+            self.run_helper(
+                &account,
+                password,
+                HelperRequest::Passwd { rfbauth },
+                None,
+                geometry,
+            )
+            .await
+            .map_err(|e| e.into_agent_error(&account.name, running.display))?;
             tracing::info!(
                 display = running.display,
                 pid = running.pid,
@@ -130,7 +136,7 @@ impl Agent {
                 .run_helper(
                     &account,
                     password,
-                    Action::Start,
+                    HelperRequest::Start,
                     Some(slot.display),
                     geometry,
                 )
@@ -241,8 +247,9 @@ impl Agent {
         })
     }
 
-    /// Every Xvnc on the blade that is a desktop of a desktop user: owned by an account at or
-    /// above the minimum uid and checking that account's `~/.vncpasswd`.
+    /// Every Xvnc on the blade that is a desktop of a desktop user: owned by an account in the
+    /// allowed uid range and checking a VNC password file (the fast path passes `~/.vncpasswd`;
+    /// the vncserver wrapper a private copy of it).
     fn desktops(&self) -> Result<Vec<(Account, RunningXvnc)>, AgentError> {
         let mut accounts: HashMap<u32, Option<Account>> = HashMap::new();
         let mut out = Vec::new();
@@ -251,10 +258,10 @@ impl Agent {
         {
             let account = accounts
                 .entry(running.uid)
-                .or_insert_with(|| account::lookup_uid(running.uid, self.cfg.min_uid).ok())
+                .or_insert_with(|| account::lookup_uid(running.uid, self.uids()).ok())
                 .clone();
             if let Some(account) = account
-                && running.rfbauth.as_deref() == Some(account.vncpasswd_path().as_path())
+                && running.rfbauth.is_some()
             {
                 out.push((account, running));
             }
@@ -292,8 +299,15 @@ impl Agent {
     }
 
     async fn account(&self, username: &str) -> Result<Account, AgentError> {
-        let (name, min_uid) = (username.to_owned(), self.cfg.min_uid);
-        blocking(move || account::lookup(&name, min_uid)).await
+        let (name, uids) = (username.to_owned(), self.uids());
+        blocking(move || account::lookup(&name, uids)).await
+    }
+
+    fn uids(&self) -> account::UidRange {
+        account::UidRange {
+            min: self.cfg.min_uid,
+            max: self.cfg.max_uid,
+        }
     }
 
     /// Takes the user's in-process lock, then the cross-process flock.
@@ -332,6 +346,7 @@ impl Agent {
             .into_iter()
             .map(|r| r.display)
             .collect();
+        ensure_x11_socket_dir();
         let mut reserved = lock(&self.reserved);
         for display in self.cfg.display_first..=self.cfg.display_last() {
             if skip.contains(&display) || live.contains(&display) || reserved.contains(&display) {
@@ -362,7 +377,7 @@ impl Agent {
         &self,
         account: &Account,
         password: &str,
-        action: Action,
+        request: HelperRequest,
         display: Option<u32>,
         geometry: (u32, u32),
     ) -> Result<Option<u32>, HelperError> {
@@ -373,16 +388,15 @@ impl Agent {
             StartMode::Wrapper => "wrapper",
         };
         let mut cmd = std::process::Command::new(&self.helper);
-        cmd.arg("session-helper")
-            .args([
-                "--action",
-                if action == Action::Start {
-                    "start"
-                } else {
-                    "passwd"
-                },
-            ])
-            .args(["--mode", mode])
+        cmd.arg("session-helper");
+        match &request {
+            HelperRequest::Start => cmd.args(["--action", "start"]),
+            HelperRequest::Passwd { rfbauth: None } => cmd.args(["--action", "passwd"]),
+            HelperRequest::Passwd {
+                rfbauth: Some(path),
+            } => cmd.args(["--action", "passwd", "--rfbauth"]).arg(path),
+        };
+        cmd.args(["--mode", mode])
             .args([
                 "--display",
                 &display.to_string(),
@@ -491,6 +505,15 @@ impl Agent {
     }
 }
 
+/// What the helper is asked to do.
+enum HelperRequest {
+    /// Rewrite the password of a running server (`rfbauth`: the file it reads, if not
+    /// `~/.vncpasswd`).
+    Passwd { rfbauth: Option<PathBuf> },
+    /// Start a desktop.
+    Start,
+}
+
 /// The per-user locks, released on drop.
 struct UserGuard {
     _file: File,
@@ -538,20 +561,39 @@ async fn terminate(running: &RunningXvnc) {
     }
 }
 
-/// X servers put their sockets in /tmp/.X11-unix but, running as a user, cannot create it;
-/// without it Xvnc falls back to abstract sockets only. Create it as systemd-tmpfiles would.
+/// X servers put their sockets in /tmp/.X11-unix but, running as a user, cannot create it, and
+/// a user who did create it (vncserver tries) owns every display's socket. Keep it as
+/// systemd-tmpfiles would: root's, mode 1777. Checked before every start since /tmp cleaners
+/// and users can remove it.
 fn ensure_x11_socket_dir() {
+    use std::os::unix::fs::MetadataExt;
     let dir = Path::new("/tmp/.X11-unix");
-    if dir.is_dir() {
-        return;
+    let fixed = match fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() && m.uid() == 0 && m.mode() & 0o7777 == 0o1777 => return,
+        Ok(m) if m.is_dir() => {
+            let mode = format!("{:o}", m.mode() & 0o7777);
+            tracing::warn!(
+                owner = m.uid(),
+                mode,
+                "fixing owner and mode of /tmp/.X11-unix"
+            );
+            std::os::unix::fs::chown(dir, Some(0), Some(0))
+                .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o1777)))
+        }
+        Ok(_) => {
+            tracing::warn!("/tmp/.X11-unix is not a directory; replacing it");
+            fs::remove_file(dir).and_then(|()| make_x11_dir(dir))
+        }
+        Err(_) => make_x11_dir(dir),
+    };
+    if let Err(e) = fixed {
+        tracing::warn!(error = %e, "cannot set up /tmp/.X11-unix; X clients will use abstract sockets");
     }
-    let made = fs::DirBuilder::new()
-        .mode(0o1777)
-        .create(dir)
-        .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o1777)));
-    if let Err(e) = made {
-        tracing::warn!(error = %e, "cannot create /tmp/.X11-unix; X clients will use abstract sockets");
-    }
+}
+
+fn make_x11_dir(dir: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new().mode(0o1777).create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o1777))
 }
 
 /// True unless a live X server holds the display's lock. A lock or socket left by a dead

@@ -11,6 +11,10 @@ pub struct DesktopConfig {
     /// Lowest uid that may have a desktop; root and system accounts below it are refused.
     #[arg(long, env = "BLADE_AGENT_MIN_UID", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub min_uid: u32,
+    /// Highest uid that may have a desktop; keeps out `nobody` (65534) and other high system
+    /// ids (Debian's UID_MAX is 60000).
+    #[arg(long, env = "BLADE_AGENT_MAX_UID", default_value_t = 60000)]
+    pub max_uid: u32,
     /// First X display number handed out.
     #[arg(long, env = "BLADE_AGENT_DISPLAY_FIRST", default_value_t = 1)]
     pub display_first: u32,

@@ -22,7 +22,7 @@ pub enum AgentError {
     UnknownUser(String),
     /// root, a system account, or an account below the configured minimum uid.
     #[error(
-        "account {user:?} has uid {uid}, below the minimum {min_uid} for desktops (system accounts and root are refused)"
+        "account {user:?} has uid {uid}, outside {min_uid}..={max_uid} allowed for desktops (root and system accounts are refused)"
     )]
     SystemAccount {
         /// The account.
@@ -31,6 +31,8 @@ pub enum AgentError {
         uid: u32,
         /// The configured minimum.
         min_uid: u32,
+        /// The configured maximum.
+        max_uid: u32,
     },
     /// The user's home or VNC files are set up so that writing them could go astray.
     #[error("refusing to set up a desktop for {user:?}: {why}")]

@@ -58,6 +58,10 @@ pub struct HelperArgs {
     /// passwd or start.
     #[arg(long, value_enum)]
     pub action: Action,
+    /// For passwd: the password file the running server reads, when not `~/.vncpasswd`
+    /// (the vncserver wrapper hands Xvnc a private copy). Rewritten too.
+    #[arg(long)]
+    pub rfbauth: Option<PathBuf>,
     /// Start mode.
     #[arg(long, value_enum, default_value = "fast")]
     pub mode: StartMode,
@@ -159,8 +163,15 @@ fn run(args: &HelperArgs) -> Result<Outcome, Failure> {
     let password = read_password()?;
     let home = PathBuf::from(std::env::var_os("HOME").ok_or_else(|| failed("HOME is not set"))?);
     let home_fd = open_home(&home)?;
-    write_vncpasswd(&home_fd, &password)?;
+    write_vncpasswd(&home_fd, ".vncpasswd", &password).map_err(|e| refused(format!("~/{e}")))?;
     if args.action == Action::Passwd {
+        if let Some(path) = args
+            .rfbauth
+            .as_deref()
+            .filter(|p| *p != home.join(".vncpasswd"))
+        {
+            write_copy(path, &password)?;
+        }
         return Ok(Outcome::Passwd);
     }
     std::env::set_current_dir(&home)
@@ -174,7 +185,7 @@ fn run(args: &HelperArgs) -> Result<Outcome, Failure> {
         StartMode::Wrapper => {
             // The wrapper daemonizes Xvnc and supervises the session itself; find its pid.
             start_wrapper(args, &home, log)?;
-            find_xvnc(args, &home).map(Outcome::Detached)
+            find_xvnc(args).map(Outcome::Detached)
         }
     }
 }
@@ -243,12 +254,28 @@ fn open_private(dir: &OwnedFd, name: &str, truncate: bool) -> Result<OwnedFd, St
     Ok(fd)
 }
 
-fn write_vncpasswd(home: &OwnedFd, password: &[u8]) -> Result<(), Failure> {
-    let fd = open_private(home, ".vncpasswd", true).map_err(|e| refused(format!("~/{e}")))?;
+/// Writes the rfbauth bytes of `password` to `name` in `dir`, safely (see [`open_private`]).
+fn write_vncpasswd(dir: &OwnedFd, name: &str, password: &[u8]) -> Result<(), String> {
+    let fd = open_private(dir, name, true)?;
     let mut f = File::from(fd);
     f.write_all(&vncauth::obfuscate(password))
         .and_then(|_| f.sync_data())
-        .map_err(|e| failed(format!("writing ~/.vncpasswd: {e}")))
+        .map_err(|e| format!("writing {name}: {e}"))
+}
+
+/// Rewrites the running server's own copy of the password file, in a directory of the user's.
+fn write_copy(path: &Path, password: &[u8]) -> Result<(), Failure> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Err(failed(format!("bad rfbauth path {}", path.display())));
+    };
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    let dir_fd = nix::fcntl::open(dir, flags, Mode::empty())
+        .map_err(|e| refused(format!("cannot open {}: {}", dir.display(), e.desc())))?;
+    let st = fstat(&dir_fd).map_err(|e| failed(format!("stat {}: {}", dir.display(), e.desc())))?;
+    if st.st_uid != Uid::current().as_raw() {
+        return Err(refused(format!("{} is not the user's", dir.display())));
+    }
+    write_vncpasswd(&dir_fd, name, password).map_err(|e| refused(format!("{}: {e}", dir.display())))
 }
 
 /// `~/.vnc`, created 0700 if missing; a symlink is refused (as TurboVNC does).
@@ -388,8 +415,7 @@ fn start_wrapper(args: &HelperArgs, home: &Path, log: File) -> Result<(), Failur
         .arg("VncAuth")
         .arg("-geometry")
         .arg(&args.geometry)
-        .arg("-localhost")
-        .arg("no")
+        .arg("-localhost=no")
         .arg("-interface")
         .arg(args.interface.to_string())
         .arg("-xstartup")
@@ -418,20 +444,17 @@ fn start_wrapper(args: &HelperArgs, home: &Path, log: File) -> Result<(), Failur
     wait_ready(args, None, home)
 }
 
-fn find_xvnc(args: &HelperArgs, home: &Path) -> Result<u32, Failure> {
+fn find_xvnc(args: &HelperArgs) -> Result<u32, Failure> {
     let comm = args
         .xvnc
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("Xtigervnc");
     let me = Uid::current().as_raw();
-    let rfbauth = home.join(".vncpasswd");
     discover::scan(comm)
         .map_err(|e| failed(format!("reading /proc: {e}")))?
         .into_iter()
-        .find(|x| {
-            x.uid == me && x.display == args.display && x.rfbauth.as_deref() == Some(&rfbauth)
-        })
+        .find(|x| x.uid == me && x.display == args.display && x.rfbauth.is_some())
         .map(|x| x.pid)
         .ok_or_else(|| {
             failed(format!(

@@ -7,11 +7,10 @@
 //! - [`privdrop`]: running a program as a user (the crate's only `unsafe`).
 //! - [`discover`]: finding running Xvnc servers in /proc (the agent's source of truth).
 //! - [`account`]: which accounts may have a desktop.
-//! - [`service`], [`server`], [`auth`]: the gRPC face, with shared-secret authentication.
+//! - [`service`], [`server`]: the gRPC face, behind shared-secret authentication.
 //! - [`config`], [`error`]: settings and the crate's error type.
 pub mod account;
 pub mod agent;
-pub mod auth;
 pub mod config;
 pub mod discover;
 pub mod error;

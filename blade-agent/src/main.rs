@@ -2,7 +2,6 @@
 //! `session-helper`.
 use anyhow::Context;
 use blade_agent::agent::Agent;
-use blade_agent::auth::SharedSecret;
 use blade_agent::config::DesktopConfig;
 use blade_agent::helper::{self, HelperArgs};
 use clap::{Parser, Subcommand};
@@ -11,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use vncdispatch_proto::bearer::SharedSecret;
 
 /// Exit code for configuration errors (sysexits EX_USAGE).
 const EX_USAGE: u8 = 64;

@@ -1,12 +1,12 @@
 //! `blade-agent serve`: the gRPC server around [`Agent`].
 use crate::agent::Agent;
-use crate::auth::SharedSecret;
 use crate::service::AgentService;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
+use vncdispatch_proto::bearer::SharedSecret;
 use vncdispatch_proto::serve;
 use vncdispatch_proto::v1::blade_agent_server::BladeAgentServer;
 

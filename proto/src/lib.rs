@@ -6,10 +6,12 @@
 //! - [`rules`]: what a valid username, VNC password, remote IP and token are. The dispatcher,
 //!   the blade agent and ws-proxy all validate with these, so a value one accepts the others do too.
 //! - [`vncauth`]: VNC password obfuscation (rfbauth files) and challenge responses.
+//! - [`bearer`]: the shared-secret authentication between services.
 //! - [`serve`]: what every gRPC server here shares (limits, health, reflection, signals).
 //! - [`FILE_DESCRIPTOR_SET`]: the compiled descriptors, served by gRPC reflection.
 #![forbid(unsafe_code)]
 
+pub mod bearer;
 pub mod redact;
 pub mod rules;
 pub mod serve;

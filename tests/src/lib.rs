@@ -1,1 +1,56 @@
-//! Shared helpers for the integration tests.
+//! Support for the integration tests and benches: they start the real programs (built by
+//! cargo in the same target directory) on 127.0.0.1 ports, create throwaway user accounts,
+//! and talk to the services as their real clients would.
+//!
+//! Layout:
+//! - [`users`]: test accounts created with `useradd -m`, removed (with their processes) on drop.
+//! - [`agent`]: a `blade-agent serve` process with its own secret, display range and port.
+//! - [`rfb`]: a minimal RFB client: version, VNC authentication, SecurityResult, ServerInit.
+//! - [`procs`]: what /proc says about a user's processes.
+pub mod agent;
+pub mod procs;
+pub mod rfb;
+pub mod users;
+
+use std::path::PathBuf;
+
+/// Path of a binary of this workspace, next to the test executable's `deps/` directory.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --workspace` first",
+        bin.display()
+    );
+    bin
+}
+
+/// True when running as root with TigerVNC installed: the integration tests need both.
+/// Without them the test fails (it does not skip): CI must run them.
+pub fn require_root_and_tigervnc() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "integration tests run as root (they create users)"
+    );
+    assert!(
+        std::path::Path::new("/usr/bin/Xtigervnc").is_file(),
+        "Xtigervnc missing: run scripts/install-deps.sh"
+    );
+}
+
+/// Polls `f` every 20 ms until it returns true or `secs` seconds pass; returns the last result.
+/// For waiting on processes to come and go, never to assert on speed.
+pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if f() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

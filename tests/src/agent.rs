@@ -1,0 +1,205 @@
+//! A real `blade-agent serve` process for tests, on a 127.0.0.x port with its own secret,
+//! run directory and display range, so tests can run side by side.
+use crate::workspace_bin;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use vncdispatch_proto::bearer::{BearerAuth, SharedSecret};
+use vncdispatch_proto::v1::blade_agent_client::BladeAgentClient;
+
+/// Displays handed to each test agent; ranges never overlap within a test binary.
+const DISPLAYS_PER_AGENT: u32 = 16;
+static NEXT_RANGE: AtomicU32 = AtomicU32::new(0);
+
+/// An authenticated client of a test agent.
+pub type AgentClient = BladeAgentClient<InterceptedService<Channel, BearerAuth>>;
+
+/// How to start a test agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Address for both gRPC and RFB.
+    pub ip: IpAddr,
+    /// `fast` or `wrapper`.
+    pub mode: &'static str,
+    /// Extra command-line arguments.
+    pub extra: Vec<String>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            ip: [127, 0, 0, 1].into(),
+            mode: "fast",
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// A running `blade-agent serve`.
+#[derive(Debug)]
+pub struct AgentProc {
+    child: Option<Child>,
+    args: Vec<String>,
+    /// gRPC address.
+    pub addr: SocketAddr,
+    /// The shared secret callers send.
+    pub secret: SharedSecret,
+    /// First display of this agent's range.
+    pub display_first: u32,
+    /// Holds the secret file and run directory.
+    pub dir: tempfile::TempDir,
+}
+
+impl AgentProc {
+    /// Starts an agent and waits until its health service answers.
+    pub async fn start(opts: AgentOptions) -> AgentProc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret_file = dir.path().join("secret");
+        let status = Command::new(workspace_bin("blade-agent"))
+            .arg("init-secret")
+            .arg(&secret_file)
+            .status()
+            .expect("run blade-agent init-secret");
+        assert!(status.success());
+        let secret = SharedSecret::from_file(&secret_file).expect("fresh secret");
+        let port = free_port(opts.ip);
+        let addr = SocketAddr::new(opts.ip, port);
+        let display_first = 20 + DISPLAYS_PER_AGENT * NEXT_RANGE.fetch_add(1, Ordering::Relaxed);
+        let run_dir: PathBuf = dir.path().join("run");
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--listen".into(),
+            addr.to_string(),
+            "--secret-file".into(),
+            secret_file.display().to_string(),
+            "--rfb-listen".into(),
+            opts.ip.to_string(),
+            "--mode".into(),
+            opts.mode.into(),
+            "--display-first".into(),
+            display_first.to_string(),
+            "--display-count".into(),
+            DISPLAYS_PER_AGENT.to_string(),
+            "--session-command".into(),
+            "/usr/bin/twm".into(),
+            "--run-dir".into(),
+            run_dir.display().to_string(),
+        ];
+        args.extend(opts.extra);
+        let mut agent = AgentProc {
+            child: None,
+            args,
+            addr,
+            secret,
+            display_first,
+            dir,
+        };
+        agent.spawn().await;
+        agent
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(workspace_bin("blade-agent"))
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stderr(Stdio::from(log_file(self.dir.path())))
+            .spawn()
+            .expect("spawn blade-agent");
+        self.child = Some(child);
+        for _ in 0..250 {
+            if self.health_ok().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "blade-agent did not come up on {}; log:\n{}",
+            self.addr,
+            self.log()
+        );
+    }
+
+    async fn health_ok(&self) -> bool {
+        let Ok(ch) = Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+        else {
+            return false;
+        };
+        let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+        health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .is_ok()
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// An unauthenticated channel to the agent.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect to agent")
+    }
+
+    /// A client sending the right secret.
+    pub async fn client(&self) -> AgentClient {
+        let auth = self.secret.client_auth().expect("ascii secret");
+        BladeAgentClient::with_interceptor(self.channel().await, auth)
+    }
+
+    /// Stops the agent with SIGTERM (desktops keep running) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts the agent again with the same settings.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn log_file(dir: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))
+        .expect("agent log")
+}
+
+/// A port that was free a moment ago on `ip`.
+pub fn free_port(ip: IpAddr) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .expect("bind ephemeral port")
+        .port()
+}

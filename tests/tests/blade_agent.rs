@@ -1,0 +1,616 @@
+//! blade-agent against the real TigerVNC: each test starts a real `blade-agent serve`, creates
+//! a real user, and checks what a VNC client, /proc and the file system see.
+use std::collections::HashSet;
+use std::os::unix::fs::{MetadataExt, symlink};
+use std::process::{Command, Stdio};
+use tonic::Code;
+use vncdispatch_proto::v1::blade_agent_client::BladeAgentClient;
+use vncdispatch_proto::v1::{
+    AgentHealthRequest, Geometry, ListVncServersRequest, StartSessionRequest, StopSessionRequest,
+};
+use vncdispatch_tests::agent::{AgentOptions, AgentProc};
+use vncdispatch_tests::rfb::{self, Login};
+use vncdispatch_tests::users::TestUser;
+use vncdispatch_tests::{eventually, procs, require_root_and_tigervnc, workspace_bin};
+
+fn start_req(user: &str, password: &str) -> StartSessionRequest {
+    StartSessionRequest {
+        username: user.into(),
+        password: password.into(),
+        geometry: None,
+    }
+}
+
+async fn agent() -> AgentProc {
+    require_root_and_tigervnc();
+    AgentProc::start(AgentOptions::default()).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rfb_login_succeeds_with_the_right_password_only() {
+    let agent = agent().await;
+    let user = TestUser::create();
+    let geometry = Some(Geometry {
+        width: 1024,
+        height: 768,
+    });
+    let req = StartSessionRequest {
+        username: user.name.clone(),
+        password: "Corr3ct!".into(),
+        geometry,
+    };
+    let server = agent
+        .client()
+        .await
+        .start_session(req)
+        .await
+        .expect("StartSession")
+        .into_inner();
+    assert_eq!(server.username, user.name);
+    assert_eq!(server.host, "127.0.0.1");
+    assert_eq!(server.port, 5900 + server.display);
+    assert!(!server.reused);
+    let addr = format!("{}:{}", server.host, server.port);
+    match rfb::login(&addr, "Corr3ct!").await.expect("RFB login") {
+        Login::Accepted(init) => {
+            assert_eq!((init.width, init.height), (1024, 768));
+            assert!(
+                init.name.contains(&user.name),
+                "desktop name {:?}",
+                init.name
+            );
+        }
+        Login::Refused(why) => panic!("right password refused: {why}"),
+    }
+    assert!(matches!(
+        rfb::login(&addr, "Wrong123").await.expect("RFB login"),
+        Login::Refused(_)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vncpasswd_file_matches_vncpasswd_f_and_a_new_password_takes_effect() {
+    let agent = agent().await;
+    let user = TestUser::create();
+    let mut client = agent.client().await;
+    let mut pid = None;
+    for password in ["abcdef", "12345678", "p a s s", "Zz9!~`'\"", "ümlaut"] {
+        let server = client
+            .start_session(start_req(&user.name, password))
+            .await
+            .expect("start")
+            .into_inner();
+        // The same server throughout: a second StartSession rewrites the password only.
+        assert_eq!(*pid.get_or_insert(server.vnc_pid), server.vnc_pid);
+        let path = user.home.join(".vncpasswd");
+        let written = std::fs::read(&path).expect("~/.vncpasswd");
+        let mut vncpasswd = Command::new("vncpasswd")
+            .arg("-f")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run vncpasswd -f");
+        std::io::Write::write_all(
+            &mut vncpasswd.stdin.take().expect("stdin"),
+            password.as_bytes(),
+        )
+        .expect("write");
+        let expected = vncpasswd
+            .wait_with_output()
+            .expect("vncpasswd output")
+            .stdout;
+        assert_eq!(written, expected, "password {password:?}");
+        let meta = std::fs::metadata(&path).expect("stat");
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (user.uid, 0o600));
+        let addr = format!("{}:{}", server.host, server.port);
+        assert!(
+            matches!(
+                rfb::login(&addr, password).await.expect("login"),
+                Login::Accepted(_)
+            ),
+            "{password:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn symlinked_vncpasswd_is_refused_and_its_target_untouched() {
+    let agent = agent().await;
+    let user = TestUser::create();
+    let target = tempfile::NamedTempFile::new().expect("root-owned file");
+    std::fs::write(target.path(), b"root's precious file\n").expect("write");
+    symlink(target.path(), user.home.join(".vncpasswd")).expect("symlink");
+    let err = agent
+        .client()
+        .await
+        .start_session(start_req(&user.name, "secret1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains(".vncpasswd is a symlink"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        std::fs::read(target.path()).expect("read"),
+        b"root's precious file\n"
+    );
+    assert!(procs::xvnc_of(user.uid).is_empty(), "an Xvnc was started");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn symlinked_vnc_dir_is_refused() {
+    let agent = agent().await;
+    let user = TestUser::create();
+    let elsewhere = tempfile::tempdir().expect("dir");
+    symlink(elsewhere.path(), user.home.join(".vnc")).expect("symlink");
+    let err = agent
+        .client()
+        .await
+        .start_session(start_req(&user.name, "secret1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        std::fs::read_dir(elsewhere.path())
+            .expect("ls")
+            .next()
+            .is_none(),
+        "wrote through the symlink"
+    );
+    assert!(procs::xvnc_of(user.uid).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_usernames_and_passwords_are_refused_and_start_nothing() {
+    let agent = agent().await;
+    let mut client = agent.client().await;
+    let before = procs::all()
+        .iter()
+        .filter(|p| p.comm == "Xtigervnc")
+        .count();
+    let long = "a".repeat(300);
+    let cases: &[(&str, &str, Code)] = &[
+        ("root", "secret1", Code::InvalidArgument),
+        ("daemon", "secret1", Code::InvalidArgument),
+        ("nobody", "secret1", Code::InvalidArgument),
+        ("../x", "secret1", Code::InvalidArgument),
+        ("a;id", "secret1", Code::InvalidArgument),
+        ("a;rm -rf /", "secret1", Code::InvalidArgument),
+        ("", "secret1", Code::InvalidArgument),
+        ("-rf", "secret1", Code::InvalidArgument),
+        ("a\nb", "secret1", Code::InvalidArgument),
+        (&long, "secret1", Code::InvalidArgument),
+        ("nosuchuserhere", "secret1", Code::NotFound),
+    ];
+    for (name, password, code) in cases {
+        let err = client
+            .start_session(start_req(name, password))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), *code, "{name:?}: {}", err.message());
+        assert!(!err.message().is_empty());
+        let err = client
+            .stop_session(StopSessionRequest {
+                username: name.to_string(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), *code, "stop {name:?}: {}", err.message());
+    }
+    let user = TestUser::create();
+    for bad in ["", "short", "ninechars", "nul\0byte"] {
+        let err = client
+            .start_session(start_req(&user.name, bad))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}");
+        assert!(
+            !err.message().contains(bad) || bad.is_empty() || bad == "short",
+            "{}",
+            err.message()
+        );
+    }
+    let geometry = Some(Geometry {
+        width: 100_000,
+        height: 10,
+    });
+    let req = StartSessionRequest {
+        username: user.name.clone(),
+        password: "secret1".into(),
+        geometry,
+    };
+    assert_eq!(
+        client.start_session(req).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert!(
+        !user.home.join(".vncpasswd").exists(),
+        "a refused call wrote the password file"
+    );
+    let after = procs::all()
+        .iter()
+        .filter(|p| p.comm == "Xtigervnc")
+        .count();
+    assert!(after <= before, "bad input started an Xvnc");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn xvnc_runs_as_the_user_and_no_process_holds_the_password() {
+    let agent = agent().await;
+    let user = TestUser::create();
+    let password = "S3cr#t!x";
+    let server = agent
+        .client()
+        .await
+        .start_session(start_req(&user.name, password))
+        .await
+        .expect("start")
+        .into_inner();
+    let xvnc = procs::all()
+        .into_iter()
+        .find(|p| p.pid == server.vnc_pid)
+        .expect("Xvnc process");
+    assert_eq!(xvnc.comm, "Xtigervnc");
+    assert_eq!(xvnc.uid, user.uid);
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", server.vnc_pid)).expect("status");
+    let ids = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>())
+    };
+    assert!(
+        ids("Uid:")
+            .expect("Uid")
+            .iter()
+            .all(|u| *u == user.uid.to_string()),
+        "{status}"
+    );
+    assert!(
+        !ids("Groups:").unwrap_or_default().contains(&"0"),
+        "Xvnc kept root's group"
+    );
+    let mut checked = 0;
+    for p in procs::all() {
+        checked += 1;
+        for (what, bytes) in [("cmdline", &p.cmdline), ("environ", &p.environ)] {
+            assert!(
+                !procs::contains(bytes, password.as_bytes()),
+                "password in {what} of {} ({})",
+                p.pid,
+                p.comm
+            );
+        }
+    }
+    assert!(checked > 3);
+    let log = agent.log();
+    assert!(!log.contains(password), "password in the agent's log");
+    // The session command (twm) runs as the user with the display and a private X cookie.
+    assert!(
+        eventually(10, || procs::of_uid(user.uid)
+            .iter()
+            .any(|p| p.comm == "twm"))
+        .await,
+        "session command not running"
+    );
+    let twm = procs::of_uid(user.uid)
+        .into_iter()
+        .find(|p| p.comm == "twm")
+        .expect("twm");
+    assert!(procs::contains(
+        &twm.environ,
+        format!("DISPLAY=:{}\0", server.display).as_bytes()
+    ));
+    assert!(procs::contains(&twm.environ, b"XAUTHORITY="));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_concurrent_starts_for_one_user_yield_one_xvnc() {
+    let agent = agent().await;
+    let user = TestUser::create();
+    let client = agent.client().await;
+    let calls = (0..20).map(|_| {
+        let mut c = client.clone();
+        let name = user.name.clone();
+        tokio::spawn(async move { c.start_session(start_req(&name, "same-pw1")).await })
+    });
+    let mut pids = HashSet::new();
+    let mut fresh = 0;
+    for call in calls {
+        let server = call
+            .await
+            .expect("task")
+            .expect("StartSession")
+            .into_inner();
+        pids.insert((server.vnc_pid, server.display));
+        fresh += usize::from(!server.reused);
+    }
+    assert_eq!(pids.len(), 1, "different servers: {pids:?}");
+    assert_eq!(fresh, 1, "exactly one call starts the server");
+    assert_eq!(procs::xvnc_of(user.uid).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_ends_xvnc_and_the_session() {
+    let agent = agent().await;
+    let user = TestUser::create();
+    let mut client = agent.client().await;
+    let server = client
+        .start_session(start_req(&user.name, "secret1"))
+        .await
+        .expect("start")
+        .into_inner();
+    assert!(
+        eventually(10, || procs::of_uid(user.uid)
+            .iter()
+            .any(|p| p.comm == "twm"))
+        .await
+    );
+    let stop = client
+        .stop_session(StopSessionRequest {
+            username: user.name.clone(),
+        })
+        .await
+        .expect("stop");
+    assert!(stop.into_inner().stopped);
+    assert!(
+        eventually(10, || procs::of_uid(user.uid).is_empty()).await,
+        "left running: {:?}",
+        procs::of_uid(user.uid)
+            .iter()
+            .map(|p| &p.comm)
+            .collect::<Vec<_>>()
+    );
+    let list = client
+        .list_sessions(ListVncServersRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(list.servers.iter().all(|s| s.vnc_pid != server.vnc_pid));
+    let again = client
+        .stop_session(StopSessionRequest {
+            username: user.name.clone(),
+        })
+        .await
+        .expect("stop");
+    assert!(!again.into_inner().stopped, "nothing left to stop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_xvnc_vanishes_from_the_list_and_a_new_start_replaces_it() {
+    let agent = agent().await;
+    let user = TestUser::create();
+    let mut client = agent.client().await;
+    let first = client
+        .start_session(start_req(&user.name, "secret1"))
+        .await
+        .expect("start")
+        .into_inner();
+    let listed = client
+        .list_sessions(ListVncServersRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(
+        listed
+            .servers
+            .iter()
+            .any(|s| s.vnc_pid == first.vnc_pid && s.username == user.name)
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.vnc_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill Xvnc");
+    assert!(eventually(5, || procs::xvnc_of(user.uid).is_empty()).await);
+    let listed = client
+        .list_sessions(ListVncServersRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(
+        listed.servers.iter().all(|s| s.username != user.name),
+        "{listed:?}"
+    );
+    let second = client
+        .start_session(start_req(&user.name, "secret2"))
+        .await
+        .expect("restart")
+        .into_inner();
+    assert_ne!(second.vnc_pid, first.vnc_pid);
+    assert!(!second.reused);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarted_agent_readopts_running_desktops() {
+    let mut agent = agent().await;
+    let user = TestUser::create();
+    let first = agent
+        .client()
+        .await
+        .start_session(start_req(&user.name, "secret1"))
+        .await
+        .expect("start")
+        .into_inner();
+    agent.restart().await;
+    let mut client = agent.client().await;
+    let listed = client
+        .list_sessions(ListVncServersRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    let found = listed
+        .servers
+        .iter()
+        .find(|s| s.username == user.name)
+        .expect("re-adopted");
+    assert_eq!(
+        (found.vnc_pid, found.display, found.port),
+        (first.vnc_pid, first.display, first.port)
+    );
+    let again = client
+        .start_session(start_req(&user.name, "secret2"))
+        .await
+        .expect("start")
+        .into_inner();
+    assert!(again.reused);
+    assert_eq!(again.vnc_pid, first.vnc_pid);
+    assert_eq!(procs::xvnc_of(user.uid).len(), 1);
+    let addr = format!("{}:{}", again.host, again.port);
+    assert!(matches!(
+        rfb::login(&addr, "secret2").await.expect("login"),
+        Login::Accepted(_)
+    ));
+    let health = client
+        .health(AgentHealthRequest {})
+        .await
+        .expect("health")
+        .into_inner();
+    assert!(health.sessions >= 1 && health.mem_total_bytes > 0 && health.free_displays < 16);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_without_the_secret_are_refused() {
+    let agent = agent().await;
+    let user = TestUser::create();
+    let mut anonymous = BladeAgentClient::new(agent.channel().await);
+    let err = anonymous
+        .start_session(start_req(&user.name, "secret1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(
+        anonymous
+            .list_sessions(ListVncServersRequest {})
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    let forged = agent.channel().await;
+    let mut forged = BladeAgentClient::with_interceptor(forged, |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert(
+            "authorization",
+            "Bearer 0000000000000000000000000000000000000000"
+                .parse()
+                .expect("ascii"),
+        );
+        Ok(req)
+    });
+    assert_eq!(
+        forged
+            .start_session(start_req(&user.name, "secret1"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    assert!(procs::xvnc_of(user.uid).is_empty());
+    assert!(!user.home.join(".vncpasswd").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrapper_mode_starts_a_working_desktop_through_vncserver() {
+    require_root_and_tigervnc();
+    let agent = AgentProc::start(AgentOptions {
+        mode: "wrapper",
+        ..Default::default()
+    })
+    .await;
+    let user = TestUser::create();
+    let server = agent
+        .client()
+        .await
+        .start_session(start_req(&user.name, "wrapper1"))
+        .await
+        .expect("start")
+        .into_inner();
+    let xvnc = procs::xvnc_of(user.uid);
+    assert_eq!(xvnc.len(), 1);
+    assert_eq!(xvnc[0].pid, server.vnc_pid);
+    let addr = format!("{}:{}", server.host, server.port);
+    assert!(matches!(
+        rfb::login(&addr, "wrapper1").await.expect("login"),
+        Login::Accepted(_)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cloudvnc_prints_host_pid_display_and_fails_clearly() {
+    require_root_and_tigervnc();
+    let user = TestUser::create();
+    let run_dir = tempfile::tempdir().expect("dir");
+    let cloudvnc = |name: &str, password: &str| {
+        let mut child = Command::new(workspace_bin("blade-agent"))
+            .args([
+                "cloudvnc",
+                "--user",
+                name,
+                "--rfb-listen",
+                "127.0.0.1",
+                "--display-first",
+                "300",
+            ])
+            .args(["--session-command", "/usr/bin/twm", "--run-dir"])
+            .arg(run_dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run cloudvnc");
+        std::io::Write::write_all(
+            &mut child.stdin.take().expect("stdin"),
+            format!("{password}\n").as_bytes(),
+        )
+        .expect("stdin");
+        child.wait_with_output().expect("cloudvnc output")
+    };
+    let out = cloudvnc(&user.name, "cloudpw1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8(out.stdout).expect("utf-8");
+    let fields: Vec<&str> = line.trim_end().split(' ').collect();
+    assert_eq!(fields.len(), 3, "{line:?}");
+    assert_eq!(fields[0], "127.0.0.1");
+    let pid: u32 = fields[1].parse().expect("pid");
+    let display: u32 = fields[2].parse().expect("display");
+    assert!(display >= 300);
+    assert_eq!(
+        procs::xvnc_of(user.uid)
+            .iter()
+            .map(|p| p.pid)
+            .collect::<Vec<_>>(),
+        vec![pid]
+    );
+    let addr = format!("127.0.0.1:{}", 5900 + display);
+    assert!(matches!(
+        rfb::login(&addr, "cloudpw1").await.expect("login"),
+        Login::Accepted(_)
+    ));
+    // Run again: the running desktop is found, not duplicated.
+    let out = cloudvnc(&user.name, "cloudpw2");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        line.trim_end()
+    );
+    for (name, password, needle) in [
+        ("root", "cloudpw1", "root and system accounts are refused"),
+        ("a;id", "cloudpw1", "invalid username"),
+        (&user.name[..], "x", "password"),
+    ] {
+        let out = cloudvnc(name, password);
+        assert!(!out.status.success(), "{name}");
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "{name}: {err}"
+        );
+    }
+}
