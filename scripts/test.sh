@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every check and test of the workspace on a Debian machine, as root (the tests create
+# user accounts and start desktops as them). Installs what is missing first, so it works on a
+# fresh machine; quiet when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Outside the clone so CI's fresh clones reuse the build, and under a path every user can
+# traverse: the agent runs its own binary as each desktop user.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/vncdispatch/target}"
+export RUST_BACKTRACE="${RUST_BACKTRACE:-0}"
+
+QUIET=1 scripts/install-deps.sh
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo build"
+cargo build --workspace --quiet
+echo "== cargo test"
+cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"
