@@ -132,6 +132,10 @@ async fn serve(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
+    // Tell systemd (Type=notify) we accept calls; a no-op when not run by systemd.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "sd_notify READY failed");
+    }
     blade_agent::server::run(
         listener,
         agent,
