@@ -5,9 +5,11 @@
 //! Layout:
 //! - [`users`]: test accounts created with `useradd -m`, removed (with their processes) on drop.
 //! - [`agent`]: a `blade-agent serve` process with its own secret, display range and port.
+//! - [`ferretdb`]: a real FerretDB (MongoDB wire protocol) on a 127.0.0.1 port, SQLite-backed.
 //! - [`rfb`]: a minimal RFB client: version, VNC authentication, SecurityResult, ServerInit.
 //! - [`procs`]: what /proc says about a user's processes.
 pub mod agent;
+pub mod ferretdb;
 pub mod procs;
 pub mod rfb;
 pub mod users;

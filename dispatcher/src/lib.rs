@@ -1,0 +1,8 @@
+//! dispatcher: hands out desktops. The portal calls `Dispatch(username, remote_ip)`; the
+//! dispatcher returns the user's live session or picks a blade, has it start the desktop, and
+//! stores the session; ws-proxy calls `ResolveToken`.
+//!
+//! Layout:
+//! - [`store`]: the `Store` trait, its embedded (redb) and MongoDB implementations and their
+//!   shared conformance suite.
+pub mod store;

@@ -1,0 +1,654 @@
+//! The MongoDB store (also FerretDB), in the original deployment's schema so an existing
+//! database is served without a migration step:
+//!
+//! - `config`: one document with `blade_list` (blade names, which were host names),
+//!   `num_of_blades` and `last_blade`; we add `blades` (host, port, method, draining per name)
+//!   and `rev` (for optimistic updates). The round-robin counter is `last_blade`, advanced with
+//!   one `$inc` in `findOneAndUpdate` — never read-then-write.
+//! - `tokenizer`: one document per user with `username`, `password`, `token`, `blade`,
+//!   `display`, `vncpid`, `remoteip`; we add `token_hash`, `host`, `port`, `created_at`,
+//!   `expires_at`, `claim_id`/`claim_expires` (while starting) and `token_sealed`/
+//!   `password_sealed`. Rows we write carry the secrets sealed, not in `token`/`password`;
+//!   rows the original wrote are read as they are (and found by their plain token).
+//!
+//! A unique index on `tokenizer.username` makes one session per user hold across dispatchers:
+//! a claim is an insert, and the loser gets a duplicate-key error. Inserts are the one write
+//! that is atomic on FerretDB v1 too (its findAndModify and filtered updates are a read then a
+//! write), so every decision that must have one winner is an insert. No TTL index (FerretDB has
+//! none): expiry is checked on every read and a sweeper deletes expired rows.
+use super::{
+    BladeRecord, Claim, ClaimOutcome, Method, SessionRecord, Store, StoreError, StoreResult,
+    StoredSecret,
+};
+use mongodb::bson::{Bson, DateTime, Document, doc};
+use mongodb::options::{IndexOptions, ReturnDocument};
+use mongodb::{Client, Collection, IndexModel};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Database name when the URI names none.
+pub const DEFAULT_DATABASE: &str = "vncDispatch";
+/// How often an optimistic config update is retried under contention.
+const CONFIG_RETRIES: usize = 20;
+
+/// Defaults for blades listed in the original `blade_list` without our details.
+#[derive(Debug, Clone)]
+pub struct LegacyBlades {
+    /// How to reach them (the original used SSH).
+    pub method: Method,
+    /// Port for that method.
+    pub port: u16,
+}
+
+/// The MongoDB-backed store.
+#[derive(Debug, Clone)]
+pub struct MongoStore {
+    config: Collection<Document>,
+    tokenizer: Collection<Document>,
+    /// Round-robin tickets (see `next_round_robin`).
+    tickets: Collection<Document>,
+    /// Highest ticket this process won: where the next search starts.
+    last_ticket: Arc<AtomicU64>,
+    legacy: LegacyBlades,
+}
+
+fn unavailable(e: mongodb::error::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match e.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == 11000,
+        ErrorKind::Command(c) => c.code == 11000,
+        _ => e.to_string().contains("E11000") || e.to_string().contains("duplicate key"),
+    }
+}
+
+impl MongoStore {
+    /// Connects (with short timeouts, so an unreachable store fails fast and clearly), and
+    /// creates the indexes idempotently.
+    pub async fn connect(uri: &str, legacy: LegacyBlades) -> StoreResult<Self> {
+        let mut options = mongodb::options::ClientOptions::parse(uri)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("bad MongoDB URI: {e}")))?;
+        options.server_selection_timeout = Some(Duration::from_secs(5));
+        options.connect_timeout = Some(Duration::from_secs(5));
+        options.app_name = Some("vncdispatch-dispatcher".into());
+        let db_name = options
+            .default_database
+            .clone()
+            .unwrap_or_else(|| DEFAULT_DATABASE.into());
+        let client = Client::with_options(options).map_err(unavailable)?;
+        let db = client.database(&db_name);
+        let store = MongoStore {
+            config: db.collection("config"),
+            tokenizer: db.collection("tokenizer"),
+            tickets: db.collection("round_robin_tickets"),
+            last_ticket: Arc::default(),
+            legacy,
+        };
+        let unique = IndexOptions::builder()
+            .unique(true)
+            .name("username_unique".to_owned())
+            .build();
+        store
+            .tokenizer
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "username": 1 })
+                    .options(unique)
+                    .build(),
+            )
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "creating the unique index on tokenizer.username failed ({e}); if the original \
+                     service left duplicate rows for a user, delete all but one of each"
+                ))
+            })?;
+        let by_hash = IndexOptions::builder()
+            .name("token_hash".to_owned())
+            .build();
+        store
+            .tokenizer
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "token_hash": 1 })
+                    .options(by_hash)
+                    .build(),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(store)
+    }
+
+    /// The config document, created if the database has none yet.
+    async fn config_doc(&self) -> StoreResult<Document> {
+        let filter = doc! { "blade_list": { "$exists": true } };
+        if let Some(d) = self
+            .config
+            .find_one(filter.clone())
+            .await
+            .map_err(unavailable)?
+        {
+            return Ok(d);
+        }
+        let fresh = doc! { "_id": "vncdispatch", "blade_list": [], "num_of_blades": 0, "last_blade": 0, "blades": [], "rev": 0 };
+        match self.config.insert_one(fresh).await {
+            Ok(_) => {}
+            Err(e) if is_duplicate_key(&e) => {}
+            Err(e) => return Err(unavailable(e)),
+        }
+        self.config
+            .find_one(filter)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| StoreError::Unavailable("config document vanished".into()))
+    }
+
+    fn blades_of(&self, config: &Document) -> Vec<BladeRecord> {
+        let names: Vec<String> = config
+            .get_array("blade_list")
+            .map(|a| {
+                a.iter()
+                    .filter_map(|b| b.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let details: Vec<BladeRecord> = config
+            .get_array("blades")
+            .map(|a| {
+                a.iter()
+                    .filter_map(|b| b.as_document().and_then(blade_from_doc))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names
+            .into_iter()
+            .map(|name| {
+                details
+                    .iter()
+                    .find(|b| b.name == name)
+                    .cloned()
+                    .unwrap_or_else(|| BladeRecord {
+                        host: name.clone(),
+                        name,
+                        port: self.legacy.port,
+                        method: self.legacy.method,
+                        draining: false,
+                    })
+            })
+            .collect()
+    }
+
+    /// Applies `change` to the blade list with optimistic concurrency on `rev`.
+    async fn update_blades<T>(
+        &self,
+        mut change: impl FnMut(&mut Vec<BladeRecord>) -> T,
+    ) -> StoreResult<T> {
+        for _ in 0..CONFIG_RETRIES {
+            let config = self.config_doc().await?;
+            let mut blades = self.blades_of(&config);
+            let out = change(&mut blades);
+            let id = config.get("_id").cloned().unwrap_or(Bson::Null);
+            let filter = match config.get("rev") {
+                Some(rev) => doc! { "_id": id, "rev": rev.clone() },
+                None => doc! { "_id": id, "rev": { "$exists": false } },
+            };
+            let names: Vec<Bson> = blades
+                .iter()
+                .map(|b| Bson::String(b.name.clone()))
+                .collect();
+            let details: Vec<Bson> = blades
+                .iter()
+                .map(|b| Bson::Document(blade_to_doc(b)))
+                .collect();
+            let update = doc! {
+                "$set": { "blade_list": names, "num_of_blades": blades.len() as i32, "blades": details },
+                "$inc": { "rev": 1 },
+            };
+            if self
+                .config
+                .update_one(filter, update)
+                .await
+                .map_err(unavailable)?
+                .matched_count
+                == 1
+            {
+                return Ok(out);
+            }
+        }
+        Err(StoreError::Unavailable(
+            "the blade list kept changing under concurrent updates; try again".into(),
+        ))
+    }
+}
+
+fn blade_to_doc(b: &BladeRecord) -> Document {
+    let method = match b.method {
+        Method::Agent => "agent",
+        Method::Ssh => "ssh",
+    };
+    doc! { "name": &b.name, "host": &b.host, "port": i32::from(b.port), "method": method, "draining": b.draining }
+}
+
+fn blade_from_doc(d: &Document) -> Option<BladeRecord> {
+    Some(BladeRecord {
+        name: d.get_str("name").ok()?.to_owned(),
+        host: d.get_str("host").ok()?.to_owned(),
+        port: u16::try_from(int_of(d.get("port"))?).ok()?,
+        method: if d.get_str("method").ok()? == "ssh" {
+            Method::Ssh
+        } else {
+            Method::Agent
+        },
+        draining: d.get_bool("draining").unwrap_or(false),
+    })
+}
+
+/// Numbers in rows the original wrote may be int32, int64, double or strings.
+fn int_of(v: Option<&Bson>) -> Option<i64> {
+    match v? {
+        Bson::Int32(i) => Some(i64::from(*i)),
+        Bson::Int64(i) => Some(*i),
+        Bson::Double(f) if f.fract() == 0.0 => Some(*f as i64),
+        Bson::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn time_of(v: Option<&Bson>) -> Option<i64> {
+    match v? {
+        Bson::DateTime(t) => Some(t.timestamp_millis()),
+        other => int_of(Some(other)),
+    }
+}
+
+fn str_of(d: &Document, key: &str) -> String {
+    match d.get(key) {
+        Some(Bson::String(s)) => s.clone(),
+        Some(other @ (Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_))) => int_of(Some(other))
+            .map(|i| i.to_string())
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+fn secret_of(d: &Document, sealed: &str, plain: &str) -> StoredSecret {
+    match d.get_str(sealed) {
+        Ok(s) => StoredSecret::Sealed(s.to_owned()),
+        Err(_) => StoredSecret::Plain(str_of(d, plain)),
+    }
+}
+
+fn record_from_doc(d: &Document) -> SessionRecord {
+    let display = int_of(d.get("display"))
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or(0);
+    let blade = str_of(d, "blade");
+    let host = match str_of(d, "host") {
+        h if h.is_empty() => blade.clone(),
+        h => h,
+    };
+    SessionRecord {
+        username: str_of(d, "username"),
+        claim: d.get_str("claim_id").ok().map(|id| Claim {
+            id: id.to_owned(),
+            expires_at_ms: time_of(d.get("claim_expires")).unwrap_or(0),
+        }),
+        token_hash: str_of(d, "token_hash"),
+        token: secret_of(d, "token_sealed", "token"),
+        password: secret_of(d, "password_sealed", "password"),
+        blade,
+        host,
+        display,
+        port: int_of(d.get("port"))
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(5900 + display),
+        vnc_pid: int_of(d.get("vncpid"))
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(0),
+        remote_ip: str_of(d, "remoteip"),
+        created_at_ms: time_of(d.get("created_at")).unwrap_or(0),
+        expires_at_ms: time_of(d.get("expires_at")),
+    }
+}
+
+fn record_to_doc(r: &SessionRecord) -> Document {
+    let mut d = doc! {
+        "username": &r.username,
+        "blade": &r.blade,
+        "display": r.display as i32,
+        "vncpid": r.vnc_pid as i32,
+        "remoteip": &r.remote_ip,
+        "token_hash": &r.token_hash,
+        "host": &r.host,
+        "port": r.port as i32,
+        "created_at": DateTime::from_millis(r.created_at_ms),
+    };
+    for (secret, sealed, plain) in [
+        (&r.token, "token_sealed", "token"),
+        (&r.password, "password_sealed", "password"),
+    ] {
+        match secret {
+            StoredSecret::Sealed(s) => d.insert(sealed, s),
+            StoredSecret::Plain(s) => d.insert(plain, s),
+        };
+    }
+    if let Some(e) = r.expires_at_ms {
+        d.insert("expires_at", DateTime::from_millis(e));
+    }
+    if let Some(c) = &r.claim {
+        d.insert("claim_id", &c.id);
+        d.insert("claim_expires", DateTime::from_millis(c.expires_at_ms));
+    }
+    d
+}
+
+/// Filter for a ready row of `username` whose token hash is `hash` — or a legacy row that has
+/// no hash yet (the caller computed `hash` from its plain token).
+fn ready_with_hash(username: &str, hash: &str) -> Document {
+    doc! {
+        "username": username,
+        "claim_id": { "$exists": false },
+        "$or": [ { "token_hash": hash }, { "token_hash": { "$exists": false } }, { "token_hash": "" } ],
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for MongoStore {
+    async fn ping(&self) -> StoreResult<()> {
+        self.config
+            .find_one(doc! {})
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+
+    async fn get_session(&self, username: &str) -> StoreResult<Option<SessionRecord>> {
+        let found = self
+            .tokenizer
+            .find_one(doc! { "username": username })
+            .await
+            .map_err(unavailable)?;
+        Ok(found.as_ref().map(record_from_doc))
+    }
+
+    async fn claim(&self, username: &str, claim: &Claim, now_ms: i64) -> StoreResult<ClaimOutcome> {
+        let placeholder = doc! {
+            "username": username,
+            "claim_id": &claim.id,
+            "claim_expires": DateTime::from_millis(claim.expires_at_ms),
+        };
+        for _ in 0..5 {
+            match self.tokenizer.insert_one(placeholder.clone()).await {
+                Ok(_) => return Ok(ClaimOutcome::Won),
+                Err(e) if is_duplicate_key(&e) => {}
+                Err(e) => return Err(unavailable(e)),
+            }
+            let Some(existing) = self.get_session(username).await? else {
+                continue;
+            };
+            let Some(theirs) = existing.claim else {
+                return Ok(ClaimOutcome::Existing(Box::new(existing)));
+            };
+            if theirs.expires_at_ms > now_ms {
+                return Ok(ClaimOutcome::Pending);
+            }
+            // The claimant died: remove its placeholder and race for the slot again; the
+            // unique index lets exactly one insert win (an update could not promise that).
+            let filter = doc! { "username": username, "claim_id": &theirs.id };
+            self.tokenizer
+                .delete_one(filter)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(ClaimOutcome::Pending)
+    }
+
+    async fn complete(&self, record: &SessionRecord, claim_id: &str) -> StoreResult<()> {
+        let filter = doc! { "username": &record.username, "claim_id": claim_id };
+        let done = self
+            .tokenizer
+            .replace_one(filter, record_to_doc(record))
+            .await
+            .map_err(unavailable)?;
+        if done.matched_count == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::ClaimLost(record.username.clone()))
+        }
+    }
+
+    async fn abandon(&self, username: &str, claim_id: &str) -> StoreResult<()> {
+        let filter = doc! { "username": username, "claim_id": claim_id };
+        self.tokenizer
+            .delete_one(filter)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+
+    async fn find_by_token(
+        &self,
+        token_hash: &str,
+        token: &str,
+    ) -> StoreResult<Option<SessionRecord>> {
+        let ready = doc! { "token_hash": token_hash, "claim_id": { "$exists": false } };
+        if let Some(d) = self.tokenizer.find_one(ready).await.map_err(unavailable)? {
+            return Ok(Some(record_from_doc(&d)));
+        }
+        if token.is_empty() {
+            return Ok(None);
+        }
+        // A row the original service wrote: plain token, no hash.
+        let legacy = doc! {
+            "token": token,
+            "claim_id": { "$exists": false },
+            "$or": [ { "token_hash": { "$exists": false } }, { "token_hash": "" } ],
+        };
+        Ok(self
+            .tokenizer
+            .find_one(legacy)
+            .await
+            .map_err(unavailable)?
+            .as_ref()
+            .map(record_from_doc))
+    }
+
+    async fn touch(
+        &self,
+        username: &str,
+        token_hash: &str,
+        remote_ip: &str,
+        expires_at_ms: i64,
+    ) -> StoreResult<Option<SessionRecord>> {
+        let update = doc! { "$set": {
+            "remoteip": remote_ip,
+            "expires_at": DateTime::from_millis(expires_at_ms),
+            "token_hash": token_hash,
+        } };
+        let updated = self
+            .tokenizer
+            .find_one_and_update(ready_with_hash(username, token_hash), update)
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(unavailable)?;
+        Ok(updated.as_ref().map(record_from_doc))
+    }
+
+    async fn delete_session(
+        &self,
+        username: &str,
+        token_hash: Option<&str>,
+    ) -> StoreResult<Option<SessionRecord>> {
+        let filter = match token_hash {
+            Some(h) => ready_with_hash(username, h),
+            None => doc! { "username": username, "claim_id": { "$exists": false } },
+        };
+        let deleted = self
+            .tokenizer
+            .find_one_and_delete(filter)
+            .await
+            .map_err(unavailable)?;
+        Ok(deleted.as_ref().map(record_from_doc))
+    }
+
+    async fn list_sessions(&self) -> StoreResult<Vec<SessionRecord>> {
+        let mut cursor = self
+            .tokenizer
+            .find(doc! { "claim_id": { "$exists": false } })
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::new();
+        while cursor.advance().await.map_err(unavailable)? {
+            let d = cursor.deserialize_current().map_err(unavailable)?;
+            out.push(record_from_doc(&d));
+        }
+        out.sort_by(|a, b| a.username.cmp(&b.username));
+        Ok(out)
+    }
+
+    async fn sweep_expired(&self, now_ms: i64) -> StoreResult<Vec<SessionRecord>> {
+        let now = DateTime::from_millis(now_ms);
+        let expired = doc! { "expires_at": { "$lte": now }, "claim_id": { "$exists": false } };
+        let mut cursor = self.tokenizer.find(expired).await.map_err(unavailable)?;
+        let mut candidates = Vec::new();
+        while cursor.advance().await.map_err(unavailable)? {
+            candidates.push(cursor.deserialize_current().map_err(unavailable)?);
+        }
+        let mut swept = Vec::new();
+        for d in candidates {
+            // Delete only if still expired: a concurrent Dispatch may have just extended it.
+            let Some(id) = d.get("_id").cloned() else {
+                continue;
+            };
+            let filter = doc! { "_id": id, "expires_at": { "$lte": now } };
+            if let Some(gone) = self
+                .tokenizer
+                .find_one_and_delete(filter)
+                .await
+                .map_err(unavailable)?
+            {
+                swept.push(record_from_doc(&gone));
+            }
+        }
+        self.tokenizer
+            .delete_many(doc! { "claim_expires": { "$lte": now } })
+            .await
+            .map_err(unavailable)?;
+        Ok(swept)
+    }
+
+    async fn put_blade(&self, blade: &BladeRecord) -> StoreResult<()> {
+        self.update_blades(
+            |blades| match blades.iter_mut().find(|b| b.name == blade.name) {
+                Some(b) => *b = blade.clone(),
+                None => blades.push(blade.clone()),
+            },
+        )
+        .await
+    }
+
+    async fn list_blades(&self) -> StoreResult<Vec<BladeRecord>> {
+        let config = self.config_doc().await?;
+        Ok(self.blades_of(&config))
+    }
+
+    async fn set_draining(&self, name: &str, draining: bool) -> StoreResult<Option<BladeRecord>> {
+        self.update_blades(|blades| {
+            blades.iter_mut().find(|b| b.name == name).map(|b| {
+                b.draining = draining;
+                b.clone()
+            })
+        })
+        .await
+    }
+
+    async fn remove_blade(&self, name: &str) -> StoreResult<bool> {
+        self.update_blades(|blades| {
+            let before = blades.len();
+            blades.retain(|b| b.name != name);
+            blades.len() != before
+        })
+        .await
+    }
+
+    async fn next_round_robin(&self) -> StoreResult<u64> {
+        // FerretDB v1 runs findAndModify and filtered updates as a read then a write, so
+        // neither `$inc` nor compare-and-set hands out a value once under concurrency (the
+        // conformance suite caught both). Inserting into a unique `_id` is atomic everywhere:
+        // each value is a ticket document, and whoever inserts ticket N owns N. `last_blade`
+        // follows along (monotonically) for the original's readers.
+        let config = self.config_doc().await?;
+        let stored = int_of(config.get("last_blade"))
+            .and_then(|v| u64::try_from(v).ok())
+            .unwrap_or(0);
+        let mut n = stored.max(self.last_ticket.load(Ordering::Relaxed));
+        for _ in 0..10_000 {
+            n += 1;
+            match self.tickets.insert_one(doc! { "_id": n as i64 }).await {
+                Ok(_) => {
+                    self.last_ticket.fetch_max(n, Ordering::Relaxed);
+                    let id = config.get("_id").cloned().unwrap_or(Bson::Null);
+                    let filter = doc! { "_id": id, "last_blade": { "$lt": n as i64 } };
+                    let _ = self
+                        .config
+                        .update_one(filter, doc! { "$set": { "last_blade": n as i64 } })
+                        .await;
+                    if n.is_multiple_of(1000) {
+                        let _ = self
+                            .tickets
+                            .delete_many(doc! { "_id": { "$lt": n as i64 - 1000 } })
+                            .await;
+                    }
+                    return Ok(n);
+                }
+                Err(e) if is_duplicate_key(&e) => continue,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Err(StoreError::Unavailable(
+            "round-robin counter under too much contention; try again".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_rows_the_original_wrote() {
+        let d = doc! { "username": "alice", "password": "abcd1234", "token": "t0k", "blade": "blade1",
+        "display": "3", "vncpid": 1234.0, "remoteip": "192.0.2.1" };
+        let r = record_from_doc(&d);
+        assert_eq!((r.display, r.port, r.vnc_pid), (3, 5903, 1234));
+        assert_eq!(r.host, "blade1");
+        assert_eq!(r.token, StoredSecret::Plain("t0k".into()));
+        assert_eq!(r.password, StoredSecret::Plain("abcd1234".into()));
+        assert!(r.is_ready() && r.expires_at_ms.is_none());
+    }
+
+    #[test]
+    fn record_round_trips() {
+        let r = SessionRecord {
+            username: "bob".into(),
+            token_hash: "h".into(),
+            token: StoredSecret::Sealed("s1".into()),
+            password: StoredSecret::Sealed("s2".into()),
+            blade: "b".into(),
+            host: "127.0.0.2".into(),
+            display: 4,
+            port: 5904,
+            vnc_pid: 99,
+            remote_ip: "::1".into(),
+            created_at_ms: 5,
+            expires_at_ms: Some(10),
+            claim: None,
+        };
+        assert_eq!(record_from_doc(&record_to_doc(&r)), r);
+    }
+}
