@@ -197,6 +197,14 @@ impl Agent {
         Ok(true)
     }
 
+    /// The user's running desktop, if any.
+    pub async fn find(&self, username: &str) -> Result<Option<VncServer>, AgentError> {
+        let account = self.account(username).await?;
+        Ok(self
+            .running_for(&account)?
+            .map(|r| self.describe(&account.name, &r, true)))
+    }
+
     /// The live desktops, ordered by display.
     pub fn list(&self) -> Result<Vec<VncServer>, AgentError> {
         let mut out = Vec::new();

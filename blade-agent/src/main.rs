@@ -55,6 +55,22 @@ enum Command {
         #[command(flatten)]
         desktop: DesktopConfig,
     },
+    /// Print `HOST PID DISPLAY` of the user's running desktop, or nothing (for SSH callers).
+    Status {
+        /// The account.
+        #[arg(long)]
+        user: String,
+        #[command(flatten)]
+        desktop: DesktopConfig,
+    },
+    /// Stop the user's desktop; prints `stopped` or `none` (for SSH callers).
+    Stop {
+        /// The account.
+        #[arg(long)]
+        user: String,
+        #[command(flatten)]
+        desktop: DesktopConfig,
+    },
     /// Write a new random shared secret to a file (mode 0600), for `serve` and its callers.
     InitSecret {
         /// Where to write it; an existing file is left alone.
@@ -88,6 +104,14 @@ fn main() -> ExitCode {
         Command::Cloudvnc { user, desktop } => {
             init_logging(false, "warn");
             report(runtime().and_then(|rt| rt.block_on(cloudvnc(user, desktop))))
+        }
+        Command::Status { user, desktop } => {
+            init_logging(false, "warn");
+            report(runtime().and_then(|rt| rt.block_on(status(user, desktop))))
+        }
+        Command::Stop { user, desktop } => {
+            init_logging(false, "warn");
+            report(runtime().and_then(|rt| rt.block_on(stop(user, desktop))))
         }
         Command::InitSecret { path } => report(init_secret(&path)),
     }
@@ -156,6 +180,27 @@ async fn cloudvnc(user: String, desktop: DesktopConfig) -> anyhow::Result<()> {
     let agent = Agent::new(desktop)?;
     let server = agent.start_session(&user, password, None).await?;
     println!("{} {} {}", server.host, server.vnc_pid, server.display);
+    Ok(())
+}
+
+async fn status(user: String, desktop: DesktopConfig) -> anyhow::Result<()> {
+    let agent = Agent::new(desktop)?;
+    if let Some(server) = agent.find(&user).await? {
+        println!("{} {} {}", server.host, server.vnc_pid, server.display);
+    }
+    Ok(())
+}
+
+async fn stop(user: String, desktop: DesktopConfig) -> anyhow::Result<()> {
+    let agent = Agent::new(desktop)?;
+    println!(
+        "{}",
+        if agent.stop_session(&user).await? {
+            "stopped"
+        } else {
+            "none"
+        }
+    );
     Ok(())
 }
 

@@ -80,8 +80,13 @@ impl BladeAgent for AgentService {
         &self,
         req: Request<ListVncServersRequest>,
     ) -> Result<Response<ListVncServersResponse>, Status> {
-        let _e = span("ListSessions", &req, "").entered();
-        log_err(self.agent.list()).map(|servers| Response::new(ListVncServersResponse { servers }))
+        let _e = span("ListSessions", &req, &req.get_ref().username).entered();
+        let only = req.into_inner().username;
+        let mut servers = log_err(self.agent.list())?;
+        if !only.is_empty() {
+            servers.retain(|s| s.username == only);
+        }
+        Ok(Response::new(ListVncServersResponse { servers }))
     }
 
     async fn health(

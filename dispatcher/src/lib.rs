@@ -5,4 +5,11 @@
 //! Layout:
 //! - [`store`]: the `Store` trait, its embedded (redb) and MongoDB implementations and their
 //!   shared conformance suite.
+pub mod dispatch;
+pub mod error;
+pub mod launcher;
+pub mod seal;
+pub mod secrets;
+pub mod server;
+pub mod service;
 pub mod store;

@@ -52,8 +52,8 @@ impl SharedSecret {
     pub fn client_auth(&self) -> Result<BearerAuth, String> {
         let value = format!("Bearer {}", String::from_utf8_lossy(&self.0));
         value
-            .parse()
-            .map(BearerAuth)
+            .parse::<MetadataValue<Ascii>>()
+            .map(|v| BearerAuth(Some(v)))
             .map_err(|_| "the secret must be printable ASCII".to_owned())
     }
 
@@ -76,9 +76,17 @@ impl SharedSecret {
     }
 }
 
-/// Client interceptor adding `authorization: Bearer <secret>` to every call.
+/// Client interceptor adding `authorization: Bearer <secret>` to every call (or nothing, for
+/// servers that require no secret).
 #[derive(Clone)]
-pub struct BearerAuth(MetadataValue<Ascii>);
+pub struct BearerAuth(Option<MetadataValue<Ascii>>);
+
+impl BearerAuth {
+    /// An interceptor that sends no secret.
+    pub fn none() -> Self {
+        BearerAuth(None)
+    }
+}
 
 impl std::fmt::Debug for BearerAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -88,7 +96,9 @@ impl std::fmt::Debug for BearerAuth {
 
 impl Interceptor for BearerAuth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
         Ok(req)
     }
 }

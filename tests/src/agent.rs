@@ -27,6 +27,8 @@ pub struct AgentOptions {
     pub mode: &'static str,
     /// Extra command-line arguments.
     pub extra: Vec<String>,
+    /// Use this secret file instead of a fresh one (to share it with a dispatcher).
+    pub secret_file: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -35,6 +37,7 @@ impl Default for AgentOptions {
             ip: [127, 0, 0, 1].into(),
             mode: "fast",
             extra: Vec::new(),
+            secret_file: None,
         }
     }
 }
@@ -58,13 +61,11 @@ impl AgentProc {
     /// Starts an agent and waits until its health service answers.
     pub async fn start(opts: AgentOptions) -> AgentProc {
         let dir = tempfile::tempdir().expect("tempdir");
-        let secret_file = dir.path().join("secret");
-        let status = Command::new(workspace_bin("blade-agent"))
-            .arg("init-secret")
-            .arg(&secret_file)
-            .status()
-            .expect("run blade-agent init-secret");
-        assert!(status.success());
+        let secret_file = opts.secret_file.clone().unwrap_or_else(|| {
+            let path = dir.path().join("secret");
+            new_secret(&path);
+            path
+        });
         let secret = SharedSecret::from_file(&secret_file).expect("fresh secret");
         let port = free_port(opts.ip);
         let addr = SocketAddr::new(opts.ip, port);
@@ -194,6 +195,16 @@ fn log_file(dir: &std::path::Path) -> std::fs::File {
         .append(true)
         .open(dir.join("agent.log"))
         .expect("agent log")
+}
+
+/// Writes a fresh shared secret to `path` with `blade-agent init-secret`.
+pub fn new_secret(path: &std::path::Path) {
+    let status = Command::new(workspace_bin("blade-agent"))
+        .arg("init-secret")
+        .arg(path)
+        .status()
+        .expect("run init-secret");
+    assert!(status.success(), "init-secret {}", path.display());
 }
 
 /// A port that was free a moment ago on `ip`.

@@ -5,10 +5,12 @@
 //! Layout:
 //! - [`users`]: test accounts created with `useradd -m`, removed (with their processes) on drop.
 //! - [`agent`]: a `blade-agent serve` process with its own secret, display range and port.
+//! - [`dispatcher`]: a `dispatcher serve` process on the embedded store or FerretDB.
 //! - [`ferretdb`]: a real FerretDB (MongoDB wire protocol) on a 127.0.0.1 port, SQLite-backed.
 //! - [`rfb`]: a minimal RFB client: version, VNC authentication, SecurityResult, ServerInit.
 //! - [`procs`]: what /proc says about a user's processes.
 pub mod agent;
+pub mod dispatcher;
 pub mod ferretdb;
 pub mod procs;
 pub mod rfb;

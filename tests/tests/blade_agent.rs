@@ -367,7 +367,7 @@ async fn stop_ends_xvnc_and_the_session() {
             .collect::<Vec<_>>()
     );
     let list = client
-        .list_sessions(ListVncServersRequest {})
+        .list_sessions(ListVncServersRequest::default())
         .await
         .expect("list")
         .into_inner();
@@ -392,7 +392,7 @@ async fn killed_xvnc_vanishes_from_the_list_and_a_new_start_replaces_it() {
         .expect("start")
         .into_inner();
     let listed = client
-        .list_sessions(ListVncServersRequest {})
+        .list_sessions(ListVncServersRequest::default())
         .await
         .expect("list")
         .into_inner();
@@ -409,7 +409,7 @@ async fn killed_xvnc_vanishes_from_the_list_and_a_new_start_replaces_it() {
     .expect("kill Xvnc");
     assert!(eventually(5, || procs::xvnc_of(user.uid).is_empty()).await);
     let listed = client
-        .list_sessions(ListVncServersRequest {})
+        .list_sessions(ListVncServersRequest::default())
         .await
         .expect("list")
         .into_inner();
@@ -440,7 +440,7 @@ async fn restarted_agent_readopts_running_desktops() {
     agent.restart().await;
     let mut client = agent.client().await;
     let listed = client
-        .list_sessions(ListVncServersRequest {})
+        .list_sessions(ListVncServersRequest::default())
         .await
         .expect("list")
         .into_inner();
@@ -486,7 +486,7 @@ async fn calls_without_the_secret_are_refused() {
     assert_eq!(err.code(), Code::Unauthenticated);
     assert_eq!(
         anonymous
-            .list_sessions(ListVncServersRequest {})
+            .list_sessions(ListVncServersRequest::default())
             .await
             .unwrap_err()
             .code(),

@@ -1,0 +1,172 @@
+//! The default launcher: gRPC to each blade's `blade-agent serve`.
+use super::{BladeLoad, LaunchError, Launched, Launcher};
+use crate::store::BladeRecord;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use vncdispatch_proto::bearer::BearerAuth;
+use vncdispatch_proto::v1::blade_agent_client::BladeAgentClient;
+use vncdispatch_proto::v1::{
+    AgentHealthRequest, ListVncServersRequest, StartSessionRequest, StopSessionRequest,
+};
+
+type Client = BladeAgentClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Talks to blade agents, one lazily connected HTTP/2 channel per agent address.
+#[derive(Debug)]
+pub struct AgentLauncher {
+    auth: BearerAuth,
+    /// Per-call deadline for starts (stops, checks and health use a shorter one).
+    start_timeout: Duration,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl AgentLauncher {
+    /// A launcher sending `auth` to every agent.
+    pub fn new(auth: BearerAuth, start_timeout: Duration) -> Self {
+        AgentLauncher {
+            auth,
+            start_timeout,
+            channels: Mutex::default(),
+        }
+    }
+
+    fn client(&self, blade: &BladeRecord) -> Result<Client, LaunchError> {
+        let addr = format!("http://{}:{}", bracket(&blade.host), blade.port);
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let channel = match channels.get(&addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Endpoint::from_shared(addr.clone())
+                    .map_err(|e| LaunchError::Blade(format!("bad agent address {addr}: {e}")))?
+                    .connect_timeout(Duration::from_secs(3))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_while_idle(true)
+                    .connect_lazy();
+                channels.insert(addr, c.clone());
+                c
+            }
+        };
+        Ok(BladeAgentClient::with_interceptor(
+            channel,
+            self.auth.clone(),
+        ))
+    }
+}
+
+/// IPv6 literals need brackets in a URI.
+fn bracket(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
+}
+
+/// Statuses that mean the request is wrong everywhere rather than this blade failing.
+fn classify(blade: &BladeRecord, status: tonic::Status) -> LaunchError {
+    match status.code() {
+        Code::InvalidArgument | Code::NotFound | Code::PermissionDenied => {
+            LaunchError::Refused(status)
+        }
+        Code::Unauthenticated => LaunchError::Blade(format!(
+            "blade {} refused our agent secret (check --agent-secret-file)",
+            blade.name
+        )),
+        _ => LaunchError::Blade(format!(
+            "blade {}: {}: {}",
+            blade.name,
+            status.code(),
+            status.message()
+        )),
+    }
+}
+
+fn with_deadline<T>(msg: T, timeout: Duration, request_id: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(timeout);
+    if let Ok(v) = request_id.parse() {
+        req.metadata_mut().insert("x-request-id", v);
+    }
+    req
+}
+
+#[async_trait::async_trait]
+impl Launcher for AgentLauncher {
+    async fn start(
+        &self,
+        blade: &BladeRecord,
+        username: &str,
+        password: &str,
+        request_id: &str,
+    ) -> Result<Launched, LaunchError> {
+        let msg = StartSessionRequest {
+            username: username.into(),
+            password: password.into(),
+            geometry: None,
+        };
+        let server = self
+            .client(blade)?
+            .start_session(with_deadline(msg, self.start_timeout, request_id))
+            .await
+            .map_err(|s| classify(blade, s))?
+            .into_inner();
+        Ok(Launched {
+            host: server.host,
+            display: server.display,
+            port: server.port,
+            vnc_pid: server.vnc_pid,
+        })
+    }
+
+    async fn stop(&self, blade: &BladeRecord, username: &str) -> Result<bool, LaunchError> {
+        let msg = StopSessionRequest {
+            username: username.into(),
+        };
+        let r = self
+            .client(blade)?
+            .stop_session(with_deadline(msg, Duration::from_secs(10), ""))
+            .await;
+        Ok(r.map_err(|s| classify(blade, s))?.into_inner().stopped)
+    }
+
+    async fn is_alive(
+        &self,
+        blade: &BladeRecord,
+        username: &str,
+        vnc_pid: u32,
+    ) -> Result<bool, LaunchError> {
+        let msg = ListVncServersRequest {
+            username: username.into(),
+        };
+        let r = self
+            .client(blade)?
+            .list_sessions(with_deadline(msg, Duration::from_secs(3), ""))
+            .await;
+        let servers = r.map_err(|s| classify(blade, s))?.into_inner().servers;
+        Ok(servers
+            .iter()
+            .any(|s| s.username == username && s.vnc_pid == vnc_pid))
+    }
+
+    async fn health(&self, blade: &BladeRecord) -> Result<BladeLoad, LaunchError> {
+        let r = self
+            .client(blade)?
+            .health(with_deadline(
+                AgentHealthRequest {},
+                Duration::from_secs(3),
+                "",
+            ))
+            .await;
+        let h = r.map_err(|s| classify(blade, s))?.into_inner();
+        Ok(BladeLoad {
+            sessions: h.sessions,
+            free_displays: h.free_displays,
+            load1: h.load1,
+        })
+    }
+}

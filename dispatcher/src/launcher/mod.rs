@@ -1,0 +1,71 @@
+//! Starting desktops on blades: the [`Launcher`] trait and its implementations.
+//!
+//! - [`agent`]: gRPC to `blade-agent serve` (the default), authenticated with the agents'
+//!   shared secret.
+//! - [`ssh`]: SSH (russh) running `blade-agent cloudvnc --user USER` with the password on
+//!   stdin, for blades reached the way the original reached them.
+pub mod agent;
+pub mod ssh;
+
+use crate::store::BladeRecord;
+
+/// Where a started desktop is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launched {
+    /// Host ws-proxy connects to.
+    pub host: String,
+    /// X display.
+    pub display: u32,
+    /// RFB port.
+    pub port: u32,
+    /// Xvnc pid.
+    pub vnc_pid: u32,
+}
+
+/// Load figures of a blade.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct BladeLoad {
+    /// Live desktops.
+    pub sessions: u32,
+    /// Displays still free.
+    pub free_displays: u32,
+    /// 1-minute load average.
+    pub load1: f64,
+}
+
+/// Why a launcher call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The blade could not do it (down, timed out, out of displays, Xvnc failed): another
+    /// blade may.
+    #[error("{0}")]
+    Blade(String),
+    /// The request itself is wrong (unknown or system account, unsafe home): no blade will do
+    /// better, so the caller gets this status.
+    #[error("{}", .0.message())]
+    Refused(tonic::Status),
+}
+
+/// Starts, checks and stops desktops on one kind of blade.
+#[async_trait::async_trait]
+pub trait Launcher: Send + Sync + std::fmt::Debug + 'static {
+    /// Starts (or finds) the user's desktop with this password.
+    async fn start(
+        &self,
+        blade: &BladeRecord,
+        username: &str,
+        password: &str,
+        request_id: &str,
+    ) -> Result<Launched, LaunchError>;
+    /// Stops the user's desktop; false if none ran.
+    async fn stop(&self, blade: &BladeRecord, username: &str) -> Result<bool, LaunchError>;
+    /// Whether the user's Xvnc with this pid still runs there.
+    async fn is_alive(
+        &self,
+        blade: &BladeRecord,
+        username: &str,
+        vnc_pid: u32,
+    ) -> Result<bool, LaunchError>;
+    /// The blade's load.
+    async fn health(&self, blade: &BladeRecord) -> Result<BladeLoad, LaunchError>;
+}

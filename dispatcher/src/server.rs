@@ -1,0 +1,93 @@
+//! `dispatcher serve`: the gRPC server, the store-health watcher, the blade-health poller and
+//! the expiry sweeper, all stopping with the server.
+use crate::dispatch::Dispatcher;
+use crate::service::DispatcherService;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tonic_health::ServingStatus;
+use vncdispatch_proto::bearer::SharedSecret;
+use vncdispatch_proto::serve;
+use vncdispatch_proto::v1::dispatcher_server::DispatcherServer;
+
+/// Background intervals.
+#[derive(Debug, Clone, Copy)]
+pub struct Intervals {
+    /// Blade health checks.
+    pub health: Duration,
+    /// Expired-session sweeps.
+    pub sweep: Duration,
+}
+
+/// Serves until `shutdown` resolves. With `api_secret`, every Dispatcher call must carry it.
+pub async fn run(
+    listener: TcpListener,
+    dispatcher: Arc<Dispatcher>,
+    api_secret: Option<SharedSecret>,
+    intervals: Intervals,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let background = tokio::spawn(background(dispatcher.clone(), health, intervals));
+    let service = DispatcherServer::new(DispatcherService::new(dispatcher))
+        .max_decoding_message_size(serve::MAX_REQUEST_BYTES);
+    tracing::info!(addr = %listener.local_addr()?, "dispatcher serving");
+    let router = serve::server(Duration::from_secs(120))
+        .add_service(health_service)
+        .add_service(serve::reflection()?);
+    let served = match api_secret {
+        Some(secret) => {
+            let authed =
+                tonic::service::interceptor::InterceptedService::new(service, move |req| {
+                    secret.check(req)
+                });
+            router
+                .add_service(authed)
+                .serve_with_incoming_shutdown(serve::incoming(listener), shutdown)
+                .await
+        }
+        None => {
+            router
+                .add_service(service)
+                .serve_with_incoming_shutdown(serve::incoming(listener), shutdown)
+                .await
+        }
+    };
+    background.abort();
+    served?;
+    tracing::info!("dispatcher stopped");
+    Ok(())
+}
+
+/// Keeps health honest (NOT_SERVING while the store is unreachable), polls blades, sweeps.
+async fn background(
+    d: Arc<Dispatcher>,
+    health: tonic_health::server::HealthReporter,
+    every: Intervals,
+) {
+    let mut store_tick = tokio::time::interval(Duration::from_secs(2));
+    let mut blade_tick = tokio::time::interval(every.health);
+    let mut sweep_tick = tokio::time::interval(every.sweep);
+    let mut serving = None;
+    loop {
+        tokio::select! {
+            _ = store_tick.tick() => {
+                let ok = tokio::time::timeout(Duration::from_secs(5), d.store().ping()).await.is_ok_and(|r| r.is_ok());
+                if serving != Some(ok) {
+                    let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+                    if ok { tracing::info!("store reachable: SERVING") } else { tracing::error!("store unreachable: NOT_SERVING") }
+                    health.set_service_status("", status).await;
+                    health.set_service_status("vncdispatch.v1.Dispatcher", status).await;
+                    serving = Some(ok);
+                }
+            }
+            _ = blade_tick.tick() => d.check_blades().await,
+            _ = sweep_tick.tick() => {
+                if let Err(e) = d.sweep().await {
+                    tracing::warn!(error = %e, "expiry sweep failed");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! The `Dispatcher` gRPC service: a thin layer over [`crate::dispatch::Dispatcher`] with a span
+//! per call (request id, user) and errors mapped to statuses.
+use crate::dispatch::Dispatcher;
+use crate::error::DispatchError;
+use crate::store::Method;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use vncdispatch_proto::redact::token_prefix;
+use vncdispatch_proto::v1::dispatcher_server::Dispatcher as DispatcherRpc;
+use vncdispatch_proto::v1::{
+    AddBladeRequest, Blade, DispatchRequest, DrainBladeRequest, EndSessionRequest,
+    EndSessionResponse, LaunchMethod, ListBladesRequest, ListBladesResponse, ListSessionsRequest,
+    ListSessionsResponse, RemoveBladeRequest, RemoveBladeResponse, ResolveTokenRequest, Session,
+    Target,
+};
+
+/// The service handed to tonic.
+#[derive(Debug, Clone)]
+pub struct DispatcherService {
+    inner: Arc<Dispatcher>,
+}
+
+impl DispatcherService {
+    /// Wraps the domain object.
+    pub fn new(inner: Arc<Dispatcher>) -> Self {
+        DispatcherService { inner }
+    }
+}
+
+/// The caller's request id (`x-request-id`), or a fresh one; it follows the call to the agent.
+fn request_id<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            crate::secrets::new_token()
+                .map(|t| t[..16].to_owned())
+                .unwrap_or_default()
+        })
+}
+
+fn status(e: DispatchError) -> Status {
+    let s = Status::from(e);
+    if s.code() == tonic::Code::Internal || s.code() == tonic::Code::Unavailable {
+        tracing::warn!(code = ?s.code(), error = s.message(), "request failed");
+    } else {
+        tracing::info!(code = ?s.code(), error = s.message(), "request refused");
+    }
+    s
+}
+
+fn method_of(m: i32) -> Result<Method, Status> {
+    match LaunchMethod::try_from(m) {
+        Ok(LaunchMethod::Unspecified | LaunchMethod::Agent) => Ok(Method::Agent),
+        Ok(LaunchMethod::Ssh) => Ok(Method::Ssh),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "unknown launch method {m}"
+        ))),
+    }
+}
+
+fn blade_msg(
+    b: crate::store::BladeRecord,
+    health: Option<crate::dispatch::BladeHealth>,
+    sessions: usize,
+) -> Blade {
+    Blade {
+        name: b.name,
+        host: b.host,
+        port: u32::from(b.port),
+        method: match b.method {
+            Method::Agent => LaunchMethod::Agent,
+            Method::Ssh => LaunchMethod::Ssh,
+        } as i32,
+        draining: b.draining,
+        healthy: health.is_none_or(|h| h.healthy),
+        sessions: sessions as u32,
+        load1: health.map(|h| h.load.load1).unwrap_or(0.0),
+    }
+}
+
+#[tonic::async_trait]
+impl DispatcherRpc for DispatcherService {
+    async fn dispatch(&self, req: Request<DispatchRequest>) -> Result<Response<Session>, Status> {
+        let id = request_id(&req);
+        let r = req.into_inner();
+        let span = tracing::info_span!("Dispatch", user = %r.username, remote_ip = %r.remote_ip, request_id = %id);
+        async move {
+            let s = self.inner.dispatch(&r.username, &r.remote_ip, &id).await.map_err(status)?;
+            tracing::info!(blade = %s.blade, display = s.display, reused = s.reused, token = token_prefix(&s.token), "dispatched");
+            Ok(Response::new(s))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn resolve_token(
+        &self,
+        req: Request<ResolveTokenRequest>,
+    ) -> Result<Response<Target>, Status> {
+        let token = req.into_inner().token;
+        let span = tracing::debug_span!("ResolveToken", token = token_prefix(&token));
+        async move {
+            self.inner
+                .resolve(&token)
+                .await
+                .map(Response::new)
+                .map_err(status)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn end_session(
+        &self,
+        req: Request<EndSessionRequest>,
+    ) -> Result<Response<EndSessionResponse>, Status> {
+        let user = req.into_inner().username;
+        let span = tracing::info_span!("EndSession", user = %user);
+        async move {
+            let ended = self.inner.end(&user).await.map_err(status)?;
+            Ok(Response::new(EndSessionResponse { ended }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn list_sessions(
+        &self,
+        req: Request<ListSessionsRequest>,
+    ) -> Result<Response<ListSessionsResponse>, Status> {
+        let blade = req.into_inner().blade;
+        let sessions = self.inner.list(&blade).await.map_err(status)?;
+        Ok(Response::new(ListSessionsResponse { sessions }))
+    }
+
+    async fn add_blade(&self, req: Request<AddBladeRequest>) -> Result<Response<Blade>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("AddBlade", blade = %r.name, host = %r.host);
+        async move {
+            let b = self
+                .inner
+                .add_blade(&r.name, &r.host, r.port, method_of(r.method)?)
+                .await
+                .map_err(status)?;
+            tracing::info!(port = b.port, method = ?b.method, "blade registered");
+            Ok(Response::new(blade_msg(b, None, 0)))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn list_blades(
+        &self,
+        _req: Request<ListBladesRequest>,
+    ) -> Result<Response<ListBladesResponse>, Status> {
+        let blades = self.inner.blades().await.map_err(status)?;
+        Ok(Response::new(ListBladesResponse {
+            blades: blades
+                .into_iter()
+                .map(|(b, h, n)| blade_msg(b, h, n))
+                .collect(),
+        }))
+    }
+
+    async fn drain_blade(
+        &self,
+        req: Request<DrainBladeRequest>,
+    ) -> Result<Response<Blade>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("DrainBlade", blade = %r.name, draining = r.draining);
+        async move {
+            let b = self
+                .inner
+                .drain(&r.name, r.draining)
+                .await
+                .map_err(status)?;
+            tracing::info!("blade drain state set");
+            Ok(Response::new(blade_msg(b, None, 0)))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn remove_blade(
+        &self,
+        req: Request<RemoveBladeRequest>,
+    ) -> Result<Response<RemoveBladeResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("RemoveBlade", blade = %r.name, force = r.force);
+        async move {
+            let removed = self
+                .inner
+                .remove_blade(&r.name, r.force)
+                .await
+                .map_err(status)?;
+            Ok(Response::new(RemoveBladeResponse { removed }))
+        }
+        .instrument(span)
+        .await
+    }
+}
