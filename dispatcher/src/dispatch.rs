@@ -677,3 +677,186 @@ fn validate_host(host: &str) -> Result<(), DispatchError> {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launcher::Launched;
+    use crate::store::embedded::EmbeddedStore;
+    use std::sync::Mutex;
+
+    /// Records starts per blade; blades named `down*` fail, user `refuse` is refused.
+    #[derive(Debug, Default)]
+    struct Recording {
+        starts: Mutex<HashMap<String, usize>>,
+        alive: Mutex<HashSet<(String, u32)>>,
+        next_pid: std::sync::atomic::AtomicU32,
+    }
+    use std::collections::HashSet;
+
+    #[async_trait::async_trait]
+    impl Launcher for Recording {
+        async fn start(
+            &self,
+            blade: &BladeRecord,
+            username: &str,
+            _pw: &str,
+            _id: &str,
+        ) -> Result<Launched, LaunchError> {
+            if blade.name.starts_with("down") {
+                return Err(LaunchError::Blade(format!("{} is down", blade.name)));
+            }
+            if username == "refuse" {
+                return Err(LaunchError::Refused(tonic::Status::not_found("no account")));
+            }
+            *self
+                .starts
+                .lock()
+                .unwrap()
+                .entry(blade.name.clone())
+                .or_default() += 1;
+            let pid = self
+                .next_pid
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 100;
+            self.alive
+                .lock()
+                .unwrap()
+                .insert((username.to_owned(), pid));
+            Ok(Launched {
+                host: blade.host.clone(),
+                display: 1,
+                port: 5901,
+                vnc_pid: pid,
+            })
+        }
+        async fn stop(&self, _b: &BladeRecord, username: &str) -> Result<bool, LaunchError> {
+            self.alive.lock().unwrap().retain(|(u, _)| u != username);
+            Ok(true)
+        }
+        async fn is_alive(
+            &self,
+            _b: &BladeRecord,
+            username: &str,
+            pid: u32,
+        ) -> Result<bool, LaunchError> {
+            Ok(self
+                .alive
+                .lock()
+                .unwrap()
+                .contains(&(username.to_owned(), pid)))
+        }
+        async fn health(&self, _b: &BladeRecord) -> Result<BladeLoad, LaunchError> {
+            Ok(BladeLoad::default())
+        }
+    }
+
+    async fn setup(
+        blades: &[&str],
+        ttl: Duration,
+    ) -> (Arc<Dispatcher>, Arc<Recording>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let rec = Arc::new(Recording::default());
+        let cfg = DispatchConfig {
+            token_ttl: ttl,
+            policy: Policy::RoundRobin,
+            launch_timeout: Duration::from_secs(5),
+            agent_port: 7501,
+        };
+        let d = Arc::new(Dispatcher::new(
+            store,
+            Launchers {
+                agent: rec.clone(),
+                ssh: None,
+            },
+            SealKey::from_bytes(&[1; 32]),
+            cfg,
+        ));
+        for (i, b) in blades.iter().enumerate() {
+            d.add_blade(b, &format!("127.0.0.{}", i + 2), 0, Method::Agent)
+                .await
+                .unwrap();
+        }
+        (d, rec, dir)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_thousand_new_sessions_spread_within_one_over_four_blades() {
+        let (d, rec, _dir) = setup(&["b1", "b2", "b3", "b4"], Duration::from_secs(3600)).await;
+        let tasks: Vec<_> = (0..1000)
+            .map(|i| {
+                let d = d.clone();
+                tokio::spawn(async move { d.dispatch(&format!("user{i}"), "192.0.2.1", "t").await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let starts = rec.starts.lock().unwrap().clone();
+        let (min, max) = (
+            starts.values().min().copied().unwrap(),
+            starts.values().max().copied().unwrap(),
+        );
+        assert_eq!(starts.values().sum::<usize>(), 1000);
+        assert!(max - min <= 1, "uneven: {starts:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_failing_blade_is_skipped_and_remembered() {
+        let (d, rec, _dir) = setup(&["down1", "b2"], Duration::from_secs(3600)).await;
+        for i in 0..6 {
+            let s = d
+                .dispatch(&format!("u{i}"), "192.0.2.1", "t")
+                .await
+                .unwrap();
+            assert_eq!(s.blade, "b2");
+        }
+        assert_eq!(rec.starts.lock().unwrap().get("b2"), Some(&6));
+        let blades = d.blades().await.unwrap();
+        assert!(
+            !blades[0].1.unwrap().healthy,
+            "the failed blade is marked down"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_refusal_is_not_retried_elsewhere_and_stores_nothing() {
+        let (d, rec, _dir) = setup(&["b1", "b2"], Duration::from_secs(3600)).await;
+        let err = d.dispatch("refuse", "192.0.2.1", "t").await.unwrap_err();
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::NotFound);
+        assert!(rec.starts.lock().unwrap().is_empty());
+        assert!(
+            d.store().get_session("refuse").await.unwrap().is_none(),
+            "the claim was released"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn no_usable_blade_says_why() {
+        let (d, _rec, _dir) = setup(&["b1"], Duration::from_secs(3600)).await;
+        d.drain("b1", true).await.unwrap();
+        let err = tonic::Status::from(d.dispatch("u", "192.0.2.1", "t").await.unwrap_err());
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(err.message().contains("1 draining"), "{}", err.message());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn expiry_and_sweep() {
+        let (d, rec, _dir) = setup(&["b1"], Duration::from_millis(300)).await;
+        let s = d.dispatch("u", "192.0.2.1", "t").await.unwrap();
+        assert!(d.resolve(&s.token).await.is_ok());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(matches!(
+            d.resolve(&s.token).await,
+            Err(DispatchError::UnknownToken)
+        ));
+        assert_eq!(d.sweep().await.unwrap(), 1);
+        assert!(
+            rec.alive.lock().unwrap().is_empty(),
+            "the sweeper stopped the expired desktop"
+        );
+        assert!(d.store().get_session("u").await.unwrap().is_none());
+    }
+}

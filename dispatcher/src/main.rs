@@ -205,7 +205,12 @@ struct ServeArgs {
     ssh_program: String,
     /// Extra options for `blade-agent cloudvnc|status|stop` on SSH blades (space-separated,
     /// shell-safe words), e.g. "--rfb-listen 10.0.0.5".
-    #[arg(long, env = "DISPATCHER_SSH_AGENT_ARGS", default_value = "")]
+    #[arg(
+        long,
+        env = "DISPATCHER_SSH_AGENT_ARGS",
+        default_value = "",
+        allow_hyphen_values = true
+    )]
     ssh_agent_args: String,
     /// Log lines as JSON objects.
     #[arg(long, env = "DISPATCHER_LOG_JSON")]
@@ -327,7 +332,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         }
         (None, None) => None,
         _ => {
-            return Err(config("--ssh-key/--ssh-known-hosts", "give both or neither".into()).into());
+            return Err(
+                config("--ssh-key/--ssh-known-hosts", "give both or neither".into()).into(),
+            );
         }
     };
     let auth = agent_secret

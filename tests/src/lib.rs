@@ -8,12 +8,14 @@
 //! - [`dispatcher`]: a `dispatcher serve` process on the embedded store or FerretDB.
 //! - [`ferretdb`]: a real FerretDB (MongoDB wire protocol) on a 127.0.0.1 port, SQLite-backed.
 //! - [`rfb`]: a minimal RFB client: version, VNC authentication, SecurityResult, ServerInit.
+//! - [`sshd`]: a real OpenSSH sshd with generated keys, for the SSH launcher.
 //! - [`procs`]: what /proc says about a user's processes.
 pub mod agent;
 pub mod dispatcher;
 pub mod ferretdb;
 pub mod procs;
 pub mod rfb;
+pub mod sshd;
 pub mod users;
 
 use std::path::PathBuf;
