@@ -23,7 +23,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use vncdispatch_proto::rules::validate_password;
+use vncdispatch_proto::rules::{validate_password, validate_username};
 use vncdispatch_proto::v1::{AgentHealth, Geometry, VncServer};
 
 /// Attempts at starting on successive displays when one turns out to be taken.
@@ -43,6 +43,8 @@ pub struct Agent {
     user_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Displays with a start under way, not yet visible in /proc.
     reserved: Arc<Mutex<HashSet<u32>>>,
+    /// Desktops last seen per user, for cheap liveness checks (see [`Agent::find`]).
+    seen: Mutex<HashMap<String, RunningXvnc>>,
 }
 
 /// Holds a display reserved until dropped.
@@ -85,6 +87,7 @@ impl Agent {
             host,
             user_locks: Mutex::default(),
             reserved: Arc::default(),
+            seen: Mutex::default(),
         })
     }
 
@@ -197,12 +200,23 @@ impl Agent {
         Ok(true)
     }
 
-    /// The user's running desktop, if any.
+    /// The user's running desktop, if any. Cheap when the desktop was seen before: the
+    /// remembered process is checked by its /proc entry alone (pid and start time), and only
+    /// a miss scans /proc — this is the dispatcher's per-reconnect liveness check.
     pub async fn find(&self, username: &str) -> Result<Option<VncServer>, AgentError> {
+        validate_username(username)?;
+        let remembered = lock(&self.seen).get(username).cloned();
+        if let Some(running) = remembered.filter(RunningXvnc::is_alive) {
+            return Ok(Some(self.describe(username, &running, true)));
+        }
         let account = self.account(username).await?;
-        Ok(self
-            .running_for(&account)?
-            .map(|r| self.describe(&account.name, &r, true)))
+        let running = self.running_for(&account)?;
+        let mut seen = lock(&self.seen);
+        match &running {
+            Some(r) => seen.insert(account.name.clone(), r.clone()),
+            None => seen.remove(&account.name),
+        };
+        Ok(running.map(|r| self.describe(&account.name, &r, true)))
     }
 
     /// The live desktops, ordered by display.

@@ -80,13 +80,20 @@ impl BladeAgent for AgentService {
         &self,
         req: Request<ListVncServersRequest>,
     ) -> Result<Response<ListVncServersResponse>, Status> {
-        let _e = span("ListSessions", &req, &req.get_ref().username).entered();
+        let span = span("ListSessions", &req, &req.get_ref().username);
         let only = req.into_inner().username;
-        let mut servers = log_err(self.agent.list())?;
-        if !only.is_empty() {
-            servers.retain(|s| s.username == only);
+        async move {
+            let servers = if only.is_empty() {
+                log_err(self.agent.list())?
+            } else {
+                let mut found = log_err(self.agent.find(&only).await)?;
+                found.iter_mut().for_each(|s| s.reused = false);
+                found.into_iter().collect()
+            };
+            Ok(Response::new(ListVncServersResponse { servers }))
         }
-        Ok(Response::new(ListVncServersResponse { servers }))
+        .instrument(span)
+        .await
     }
 
     async fn health(

@@ -90,7 +90,12 @@ impl DispatcherRpc for DispatcherService {
         let span = tracing::info_span!("Dispatch", user = %r.username, remote_ip = %r.remote_ip, request_id = %id);
         async move {
             let s = self.inner.dispatch(&r.username, &r.remote_ip, &id).await.map_err(status)?;
-            tracing::info!(blade = %s.blade, display = s.display, reused = s.reused, token = token_prefix(&s.token), "dispatched");
+// Reconnects are routine; new sessions are what an operator wants to see.
+            if s.reused {
+                tracing::debug!(blade = %s.blade, token = token_prefix(&s.token), "reconnected");
+            } else {
+                tracing::info!(blade = %s.blade, display = s.display, token = token_prefix(&s.token), "dispatched");
+            }
             Ok(Response::new(s))
         }
         .instrument(span)

@@ -82,6 +82,16 @@ impl EmbeddedStore {
         Ok(out)
     }
 
+    /// Runs a read transaction in place: reads take microseconds (no fsync, no writer lock),
+    /// so a trip through the blocking pool would cost more than the read itself.
+    fn read_inline<T>(&self, f: impl FnOnce(&EmbeddedStore) -> StoreResult<T>) -> StoreResult<T> {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        match Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| f(self)),
+            _ => f(self),
+        }
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&EmbeddedStore) -> StoreResult<T> + Send + 'static,
@@ -156,11 +166,17 @@ impl Store for EmbeddedStore {
     }
 
     async fn get_session(&self, username: &str) -> StoreResult<Option<SessionRecord>> {
-        let username = username.to_owned();
-        self.blocking(move |s| s.read_session(&username)).await
+        self.read_inline(|s| s.read_session(username))
     }
 
     async fn claim(&self, username: &str, claim: &Claim, now_ms: i64) -> StoreResult<ClaimOutcome> {
+        // Reconnects (a ready session exists) are answered from a read transaction: no
+        // write lock, no fsync on the hot path.
+        if let Some(rec) = self.read_inline(|s| s.read_session(username))?
+            && rec.is_ready()
+        {
+            return Ok(ClaimOutcome::Existing(Box::new(rec)));
+        }
         let (username, claim) = (username.to_owned(), claim.clone());
         self.blocking(move |s| {
             s.write(Durability::Immediate, |tx| {
@@ -218,11 +234,10 @@ impl Store for EmbeddedStore {
         token_hash: &str,
         _token: &str,
     ) -> StoreResult<Option<SessionRecord>> {
-        let token_hash = token_hash.to_owned();
-        self.blocking(move |s| {
+        self.read_inline(|s| {
             let tx = s.db.begin_read().map_err(err)?;
             let tokens = tx.open_table(TOKENS).map_err(err)?;
-            let Some(user) = tokens.get(token_hash.as_str()).map_err(err)? else {
+            let Some(user) = tokens.get(token_hash).map_err(err)? else {
                 return Ok(None);
             };
             let sessions = tx.open_table(SESSIONS).map_err(err)?;
@@ -232,7 +247,6 @@ impl Store for EmbeddedStore {
             let rec: SessionRecord = decode(v.value())?;
             Ok((rec.is_ready() && rec.token_hash == token_hash).then_some(rec))
         })
-        .await
     }
 
     async fn touch(
@@ -367,11 +381,10 @@ impl Store for EmbeddedStore {
     }
 
     async fn list_blades(&self) -> StoreResult<Vec<BladeRecord>> {
-        self.blocking(|s| {
+        self.read_inline(|s| {
             let tx = s.db.begin_read().map_err(err)?;
             Ok(blades_sorted(&tx)?.into_iter().map(|b| b.blade).collect())
         })
-        .await
     }
 
     async fn set_draining(&self, name: &str, draining: bool) -> StoreResult<Option<BladeRecord>> {

@@ -382,6 +382,12 @@ impl Store for MongoStore {
             "claim_id": &claim.id,
             "claim_expires": DateTime::from_millis(claim.expires_at_ms),
         };
+        // Reconnects are the common case: look before trying to insert.
+        if let Some(existing) = self.get_session(username).await?
+            && existing.is_ready()
+        {
+            return Ok(ClaimOutcome::Existing(Box::new(existing)));
+        }
         for _ in 0..5 {
             match self.tokenizer.insert_one(placeholder.clone()).await {
                 Ok(_) => return Ok(ClaimOutcome::Won),
