@@ -165,10 +165,11 @@ impl Dispatcher {
     /// and returns None so the caller starts a new one.
     async fn reuse(
         &self,
-        rec: SessionRecord,
+        mut rec: SessionRecord,
         remote_ip: &str,
         now: i64,
     ) -> Result<Option<Session>, DispatchError> {
+        self.fill_host(&mut rec).await?;
         let (token, password) = self.reveal(&rec)?;
         let hash = secrets::token_hash(&token);
         if rec.is_expired(now) {
@@ -196,13 +197,31 @@ impl Dispatcher {
                 .touch(&rec.username, &hash, remote_ip, expires)
                 .await?
             {
-                Some(updated) => updated,
+                Some(mut updated) => {
+                    self.fill_host(&mut updated).await?;
+                    updated
+                }
                 None => return Ok(None), // replaced or ended meanwhile: look again
             }
         } else {
             rec
         };
         Ok(Some(self.session(&rec, token, password, true)))
+    }
+
+    /// Rows the original wrote name a blade but no host: the blade's host it is (its name, as
+    /// the original's blade names were host names, if it is not registered).
+    async fn fill_host(&self, rec: &mut SessionRecord) -> Result<(), DispatchError> {
+        if rec.host.is_empty() {
+            let blade = self
+                .store
+                .list_blades()
+                .await?
+                .into_iter()
+                .find(|b| b.name == rec.blade);
+            rec.host = blade.map(|b| b.host).unwrap_or_else(|| rec.blade.clone());
+        }
+        Ok(())
     }
 
     async fn alive(&self, rec: &SessionRecord) -> bool {
@@ -418,11 +437,12 @@ impl Dispatcher {
     /// Where a token's desktop is.
     pub async fn resolve(&self, token: &str) -> Result<Target, DispatchError> {
         validate_token(token).map_err(|_| DispatchError::UnknownToken)?;
-        let rec = self
+        let mut rec = self
             .store
             .find_by_token(&secrets::token_hash(token), token)
             .await?
             .ok_or(DispatchError::UnknownToken)?;
+        self.fill_host(&mut rec).await?;
         if rec.is_expired(now_ms()) {
             return Err(DispatchError::UnknownToken);
         }

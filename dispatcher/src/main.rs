@@ -126,10 +126,15 @@ enum MethodArg {
 #[derive(Debug, Args)]
 struct ClientArgs {
     /// Dispatcher address.
-    #[arg(long, env = "DISPATCHER_URL", default_value = "http://127.0.0.1:7500")]
+    #[arg(
+        long,
+        global = true,
+        env = "DISPATCHER_URL",
+        default_value = "http://127.0.0.1:7500"
+    )]
     dispatcher: String,
     /// Secret file, if the dispatcher requires one (--api-secret-file).
-    #[arg(long, env = "DISPATCHER_API_SECRET_FILE")]
+    #[arg(long, global = true, env = "DISPATCHER_API_SECRET_FILE")]
     secret_file: Option<PathBuf>,
 }
 

@@ -60,34 +60,55 @@ pub async fn run(
     Ok(())
 }
 
-/// Keeps health honest (NOT_SERVING while the store is unreachable), polls blades, sweeps.
+/// Keeps health honest (NOT_SERVING while the store is unreachable), polls blades, sweeps —
+/// three independent loops, so a slow store cannot delay the health report.
 async fn background(
     d: Arc<Dispatcher>,
     health: tonic_health::server::HealthReporter,
     every: Intervals,
 ) {
-    let mut store_tick = tokio::time::interval(Duration::from_secs(2));
-    let mut blade_tick = tokio::time::interval(every.health);
-    let mut sweep_tick = tokio::time::interval(every.sweep);
-    let mut serving = None;
-    loop {
-        tokio::select! {
-            _ = store_tick.tick() => {
-                let ok = tokio::time::timeout(Duration::from_secs(5), d.store().ping()).await.is_ok_and(|r| r.is_ok());
-                if serving != Some(ok) {
-                    let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
-                    if ok { tracing::info!("store reachable: SERVING") } else { tracing::error!("store unreachable: NOT_SERVING") }
-                    health.set_service_status("", status).await;
-                    health.set_service_status("vncdispatch.v1.Dispatcher", status).await;
-                    serving = Some(ok);
+    let store_watch = async {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut serving = None;
+        loop {
+            tick.tick().await;
+            let ok = tokio::time::timeout(Duration::from_secs(3), d.store().ping())
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if serving != Some(ok) {
+                let status = if ok {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                if ok {
+                    tracing::info!("store reachable: SERVING");
+                } else {
+                    tracing::error!("store unreachable: NOT_SERVING");
                 }
-            }
-            _ = blade_tick.tick() => d.check_blades().await,
-            _ = sweep_tick.tick() => {
-                if let Err(e) = d.sweep().await {
-                    tracing::warn!(error = %e, "expiry sweep failed");
-                }
+                health.set_service_status("", status).await;
+                health
+                    .set_service_status("vncdispatch.v1.Dispatcher", status)
+                    .await;
+                serving = Some(ok);
             }
         }
-    }
+    };
+    let blade_watch = async {
+        let mut tick = tokio::time::interval(every.health);
+        loop {
+            tick.tick().await;
+            d.check_blades().await;
+        }
+    };
+    let sweeper = async {
+        let mut tick = tokio::time::interval(every.sweep);
+        loop {
+            tick.tick().await;
+            if let Err(e) = d.sweep().await {
+                tracing::warn!(error = %e, "expiry sweep failed");
+            }
+        }
+    };
+    tokio::join!(store_watch, blade_watch, sweeper);
 }

@@ -577,3 +577,154 @@ async fn removing_a_busy_blade_needs_force() {
         err.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_follows_the_store_and_the_original_data_is_served() {
+    let mut db = FerretDb::start().await;
+    // What the original Node service left behind: a plain token, strings for numbers.
+    let raw = mongodb::Client::with_uri_str(db.uri("vncDispatch"))
+        .await
+        .expect("client")
+        .database("vncDispatch");
+    let legacy_token = "beef".repeat(15);
+    raw.collection("tokenizer")
+        .insert_one(mongodb::bson::doc! { "username": "olduser", "password": "oldpw123", "token": &legacy_token,
+            "blade": "b1", "display": "7", "vncpid": "4242", "remoteip": "192.0.2.99" })
+        .await
+        .expect("seed");
+    let rig = rig_with(1, Some(db.uri("vncDispatch")), &[]).await;
+    let mut c = rig.dispatcher.client().await;
+    let t = c
+        .resolve_token(ResolveTokenRequest {
+            token: legacy_token,
+        })
+        .await
+        .expect("legacy token")
+        .into_inner();
+    assert_eq!(
+        (t.username.as_str(), t.port, t.password.as_str()),
+        ("olduser", 5907, "oldpw123")
+    );
+    assert_eq!(
+        t.host, "127.0.0.1",
+        "the blade registered as b1 gives the host"
+    );
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", rig.dispatcher.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status =
+        |h: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>| {
+            let mut h = h.clone();
+            async move {
+                let r = tonic_health::pb::HealthCheckRequest {
+                    service: "vncdispatch.v1.Dispatcher".into(),
+                };
+                h.check(r)
+                    .await
+                    .map(|r| r.into_inner().status)
+                    .unwrap_or(-1)
+            }
+        };
+    db.stop();
+    let mut down = false;
+    for _ in 0..100 {
+        if status(&mut health).await == 2 {
+            down = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(down, "health stayed SERVING with the store down");
+    let err = c.dispatch(req("someone", "192.0.2.1")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    db.restart().await;
+    let mut up = false;
+    for _ in 0..100 {
+        if status(&mut health).await == 1 {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(up, "health did not recover with the store");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_cli_drives_a_running_dispatcher() {
+    let rig = rig_with(1, None, &[]).await;
+    let user = TestUser::create();
+    let url = format!("http://{}", rig.dispatcher.addr);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(vncdispatch_tests::workspace_bin("dispatcher"))
+            .args(args)
+            .env("DISPATCHER_URL", &url)
+            .output()
+            .expect("run dispatcher CLI");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let agent = &rig.agents[0];
+    let (ok, out, err) = cli(&[
+        "blade",
+        "add",
+        "b2",
+        "127.0.0.1",
+        "--port",
+        &agent.addr.port().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("added b2"));
+    let (ok, out, _) = cli(&["blade", "list"]);
+    assert!(
+        ok && out.contains("b1") && out.contains("b2") && out.contains("active"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&["blade", "drain", "b2"]);
+    assert!(ok && out.contains("b2 is draining"), "{out}");
+    let (ok, out, err) = cli(&["dispatch", &user.name, "192.0.2.8"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("username  {}", user.name)) && out.contains("blade     b1"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&["session", "list"]);
+    assert!(
+        ok && out.contains(&user.name) && out.contains("192.0.2.8"),
+        "{out}"
+    );
+    assert!(!out.contains("password"), "session list shows no secrets");
+    let (ok, _, err) = cli(&["dispatch", "a;id", "192.0.2.8"]);
+    assert!(
+        !ok && err.contains("InvalidArgument") && err.contains("invalid username"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&["blade", "remove", "b1"]);
+    assert!(!ok && err.contains("still has 1 session"), "{err}");
+    let (ok, out, _) = cli(&["session", "end", &user.name]);
+    assert!(ok && out.contains("ended"), "{out}");
+    let (ok, _, err) = cli(&["session", "end", &user.name]);
+    assert!(!ok && err.contains("has no session"), "{err}");
+    let (ok, _, err) = cli(&["--help"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli_with_bad_url(&url);
+    assert!(!ok && err.contains("connecting to the dispatcher"), "{err}");
+}
+
+fn cli_with_bad_url(_url: &str) -> (bool, String, String) {
+    let out = std::process::Command::new(vncdispatch_tests::workspace_bin("dispatcher"))
+        .args(["blade", "list", "--dispatcher", "http://127.0.0.1:1"])
+        .output()
+        .expect("run dispatcher CLI");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -287,11 +287,9 @@ fn record_from_doc(d: &Document) -> SessionRecord {
     let display = int_of(d.get("display"))
         .and_then(|v| u32::try_from(v).ok())
         .unwrap_or(0);
+    // Rows the original wrote have no host: the dispatcher takes it from the blade.
     let blade = str_of(d, "blade");
-    let host = match str_of(d, "host") {
-        h if h.is_empty() => blade.clone(),
-        h => h,
-    };
+    let host = str_of(d, "host");
     SessionRecord {
         username: str_of(d, "username"),
         claim: d.get_str("claim_id").ok().map(|id| Claim {
@@ -632,7 +630,7 @@ mod tests {
         "display": "3", "vncpid": 1234.0, "remoteip": "192.0.2.1" };
         let r = record_from_doc(&d);
         assert_eq!((r.display, r.port, r.vnc_pid), (3, 5903, 1234));
-        assert_eq!(r.host, "blade1");
+        assert_eq!(r.host, "", "filled in from the blade by the dispatcher");
         assert_eq!(r.token, StoredSecret::Plain("t0k".into()));
         assert_eq!(r.password, StoredSecret::Plain("abcd1234".into()));
         assert!(r.is_ready() && r.expires_at_ms.is_none());
