@@ -15,7 +15,7 @@ need_root() {
 # Debian packages: the real TigerVNC, noVNC, websockify (for comparison), sshd, a browser,
 # protoc for the proto crate, and a small window manager for demo desktops.
 DEB_PKGS=(tigervnc-standalone-server tigervnc-tools novnc websockify openssh-server chromium
-          protobuf-compiler twm xfonts-base x11-utils procps)
+          protobuf-compiler twm xfonts-base x11-utils x11-xserver-utils procps)
 
 missing=()
 for p in "${DEB_PKGS[@]}"; do

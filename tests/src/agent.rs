@@ -29,6 +29,8 @@ pub struct AgentOptions {
     pub extra: Vec<String>,
     /// Use this secret file instead of a fresh one (to share it with a dispatcher).
     pub secret_file: Option<PathBuf>,
+    /// The desktop session; plain twm when None.
+    pub session_command: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -38,6 +40,7 @@ impl Default for AgentOptions {
             mode: "fast",
             extra: Vec::new(),
             secret_file: None,
+            session_command: None,
         }
     }
 }
@@ -86,7 +89,11 @@ impl AgentProc {
             "--display-count".into(),
             DISPLAYS_PER_AGENT.to_string(),
             "--session-command".into(),
-            "/usr/bin/twm".into(),
+            opts.session_command
+                .clone()
+                .unwrap_or_else(|| "/usr/bin/twm".into())
+                .display()
+                .to_string(),
             "--run-dir".into(),
             run_dir.display().to_string(),
         ];

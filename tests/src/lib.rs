@@ -5,18 +5,22 @@
 //! Layout:
 //! - [`users`]: test accounts created with `useradd -m`, removed (with their processes) on drop.
 //! - [`agent`]: a `blade-agent serve` process with its own secret, display range and port.
+//! - [`browser`]: headless Chromium over the DevTools protocol (page state, screenshots).
 //! - [`dispatcher`]: a `dispatcher serve` process on the embedded store or FerretDB.
 //! - [`ferretdb`]: a real FerretDB (MongoDB wire protocol) on a 127.0.0.1 port, SQLite-backed.
 //! - [`rfb`]: a minimal RFB client: version, VNC authentication, SecurityResult, ServerInit.
 //! - [`sshd`]: a real OpenSSH sshd with generated keys, for the SSH launcher.
+//! - [`wsproxy`]: a `ws-proxy serve` process, and the demo desktop session.
 //! - [`procs`]: what /proc says about a user's processes.
 pub mod agent;
+pub mod browser;
 pub mod dispatcher;
 pub mod ferretdb;
 pub mod procs;
 pub mod rfb;
 pub mod sshd;
 pub mod users;
+pub mod wsproxy;
 
 use std::path::PathBuf;
 

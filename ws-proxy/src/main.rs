@@ -1,1 +1,208 @@
-fn main() {}
+//! The `ws-proxy` command: serve noVNC and relay its WebSocket connections to VNC servers.
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use vncdispatch_proto::bearer::{BearerAuth, SharedSecret};
+use ws_proxy::http::{Proxy, ProxyConfig};
+use ws_proxy::relay::RelayLimits;
+use ws_proxy::token::TokenSource;
+use ws_proxy::token::dispatcher::DispatcherTokens;
+use ws_proxy::token::file::FileTokens;
+
+/// Exit code for configuration errors (sysexits EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+/// vncdispatch ws-proxy: a websockify-compatible WebSocket-to-TCP relay for noVNC.
+///
+/// Tokens come from the dispatcher (--dispatcher) or a websockify token file or directory
+/// (--token-file). Every option can also be set through the environment variable shown.
+#[derive(Debug, Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve noVNC and relay WebSocket connections.
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "WS_PROXY_LISTEN", default_value = "0.0.0.0:6080")]
+    listen: SocketAddr,
+    /// Resolve tokens through this dispatcher.
+    #[arg(long, env = "WS_PROXY_DISPATCHER", conflicts_with = "token_file")]
+    dispatcher: Option<String>,
+    /// The dispatcher's API secret file, if it requires one.
+    #[arg(long, env = "WS_PROXY_DISPATCHER_SECRET_FILE")]
+    dispatcher_secret_file: Option<PathBuf>,
+    /// Resolve tokens from a websockify token file or directory (`token: host:port` lines).
+    #[arg(long, env = "WS_PROXY_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The noVNC web client to serve ("" to serve no files).
+    #[arg(long, env = "WS_PROXY_WEB", default_value = "/usr/share/novnc")]
+    web: PathBuf,
+    /// Origins allowed besides the proxy's own (repeatable; `*` allows any — not advised).
+    #[arg(
+        long = "allowed-origin",
+        env = "WS_PROXY_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    allowed_origins: Vec<String>,
+    /// Refuse WebSocket requests that carry no Origin header.
+    #[arg(long, env = "WS_PROXY_REQUIRE_ORIGIN")]
+    require_origin: bool,
+    /// Accept a token only from the remote IP recorded at Dispatch.
+    #[arg(long, env = "WS_PROXY_BIND_TOKEN_TO_IP")]
+    bind_token_to_ip: bool,
+    /// Proxies whose X-Forwarded-For is trusted for the client IP (repeatable).
+    #[arg(
+        long = "trusted-proxy",
+        env = "WS_PROXY_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Vec<IpAddr>,
+    /// Concurrent connections allowed per token.
+    #[arg(long, env = "WS_PROXY_MAX_PER_TOKEN", default_value_t = 2)]
+    max_per_token: usize,
+    /// Concurrent connections allowed per client IP.
+    #[arg(long, env = "WS_PROXY_MAX_PER_IP", default_value_t = 64)]
+    max_per_ip: usize,
+    /// Time allowed for a request's headers (slow clients are cut off).
+    #[arg(long, env = "WS_PROXY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
+    /// Largest WebSocket message from a browser, in bytes.
+    #[arg(long, env = "WS_PROXY_MAX_MESSAGE", default_value_t = 1 << 20)]
+    max_message: usize,
+    /// Ping browsers this often (keeps middleboxes from dropping idle connections).
+    #[arg(long, env = "WS_PROXY_PING_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    ping_interval: Duration,
+    /// Close connections that send nothing, not even a pong, for this long.
+    #[arg(long, env = "WS_PROXY_IDLE_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Re-check open connections' tokens this often (ended sessions are closed).
+    #[arg(long, env = "WS_PROXY_RECHECK_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    recheck_interval: Duration,
+    /// Log in to the VNC server for the browser and offer it "None" (the VNC password never
+    /// reaches the browser). Needs --dispatcher.
+    #[arg(long, env = "WS_PROXY_AUTH_PROXY", requires = "dispatcher")]
+    auth_proxy: bool,
+    /// After SIGTERM, how long open sessions may continue before they are closed.
+    #[arg(long, env = "WS_PROXY_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Log lines as JSON objects.
+    #[arg(long, env = "WS_PROXY_LOG_JSON")]
+    log_json: bool,
+}
+
+fn main() -> ExitCode {
+    let Command::Serve(args) = Cli::parse().command;
+    init_logging(args.log_json);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ws-proxy: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Inside the runtime: the dispatcher client's lazy channel needs one.
+    let tokens = match rt.block_on(async { token_source(&args) }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ws-proxy: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    match rt.block_on(serve(*args, tokens)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ws-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn token_source(a: &ServeArgs) -> Result<Arc<dyn TokenSource>, String> {
+    match (&a.dispatcher, &a.token_file) {
+        (Some(url), None) => {
+            let auth = match &a.dispatcher_secret_file {
+                Some(p) => SharedSecret::from_file(p)
+                    .and_then(|s| s.client_auth())
+                    .map_err(|e| format!("--dispatcher-secret-file: {e}"))?,
+                None => BearerAuth::none(),
+            };
+            let src =
+                DispatcherTokens::new(url, auth, Duration::from_secs(5), Duration::from_secs(1))
+                    .map_err(|e| format!("--dispatcher: {e}"))?;
+            Ok(Arc::new(src))
+        }
+        (None, Some(path)) => Ok(Arc::new(
+            FileTokens::open(path).map_err(|e| format!("--token-file: {e}"))?,
+        )),
+        _ => Err("give --dispatcher URL or --token-file PATH".into()),
+    }
+}
+
+async fn serve(a: ServeArgs, tokens: Arc<dyn TokenSource>) -> anyhow::Result<()> {
+    let web_dir = (!a.web.as_os_str().is_empty()).then(|| a.web.clone());
+    if let Some(dir) = &web_dir
+        && !dir.join("vnc.html").is_file()
+    {
+        tracing::warn!(dir = %dir.display(), "no vnc.html there: is Debian's novnc package installed?");
+    }
+    let cfg = ProxyConfig {
+        web_dir,
+        allowed_origins: a.allowed_origins,
+        require_origin: a.require_origin,
+        bind_to_ip: a.bind_token_to_ip,
+        trusted_proxies: a.trusted_proxies,
+        max_per_token: a.max_per_token,
+        max_per_ip: a.max_per_ip,
+        handshake_timeout: a.handshake_timeout,
+        max_message: a.max_message,
+        auth_proxy: a.auth_proxy,
+        relay: RelayLimits {
+            ping_interval: a.ping_interval,
+            idle_timeout: a.idle_timeout,
+            recheck_interval: a.recheck_interval,
+        },
+        drain_timeout: a.drain_timeout,
+    };
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("binding {}", a.listen))?;
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "sd_notify READY failed");
+    }
+    ws_proxy::http::run(
+        listener,
+        Proxy::new(cfg, tokens),
+        vncdispatch_proto::serve::shutdown_signal(),
+    )
+    .await;
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! The desktop in a real browser: real Xvnc (through blade-agent), dispatcher and ws-proxy,
+//! and noVNC in headless Chromium, proven from what the page shows — noVNC's connected state,
+//! a painted canvas, and a screenshot kept in tests/artifacts/.
+use std::path::PathBuf;
+use vncdispatch_proto::v1::{DispatchRequest, StartSessionRequest};
+use vncdispatch_tests::agent::{AgentOptions, AgentProc, new_secret};
+use vncdispatch_tests::browser::{Browser, CANVAS_COLOURS};
+use vncdispatch_tests::dispatcher::{DispatcherOptions, DispatcherProc};
+use vncdispatch_tests::require_root_and_tigervnc;
+use vncdispatch_tests::users::TestUser;
+use vncdispatch_tests::wsproxy::{WsProxyProc, demo_session};
+
+fn artifact(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("artifacts")
+        .join(name)
+}
+
+async fn agent_with_demo(secret: Option<PathBuf>) -> AgentProc {
+    let session_command = Some(demo_session());
+    AgentProc::start(AgentOptions {
+        secret_file: secret,
+        session_command,
+        ..Default::default()
+    })
+    .await
+}
+
+async fn shows_desktop(url: &str, shot: &str, proxy: &WsProxyProc) {
+    let mut b = Browser::open(url).await.expect("chromium");
+    let connected = b
+        .wait_for(
+            "document.documentElement.classList.contains('noVNC_connected')",
+            30,
+        )
+        .await
+        .expect("eval");
+    assert!(
+        connected,
+        "noVNC did not connect; ws-proxy log:\n{}",
+        proxy.log()
+    );
+    let painted = b
+        .wait_for(&format!("{CANVAS_COLOURS} >= 3"), 20)
+        .await
+        .expect("eval");
+    let size = b.screenshot(&artifact(shot)).await.expect("screenshot");
+    assert!(painted, "the desktop never appeared on noVNC's canvas");
+    assert!(size > 5_000, "screenshot of {size} bytes looks blank");
+}
+
+async fn full_stack(extra_proxy_args: &[&str], password_in_url: bool, shot: &str) {
+    require_root_and_tigervnc();
+    let dir = tempfile::tempdir().expect("dir");
+    let secret = dir.path().join("agent-secret");
+    new_secret(&secret);
+    let agent = agent_with_demo(Some(secret.clone())).await;
+    let d = DispatcherProc::start(DispatcherOptions {
+        agent_secret: secret,
+        ..Default::default()
+    })
+    .await;
+    d.add_agent("b1", &agent).await;
+    let mut args = vec!["--dispatcher".to_string(), format!("http://{}", d.addr)];
+    args.extend(extra_proxy_args.iter().map(|s| s.to_string()));
+    let proxy = WsProxyProc::start(&args).await;
+    let user = TestUser::create();
+    let s = d
+        .client()
+        .await
+        .dispatch(DispatchRequest {
+            username: user.name.clone(),
+            remote_ip: "127.0.0.1".into(),
+        })
+        .await
+        .expect("Dispatch")
+        .into_inner();
+    let password = if password_in_url {
+        format!("&password={}", s.password)
+    } else {
+        String::new()
+    };
+    let url = format!(
+        "http://{}/vnc.html?autoconnect=1{password}&path=websockify?token={}",
+        proxy.addr, s.token
+    );
+    shows_desktop(&url, shot, &proxy).await;
+    let log = proxy.log();
+    assert!(
+        !log.contains(&s.token) && !log.contains(&s.password),
+        "a secret reached ws-proxy's log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn novnc_shows_the_desktop_through_ws_proxy() {
+    full_stack(&[], true, "novnc-passthrough.png").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_proxy_mode_shows_the_desktop_without_the_password_in_the_browser() {
+    full_stack(&["--auth-proxy"], false, "novnc-auth-proxy.png").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_websockify_token_file_works_without_a_dispatcher() {
+    require_root_and_tigervnc();
+    let agent = agent_with_demo(None).await;
+    let user = TestUser::create();
+    let req = StartSessionRequest {
+        username: user.name.clone(),
+        password: "filepw12".into(),
+        geometry: None,
+    };
+    let server = agent
+        .client()
+        .await
+        .start_session(req)
+        .await
+        .expect("StartSession")
+        .into_inner();
+    let dir = tempfile::tempdir().expect("dir");
+    let tokens = dir.path().join("tokens.cfg");
+    std::fs::write(
+        &tokens,
+        format!(
+            "# websockify format\nfiletoken1: {}:{}\n",
+            server.host, server.port
+        ),
+    )
+    .expect("tokens");
+    let proxy = WsProxyProc::start(&["--token-file".into(), tokens.display().to_string()]).await;
+    let url = format!(
+        "http://{}/vnc.html?autoconnect=1&password=filepw12&path=websockify?token=filetoken1",
+        proxy.addr
+    );
+    shows_desktop(&url, "novnc-token-file.png", &proxy).await;
+}

@@ -1,0 +1,563 @@
+//! The HTTP side: one hyper HTTP/1.1 server that serves the noVNC client from a directory
+//! and upgrades WebSocket requests carrying a token (`?token=` on any path, as noVNC's
+//! `path=websockify?token=…` sends it, or a `token` cookie) into relayed connections.
+//!
+//! Every refusal happens before the 101 response, with a status that says why: 400 malformed
+//! request, 403 origin or token refused, 429 connection limit, 502 VNC server unreachable.
+//! Header size and header read time are bounded (slowloris, CVE-2023-43669's huge headers).
+use crate::limits::{Limits, Over};
+use crate::relay::{RelayLimits, relay};
+use crate::token::{TokenError, TokenSource};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::services::ServeDir;
+use vncdispatch_proto::redact::token_prefix;
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// Settings of the proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// noVNC's directory; no static files when None.
+    pub web_dir: Option<PathBuf>,
+    /// Origins (`scheme://host[:port]`) allowed besides the proxy's own; `*` allows any.
+    pub allowed_origins: Vec<String>,
+    /// Refuse WebSocket requests without an Origin header (non-browser clients send none).
+    pub require_origin: bool,
+    /// Only the remote IP recorded at Dispatch may use a token.
+    pub bind_to_ip: bool,
+    /// Proxies whose X-Forwarded-For is believed (for the client IP).
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Concurrent connections per token.
+    pub max_per_token: usize,
+    /// Concurrent connections per client IP.
+    pub max_per_ip: usize,
+    /// Time allowed for the request head.
+    pub handshake_timeout: Duration,
+    /// Largest WebSocket message (and frame) from the browser.
+    pub max_message: usize,
+    /// Log in to the VNC server ourselves and offer the browser "None".
+    pub auth_proxy: bool,
+    /// Relay limits (ping, idle, re-check).
+    pub relay: RelayLimits,
+    /// How long open sessions may run on after SIGTERM.
+    pub drain_timeout: Duration,
+}
+
+/// The proxy's shared state.
+#[derive(Debug)]
+pub struct Proxy {
+    cfg: ProxyConfig,
+    tokens: Arc<dyn TokenSource>,
+    limits: Limits,
+    files: Option<ServeDir>,
+    cancel: CancellationToken,
+}
+
+impl Proxy {
+    /// A proxy resolving tokens with `tokens`.
+    pub fn new(cfg: ProxyConfig, tokens: Arc<dyn TokenSource>) -> Arc<Self> {
+        let files = cfg
+            .web_dir
+            .as_ref()
+            .map(|d| ServeDir::new(d).append_index_html_on_directories(false));
+        let limits = Limits::new(cfg.max_per_token, cfg.max_per_ip);
+        Arc::new(Proxy {
+            cfg,
+            tokens,
+            limits,
+            files,
+            cancel: CancellationToken::new(),
+        })
+    }
+}
+
+/// Serves on `listener` until `shutdown`; then stops accepting, lets open connections finish
+/// for the drain timeout, closes the rest and returns.
+pub async fn run(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let tracker = TaskTracker::new();
+    tokio::pin!(shutdown);
+    tracing::info!(addr = ?listener.local_addr().ok(), "ws-proxy serving");
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tracker.spawn(serve_connection(proxy.clone(), stream, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; pausing 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    tracker.close();
+    tracing::info!(open = tracker.len(), drain = ?proxy.cfg.drain_timeout, "draining");
+    if tokio::time::timeout(proxy.cfg.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.len(),
+            "drain timeout: closing the remaining connections"
+        );
+        proxy.cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    }
+    tracing::info!("ws-proxy stopped");
+}
+
+async fn serve_connection(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let service = hyper::service::service_fn({
+        let proxy = proxy.clone();
+        move |req| handle(proxy.clone(), peer, req)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(proxy.cfg.handshake_timeout)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+fn text(status: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{msg}\n")))
+            .map_err(|n| match n {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn handle(
+    proxy: Arc<Proxy>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    Ok(if upgrade {
+        websocket(proxy, peer, req).await
+    } else {
+        files(&proxy, req).await
+    })
+}
+
+/// Static files from the noVNC directory. `/` is `vnc.html` itself (no redirect, so nothing
+/// here can send a browser off-site); odd paths are simply not found.
+async fn files(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");
+    }
+    let Some(files) = proxy.files.clone() else {
+        return text(StatusCode::NOT_FOUND, "not found");
+    };
+    let path = req.uri().path().to_owned();
+    let lowered = path.to_ascii_lowercase();
+    if path.starts_with("//")
+        || path.contains('\\')
+        || lowered.contains("%2f")
+        || lowered.contains("%5c")
+        || path.contains("/../")
+    {
+        return text(StatusCode::NOT_FOUND, "not found");
+    }
+    let (mut parts, _) = req.into_parts();
+    if path == "/" {
+        parts.uri = hyper::Uri::from_static("/vnc.html");
+    }
+    let req = Request::from_parts(parts, http_body_util::Empty::<Bytes>::new());
+    let mut res = match tower::ServiceExt::oneshot(files, req).await {
+        Ok(r) => r.map(|b| b.boxed_unsync()),
+        Err(never) => match never {},
+    };
+    let h = res.headers_mut();
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    // The token rides in the page URL: never hand it to other sites as a Referer.
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    res
+}
+
+/// `token` from the query string, else from a `token` cookie.
+fn token_of(req: &Request<Incoming>) -> Option<String> {
+    let from_query = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("token="))
+            .map(|t| t.to_owned())
+    });
+    from_query.or_else(|| {
+        req.headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| c.trim().strip_prefix("token=").map(str::to_owned))
+    })
+}
+
+/// The client's IP: the peer, or the last X-Forwarded-For hop when the peer is a trusted proxy.
+fn client_ip(cfg: &ProxyConfig, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    if cfg.trusted_proxies.contains(&peer.ip())
+        && let Some(ip) = headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|v| v.trim().parse().ok())
+    {
+        return ip;
+    }
+    peer.ip()
+}
+
+/// Same-origin (Origin's host:port equals Host) or on the allow-list.
+fn origin_ok(cfg: &ProxyConfig, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return !cfg.require_origin;
+    };
+    if cfg
+        .allowed_origins
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or("");
+    !host.is_empty() && origin_host.eq_ignore_ascii_case(host)
+}
+
+async fn websocket(proxy: Arc<Proxy>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let cfg = &proxy.cfg;
+    let headers = req.headers();
+    let key = headers.get("sec-websocket-key").cloned();
+    let version_ok = headers
+        .get("sec-websocket-version")
+        .is_some_and(|v| v == "13");
+    let connection_upgrade = headers
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    let (Some(key), true, true, true) = (
+        key,
+        version_ok,
+        connection_upgrade,
+        req.method() == Method::GET,
+    ) else {
+        return text(StatusCode::BAD_REQUEST, "not a valid WebSocket request");
+    };
+    let client = client_ip(cfg, peer, headers);
+    if !origin_ok(cfg, headers) {
+        let origin = headers
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        tracing::warn!(%client, origin, "refused: origin not allowed");
+        return text(StatusCode::FORBIDDEN, "origin not allowed");
+    }
+    // websockify only echoes `binary`; clients that offer nothing must work too.
+    let offered: Vec<String> = headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .collect();
+    let protocol = match (offered.is_empty(), offered.iter().any(|p| p == "binary")) {
+        (true, _) => None,
+        (false, true) => Some("binary"),
+        (false, false) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "only the `binary` subprotocol is supported",
+            );
+        }
+    };
+    let Some(token) = token_of(&req) else {
+        return text(StatusCode::BAD_REQUEST, "missing token");
+    };
+    let span = tracing::info_span!("ws", %client, token = token_prefix(&token));
+    let upgrade = Upgrade {
+        key,
+        protocol,
+        client,
+        token,
+    };
+    tracing::Instrument::instrument(accept(proxy, req, upgrade, span.clone()), span).await
+}
+
+/// A WebSocket request that passed the checks that need no lookup.
+struct Upgrade {
+    key: HeaderValue,
+    protocol: Option<&'static str>,
+    client: IpAddr,
+    token: String,
+}
+
+/// Resolves the token, applies the limits, connects to the VNC server, answers 101 and hands
+/// the connection to the relay.
+async fn accept(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+    up: Upgrade,
+    span: tracing::Span,
+) -> Response<Body> {
+    let cfg = &proxy.cfg;
+    let Upgrade {
+        key,
+        protocol,
+        client,
+        token,
+    } = up;
+    let target =
+        match tokio::time::timeout(Duration::from_secs(5), proxy.tokens.resolve(&token)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(TokenError::Unknown)) => {
+                tracing::warn!("refused: unknown or expired token");
+                return text(StatusCode::FORBIDDEN, "unknown or expired token");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "token source failed");
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cannot check the token right now",
+                );
+            }
+            Err(_) => return text(StatusCode::SERVICE_UNAVAILABLE, "token check timed out"),
+        };
+    if cfg.bind_to_ip && target.remote_ip.parse::<IpAddr>().ok() != Some(client) {
+        tracing::warn!(recorded = %target.remote_ip, "refused: token used from another IP");
+        return text(StatusCode::FORBIDDEN, "token not valid from this address");
+    }
+    let slot = match proxy.limits.acquire(&token, client) {
+        Ok(s) => s,
+        Err(over) => {
+            tracing::warn!(?over, "refused: connection limit");
+            return text(
+                StatusCode::TOO_MANY_REQUESTS,
+                match over {
+                    Over::Token => "too many connections with this token",
+                    Over::Ip => "too many connections from this address",
+                },
+            );
+        }
+    };
+    let connect = tokio::time::timeout(
+        Duration::from_secs(5),
+        TcpStream::connect((target.host.as_str(), target.port)),
+    )
+    .await;
+    let mut tcp = match connect {
+        Ok(Ok(s)) => s,
+        _ => {
+            tracing::warn!(host = %target.host, port = target.port, "VNC server unreachable");
+            return text(StatusCode::BAD_GATEWAY, "the desktop is not reachable");
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    if cfg.auth_proxy
+        && let Err(e) = crate::authproxy::login(&mut tcp, &target.password).await
+    {
+        tracing::warn!(error = %e, "auth proxy: VNC login failed");
+        return text(
+            StatusCode::BAD_GATEWAY,
+            "the desktop refused the proxy's login",
+        );
+    }
+    let mut res = Response::new(
+        http_body_util::Empty::<Bytes>::new()
+            .map_err(|n| match n {})
+            .boxed_unsync(),
+    );
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert("sec-websocket-accept", accept);
+    }
+    if let Some(p) = protocol {
+        h.insert("sec-websocket-protocol", HeaderValue::from_static(p));
+    }
+    let ws_config = WebSocketConfig::default()
+        .max_message_size(Some(cfg.max_message))
+        .max_frame_size(Some(cfg.max_message));
+    let (limits, auth_proxy, cancel, tokens) = (
+        cfg.relay.clone(),
+        cfg.auth_proxy,
+        proxy.cancel.clone(),
+        proxy.tokens.clone(),
+    );
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let _slot = slot;
+            let upgraded = match hyper::upgrade::on(req).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::info!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let mut ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(ws_config),
+            )
+            .await;
+            let pending = if auth_proxy {
+                match crate::authproxy::present_none(&mut ws).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::info!(error = %e, "auth proxy: browser handshake failed");
+                        return;
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            tracing::info!(host = %target.host, port = target.port, user = %target.username, "relaying");
+            let stats = relay(
+                ws,
+                tcp,
+                pending,
+                limits,
+                target.expires_at,
+                token,
+                tokens,
+                cancel,
+            )
+            .await;
+            tracing::info!(up = stats.up, down = stats.down, "relay ended");
+        },
+        span,
+    ));
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ProxyConfig {
+        ProxyConfig {
+            web_dir: None,
+            allowed_origins: vec!["https://portal.example.com".into()],
+            require_origin: false,
+            bind_to_ip: false,
+            trusted_proxies: vec![[10, 0, 0, 1].into()],
+            max_per_token: 2,
+            max_per_ip: 8,
+            handshake_timeout: Duration::from_secs(5),
+            max_message: 1 << 20,
+            auth_proxy: false,
+            relay: RelayLimits {
+                ping_interval: Duration::from_secs(30),
+                idle_timeout: Duration::from_secs(60),
+                recheck_interval: Duration::from_secs(30),
+            },
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn origins() {
+        let c = cfg();
+        assert!(origin_ok(
+            &c,
+            &headers(&[("host", "proxy:6080"), ("origin", "http://proxy:6080")])
+        ));
+        assert!(origin_ok(
+            &c,
+            &headers(&[
+                ("host", "proxy:6080"),
+                ("origin", "https://portal.example.com")
+            ])
+        ));
+        assert!(!origin_ok(
+            &c,
+            &headers(&[("host", "proxy:6080"), ("origin", "http://evil.example")])
+        ));
+        assert!(!origin_ok(
+            &c,
+            &headers(&[
+                ("host", "proxy:6080"),
+                ("origin", "http://proxy:6080.evil.example")
+            ])
+        ));
+        assert!(
+            origin_ok(&c, &headers(&[("host", "proxy:6080")])),
+            "no Origin: not a browser"
+        );
+        assert!(!origin_ok(
+            &ProxyConfig {
+                require_origin: true,
+                ..c
+            },
+            &headers(&[("host", "proxy:6080")])
+        ));
+    }
+
+    #[test]
+    fn forwarded_for_only_from_trusted_proxies() {
+        let c = cfg();
+        let h = headers(&[("x-forwarded-for", "198.51.100.7, 192.0.2.9")]);
+        assert_eq!(
+            client_ip(&c, "10.0.0.1:1".parse().unwrap(), &h),
+            "192.0.2.9".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_ip(&c, "10.0.0.2:1".parse().unwrap(), &h),
+            "10.0.0.2".parse::<IpAddr>().unwrap()
+        );
+    }
+}

@@ -1,0 +1,130 @@
+//! Tokens resolved by the dispatcher's `ResolveToken`, cached briefly: a positive answer for a
+//! few seconds (a page reload opens several connections), a negative one for a second (so a
+//! flood of guesses costs the dispatcher little). Only well-formed tokens are asked about.
+use super::{Target, TokenError, TokenSource};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use vncdispatch_proto::bearer::BearerAuth;
+use vncdispatch_proto::rules::validate_token;
+use vncdispatch_proto::v1::ResolveTokenRequest;
+use vncdispatch_proto::v1::dispatcher_client::DispatcherClient;
+
+/// Most cache entries kept; beyond it the cache is cleared (it refills from the dispatcher).
+const CACHE_MAX: usize = 10_000;
+
+/// Resolves through a dispatcher.
+#[derive(Debug)]
+pub struct DispatcherTokens {
+    client: DispatcherClient<InterceptedService<Channel, BearerAuth>>,
+    positive_ttl: Duration,
+    negative_ttl: Duration,
+    cache: Mutex<HashMap<String, (Instant, Option<Target>)>>,
+}
+
+impl DispatcherTokens {
+    /// A source asking the dispatcher at `url` (connected lazily).
+    pub fn new(
+        url: &str,
+        auth: BearerAuth,
+        positive_ttl: Duration,
+        negative_ttl: Duration,
+    ) -> Result<Self, String> {
+        let channel = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| format!("dispatcher URL {url}: {e}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(DispatcherTokens {
+            client: DispatcherClient::with_interceptor(channel, auth),
+            positive_ttl,
+            negative_ttl,
+            cache: Mutex::default(),
+        })
+    }
+
+    async fn ask(&self, token: &str) -> Result<Target, TokenError> {
+        let reply = self
+            .client
+            .clone()
+            .resolve_token(ResolveTokenRequest {
+                token: token.to_owned(),
+            })
+            .await;
+        let outcome = match reply {
+            Ok(r) => {
+                let t = r.into_inner();
+                Ok(Target {
+                    host: t.host,
+                    port: u16::try_from(t.port)
+                        .map_err(|_| TokenError::Unavailable(format!("bad port {}", t.port)))?,
+                    username: t.username,
+                    remote_ip: t.remote_ip,
+                    expires_at: t.expires_at.and_then(|e| {
+                        UNIX_EPOCH.checked_add(Duration::new(
+                            u64::try_from(e.seconds).ok()?,
+                            u32::try_from(e.nanos).ok()?,
+                        ))
+                    }),
+                    password: t.password,
+                })
+            }
+            Err(s) if s.code() == Code::NotFound || s.code() == Code::InvalidArgument => {
+                Err(TokenError::Unknown)
+            }
+            Err(s) => {
+                return Err(TokenError::Unavailable(format!(
+                    "dispatcher: {}: {}",
+                    s.code(),
+                    s.message()
+                )));
+            }
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(
+            token.to_owned(),
+            (Instant::now(), outcome.as_ref().ok().cloned()),
+        );
+        outcome
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenSource for DispatcherTokens {
+    async fn resolve(&self, token: &str) -> Result<Target, TokenError> {
+        validate_token(token).map_err(|_| TokenError::Unknown)?;
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token)
+            .cloned();
+        if let Some((at, entry)) = cached {
+            let ttl = if entry.is_some() {
+                self.positive_ttl
+            } else {
+                self.negative_ttl
+            };
+            if at.elapsed() < ttl {
+                let target = entry.ok_or(TokenError::Unknown)?;
+                if target.expires_at.is_some_and(|e| e <= SystemTime::now()) {
+                    return Err(TokenError::Unknown);
+                }
+                return Ok(target);
+            }
+        }
+        self.ask(token).await
+    }
+
+    async fn recheck(&self, token: &str) -> Result<Target, TokenError> {
+        validate_token(token).map_err(|_| TokenError::Unknown)?;
+        self.ask(token).await
+    }
+}
