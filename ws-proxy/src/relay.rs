@@ -101,6 +101,10 @@ where
                 Some(Ok(Message::Text(_))) => break close(CloseCode::Unsupported, "binary frames only"),
                 Some(Ok(Message::Close(_))) | None => break close(CloseCode::Normal, ""),
                 Some(Ok(Message::Frame(_))) => {}
+                Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
+                    tracing::warn!(error = %e, "browser sent an oversize message");
+                    break close(CloseCode::Size, "message too big");
+                }
                 Some(Err(e)) => {
                     tracing::info!(error = %e, "WebSocket error from the browser");
                     break close(CloseCode::Protocol, "protocol error");
