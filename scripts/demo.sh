@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Brings up the whole system on this machine (Debian, as root): installs what is missing,
+# builds, creates a demo user, starts a blade-agent, a dispatcher on the embedded store and
+# ws-proxy serving noVNC, dispatches a desktop for the demo user and prints the URL that
+# opens it. Stays up until Ctrl-C, then stops everything it started.
+#
+# Settings (environment): DEMO_USER (vncdemo), DEMO_PORT (6080, ws-proxy), DEMO_LISTEN_IP
+# (127.0.0.1; 0.0.0.0 to reach the demo from other machines), DEMO_STATE (/var/lib/vncdispatch-demo),
+# BIN_DIR (use these prebuilt binaries instead of building).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEMO_USER="${DEMO_USER:-vncdemo}"
+DEMO_PORT="${DEMO_PORT:-6080}"
+DEMO_LISTEN_IP="${DEMO_LISTEN_IP:-127.0.0.1}"
+DEMO_STATE="${DEMO_STATE:-/var/lib/vncdispatch-demo}"
+AGENT_PORT="${AGENT_PORT:-7501}"
+DISPATCHER_PORT="${DISPATCHER_PORT:-7500}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/vncdispatch/target}"
+
+say() { echo "demo: $*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "demo: run as root (it creates a user and starts desktops as that user): sudo $0" >&2
+  exit 1
+fi
+
+if [ -z "${BIN_DIR:-}" ]; then
+  QUIET=1 scripts/install-deps.sh
+  say "building (release)…"
+  cargo build --release --quiet --bins
+  BIN_DIR="$CARGO_TARGET_DIR/release"
+fi
+
+id "$DEMO_USER" >/dev/null 2>&1 || { say "creating user $DEMO_USER"; useradd -m -s /bin/bash "$DEMO_USER"; }
+
+mkdir -p "$DEMO_STATE"
+chmod 755 "$DEMO_STATE"
+install -m 755 deploy/demo-session "$DEMO_STATE/demo-session"
+[ -f "$DEMO_STATE/agent-secret" ] || "$BIN_DIR/blade-agent" init-secret "$DEMO_STATE/agent-secret"
+
+# The services run in sessions of their own, so a Ctrl-C reaches only this script, which then
+# ends the demo desktop through the dispatcher before stopping the services.
+pids=()
+cleanup() {
+  say "stopping"
+  "$BIN_DIR/dispatcher" session end "$DEMO_USER" --dispatcher "http://127.0.0.1:$DISPATCHER_PORT" >/dev/null 2>&1 || true
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+setsid "$BIN_DIR/blade-agent" serve --listen "127.0.0.1:$AGENT_PORT" --secret-file "$DEMO_STATE/agent-secret" \
+  --rfb-listen 127.0.0.1 --run-dir "$DEMO_STATE/agent-run" \
+  --session-command "$DEMO_STATE/demo-session" 2>>"$DEMO_STATE/blade-agent.log" &
+pids+=($!)
+setsid "$BIN_DIR/dispatcher" serve --listen "127.0.0.1:$DISPATCHER_PORT" --store "$DEMO_STATE/dispatcher.redb" \
+  --agent-secret-file "$DEMO_STATE/agent-secret" 2>>"$DEMO_STATE/dispatcher.log" &
+pids+=($!)
+setsid "$BIN_DIR/ws-proxy" serve --listen "$DEMO_LISTEN_IP:$DEMO_PORT" --dispatcher "http://127.0.0.1:$DISPATCHER_PORT" \
+  --auth-proxy 2>>"$DEMO_STATE/ws-proxy.log" &
+pids+=($!)
+
+export DISPATCHER_URL="http://127.0.0.1:$DISPATCHER_PORT"
+for _ in $(seq 100); do
+  "$BIN_DIR/dispatcher" blade list >/dev/null 2>&1 && break
+  sleep 0.1
+done
+"$BIN_DIR/dispatcher" blade add local 127.0.0.1 --port "$AGENT_PORT" >/dev/null
+session=$("$BIN_DIR/dispatcher" dispatch "$DEMO_USER" 127.0.0.1)
+token=$(awk '$1 == "token" { print $2 }' <<<"$session")
+host=$DEMO_LISTEN_IP; [ "$host" = 0.0.0.0 ] && host=$(hostname -f 2>/dev/null || hostname)
+
+say "blade-agent, dispatcher and ws-proxy are up (logs in $DEMO_STATE)"
+echo
+echo "Open this URL in a browser to see $DEMO_USER's desktop:"
+echo
+echo "  http://$host:$DEMO_PORT/vnc.html?autoconnect=1&path=websockify?token=$token"
+echo
+say "ws-proxy logs in to the desktop for the browser (auth-proxy mode), so the URL holds no password."
+say "Ctrl-C stops everything."
+wait

@@ -1,0 +1,97 @@
+//! The README's first command, run as a newcomer would (with prebuilt binaries): it prints a
+//! URL, the URL shows the desktop in a real browser, and Ctrl-C stops everything it started.
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use vncdispatch_tests::agent::free_port;
+use vncdispatch_tests::browser::{Browser, CANVAS_COLOURS};
+use vncdispatch_tests::users::TestUser;
+use vncdispatch_tests::{eventually, procs, require_root_and_tigervnc, workspace_bin};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_command_prints_a_url_that_shows_the_desktop() {
+    require_root_and_tigervnc();
+    let user = TestUser::create();
+    let state = tempfile::tempdir().expect("dir");
+    let localhost = [127, 0, 0, 1].into();
+    let (web, agent, dispatcher) = (
+        free_port(localhost),
+        free_port(localhost),
+        free_port(localhost),
+    );
+    let bin_dir = workspace_bin("dispatcher")
+        .parent()
+        .expect("bin dir")
+        .to_owned();
+    let mut demo = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/demo.sh"))
+        .env("BIN_DIR", &bin_dir)
+        .env("DEMO_USER", &user.name)
+        .env("DEMO_STATE", state.path())
+        .env("DEMO_PORT", web.to_string())
+        .env("AGENT_PORT", agent.to_string())
+        .env("DISPATCHER_PORT", dispatcher.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run scripts/demo.sh");
+    let stdout = demo.stdout.take().expect("stdout");
+    let url = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.trim().starts_with("http://").then(|| l.trim().to_owned()))
+    })
+    .await
+    .expect("reader")
+    .expect("the demo printed no URL");
+    assert!(
+        url.contains("vnc.html?autoconnect=1") && !url.contains("password="),
+        "{url}"
+    );
+    let mut b = Browser::open(&url).await.expect("chromium");
+    assert!(
+        b.wait_for(
+            "document.documentElement.classList.contains('noVNC_connected')",
+            30
+        )
+        .await
+        .expect("eval")
+    );
+    assert!(
+        b.wait_for(&format!("{CANVAS_COLOURS} >= 3"), 20)
+            .await
+            .expect("eval")
+    );
+    let shot =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("artifacts/readme-demo.png");
+    b.screenshot(&shot).await.expect("screenshot");
+    drop(b);
+    assert_eq!(procs::xvnc_of(user.uid).len(), 1);
+    // Ctrl-C.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(demo.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let status = tokio::task::spawn_blocking(move || demo.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert_eq!(status.code(), Some(130), "Ctrl-C ends the demo with 130");
+    assert!(
+        eventually(10, || procs::xvnc_of(user.uid).is_empty()).await,
+        "the demo desktop outlived Ctrl-C"
+    );
+    for port in [web, agent, dispatcher] {
+        let gone = eventually(10, || {
+            std::net::TcpStream::connect_timeout(
+                &([127, 0, 0, 1], port).into(),
+                Duration::from_millis(100),
+            )
+            .is_err()
+        })
+        .await;
+        assert!(gone, "port {port} still open after Ctrl-C");
+    }
+}
