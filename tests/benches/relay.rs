@@ -3,7 +3,8 @@
 //! p50/p99 with 64-byte messages, memory per idle connection, connections opened per second.
 //!
 //! Run: `cargo bench -p vncdispatch-tests --bench relay` (BENCH_MIB per throughput cell,
-//! default 64; BENCH_IDLE idle connections for ws-proxy, default 10000).
+//! default 64; BENCH_IDLE idle connections for ws-proxy, default 10000 or what the file
+//! descriptor limit allows).
 use futures_util::{SinkExt, StreamExt};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,7 +39,9 @@ impl Drop for Setup {
 }
 
 async fn echo_server() -> u16 {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let port = l.local_addr().expect("addr").port();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -67,11 +70,26 @@ async fn setup() -> Setup {
     let dir = tempfile::tempdir().expect("dir");
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, format!("bench: 127.0.0.1:{echo}\n")).expect("tokens");
-    let (ws_proxy, websockify) = (free_port([127, 0, 0, 1].into()), free_port([127, 0, 0, 1].into()));
+    let (ws_proxy, websockify) = (
+        free_port([127, 0, 0, 1].into()),
+        free_port([127, 0, 0, 1].into()),
+    );
     let p = Command::new(workspace_bin("ws-proxy"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{ws_proxy}"), "--token-file"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{ws_proxy}"),
+            "--token-file",
+        ])
         .arg(&tokens)
-        .args(["--max-per-token", "1000000", "--max-per-ip", "1000000", "--max-message", "1048576"])
+        .args([
+            "--max-per-token",
+            "1000000",
+            "--max-per-ip",
+            "1000000",
+            "--max-message",
+            "1048576",
+        ])
         .env("RUST_LOG", "warn")
         .stderr(Stdio::null())
         .spawn()
@@ -86,7 +104,13 @@ async fn setup() -> Setup {
         .expect("websockify (Debian package websockify)");
     wait_port(ws_proxy).await;
     wait_port(websockify).await;
-    Setup { echo, ws_proxy, websockify, children: vec![p, w], _dir: dir }
+    Setup {
+        echo,
+        ws_proxy,
+        websockify,
+        children: vec![p, w],
+        _dir: dir,
+    }
 }
 
 /// One connection, either raw TCP or WebSocket through a proxy.
@@ -98,7 +122,9 @@ enum Conn {
 async fn connect(s: &Setup, way: Way) -> Conn {
     let port = match way {
         Way::Raw => {
-            let t = TcpStream::connect(("127.0.0.1", s.echo)).await.expect("connect");
+            let t = TcpStream::connect(("127.0.0.1", s.echo))
+                .await
+                .expect("connect");
             let _ = t.set_nodelay(true);
             return Conn::Tcp(t);
         }
@@ -106,9 +132,14 @@ async fn connect(s: &Setup, way: Way) -> Conn {
         Way::Websockify => s.websockify,
     };
     let url = format!("ws://127.0.0.1:{port}/websockify?token=bench");
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).expect("req");
-    req.headers_mut().insert("sec-websocket-protocol", "binary".parse().expect("hv"));
-    let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("ws connect");
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .expect("req");
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "binary".parse().expect("hv"));
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("ws connect");
     Conn::Ws(Box::new(ws))
 }
 
@@ -137,7 +168,9 @@ async fn pump(conn: Conn, msg: usize, total: usize) -> usize {
             let (mut sink, mut stream) = ws.split();
             let writer = tokio::spawn(async move {
                 for _ in 0..n {
-                    sink.send(Message::Binary(payload.clone().into())).await.expect("send");
+                    sink.send(Message::Binary(payload.clone().into()))
+                        .await
+                        .expect("send");
                 }
                 sink
             });
@@ -162,7 +195,10 @@ async fn throughput(s: &Setup, way: Way, msg: usize, conns: usize, mib: usize) -
     }
     let per = mib * 1024 * 1024 / conns;
     let t = Instant::now();
-    let tasks: Vec<_> = cs.into_iter().map(|c| tokio::spawn(pump(c, msg, per))).collect();
+    let tasks: Vec<_> = cs
+        .into_iter()
+        .map(|c| tokio::spawn(pump(c, msg, per)))
+        .collect();
     let mut bytes = 0;
     for task in tasks {
         bytes += task.await.expect("pump");
@@ -185,7 +221,9 @@ async fn round_trips(s: &Setup, way: Way, n: usize) -> (f64, f64) {
         Conn::Ws(mut ws) => {
             for _ in 0..n {
                 let start = Instant::now();
-                ws.send(Message::Binary(vec![1u8; 64].into())).await.expect("send");
+                ws.send(Message::Binary(vec![1u8; 64].into()))
+                    .await
+                    .expect("send");
                 let mut got = 0;
                 while got < 64 {
                     if let Some(Ok(Message::Binary(b))) = ws.next().await {
@@ -204,7 +242,11 @@ async fn round_trips(s: &Setup, way: Way, n: usize) -> (f64, f64) {
 fn rss_kib(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .filter_map(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .sum()
 }
 
@@ -213,10 +255,15 @@ fn family(root: u32) -> Vec<u32> {
     let mut out = vec![root];
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-            let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| {
-                s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok())
-            });
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok())
+                });
             if ppid == Some(root) {
                 out.push(pid);
             }
@@ -249,9 +296,21 @@ async fn opens_per_sec(s: &Setup, way: Way, secs: f64) -> f64 {
 }
 
 fn main() {
-    let mib: usize = std::env::var("BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
-    let idle: usize = std::env::var("BENCH_IDLE").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 65536, 65536);
+    let mib: usize = std::env::var("BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    // Each idle connection costs this process two descriptors (client and echo side): stay
+    // within the hard limit (20,000 on these machines).
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap_or((1024, 1024));
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    let fits = usize::try_from(hard).unwrap_or(1024).saturating_sub(1000) / 2;
+    let idle: usize = std::env::var("BENCH_IDLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+        .min(fits);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let s = setup().await;
@@ -271,15 +330,16 @@ fn main() {
         }
         println!("{:<34} {:>12.0} {:>12.0} {:>12.0}", "round trip p50 µs, 64 B", rt_cells[0].0, rt_cells[1].0, rt_cells[2].0);
         println!("{:<34} {:>12.0} {:>12.0} {:>12.0}", "round trip p99 µs, 64 B", rt_cells[0].1, rt_cells[1].1, rt_cells[2].1);
-        let mut open_cells = Vec::new();
-        for (_, w) in ways {
-            open_cells.push(opens_per_sec(&s, w, 2.0).await);
-        }
-        println!("{:<34} {:>12.0} {:>12.0} {:>12.0}", "connections opened per s", open_cells[0], open_cells[1], open_cells[2]);
         let wsp = idle_kib_per_conn(&s, Way::WsProxy, s.children[0].id(), idle).await;
         let wsf_n = 300;
         let wsf = idle_kib_per_conn(&s, Way::Websockify, s.children[1].id(), wsf_n).await;
         println!("{:<34} {:>12} {:>12.1} {:>12.1}", "RSS KiB per idle connection", "-", wsp, wsf);
         println!("(idle: {idle} connections held through ws-proxy; {wsf_n} through websockify, which forks a process per connection)");
+        // Last: it leaves tens of thousands of loopback ports in TIME_WAIT.
+        let mut open_cells = Vec::new();
+        for (_, w) in ways {
+            open_cells.push(opens_per_sec(&s, w, 2.0).await);
+        }
+        println!("{:<34} {:>12.0} {:>12.0} {:>12.0}", "connections opened per s", open_cells[0], open_cells[1], open_cells[2]);
     });
 }

@@ -421,9 +421,13 @@ async fn accept(
     if let Some(p) = protocol {
         h.insert("sec-websocket-protocol", HeaderValue::from_static(p));
     }
+    // Small I/O buffers: an idle desktop connection should cost kilobytes, not the 256 KiB
+    // tungstenite's defaults pin per connection.
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(cfg.max_message))
-        .max_frame_size(Some(cfg.max_message));
+        .max_frame_size(Some(cfg.max_message))
+        .read_buffer_size(32 * 1024)
+        .write_buffer_size(16 * 1024);
     let (limits, auth_proxy, cancel, tokens) = (
         cfg.relay.clone(),
         cfg.auth_proxy,

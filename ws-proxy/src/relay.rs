@@ -8,8 +8,9 @@
 use crate::token::TokenSource;
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -46,10 +47,14 @@ fn close(code: CloseCode, reason: &str) -> Message {
 }
 
 /// Relays until either side ends or a limit closes the connection.
+///
+/// The two directions run concurrently: a relay that awaited its write to the VNC server while
+/// not reading from it could deadlock with a server that is itself blocked writing to us (both
+/// sides' buffers full), which a large paste in both directions at once causes.
 #[allow(clippy::too_many_arguments)]
 pub async fn relay<S>(
     ws: WebSocketStream<S>,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     pending: Vec<u8>,
     limits: RelayLimits,
     expires_at: Option<SystemTime>,
@@ -60,86 +65,143 @@ pub async fn relay<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut stats = Relayed::default();
-    let (mut sink, mut stream) = ws.split();
-    if !pending.is_empty() {
-        if tcp.write_all(&pending).await.is_err() {
-            return stats;
+    let (sink, mut stream) = ws.split();
+    let sink = tokio::sync::Mutex::new(sink);
+    let (tcp_r, mut tcp_w) = tcp.into_split();
+    let up_bytes = AtomicU64::new(0);
+    let down_bytes = AtomicU64::new(0);
+    let started = tokio::time::Instant::now();
+    // Milliseconds since `started` when the browser was last heard from.
+    let last_heard = AtomicU64::new(0);
+    let heard = || last_heard.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+
+    // Browser to VNC server.
+    let up = async {
+        if !pending.is_empty() {
+            if tcp_w.write_all(&pending).await.is_err() {
+                return close(CloseCode::Away, "VNC server closed the connection");
+            }
+            up_bytes.fetch_add(pending.len() as u64, Ordering::Relaxed);
         }
-        stats.up += pending.len() as u64;
-    }
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut ping = tokio::time::interval(limits.ping_interval);
-    ping.tick().await;
-    let mut recheck = tokio::time::interval(limits.recheck_interval);
-    recheck.tick().await;
-    let mut last_heard = tokio::time::Instant::now();
-    let expiry = async {
-        match expires_at.and_then(|e| e.duration_since(SystemTime::now()).ok()) {
-            Some(left) => tokio::time::sleep(left).await,
-            None if expires_at.is_some() => {}
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(expiry);
-    let reason = loop {
-        let idle = tokio::time::sleep_until(last_heard + limits.idle_timeout);
-        tokio::select! {
-            msg = stream.next() => match msg {
+        loop {
+            match stream.next().await {
                 Some(Ok(Message::Binary(data))) => {
-                    last_heard = tokio::time::Instant::now();
-                    if tcp.write_all(&data).await.is_err() {
-                        break close(CloseCode::Away, "VNC server closed the connection");
+                    heard();
+                    if tcp_w.write_all(&data).await.is_err() {
+                        return close(CloseCode::Away, "VNC server closed the connection");
                     }
-                    stats.up += data.len() as u64;
+                    up_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
-                    last_heard = tokio::time::Instant::now();
+                    heard();
                     // Sends the queued pong.
-                    let _ = sink.flush().await;
+                    let _ = sink.lock().await.flush().await;
                 }
-                Some(Ok(Message::Text(_))) => break close(CloseCode::Unsupported, "binary frames only"),
-                Some(Ok(Message::Close(_))) | None => break close(CloseCode::Normal, ""),
+                Some(Ok(Message::Text(_))) => {
+                    return close(CloseCode::Unsupported, "binary frames only");
+                }
+                Some(Ok(Message::Close(_))) | None => return close(CloseCode::Normal, ""),
                 Some(Ok(Message::Frame(_))) => {}
                 Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
                     tracing::warn!(error = %e, "browser sent an oversize message");
-                    break close(CloseCode::Size, "message too big");
+                    return close(CloseCode::Size, "message too big");
                 }
                 Some(Err(e)) => {
                     tracing::info!(error = %e, "WebSocket error from the browser");
-                    break close(CloseCode::Protocol, "protocol error");
-                }
-            },
-            read = tcp.read(&mut buf) => match read {
-                Ok(0) | Err(_) => break close(CloseCode::Normal, "VNC server closed the connection"),
-                Ok(n) => {
-                    if sink.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
-                        return stats;
-                    }
-                    stats.down += n as u64;
-                }
-            },
-            _ = ping.tick() => {
-                if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
-                    return stats;
+                    return close(CloseCode::Protocol, "protocol error");
                 }
             }
-            _ = idle => break close(CloseCode::Policy, "idle timeout"),
-            _ = &mut expiry => break close(CloseCode::Policy, "session expired"),
-            _ = recheck.tick() => {
-                if matches!(tokens.recheck(&token).await, Err(crate::token::TokenError::Unknown)) {
-                    break close(CloseCode::Policy, "session ended");
-                }
-            }
-            _ = cancel.cancelled() => break close(CloseCode::Away, "proxy shutting down"),
         }
+    };
+
+    // VNC server to browser, with the heartbeat.
+    let down = async {
+        // Allocated on the first byte from the server: an idle connection holds no buffer.
+        let mut buf = Vec::new();
+        let mut ping = tokio::time::interval(limits.ping_interval);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                ready = tcp_r.readable() => {
+                    if ready.is_err() {
+                        return close(CloseCode::Normal, "VNC server closed the connection");
+                    }
+                    if buf.is_empty() {
+                        buf = vec![0u8; 64 * 1024];
+                    }
+                    match tcp_r.try_read(&mut buf) {
+                        Ok(0) => return close(CloseCode::Normal, "VNC server closed the connection"),
+                        Ok(n) => {
+                            if sink.lock().await.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                                return close(CloseCode::Away, "");
+                            }
+                            down_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return close(CloseCode::Normal, "VNC server closed the connection"),
+                    }
+                },
+                _ = ping.tick() => {
+                    if sink.lock().await.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        return close(CloseCode::Away, "");
+                    }
+                }
+            }
+        }
+    };
+
+    // Limits: idle browser, token expiry, session ended, shutdown.
+    let idle = async {
+        loop {
+            let quiet_for = started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last_heard.load(Ordering::Relaxed)));
+            if quiet_for >= limits.idle_timeout {
+                return close(CloseCode::Policy, "idle timeout");
+            }
+            tokio::time::sleep(limits.idle_timeout - quiet_for).await;
+        }
+    };
+    let expiry = async {
+        if let Some(e) = expires_at {
+            tokio::time::sleep(e.duration_since(SystemTime::now()).unwrap_or_default()).await;
+            return close(CloseCode::Policy, "session expired");
+        }
+        std::future::pending().await
+    };
+    let revoked = async {
+        let mut recheck = tokio::time::interval(limits.recheck_interval);
+        recheck.tick().await;
+        loop {
+            recheck.tick().await;
+            if matches!(
+                tokens.recheck(&token).await,
+                Err(crate::token::TokenError::Unknown)
+            ) {
+                return close(CloseCode::Policy, "session ended");
+            }
+        }
+    };
+    let reason = tokio::select! {
+        r = up => r,
+        r = down => r,
+        r = idle => r,
+        r = expiry => r,
+        r = revoked => r,
+        _ = cancel.cancelled() => close(CloseCode::Away, "proxy shutting down"),
     };
     if let Message::Close(Some(f)) = &reason
         && !f.reason.is_empty()
     {
         tracing::info!(reason = %f.reason, "closing relayed connection");
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(reason)).await;
-    let _ = tcp.shutdown().await;
-    stats
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        sink.lock().await.send(reason).await
+    })
+    .await;
+    let _ = tcp_w.shutdown().await;
+    Relayed {
+        up: up_bytes.load(Ordering::Relaxed),
+        down: down_bytes.load(Ordering::Relaxed),
+    }
 }
