@@ -12,9 +12,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use vncdispatch_proto::bearer::SharedSecret;
 
-/// Exit code for configuration errors (sysexits EX_USAGE).
-const EX_USAGE: u8 = 64;
-
 /// Starts users' TigerVNC desktops on this blade for the vncdispatch dispatcher.
 ///
 /// Runs as root (it switches to each user to start their desktop). Every option can also be
@@ -91,26 +88,26 @@ fn main() -> ExitCode {
             log_json,
             desktop,
         } => {
-            init_logging(log_json, "info");
+            vncdispatch_proto::serve::init_logging(log_json, "info");
             let secret = match SharedSecret::from_file(&secret_file) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("blade-agent: --secret-file: {e}");
-                    return ExitCode::from(EX_USAGE);
+                    return ExitCode::from(vncdispatch_proto::serve::EX_USAGE);
                 }
             };
             report(runtime().and_then(|rt| rt.block_on(serve(listen, secret, desktop))))
         }
         Command::Cloudvnc { user, desktop } => {
-            init_logging(false, "warn");
+            vncdispatch_proto::serve::init_logging(false, "warn");
             report(runtime().and_then(|rt| rt.block_on(cloudvnc(user, desktop))))
         }
         Command::Status { user, desktop } => {
-            init_logging(false, "warn");
+            vncdispatch_proto::serve::init_logging(false, "warn");
             report(runtime().and_then(|rt| rt.block_on(status(user, desktop))))
         }
         Command::Stop { user, desktop } => {
-            init_logging(false, "warn");
+            vncdispatch_proto::serve::init_logging(false, "warn");
             report(runtime().and_then(|rt| rt.block_on(stop(user, desktop))))
         }
         Command::InitSecret { path } => report(init_secret(&path)),
@@ -131,19 +128,6 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
             eprintln!("blade-agent: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(json: bool, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 

@@ -24,9 +24,6 @@ use vncdispatch_proto::v1::{
     ListBladesRequest, ListSessionsRequest, RemoveBladeRequest,
 };
 
-/// Exit code for configuration errors (sysexits EX_USAGE).
-const EX_USAGE: u8 = 64;
-
 /// vncdispatch dispatcher: hands out desktops on a pool of blades.
 ///
 /// `serve` runs the service; the other commands are clients of a running dispatcher. Every
@@ -236,7 +233,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => {
-            init_logging(args.log_json);
+            vncdispatch_proto::serve::init_logging(args.log_json, "info");
             rt.block_on(serve(*args))
         }
         Command::Dispatch {
@@ -251,7 +248,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
             eprintln!("dispatcher: {e:#}");
-            ExitCode::from(EX_USAGE)
+            ExitCode::from(vncdispatch_proto::serve::EX_USAGE)
         }
         Err(e) => {
             eprintln!("dispatcher: {e:#}");
@@ -264,19 +261,6 @@ fn main() -> ExitCode {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct ConfigError(String);
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
 
 fn method(m: MethodArg) -> Method {
     match m {

@@ -1,5 +1,6 @@
-//! What every vncdispatch gRPC server shares: the same limits, health and reflection, an accept
-//! loop that survives accept errors, and one shutdown signal.
+//! What every vncdispatch service shares: the same gRPC limits, health and reflection, an
+//! accept loop that survives accept errors, one shutdown signal, logging set up one way, and
+//! the exit code for configuration errors.
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::{Stream, StreamExt, wrappers::TcpListenerStream};
@@ -63,5 +64,22 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Exit code for configuration errors (sysexits EX_USAGE).
+pub const EX_USAGE: u8 = 64;
+
+/// Logs to stderr, filtered by `RUST_LOG` (else `default`), as text or as JSON objects.
+pub fn init_logging(json: bool, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
     }
 }

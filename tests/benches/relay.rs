@@ -38,23 +38,6 @@ impl Drop for Setup {
     }
 }
 
-async fn echo_server() -> u16 {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    port
-}
-
 async fn wait_port(port: u16) {
     for _ in 0..500 {
         if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
@@ -66,7 +49,7 @@ async fn wait_port(port: u16) {
 }
 
 async fn setup() -> Setup {
-    let echo = echo_server().await;
+    let echo = vncdispatch_tests::echo_server().await;
     let dir = tempfile::tempdir().expect("dir");
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, format!("bench: 127.0.0.1:{echo}\n")).expect("tokens");

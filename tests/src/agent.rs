@@ -5,7 +5,6 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use vncdispatch_proto::bearer::{BearerAuth, SharedSecret};
@@ -119,34 +118,13 @@ impl AgentProc {
             .spawn()
             .expect("spawn blade-agent");
         self.child = Some(child);
-        for _ in 0..250 {
-            if self.health_ok().await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if !crate::wait_serving(self.addr, "", 5).await {
+            panic!(
+                "blade-agent did not come up on {}; log:\n{}",
+                self.addr,
+                self.log()
+            );
         }
-        panic!(
-            "blade-agent did not come up on {}; log:\n{}",
-            self.addr,
-            self.log()
-        );
-    }
-
-    async fn health_ok(&self) -> bool {
-        let Ok(ch) = Channel::from_shared(format!("http://{}", self.addr))
-            .expect("uri")
-            .connect()
-            .await
-        else {
-            return false;
-        };
-        let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
-        health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .is_ok()
     }
 
     /// The agent's log so far.

@@ -5,7 +5,6 @@ use crate::workspace_bin;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 use tonic::transport::Channel;
 use vncdispatch_proto::v1::AddBladeRequest;
 use vncdispatch_proto::v1::dispatcher_client::DispatcherClient;
@@ -85,32 +84,13 @@ impl DispatcherProc {
             .spawn()
             .expect("spawn dispatcher");
         self.child = Some(child);
-        for _ in 0..300 {
-            if self.serving().await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if !crate::wait_serving(self.addr, "vncdispatch.v1.Dispatcher", 6).await {
+            panic!(
+                "dispatcher did not come up on {}; log:\n{}",
+                self.addr,
+                self.log()
+            );
         }
-        panic!(
-            "dispatcher did not come up on {}; log:\n{}",
-            self.addr,
-            self.log()
-        );
-    }
-
-    async fn serving(&self) -> bool {
-        let Ok(ch) = Channel::from_shared(format!("http://{}", self.addr))
-            .expect("uri")
-            .connect()
-            .await
-        else {
-            return false;
-        };
-        let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
-        let req = tonic_health::pb::HealthCheckRequest {
-            service: "vncdispatch.v1.Dispatcher".into(),
-        };
-        matches!(health.check(req).await, Ok(r) if r.get_ref().status == 1)
     }
 
     /// The dispatcher's log so far.

@@ -64,3 +64,49 @@ pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Waits until the gRPC server at `addr` reports `service` SERVING ("" for the server as a
+/// whole); false after `secs` seconds.
+pub async fn wait_serving(addr: std::net::SocketAddr, service: &str, secs: u64) -> bool {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(ch) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+        {
+            let req = HealthCheckRequest {
+                service: service.into(),
+            };
+            if matches!(HealthClient::new(ch).check(req).await, Ok(r) if r.get_ref().status == 1) {
+                return true;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// A TCP echo server on 127.0.0.1 (a stand-in relay target); returns its port.
+pub async fn echo_server() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        loop {
+            // An accept error (EMFILE under load) must not end the server.
+            let Ok((mut s, _)) = l.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            };
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}

@@ -13,25 +13,8 @@ use vncdispatch_tests::dispatcher::{DispatcherOptions, DispatcherProc};
 use vncdispatch_tests::users::TestUser;
 use vncdispatch_tests::wsproxy::WsProxyProc;
 
-/// A TCP echo server on 127.0.0.1; returns its port.
-async fn echo_server() -> u16 {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    port
-}
-
 async fn proxy_with_tokens(extra: &[&str]) -> (WsProxyProc, tempfile::TempDir) {
-    let port = echo_server().await;
+    let port = vncdispatch_tests::echo_server().await;
     let dir = tempfile::tempdir().expect("dir");
     let file = dir.path().join("tokens");
     std::fs::write(

@@ -13,9 +13,6 @@ use ws_proxy::token::TokenSource;
 use ws_proxy::token::dispatcher::DispatcherTokens;
 use ws_proxy::token::file::FileTokens;
 
-/// Exit code for configuration errors (sysexits EX_USAGE).
-const EX_USAGE: u8 = 64;
-
 /// vncdispatch ws-proxy: a websockify-compatible WebSocket-to-TCP relay for noVNC.
 ///
 /// Tokens come from the dispatcher (--dispatcher) or a websockify token file or directory
@@ -105,7 +102,7 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let Command::Serve(args) = Cli::parse().command;
-    init_logging(args.log_json);
+    vncdispatch_proto::serve::init_logging(args.log_json, "info");
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -121,7 +118,7 @@ fn main() -> ExitCode {
         Ok(t) => t,
         Err(e) => {
             eprintln!("ws-proxy: {e}");
-            return ExitCode::from(EX_USAGE);
+            return ExitCode::from(vncdispatch_proto::serve::EX_USAGE);
         }
     };
     match rt.block_on(serve(*args, tokens)) {
@@ -130,19 +127,6 @@ fn main() -> ExitCode {
             eprintln!("ws-proxy: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 
