@@ -296,17 +296,19 @@ async fn xvnc_runs_as_the_user_and_no_process_holds_the_password() {
         .await,
         "session command not running"
     );
-    let twm = procs::of_uid(user.uid)
-        .into_iter()
-        .find(|p| p.comm == "twm")
-        .expect("twm");
+    // /proc/PID/environ reads empty for a moment around exec, so look until it is there.
     let display = format!("DISPLAY=:{}\0", server.display);
+    let session_env_ok = || {
+        procs::of_uid(user.uid).iter().any(|p| {
+            p.comm == "twm"
+                && procs::contains(&p.environ, display.as_bytes())
+                && procs::contains(&p.environ, b"XAUTHORITY=")
+        })
+    };
     assert!(
-        procs::contains(&twm.environ, display.as_bytes()),
-        "{display:?} not in twm's environment {:?}",
-        String::from_utf8_lossy(&twm.environ)
+        eventually(10, session_env_ok).await,
+        "twm runs without {display:?} and XAUTHORITY"
     );
-    assert!(procs::contains(&twm.environ, b"XAUTHORITY="));
 }
 
 #[tokio::test(flavor = "multi_thread")]
