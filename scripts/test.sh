@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 # traverse: the agent runs its own binary as each desktop user.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/vncdispatch/target}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-0}"
+# rustup's cargo, for shells that did not read a login profile.
+command -v cargo >/dev/null 2>&1 || export PATH="$HOME/.cargo/bin:$PATH"
 
 QUIET=1 scripts/install-deps.sh
 echo "== cargo fmt --check"
