@@ -69,6 +69,11 @@ async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
 impl Browser {
     /// Starts Chromium on `url` and attaches to its page.
     pub async fn open(url: &str) -> anyhow::Result<Browser> {
+        Self::open_with(url, &[]).await
+    }
+
+    /// Like [`Browser::open`], with extra Chromium flags.
+    pub async fn open_with(url: &str, flags: &[&str]) -> anyhow::Result<Browser> {
         let profile = tempfile::tempdir()?;
         let child = Command::new("chromium")
             .args([
@@ -84,6 +89,7 @@ impl Browser {
                 "--window-size=1400,1000",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(flags)
             .arg(url)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -27,7 +27,11 @@ async fn agent_with_demo(secret: Option<PathBuf>) -> AgentProc {
 }
 
 async fn shows_desktop(url: &str, shot: &str, proxy: &WsProxyProc) {
-    let mut b = Browser::open(url).await.expect("chromium");
+    shows_desktop_with(url, shot, proxy, &[]).await
+}
+
+async fn shows_desktop_with(url: &str, shot: &str, proxy: &WsProxyProc, flags: &[&str]) {
+    let mut b = Browser::open_with(url, flags).await.expect("chromium");
     let connected = b
         .wait_for(
             "document.documentElement.classList.contains('noVNC_connected')",
@@ -135,4 +139,88 @@ async fn a_websockify_token_file_works_without_a_dispatcher() {
         proxy.addr
     );
     shows_desktop(&url, "novnc-token-file.png", &proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_desktop_over_https_and_wss() {
+    require_root_and_tigervnc();
+    let agent = agent_with_demo(None).await;
+    let user = TestUser::create();
+    let req = StartSessionRequest {
+        username: user.name.clone(),
+        password: "tlspw123".into(),
+        geometry: None,
+    };
+    let server = agent
+        .client()
+        .await
+        .start_session(req)
+        .await
+        .expect("StartSession")
+        .into_inner();
+    let dir = tempfile::tempdir().expect("dir");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(made.success());
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!("tlstoken: {}:{}\n", server.host, server.port),
+    )
+    .expect("tokens");
+    let proxy = WsProxyProc::start(&[
+        "--token-file".into(),
+        tokens.display().to_string(),
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ])
+    .await;
+    let url = format!(
+        "https://{}/vnc.html?autoconnect=1&password=tlspw123&path=websockify?token=tlstoken",
+        proxy.addr
+    );
+    shows_desktop_with(
+        &url,
+        "novnc-wss.png",
+        &proxy,
+        &["--ignore-certificate-errors"],
+    )
+    .await;
+    // Plain HTTP to the TLS port gets nowhere.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf),
+    )
+    .await;
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("noVNC"),
+        "served files without TLS"
+    );
 }

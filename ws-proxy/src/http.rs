@@ -55,6 +55,8 @@ pub struct ProxyConfig {
     pub relay: RelayLimits,
     /// How long open sessions may run on after SIGTERM.
     pub drain_timeout: Duration,
+    /// Serve HTTPS/wss with this rustls configuration.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 /// The proxy's shared state.
@@ -128,6 +130,26 @@ pub async fn run(
 
 async fn serve_connection(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    match proxy.cfg.tls.clone() {
+        None => serve_http(proxy, stream, peer).await,
+        Some(tls) => {
+            // TLS accepts get the same deadline as request heads: a client that never finishes
+            // its handshake must not hold a connection (and tonic once stopped accepting after
+            // one failed TLS accept; here each accept is its own task).
+            let accept = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+            match tokio::time::timeout(proxy.cfg.handshake_timeout, accept).await {
+                Ok(Ok(tls_stream)) => serve_http(proxy, tls_stream, peer).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn serve_http<S>(proxy: Arc<Proxy>, stream: S, peer: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn({
         let proxy = proxy.clone();
         move |req| handle(proxy.clone(), peer, req)
@@ -494,6 +516,7 @@ mod tests {
             max_per_token: 2,
             max_per_ip: 8,
             handshake_timeout: Duration::from_secs(5),
+            tls: None,
             max_message: 1 << 20,
             auth_proxy: false,
             relay: RelayLimits {

@@ -95,9 +95,44 @@ struct ServeArgs {
     /// After SIGTERM, how long open sessions may continue before they are closed.
     #[arg(long, env = "WS_PROXY_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Serve HTTPS and wss with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "WS_PROXY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, env = "WS_PROXY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log lines as JSON objects.
     #[arg(long, env = "WS_PROXY_LOG_JSON")]
     log_json: bool,
+}
+
+/// A rustls server configuration from PEM files.
+fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<tokio_rustls::rustls::ServerConfig>, String> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect())
+        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "--tls-cert {}: no certificate in it",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut cfg = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 fn main() -> ExitCode {
@@ -114,6 +149,16 @@ fn main() -> ExitCode {
         }
     };
     // Inside the runtime: the dispatcher client's lazy channel needs one.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => match tls_config(c, k) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("ws-proxy: {e}");
+                return ExitCode::from(vncdispatch_proto::serve::EX_USAGE);
+            }
+        },
+        _ => None,
+    };
     let tokens = match rt.block_on(async { token_source(&args) }) {
         Ok(t) => t,
         Err(e) => {
@@ -121,7 +166,7 @@ fn main() -> ExitCode {
             return ExitCode::from(vncdispatch_proto::serve::EX_USAGE);
         }
     };
-    match rt.block_on(serve(*args, tokens)) {
+    match rt.block_on(serve(*args, tokens, tls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ws-proxy: {e:#}");
@@ -151,7 +196,11 @@ fn token_source(a: &ServeArgs) -> Result<Arc<dyn TokenSource>, String> {
     }
 }
 
-async fn serve(a: ServeArgs, tokens: Arc<dyn TokenSource>) -> anyhow::Result<()> {
+async fn serve(
+    a: ServeArgs,
+    tokens: Arc<dyn TokenSource>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+) -> anyhow::Result<()> {
     let web_dir = (!a.web.as_os_str().is_empty()).then(|| a.web.clone());
     if let Some(dir) = &web_dir
         && !dir.join("vnc.html").is_file()
@@ -175,6 +224,7 @@ async fn serve(a: ServeArgs, tokens: Arc<dyn TokenSource>) -> anyhow::Result<()>
             recheck_interval: a.recheck_interval,
         },
         drain_timeout: a.drain_timeout,
+        tls,
     };
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
