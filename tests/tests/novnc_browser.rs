@@ -106,34 +106,52 @@ async fn auth_proxy_mode_shows_the_desktop_without_the_password_in_the_browser()
     full_stack(&["--auth-proxy"], false, "novnc-auth-proxy.png").await;
 }
 
+/// A desktop started through a real agent (no dispatcher) and a websockify token file
+/// naming it. Fields drop in order: the user's processes go before the agent.
+struct TokenFileDesktop {
+    _user: TestUser,
+    _agent: AgentProc,
+    dir: tempfile::TempDir,
+    tokens: PathBuf,
+}
+
+impl TokenFileDesktop {
+    async fn start(password: &str, token: &str) -> TokenFileDesktop {
+        require_root_and_tigervnc();
+        let agent = agent_with_demo(None).await;
+        let user = TestUser::create();
+        let req = StartSessionRequest {
+            username: user.name.clone(),
+            password: password.into(),
+            geometry: None,
+        };
+        let server = agent
+            .client()
+            .await
+            .start_session(req)
+            .await
+            .expect("StartSession")
+            .into_inner();
+        let dir = tempfile::tempdir().expect("dir");
+        let tokens = dir.path().join("tokens.cfg");
+        let line = format!(
+            "# websockify format\n{token}: {}:{}\n",
+            server.host, server.port
+        );
+        std::fs::write(&tokens, line).expect("tokens");
+        TokenFileDesktop {
+            _user: user,
+            _agent: agent,
+            dir,
+            tokens,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_websockify_token_file_works_without_a_dispatcher() {
-    require_root_and_tigervnc();
-    let agent = agent_with_demo(None).await;
-    let user = TestUser::create();
-    let req = StartSessionRequest {
-        username: user.name.clone(),
-        password: "filepw12".into(),
-        geometry: None,
-    };
-    let server = agent
-        .client()
-        .await
-        .start_session(req)
-        .await
-        .expect("StartSession")
-        .into_inner();
-    let dir = tempfile::tempdir().expect("dir");
-    let tokens = dir.path().join("tokens.cfg");
-    std::fs::write(
-        &tokens,
-        format!(
-            "# websockify format\nfiletoken1: {}:{}\n",
-            server.host, server.port
-        ),
-    )
-    .expect("tokens");
-    let proxy = WsProxyProc::start(&["--token-file".into(), tokens.display().to_string()]).await;
+    let d = TokenFileDesktop::start("filepw12", "filetoken1").await;
+    let proxy = WsProxyProc::start(&["--token-file".into(), d.tokens.display().to_string()]).await;
     let url = format!(
         "http://{}/vnc.html?autoconnect=1&password=filepw12&path=websockify?token=filetoken1",
         proxy.addr
@@ -143,22 +161,8 @@ async fn a_websockify_token_file_works_without_a_dispatcher() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_desktop_over_https_and_wss() {
-    require_root_and_tigervnc();
-    let agent = agent_with_demo(None).await;
-    let user = TestUser::create();
-    let req = StartSessionRequest {
-        username: user.name.clone(),
-        password: "tlspw123".into(),
-        geometry: None,
-    };
-    let server = agent
-        .client()
-        .await
-        .start_session(req)
-        .await
-        .expect("StartSession")
-        .into_inner();
-    let dir = tempfile::tempdir().expect("dir");
+    let d = TokenFileDesktop::start("tlspw123", "tlstoken").await;
+    let dir = &d.dir;
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     let made = std::process::Command::new("openssl")
         .args([
@@ -180,15 +184,9 @@ async fn the_desktop_over_https_and_wss() {
         .status()
         .expect("openssl");
     assert!(made.success());
-    let tokens = dir.path().join("tokens");
-    std::fs::write(
-        &tokens,
-        format!("tlstoken: {}:{}\n", server.host, server.port),
-    )
-    .expect("tokens");
     let proxy = WsProxyProc::start(&[
         "--token-file".into(),
-        tokens.display().to_string(),
+        d.tokens.display().to_string(),
         "--tls-cert".into(),
         cert.display().to_string(),
         "--tls-key".into(),
