@@ -26,7 +26,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 if [ -z "${BIN_DIR:-}" ]; then
-  QUIET=1 scripts/install-deps.sh
+  QUIET=1 SKIP_AUTOBAHN=1 scripts/install-deps.sh
   say "building (release)…"
   cargo build --release --quiet --bins
   BIN_DIR="$CARGO_TARGET_DIR/release"

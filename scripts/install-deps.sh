@@ -49,3 +49,8 @@ if [ -z "${SKIP_FERRETDB:-}" ] && [ "$(cat "$FERRETDB_BIN.version" 2>/dev/null)"
   (cd "$work" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -o "$FERRETDB_BIN" ./cmd/ferretdb)
   echo "$FERRETDB_VERSION" > "$FERRETDB_BIN.version"
 fi
+
+# Autobahn|Testsuite's wstest, for ws-proxy's WebSocket conformance test.
+if [ -z "${SKIP_AUTOBAHN:-}" ]; then
+  "$(dirname "$0")/install-autobahn.sh"
+fi

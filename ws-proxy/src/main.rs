@@ -45,7 +45,7 @@ struct ServeArgs {
     #[arg(long, env = "WS_PROXY_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// The noVNC web client to serve ("" to serve no files).
-    #[arg(long, env = "WS_PROXY_WEB", default_value = "/usr/share/novnc")]
+    #[arg(long, env = "WS_PROXY_WEB", default_value = "/usr/share/novnc", value_parser = any_path)]
     web: PathBuf,
     /// Origins allowed besides the proxy's own (repeatable; `*` allows any — not advised).
     #[arg(
@@ -239,4 +239,9 @@ async fn serve(
     )
     .await;
     Ok(())
+}
+
+/// A path that may be empty (clap's own path parser refuses "", which means "no files" here).
+fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
 }

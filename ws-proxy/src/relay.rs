@@ -38,12 +38,12 @@ pub struct Relayed {
     pub down: u64,
 }
 
-/// Why the relay ended, for the log and the close frame.
-fn close(code: CloseCode, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame {
+/// Why the relay ended, for the log and the close frame (`None`: the browser closed first).
+fn close(code: CloseCode, reason: &str) -> Option<CloseFrame> {
+    Some(CloseFrame {
         code,
         reason: reason.to_owned().into(),
-    }))
+    })
 }
 
 /// Relays until either side ends or a limit closes the connection.
@@ -97,14 +97,19 @@ where
                     // Sends the queued pong.
                     let _ = sink.lock().await.flush().await;
                 }
+                // As websockify: VNC is binary, and a text frame means a confused client.
                 Some(Ok(Message::Text(_))) => {
                     return close(CloseCode::Unsupported, "binary frames only");
                 }
-                Some(Ok(Message::Close(_))) | None => return close(CloseCode::Normal, ""),
+                // tungstenite has queued the reply to a close; sending it is all that is left.
+                Some(Ok(Message::Close(_))) | None => return None,
                 Some(Ok(Message::Frame(_))) => {}
                 Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
                     tracing::warn!(error = %e, "browser sent an oversize message");
                     return close(CloseCode::Size, "message too big");
+                }
+                Some(Err(tokio_tungstenite::tungstenite::Error::Utf8(_))) => {
+                    return close(CloseCode::Invalid, "invalid UTF-8");
                 }
                 Some(Err(e)) => {
                     tracing::info!(error = %e, "WebSocket error from the browser");
@@ -190,13 +195,26 @@ where
         r = revoked => r,
         _ = cancel.cancelled() => close(CloseCode::Away, "proxy shutting down"),
     };
-    if let Message::Close(Some(f)) = &reason
-        && !f.reason.is_empty()
-    {
-        tracing::info!(reason = %f.reason, "closing relayed connection");
-    }
+    // The closing handshake, bounded: send our close (or the queued reply to the browser's) and,
+    // when we started it, wait for the browser's answer so the close is clean (RFC 6455 7.1.1).
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        sink.lock().await.send(reason).await
+        let mut sink = sink.lock().await;
+        match reason {
+            Some(frame) => {
+                tracing::info!(code = %frame.code, reason = %frame.reason, "closing relayed connection");
+                if sink.send(Message::Close(Some(frame))).await.is_ok() {
+                    while let Some(Ok(m)) = stream.next().await {
+                        if m.is_close() {
+                            break;
+                        }
+                    }
+                    let _ = sink.flush().await;
+                }
+            }
+            None => {
+                let _ = sink.flush().await;
+            }
+        }
     })
     .await;
     let _ = tcp_w.shutdown().await;
