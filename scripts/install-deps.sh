@@ -50,6 +50,28 @@ if [ -z "${SKIP_FERRETDB:-}" ] && [ "$(cat "$FERRETDB_BIN.version" 2>/dev/null)"
   echo "$FERRETDB_VERSION" > "$FERRETDB_BIN.version"
 fi
 
+# grpcurl, to show (and test) that the services answer reflection and plain JSON calls.
+GRPCURL_VERSION=v1.9.3
+GRPCURL_BIN="${GRPCURL_BIN:-/usr/local/bin/grpcurl}"
+if [ "$(cat "$GRPCURL_BIN.version" 2>/dev/null)" != "$GRPCURL_VERSION" ]; then
+  log "building grpcurl $GRPCURL_VERSION"
+  GOBIN="$(dirname "$GRPCURL_BIN")" GOFLAGS=-mod=mod \
+    go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
+  echo "$GRPCURL_VERSION" > "$GRPCURL_BIN.version"
+fi
+
+# A Python environment with grpcio, for the portal-side client in tests/portal_client.py that
+# proves the contract works outside Rust.
+PYCLIENT_VENV="${PYCLIENT_VENV:-/opt/vncdispatch/pyclient}"
+PYCLIENT_REQS="$(cd "$(dirname "$0")/.." && pwd)/tests/requirements-portal-client.txt"
+if ! cmp -s "$PYCLIENT_REQS" "$PYCLIENT_VENV/.installed"; then
+  log "creating $PYCLIENT_VENV"
+  rm -rf "$PYCLIENT_VENV"
+  python3 -m venv "$PYCLIENT_VENV"
+  "$PYCLIENT_VENV/bin/pip" install -q --disable-pip-version-check -r "$PYCLIENT_REQS"
+  cp "$PYCLIENT_REQS" "$PYCLIENT_VENV/.installed"
+fi
+
 # Autobahn|Testsuite's wstest, for ws-proxy's WebSocket conformance test.
 if [ -z "${SKIP_AUTOBAHN:-}" ]; then
   "$(dirname "$0")/install-autobahn.sh"

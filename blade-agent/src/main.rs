@@ -27,6 +27,10 @@ struct Cli {
 enum Command {
     /// Serve the BladeAgent gRPC API (what systemd runs).
     Serve {
+        /// TOML file of settings keyed by these options' long names (`listen = "…"`); the
+        /// command line and environment override it.
+        #[arg(long, env = "BLADE_AGENT_CONFIG")]
+        config: Option<PathBuf>,
         /// Address to listen on for gRPC.
         #[arg(long, env = "BLADE_AGENT_LISTEN", default_value = "0.0.0.0:7501")]
         listen: SocketAddr,
@@ -37,6 +41,10 @@ enum Command {
             default_value = "/etc/blade-agent/secret"
         )]
         secret_file: PathBuf,
+        /// Serve Prometheus metrics at http://ADDR/metrics (off unless set; keep it off public
+        /// networks).
+        #[arg(long, env = "BLADE_AGENT_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
         /// Log lines as JSON objects (for log shippers) instead of text.
         #[arg(long, env = "BLADE_AGENT_LOG_JSON")]
         log_json: bool,
@@ -79,16 +87,19 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = vncdispatch_proto::config::parse();
     match cli.command {
         Command::SessionHelper(args) => helper::main(args),
         Command::Serve {
+            config,
             listen,
+            metrics_listen,
             secret_file,
             log_json,
             desktop,
         } => {
             vncdispatch_proto::serve::init_logging(log_json, "info");
+            vncdispatch_proto::config::log_config_file(config.as_deref());
             let secret = match SharedSecret::from_file(&secret_file) {
                 Ok(s) => s,
                 Err(e) => {
@@ -96,7 +107,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(vncdispatch_proto::serve::EX_USAGE);
                 }
             };
-            report(runtime().and_then(|rt| rt.block_on(serve(listen, secret, desktop))))
+            report(
+                runtime()
+                    .and_then(|rt| rt.block_on(serve(listen, metrics_listen, secret, desktop))),
+            )
         }
         Command::Cloudvnc { user, desktop } => {
             vncdispatch_proto::serve::init_logging(false, "warn");
@@ -133,9 +147,11 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 
 async fn serve(
     listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
     secret: SharedSecret,
     desktop: DesktopConfig,
 ) -> anyhow::Result<()> {
+    vncdispatch_proto::metrics::install(metrics_listen).map_err(anyhow::Error::msg)?;
     let agent = Arc::new(Agent::new(desktop)?);
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -51,12 +51,20 @@ impl BladeAgent for AgentService {
         let r = req.into_inner();
         let agent = self.agent.clone();
         async move {
-            log_err(
-                agent
-                    .start_session(&r.username, &r.password, r.geometry)
-                    .await,
-            )
-            .map(Response::new)
+            let started = std::time::Instant::now();
+            let result = agent
+                .start_session(&r.username, &r.password, r.geometry)
+                .await;
+            let outcome = match &result {
+                Ok(s) if s.reused => "reused",
+                Ok(_) => "started",
+                Err(_) => "failed",
+            };
+            metrics::counter!("vncdispatch_agent_session_starts_total", "result" => outcome)
+                .increment(1);
+            metrics::histogram!("vncdispatch_agent_session_start_duration_seconds", "result" => outcome)
+                .record(started.elapsed().as_secs_f64());
+            log_err(result).map(Response::new)
         }
         .instrument(span)
         .await
@@ -101,6 +109,8 @@ impl BladeAgent for AgentService {
         req: Request<AgentHealthRequest>,
     ) -> Result<Response<AgentHealth>, Status> {
         let _e = span("Health", &req, "").entered();
-        log_err(self.agent.health()).map(Response::new)
+        let health = log_err(self.agent.health())?;
+        metrics::gauge!("vncdispatch_agent_sessions_live").set(f64::from(health.sessions));
+        Ok(Response::new(health))
     }
 }

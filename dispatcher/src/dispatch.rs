@@ -291,12 +291,14 @@ impl Dispatcher {
                     return Err(DispatchError::Refused(status));
                 }
                 Ok(Err(LaunchError::Blade(why))) => {
+                    metrics::counter!("vncdispatch_dispatcher_session_start_failures_total", "blade" => blade.name.clone(), "reason" => "blade_error").increment(1);
                     tracing::warn!(blade = %blade.name, %why, "blade could not start the desktop; trying the next");
                     self.mark(&blade.name, false, None);
                     failures.push(why);
                     continue;
                 }
                 Err(_) => {
+                    metrics::counter!("vncdispatch_dispatcher_session_start_failures_total", "blade" => blade.name.clone(), "reason" => "timeout").increment(1);
                     let why = format!(
                         "{}: no answer within {:?}",
                         blade.name, self.cfg.launch_timeout
@@ -307,6 +309,8 @@ impl Dispatcher {
                     continue;
                 }
             };
+            metrics::counter!("vncdispatch_dispatcher_sessions_started_total", "blade" => blade.name.clone())
+                .increment(1);
             let now = now_ms();
             let rec = SessionRecord {
                 username: username.to_owned(),
@@ -410,6 +414,7 @@ impl Dispatcher {
         let Ok(blades) = self.store.list_blades().await else {
             return;
         };
+        let names: Vec<String> = blades.iter().map(|b| b.name.clone()).collect();
         let checks = blades.into_iter().map(|blade| async move {
             let result = match self.launchers.get(blade.method) {
                 Ok(l) => tokio::time::timeout(Duration::from_secs(5), l.health(&blade))
@@ -431,6 +436,21 @@ impl Dispatcher {
                     self.mark(&blade.name, false, None)
                 }
             }
+        }
+        // Per-blade gauges ride on this periodic pass rather than on every Dispatch.
+        let health = self
+            .health
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let sessions = self.store.list_sessions().await.unwrap_or_default();
+        for name in names {
+            let live = sessions.iter().filter(|s| s.blade == name).count();
+            let healthy = health.get(&name).is_some_and(|h| h.healthy);
+            metrics::gauge!("vncdispatch_dispatcher_sessions_live", "blade" => name.clone())
+                .set(live as f64);
+            metrics::gauge!("vncdispatch_dispatcher_blade_healthy", "blade" => name)
+                .set(f64::from(u8::from(healthy)));
         }
     }
 

@@ -137,6 +137,10 @@ struct ClientArgs {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
+    /// TOML file of settings keyed by these options' long names (`listen = "…"`); the
+    /// command line and environment override it.
+    #[arg(long, env = "DISPATCHER_CONFIG")]
+    config: Option<PathBuf>,
     /// Address to listen on for gRPC.
     #[arg(long, env = "DISPATCHER_LISTEN", default_value = "0.0.0.0:7500")]
     listen: SocketAddr,
@@ -214,13 +218,17 @@ struct ServeArgs {
         allow_hyphen_values = true
     )]
     ssh_agent_args: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless set; keep it off public
+    /// networks).
+    #[arg(long, env = "DISPATCHER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Log lines as JSON objects.
     #[arg(long, env = "DISPATCHER_LOG_JSON")]
     log_json: bool,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = vncdispatch_proto::config::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -234,6 +242,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => {
             vncdispatch_proto::serve::init_logging(args.log_json, "info");
+            vncdispatch_proto::config::log_config_file(args.config.as_deref());
             rt.block_on(serve(*args))
         }
         Command::Dispatch {
@@ -270,6 +279,7 @@ fn method(m: MethodArg) -> Method {
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    vncdispatch_proto::metrics::install(a.metrics_listen).map_err(anyhow::Error::msg)?;
     let config = |key: &str, e: String| ConfigError(format!("{key}: {e}"));
     let agent_secret = SharedSecret::from_file(&a.agent_secret_file)
         .map_err(|e| config("--agent-secret-file", e))?;
@@ -299,6 +309,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     } else {
         Arc::new(EmbeddedStore::open(std::path::Path::new(&a.store)).context("--store")?)
     };
+    let store: Arc<dyn Store> = Arc::new(dispatcher::store::timed::Timed(store));
     let ssh = match (&a.ssh_key, &a.ssh_known_hosts) {
         (Some(key), Some(known_hosts)) => {
             let cfg = SshConfig {

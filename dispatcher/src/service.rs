@@ -89,8 +89,19 @@ impl DispatcherRpc for DispatcherService {
         let r = req.into_inner();
         let span = tracing::info_span!("Dispatch", user = %r.username, remote_ip = %r.remote_ip, request_id = %id);
         async move {
-            let s = self.inner.dispatch(&r.username, &r.remote_ip, &id).await.map_err(status)?;
-// Reconnects are routine; new sessions are what an operator wants to see.
+            let started = std::time::Instant::now();
+            let result = self.inner.dispatch(&r.username, &r.remote_ip, &id).await;
+            let outcome = match &result {
+                Ok(s) if s.reused => "reused",
+                Ok(_) => "started",
+                Err(_) => "failed",
+            };
+            metrics::counter!("vncdispatch_dispatcher_dispatches_total", "result" => outcome)
+                .increment(1);
+            metrics::histogram!("vncdispatch_dispatcher_dispatch_duration_seconds", "result" => outcome)
+                .record(started.elapsed().as_secs_f64());
+            let s = result.map_err(status)?;
+            // Reconnects are routine; new sessions are what an operator wants to see.
             if s.reused {
                 tracing::debug!(blade = %s.blade, token = token_prefix(&s.token), "reconnected");
             } else {
@@ -109,11 +120,12 @@ impl DispatcherRpc for DispatcherService {
         let token = req.into_inner().token;
         let span = tracing::debug_span!("ResolveToken", token = token_prefix(&token));
         async move {
-            self.inner
-                .resolve(&token)
-                .await
-                .map(Response::new)
-                .map_err(status)
+            let result = self.inner.resolve(&token).await;
+            if let Err(crate::error::DispatchError::UnknownToken) = &result {
+                metrics::counter!("vncdispatch_auth_refusals_total", "reason" => "unknown_token")
+                    .increment(1);
+            }
+            result.map(Response::new).map_err(status)
         }
         .instrument(span)
         .await

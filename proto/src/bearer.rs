@@ -66,12 +66,17 @@ impl SharedSecret {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| {
+                metrics::counter!("vncdispatch_auth_refusals_total", "reason" => "missing_secret")
+                    .increment(1);
                 Status::unauthenticated("missing `authorization: Bearer <secret>` metadata")
             })?;
         if bool::from(presented.as_bytes().ct_eq(&self.0)) {
             Ok(req)
         } else {
-            Err(Status::unauthenticated("wrong agent secret"))
+            metrics::counter!("vncdispatch_auth_refusals_total", "reason" => "wrong_secret")
+                .increment(1);
+            tracing::warn!("call refused: wrong secret");
+            Err(Status::unauthenticated("wrong secret"))
         }
     }
 }

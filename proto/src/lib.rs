@@ -12,6 +12,8 @@
 #![forbid(unsafe_code)]
 
 pub mod bearer;
+pub mod config;
+pub mod metrics;
 pub mod redact;
 pub mod rules;
 pub mod serve;

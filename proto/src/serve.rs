@@ -10,7 +10,11 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// A tonic server with the limits tonic leaves open by default: a per-request deadline,
 /// bounded HTTP/2 streams and per-connection concurrency, keepalives that find dead peers.
-pub fn server(request_timeout: Duration) -> tonic::transport::Server {
+pub fn server(
+    request_timeout: Duration,
+) -> tonic::transport::Server<
+    tower::layer::util::Stack<crate::metrics::GrpcMetricsLayer, tower::layer::util::Identity>,
+> {
     tonic::transport::Server::builder()
         .timeout(request_timeout)
         .max_concurrent_streams(Some(256))
@@ -19,6 +23,7 @@ pub fn server(request_timeout: Duration) -> tonic::transport::Server {
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_keepalive(Some(Duration::from_secs(60)))
         .tcp_nodelay(true)
+        .layer(crate::metrics::GrpcMetricsLayer)
 }
 
 /// Accepted connections from `listener`. An accept error (EMFILE, ECONNABORTED) is logged and

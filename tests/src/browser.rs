@@ -217,3 +217,30 @@ pub const CANVAS_COLOURS: &str = r#"(() => {
   for (let i = 0; i < d.length; i += 4 * 13) { if (d[i+3] > 0) seen.add((d[i] << 16) | (d[i+1] << 8) | d[i+2]); }
   return seen.size;
 })()"#;
+
+/// Opens `url` (a noVNC page) and asserts what a user would see: noVNC connected, a painted
+/// canvas, and a screenshot (saved to `shot`) that is not blank. `log` supplies the relevant
+/// service log for the failure message.
+pub async fn assert_shows_desktop(
+    url: &str,
+    shot: &Path,
+    flags: &[&str],
+    log: &dyn Fn() -> String,
+) {
+    let mut b = Browser::open_with(url, flags).await.expect("chromium");
+    let connected = b
+        .wait_for(
+            "document.documentElement.classList.contains('noVNC_connected')",
+            30,
+        )
+        .await
+        .expect("eval");
+    assert!(connected, "noVNC did not connect; log:\n{}", log());
+    let painted = b
+        .wait_for(&format!("{CANVAS_COLOURS} >= 3"), 20)
+        .await
+        .expect("eval");
+    let size = b.screenshot(shot).await.expect("screenshot");
+    assert!(painted, "the desktop never appeared on noVNC's canvas");
+    assert!(size > 5_000, "screenshot of {size} bytes looks blank");
+}

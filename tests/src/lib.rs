@@ -24,6 +24,13 @@ pub mod wsproxy;
 
 use std::path::PathBuf;
 
+/// Where tests keep what they produce for people to look at (screenshots, reports).
+pub fn artifact(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("artifacts")
+        .join(name)
+}
+
 /// Path of a binary of this workspace, next to the test executable's `deps/` directory.
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

@@ -4,17 +4,11 @@
 use std::path::PathBuf;
 use vncdispatch_proto::v1::{DispatchRequest, StartSessionRequest};
 use vncdispatch_tests::agent::{AgentOptions, AgentProc, new_secret};
-use vncdispatch_tests::browser::{Browser, CANVAS_COLOURS};
+use vncdispatch_tests::browser::assert_shows_desktop;
 use vncdispatch_tests::dispatcher::{DispatcherOptions, DispatcherProc};
-use vncdispatch_tests::require_root_and_tigervnc;
 use vncdispatch_tests::users::TestUser;
 use vncdispatch_tests::wsproxy::{WsProxyProc, demo_session};
-
-fn artifact(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("artifacts")
-        .join(name)
-}
+use vncdispatch_tests::{artifact, require_root_and_tigervnc};
 
 async fn agent_with_demo(secret: Option<PathBuf>) -> AgentProc {
     let session_command = Some(demo_session());
@@ -31,26 +25,7 @@ async fn shows_desktop(url: &str, shot: &str, proxy: &WsProxyProc) {
 }
 
 async fn shows_desktop_with(url: &str, shot: &str, proxy: &WsProxyProc, flags: &[&str]) {
-    let mut b = Browser::open_with(url, flags).await.expect("chromium");
-    let connected = b
-        .wait_for(
-            "document.documentElement.classList.contains('noVNC_connected')",
-            30,
-        )
-        .await
-        .expect("eval");
-    assert!(
-        connected,
-        "noVNC did not connect; ws-proxy log:\n{}",
-        proxy.log()
-    );
-    let painted = b
-        .wait_for(&format!("{CANVAS_COLOURS} >= 3"), 20)
-        .await
-        .expect("eval");
-    let size = b.screenshot(&artifact(shot)).await.expect("screenshot");
-    assert!(painted, "the desktop never appeared on noVNC's canvas");
-    assert!(size > 5_000, "screenshot of {size} bytes looks blank");
+    assert_shows_desktop(url, &artifact(shot), flags, &|| proxy.log()).await
 }
 
 async fn full_stack(extra_proxy_args: &[&str], password_in_url: bool, shot: &str) {

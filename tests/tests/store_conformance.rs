@@ -1,6 +1,9 @@
-//! The store conformance suite against a real FerretDB (the embedded store runs it in the
-//! dispatcher's unit tests), plus the original deployment's data served as it is.
+//! The store conformance suite against every store: the embedded redb file, MongoDB on a real
+//! FerretDB, and the timing decorator the dispatcher wraps around either; plus the original
+//! deployment's data served as it is.
+use dispatcher::store::embedded::EmbeddedStore;
 use dispatcher::store::mongo::{LegacyBlades, MongoStore};
+use dispatcher::store::timed::Timed;
 use dispatcher::store::{Method, Store, StoredSecret, conformance};
 use std::sync::Arc;
 use vncdispatch_tests::ferretdb::FerretDb;
@@ -10,6 +13,20 @@ fn legacy() -> LegacyBlades {
         method: Method::Ssh,
         port: 22,
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_store_conforms() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EmbeddedStore::open(&dir.path().join("sessions.redb")).expect("open");
+    conformance::run(Arc::new(store), "e-").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timed_store_conforms() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EmbeddedStore::open(&dir.path().join("sessions.redb")).expect("open");
+    conformance::run(Arc::new(Timed(Arc::new(store))), "t-").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

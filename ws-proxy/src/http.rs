@@ -288,6 +288,20 @@ fn origin_ok(cfg: &ProxyConfig, headers: &HeaderMap) -> bool {
     !host.is_empty() && origin_host.eq_ignore_ascii_case(host)
 }
 
+/// A refused WebSocket request, counted by reason: the ones that keep someone out
+/// (`origin`, `unknown_token`, `wrong_ip`, `missing_token`) in the auth-refusal series every
+/// service has, the rest in ws-proxy's own.
+fn refuse(status: StatusCode, reason: &'static str, message: &'static str) -> Response<Body> {
+    let series = match reason {
+        "origin" | "unknown_token" | "wrong_ip" | "missing_token" => {
+            "vncdispatch_auth_refusals_total"
+        }
+        _ => "vncdispatch_wsproxy_refusals_total",
+    };
+    metrics::counter!(series, "reason" => reason).increment(1);
+    text(status, message)
+}
+
 async fn websocket(proxy: Arc<Proxy>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let cfg = &proxy.cfg;
     let headers = req.headers();
@@ -308,7 +322,11 @@ async fn websocket(proxy: Arc<Proxy>, peer: SocketAddr, req: Request<Incoming>) 
         connection_upgrade,
         req.method() == Method::GET,
     ) else {
-        return text(StatusCode::BAD_REQUEST, "not a valid WebSocket request");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "not a valid WebSocket request",
+        );
     };
     let client = client_ip(cfg, peer, headers);
     if !origin_ok(cfg, headers) {
@@ -317,7 +335,7 @@ async fn websocket(proxy: Arc<Proxy>, peer: SocketAddr, req: Request<Incoming>) 
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-");
         tracing::warn!(%client, origin, "refused: origin not allowed");
-        return text(StatusCode::FORBIDDEN, "origin not allowed");
+        return refuse(StatusCode::FORBIDDEN, "origin", "origin not allowed");
     }
     // websockify only echoes `binary`; clients that offer nothing must work too.
     let offered: Vec<String> = headers
@@ -331,14 +349,15 @@ async fn websocket(proxy: Arc<Proxy>, peer: SocketAddr, req: Request<Incoming>) 
         (true, _) => None,
         (false, true) => Some("binary"),
         (false, false) => {
-            return text(
+            return refuse(
                 StatusCode::BAD_REQUEST,
+                "bad_request",
                 "only the `binary` subprotocol is supported",
             );
         }
     };
     let Some(token) = token_of(&req) else {
-        return text(StatusCode::BAD_REQUEST, "missing token");
+        return refuse(StatusCode::BAD_REQUEST, "missing_token", "missing token");
     };
     let span = tracing::info_span!("ws", %client, token = token_prefix(&token));
     let upgrade = Upgrade {
@@ -378,27 +397,43 @@ async fn accept(
             Ok(Ok(t)) => t,
             Ok(Err(TokenError::Unknown)) => {
                 tracing::warn!("refused: unknown or expired token");
-                return text(StatusCode::FORBIDDEN, "unknown or expired token");
+                return refuse(
+                    StatusCode::FORBIDDEN,
+                    "unknown_token",
+                    "unknown or expired token",
+                );
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "token source failed");
-                return text(
+                return refuse(
                     StatusCode::SERVICE_UNAVAILABLE,
+                    "token_source_down",
                     "cannot check the token right now",
                 );
             }
-            Err(_) => return text(StatusCode::SERVICE_UNAVAILABLE, "token check timed out"),
+            Err(_) => {
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "token_source_down",
+                    "token check timed out",
+                );
+            }
         };
     if cfg.bind_to_ip && target.remote_ip.parse::<IpAddr>().ok() != Some(client) {
         tracing::warn!(recorded = %target.remote_ip, "refused: token used from another IP");
-        return text(StatusCode::FORBIDDEN, "token not valid from this address");
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "wrong_ip",
+            "token not valid from this address",
+        );
     }
     let slot = match proxy.limits.acquire(&token, client) {
         Ok(s) => s,
         Err(over) => {
             tracing::warn!(?over, "refused: connection limit");
-            return text(
+            return refuse(
                 StatusCode::TOO_MANY_REQUESTS,
+                "limit",
                 match over {
                     Over::Token => "too many connections with this token",
                     Over::Ip => "too many connections from this address",
@@ -415,7 +450,11 @@ async fn accept(
         Ok(Ok(s)) => s,
         _ => {
             tracing::warn!(host = %target.host, port = target.port, "VNC server unreachable");
-            return text(StatusCode::BAD_GATEWAY, "the desktop is not reachable");
+            return refuse(
+                StatusCode::BAD_GATEWAY,
+                "unreachable",
+                "the desktop is not reachable",
+            );
         }
     };
     let _ = tcp.set_nodelay(true);
@@ -423,8 +462,9 @@ async fn accept(
         && let Err(e) = crate::authproxy::login(&mut tcp, &target.password).await
     {
         tracing::warn!(error = %e, "auth proxy: VNC login failed");
-        return text(
+        return refuse(
             StatusCode::BAD_GATEWAY,
+            "vnc_login_failed",
             "the desktop refused the proxy's login",
         );
     }
@@ -484,6 +524,9 @@ async fn accept(
                 Vec::new()
             };
             tracing::info!(host = %target.host, port = target.port, user = %target.username, "relaying");
+            metrics::counter!("vncdispatch_wsproxy_connections_total").increment(1);
+            let active = metrics::gauge!("vncdispatch_wsproxy_connections_active");
+            active.increment(1.0);
             let stats = relay(
                 ws,
                 tcp,
@@ -495,6 +538,7 @@ async fn accept(
                 cancel,
             )
             .await;
+            active.decrement(1.0);
             tracing::info!(up = stats.up, down = stats.down, "relay ended");
         },
         span,

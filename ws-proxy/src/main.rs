@@ -32,6 +32,10 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
+    /// TOML file of settings keyed by these options' long names (`listen = "…"`); the
+    /// command line and environment override it.
+    #[arg(long, env = "WS_PROXY_CONFIG")]
+    config: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, env = "WS_PROXY_LISTEN", default_value = "0.0.0.0:6080")]
     listen: SocketAddr,
@@ -101,6 +105,10 @@ struct ServeArgs {
     /// Private key (PEM) for --tls-cert.
     #[arg(long, env = "WS_PROXY_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless set; keep it off public
+    /// networks).
+    #[arg(long, env = "WS_PROXY_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Log lines as JSON objects.
     #[arg(long, env = "WS_PROXY_LOG_JSON")]
     log_json: bool,
@@ -136,8 +144,9 @@ fn tls_config(
 }
 
 fn main() -> ExitCode {
-    let Command::Serve(args) = Cli::parse().command;
+    let Command::Serve(args) = vncdispatch_proto::config::parse::<Cli>().command;
     vncdispatch_proto::serve::init_logging(args.log_json, "info");
+    vncdispatch_proto::config::log_config_file(args.config.as_deref());
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -201,6 +210,7 @@ async fn serve(
     tokens: Arc<dyn TokenSource>,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 ) -> anyhow::Result<()> {
+    vncdispatch_proto::metrics::install(a.metrics_listen).map_err(anyhow::Error::msg)?;
     let web_dir = (!a.web.as_os_str().is_empty()).then(|| a.web.clone());
     if let Some(dir) = &web_dir
         && !dir.join("vnc.html").is_file()

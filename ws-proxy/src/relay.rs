@@ -74,6 +74,10 @@ where
     // Milliseconds since `started` when the browser was last heard from.
     let last_heard = AtomicU64::new(0);
     let heard = || last_heard.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let up_counter =
+        metrics::counter!("vncdispatch_wsproxy_relayed_bytes_total", "direction" => "up");
+    let down_counter =
+        metrics::counter!("vncdispatch_wsproxy_relayed_bytes_total", "direction" => "down");
 
     // Browser to VNC server.
     let up = async {
@@ -91,6 +95,7 @@ where
                         return close(CloseCode::Away, "VNC server closed the connection");
                     }
                     up_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    up_counter.increment(data.len() as u64);
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
                     heard();
@@ -141,6 +146,7 @@ where
                                 return close(CloseCode::Away, "");
                             }
                             down_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                            down_counter.increment(n as u64);
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(_) => return close(CloseCode::Normal, "VNC server closed the connection"),

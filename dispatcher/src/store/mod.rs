@@ -14,6 +14,7 @@
 pub mod conformance;
 pub mod embedded;
 pub mod mongo;
+pub mod timed;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,0 +1,415 @@
+//! The whole system driven the way its users drive it, with every service started from the
+//! example config files in deploy/config/ (command-line flags override only ports and paths):
+//! a portal backend in Python (grpcio, stubs generated from proto/) dispatches a desktop, a
+//! headless Chromium shows it through ws-proxy, a second Dispatch returns the same session,
+//! grpcurl finds every service by reflection and calls Dispatch, an operator drains a blade
+//! with the CLI and the next user lands elsewhere, one request id shows up in the dispatcher's
+//! and the agent's logs, and every service's /metrics has the named series, non-zero.
+//!
+//! The same scenario runs on the embedded store, on MongoDB (a real FerretDB), and with one
+//! blade reached over SSH (a real sshd).
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use vncdispatch_tests::agent::{AgentOptions, AgentProc, free_port, new_secret};
+use vncdispatch_tests::browser::assert_shows_desktop;
+use vncdispatch_tests::dispatcher::{DispatcherOptions, DispatcherProc};
+use vncdispatch_tests::ferretdb::FerretDb;
+use vncdispatch_tests::sshd::Sshd;
+use vncdispatch_tests::users::TestUser;
+use vncdispatch_tests::wsproxy::{WsProxyProc, demo_session};
+use vncdispatch_tests::{artifact, eventually, procs, require_root_and_tigervnc, workspace_bin};
+
+fn repo(path: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+fn metrics_addr() -> SocketAddr {
+    ([127, 0, 0, 1], free_port([127, 0, 0, 1].into())).into()
+}
+
+/// Runs a command, returning stdout; panics with stderr on failure.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The portal backend: tests/portal_client.py on the grpcio environment install-deps made.
+fn portal(d: &DispatcherProc, secret: &Path, request_id: &str, args: &[&str]) -> Value {
+    let python = std::env::var("PORTAL_PYTHON")
+        .unwrap_or_else(|_| "/opt/vncdispatch/pyclient/bin/python".into());
+    let out = run(Command::new(python)
+        .arg(repo("tests/portal_client.py"))
+        .args(["--dispatcher", &d.addr.to_string(), "--secret-file"])
+        .arg(secret)
+        .args(["--request-id", request_id])
+        .args(args));
+    serde_json::from_str(&out).expect("portal client JSON")
+}
+
+/// The operator's CLI against the running dispatcher.
+fn operator(d: &DispatcherProc, secret: &Path, args: &[&str]) -> String {
+    // The client options are global options of the subcommands: they go after them.
+    run(Command::new(workspace_bin("dispatcher"))
+        .args(args)
+        .args([
+            "--dispatcher",
+            &format!("http://{}", d.addr),
+            "--secret-file",
+        ])
+        .arg(secret))
+}
+
+fn grpcurl(secret: &Path, args: &[&str]) -> String {
+    let bearer = format!(
+        "authorization: Bearer {}",
+        std::fs::read_to_string(secret).expect("secret").trim()
+    );
+    run(Command::new("grpcurl")
+        .args(["-plaintext", "-H", &bearer])
+        .args(args))
+}
+
+/// The value of the first sample of `series` whose labels contain `labels`, from `curl`.
+fn metric(addr: SocketAddr, series: &str, labels: &str) -> f64 {
+    let body = run(Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]));
+    body.lines()
+        .filter(|l| {
+            l.starts_with(series) && l[series.len()..].starts_with(['{', ' ']) && l.contains(labels)
+        })
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Where the blades are: two gRPC agents, or one agent and one blade over SSH.
+enum Blades {
+    Agents,
+    WithSsh,
+}
+
+async fn scenario(store: Option<String>, blades: Blades, name: &str) {
+    require_root_and_tigervnc();
+    let dir = tempfile::tempdir().expect("dir");
+    let agent_secret = dir.path().join("agent-secret");
+    let api_secret = dir.path().join("api-secret");
+    new_secret(&agent_secret);
+    new_secret(&api_secret);
+    let (m_dispatcher, m_proxy) = (metrics_addr(), metrics_addr());
+
+    let agent = |ip: [u8; 4], m: SocketAddr| {
+        AgentProc::start(AgentOptions {
+            ip: ip.into(),
+            secret_file: Some(agent_secret.clone()),
+            session_command: Some(demo_session()),
+            extra: vec![
+                "--config".into(),
+                repo("deploy/config/blade-agent.toml"),
+                "--metrics-listen".into(),
+                m.to_string(),
+            ],
+            ..Default::default()
+        })
+    };
+    let m_agent1 = metrics_addr();
+    let agent1 = agent([127, 0, 0, 2], m_agent1).await;
+    let m_agent2 = metrics_addr();
+    let (agent2, sshd) = match blades {
+        Blades::Agents => (Some(agent([127, 0, 0, 3], m_agent2).await), None),
+        Blades::WithSsh => (None, Some(Sshd::start().await)),
+    };
+
+    let mut extra = vec![
+        "--config".into(),
+        repo("deploy/config/dispatcher.toml"),
+        "--api-secret-file".into(),
+        api_secret.display().to_string(),
+        "--metrics-listen".into(),
+        m_dispatcher.to_string(),
+    ];
+    if let Some(sshd) = &sshd {
+        let agent_args = format!(
+            "--rfb-listen 127.0.0.1 --session-command {} --display-first 440 --display-count 20 --run-dir {}",
+            demo_session().display(),
+            dir.path().join("ssh-run").display()
+        );
+        extra.extend([
+            "--ssh-key".into(),
+            sshd.client_key.display().to_string(),
+            "--ssh-known-hosts".into(),
+            sshd.known_hosts.display().to_string(),
+            "--ssh-program".into(),
+            workspace_bin("blade-agent").display().to_string(),
+            format!("--ssh-agent-args={agent_args}"),
+        ]);
+    }
+    let d = DispatcherProc::start(DispatcherOptions {
+        mongo: store,
+        agent_secret: agent_secret.clone(),
+        extra,
+        ..Default::default()
+    })
+    .await;
+
+    // The operator registers the blades.
+    let port = |a: &AgentProc| a.addr.port().to_string();
+    operator(
+        &d,
+        &api_secret,
+        &["blade", "add", "b1", "127.0.0.2", "--port", &port(&agent1)],
+    );
+    match (&agent2, &sshd) {
+        (Some(a2), _) => {
+            operator(
+                &d,
+                &api_secret,
+                &["blade", "add", "b2", "127.0.0.3", "--port", &port(a2)],
+            );
+        }
+        (None, Some(s)) => {
+            let p = s.port.to_string();
+            operator(
+                &d,
+                &api_secret,
+                &[
+                    "blade",
+                    "add",
+                    "b2",
+                    "127.0.0.1",
+                    "--port",
+                    &p,
+                    "--method",
+                    "ssh",
+                ],
+            );
+        }
+        (None, None) => unreachable!("one of the two is set"),
+    }
+
+    let proxy = WsProxyProc::start(&[
+        "--config".into(),
+        repo("deploy/config/ws-proxy.toml"),
+        "--dispatcher".into(),
+        format!("http://{}", d.addr),
+        "--dispatcher-secret-file".into(),
+        api_secret.display().to_string(),
+        "--metrics-listen".into(),
+        m_proxy.to_string(),
+    ])
+    .await;
+
+    // The portal dispatches alice's desktop; the browser shows it.
+    let (alice, bob) = (TestUser::create(), TestUser::create());
+    let request_id = format!("e2e-{name}-{}", std::process::id());
+    let s1 = portal(
+        &d,
+        &api_secret,
+        &request_id,
+        &["dispatch", &alice.name, "127.0.0.1"],
+    );
+    let token = s1["token"].as_str().expect("token").to_owned();
+    let password = s1["password"].as_str().expect("password").to_owned();
+    let blade1 = s1["blade"].as_str().expect("blade").to_owned();
+    assert_ne!(s1["reused"], Value::Bool(true), "{s1}");
+    let url = format!(
+        "http://{}/vnc.html?autoconnect=1&password={password}&path=websockify?token={token}",
+        proxy.addr
+    );
+    assert_shows_desktop(&url, &artifact(&format!("e2e-{name}.png")), &[], &|| {
+        proxy.log()
+    })
+    .await;
+
+    // The request id followed the Dispatch from the dispatcher to the agent that started it.
+    assert!(
+        d.log().contains(&request_id),
+        "request id not in the dispatcher log"
+    );
+    if blade1 == "b1" {
+        assert!(
+            agent1.log().contains(&request_id),
+            "request id not in the agent log"
+        );
+    }
+
+    // Coming back: same session (grpcurl, as any gRPC tool would).
+    let again: Value = serde_json::from_str(&grpcurl(
+        &api_secret,
+        &[
+            "-d",
+            &format!(r#"{{"username":"{}","remote_ip":"127.0.0.9"}}"#, alice.name),
+            &d.addr.to_string(),
+            "vncdispatch.v1.Dispatcher/Dispatch",
+        ],
+    ))
+    .expect("grpcurl JSON");
+    assert_eq!(again["token"].as_str(), Some(token.as_str()), "{again}");
+    assert_eq!(again["reused"], Value::Bool(true), "{again}");
+    assert_eq!(again["remoteIp"].as_str(), Some("127.0.0.9"), "{again}");
+    let services = grpcurl(&api_secret, &[&d.addr.to_string(), "list"]);
+    for s in [
+        "vncdispatch.v1.Dispatcher",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(services.contains(s), "reflection lacks {s}: {services}");
+    }
+    let agent_services = Command::new("grpcurl")
+        .args(["-plaintext", &agent1.addr.to_string(), "list"])
+        .output()
+        .expect("grpcurl agent");
+    assert!(
+        String::from_utf8_lossy(&agent_services.stdout).contains("vncdispatch.v1.BladeAgent"),
+        "agent reflection: {agent_services:?}"
+    );
+
+    // The operator drains alice's blade; bob lands on the other one.
+    operator(&d, &api_secret, &["blade", "drain", &blade1]);
+    let s2 = portal(
+        &d,
+        &api_secret,
+        &request_id,
+        &["dispatch", &bob.name, "127.0.0.1"],
+    );
+    assert_ne!(s2["blade"].as_str(), Some(blade1.as_str()), "{s2}");
+    let listed = operator(&d, &api_secret, &["blade", "list"]);
+    assert!(listed.contains(&blade1), "{listed}");
+
+    // Every service's metrics, as curl sees them after the run.
+    let ok = eventually(10, || {
+        metric(m_dispatcher, "vncdispatch_dispatcher_sessions_live", "") >= 1.0
+            && metric(m_agent1, "vncdispatch_agent_sessions_live", "") >= 1.0
+    })
+    .await;
+    assert!(ok, "live-session gauges never rose");
+    let checks: Vec<(&str, SocketAddr, &str, &str)> = vec![
+        (
+            "dispatcher",
+            m_dispatcher,
+            "vncdispatch_dispatcher_dispatches_total",
+            "result=\"started\"",
+        ),
+        (
+            "dispatcher",
+            m_dispatcher,
+            "vncdispatch_dispatcher_dispatches_total",
+            "result=\"reused\"",
+        ),
+        (
+            "dispatcher",
+            m_dispatcher,
+            "vncdispatch_dispatcher_sessions_started_total",
+            "",
+        ),
+        (
+            "dispatcher",
+            m_dispatcher,
+            "vncdispatch_dispatcher_dispatch_duration_seconds_count",
+            "",
+        ),
+        (
+            "dispatcher",
+            m_dispatcher,
+            "vncdispatch_dispatcher_store_duration_seconds_count",
+            "op=\"claim\"",
+        ),
+        (
+            "dispatcher",
+            m_dispatcher,
+            "vncdispatch_grpc_requests_total",
+            "Dispatch",
+        ),
+        (
+            "dispatcher",
+            m_dispatcher,
+            "vncdispatch_grpc_request_duration_seconds_count",
+            "ResolveToken",
+        ),
+        (
+            "agent",
+            m_agent1,
+            "vncdispatch_agent_session_starts_total",
+            "",
+        ),
+        (
+            "agent",
+            m_agent1,
+            "vncdispatch_agent_session_start_duration_seconds_count",
+            "",
+        ),
+        (
+            "agent",
+            m_agent1,
+            "vncdispatch_grpc_requests_total",
+            "Health",
+        ),
+        (
+            "ws-proxy",
+            m_proxy,
+            "vncdispatch_wsproxy_connections_total",
+            "",
+        ),
+        (
+            "ws-proxy",
+            m_proxy,
+            "vncdispatch_wsproxy_relayed_bytes_total",
+            "direction=\"down\"",
+        ),
+        (
+            "ws-proxy",
+            m_proxy,
+            "vncdispatch_wsproxy_relayed_bytes_total",
+            "direction=\"up\"",
+        ),
+    ];
+    for (service, addr, series, labels) in checks {
+        assert!(
+            metric(addr, series, labels) > 0.0,
+            "{service} /metrics: {series}{{{labels}}} is zero or missing"
+        );
+    }
+    if let Some(a2) = &agent2 {
+        assert!(metric(m_agent2, "vncdispatch_agent_session_starts_total", "") > 0.0);
+        let _ = a2;
+    }
+    // Refusals are counted by reason: a forged token.
+    let forged = format!("ws://{}/websockify?token={}", proxy.addr, "ab".repeat(30));
+    assert!(tokio_tungstenite::connect_async(forged).await.is_err());
+    assert!(metric(m_proxy, "vncdispatch_auth_refusals_total", "unknown_token") > 0.0);
+
+    // The portal ends both sessions; their desktops go away.
+    for u in [&alice, &bob] {
+        let ended = portal(&d, &api_secret, &request_id, &["end", &u.name]);
+        assert_eq!(ended["ended"], Value::Bool(true), "{ended}");
+    }
+    let gone = eventually(10, || {
+        procs::xvnc_of(alice.uid).is_empty() && procs::xvnc_of(bob.uid).is_empty()
+    })
+    .await;
+    assert!(gone, "a desktop outlived EndSession");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_whole_system_on_the_embedded_store() {
+    scenario(None, Blades::Agents, "embedded").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_whole_system_on_mongodb() {
+    let db = FerretDb::start().await;
+    scenario(Some(db.uri("vncDispatch")), Blades::Agents, "mongodb").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_whole_system_with_a_blade_over_ssh() {
+    scenario(None, Blades::WithSsh, "ssh").await;
+}
