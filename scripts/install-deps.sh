@@ -4,6 +4,7 @@
 set -euo pipefail
 
 log() { [ -n "${QUIET:-}" ] || echo "install-deps: $*" >&2; }
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 
 need_root() {
   if [ "$(id -u)" -ne 0 ]; then
@@ -15,7 +16,7 @@ need_root() {
 # Debian packages: the real TigerVNC, noVNC, websockify (for comparison), sshd, a browser,
 # protoc for the proto crate, and a small window manager for demo desktops.
 DEB_PKGS=(tigervnc-standalone-server tigervnc-tools novnc websockify openssh-server chromium
-          protobuf-compiler twm xfonts-base x11-utils x11-xserver-utils procps)
+          protobuf-compiler twm xfonts-base x11-utils x11-xserver-utils procps systemd curl)
 
 missing=()
 for p in "${DEB_PKGS[@]}"; do
@@ -60,16 +61,26 @@ if [ "$(cat "$GRPCURL_BIN.version" 2>/dev/null)" != "$GRPCURL_VERSION" ]; then
   echo "$GRPCURL_VERSION" > "$GRPCURL_BIN.version"
 fi
 
-# A Python environment with grpcio, for the portal-side client in tests/portal_client.py that
-# proves the contract works outside Rust.
-PYCLIENT_VENV="${PYCLIENT_VENV:-/opt/vncdispatch/pyclient}"
-PYCLIENT_REQS="$(cd "$(dirname "$0")/.." && pwd)/tests/requirements-portal-client.txt"
-if ! cmp -s "$PYCLIENT_REQS" "$PYCLIENT_VENV/.installed"; then
-  log "creating $PYCLIENT_VENV"
-  rm -rf "$PYCLIENT_VENV"
-  python3 -m venv "$PYCLIENT_VENV"
-  "$PYCLIENT_VENV/bin/pip" install -q --disable-pip-version-check -r "$PYCLIENT_REQS"
-  cp "$PYCLIENT_REQS" "$PYCLIENT_VENV/.installed"
+# Python tools for the tests (tests/requirements.txt): grpcio for the portal client in
+# tests/portal_client.py, hadolint for the Dockerfile.
+TEST_VENV="${TEST_VENV:-/opt/vncdispatch/test-venv}"
+TEST_REQS="$ROOT/tests/requirements.txt"
+if ! cmp -s "$TEST_REQS" "$TEST_VENV/.installed"; then
+  log "creating $TEST_VENV"
+  rm -rf "$TEST_VENV"
+  python3 -m venv "$TEST_VENV"
+  "$TEST_VENV/bin/pip" install -q --disable-pip-version-check -r "$TEST_REQS"
+  cp "$TEST_REQS" "$TEST_VENV/.installed"
+fi
+
+# compose-check (tests/compose-check): validates docker-compose.yml with compose-go, the
+# library `docker compose config` uses; there is no Docker engine or compose plugin here.
+COMPOSE_CHECK_BIN="${COMPOSE_CHECK_BIN:-/usr/local/bin/vncdispatch-compose-check}"
+compose_stamp=$(cat "$ROOT"/tests/compose-check/{go.mod,go.sum,main.go} | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$COMPOSE_CHECK_BIN.version" 2>/dev/null)" != "$compose_stamp" ]; then
+  log "building compose-check"
+  (cd "$ROOT/tests/compose-check" && GOFLAGS=-mod=mod go build -o "$COMPOSE_CHECK_BIN" .)
+  echo "$compose_stamp" > "$COMPOSE_CHECK_BIN.version"
 fi
 
 # Autobahn|Testsuite's wstest, for ws-proxy's WebSocket conformance test.

@@ -47,7 +47,7 @@ fn run(cmd: &mut Command) -> String {
 /// The portal backend: tests/portal_client.py on the grpcio environment install-deps made.
 fn portal(d: &DispatcherProc, secret: &Path, request_id: &str, args: &[&str]) -> Value {
     let python = std::env::var("PORTAL_PYTHON")
-        .unwrap_or_else(|_| "/opt/vncdispatch/pyclient/bin/python".into());
+        .unwrap_or_else(|_| "/opt/vncdispatch/test-venv/bin/python".into());
     let out = run(Command::new(python)
         .arg(repo("tests/portal_client.py"))
         .args(["--dispatcher", &d.addr.to_string(), "--secret-file"])

@@ -1,0 +1,50 @@
+# syntax=docker/dockerfile:1
+# One Dockerfile, one build stage, a target per image (docker-compose.yml picks them):
+#   dispatcher, ws-proxy (with Debian's noVNC), blade (blade-agent + TigerVNC + twm).
+# MongoDB runs from the official mongo image; it needs no Dockerfile of ours.
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+# protoc comes vendored (protoc-bin-vendored); nothing else to install.
+RUN cargo build --release --locked -p dispatcher -p blade-agent -p ws-proxy \
+ && mkdir /out \
+ && cp target/release/dispatcher target/release/blade-agent target/release/ws-proxy /out/
+
+FROM debian:bookworm-slim AS dispatcher
+RUN useradd --system --uid 10001 --home-dir /var/lib/vncdispatch --create-home vncdispatch
+COPY --from=build /out/dispatcher /usr/local/bin/dispatcher
+COPY deploy/config/dispatcher.toml /etc/vncdispatch/dispatcher.toml
+USER 10001
+EXPOSE 7500 9500
+ENTRYPOINT ["dispatcher"]
+CMD ["serve", "--config", "/etc/vncdispatch/dispatcher.toml"]
+
+FROM debian:bookworm-slim AS ws-proxy
+# Debian's noVNC is what ws-proxy serves by default; apt versions are not pinned on purpose,
+# so a rebuild picks up Debian's security updates (see .hadolint.yaml).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends novnc \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10002 --no-create-home ws-proxy
+COPY --from=build /out/ws-proxy /usr/local/bin/ws-proxy
+COPY deploy/config/ws-proxy.toml /etc/vncdispatch/ws-proxy.toml
+USER 10002
+EXPOSE 6080 9502
+ENTRYPOINT ["ws-proxy"]
+CMD ["serve", "--config", "/etc/vncdispatch/ws-proxy.toml"]
+
+FROM debian:bookworm-slim AS blade
+# The agent starts desktops as their users, so it runs as root (as under systemd); users come
+# from the image here, from NSS (LDAP, sssd) on a real blade.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tigervnc-standalone-server tigervnc-tools \
+      twm xfonts-base x11-xserver-utils \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 1000 --shell /bin/bash demo
+COPY --from=build /out/blade-agent /usr/local/bin/blade-agent
+COPY deploy/config/blade-agent.toml /etc/blade-agent/blade-agent.toml
+COPY deploy/demo-session /usr/local/bin/demo-session
+EXPOSE 7501 9501 5901-6000
+ENTRYPOINT ["blade-agent"]
+CMD ["serve", "--config", "/etc/blade-agent/blade-agent.toml"]
