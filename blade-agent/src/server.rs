@@ -11,7 +11,7 @@ use vncdispatch_proto::serve;
 use vncdispatch_proto::v1::blade_agent_server::BladeAgentServer;
 
 /// Serves the agent on an already-bound listener until `shutdown` resolves. Health is SERVING
-/// only while the Xvnc binary is there to start desktops with.
+/// only while a desktop could be started (Xvnc binary there, a display free).
 pub async fn run(
     listener: TcpListener,
     agent: Arc<Agent>,
@@ -19,19 +19,46 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let ready = agent.config().xvnc.is_file();
-    let status = if ready {
-        tonic_health::ServingStatus::Serving
-    } else {
-        tonic_health::ServingStatus::NotServing
+    // Readiness follows what a start needs, re-checked while serving: the Xvnc binary and a
+    // free display. A dispatcher polling Health then stops sending users to a full blade.
+    let watcher = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let why_not = if !agent.config().xvnc.is_file() {
+                    Some(format!(
+                        "Xvnc binary {} missing",
+                        agent.config().xvnc.display()
+                    ))
+                } else {
+                    match agent.health() {
+                        Ok(h) if h.free_displays == 0 => Some("no free display".to_owned()),
+                        Ok(_) => None,
+                        Err(e) => Some(e.to_string()),
+                    }
+                };
+                let ready = why_not.is_none();
+                if last != Some(ready) {
+                    match &why_not {
+                        Some(why) => tracing::error!(%why, "reporting NOT_SERVING"),
+                        None => tracing::info!("reporting SERVING"),
+                    }
+                    let status = if ready {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    health.set_service_status("", status).await;
+                    health
+                        .set_service_status("vncdispatch.v1.BladeAgent", status)
+                        .await;
+                    last = Some(ready);
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        })
     };
-    health.set_service_status("", status).await;
-    health
-        .set_service_status("vncdispatch.v1.BladeAgent", status)
-        .await;
-    if !ready {
-        tracing::error!(xvnc = %agent.config().xvnc.display(), "Xvnc binary missing: reporting NOT_SERVING");
-    }
     let service = BladeAgentServer::new(AgentService::new(agent))
         .max_decoding_message_size(serve::MAX_REQUEST_BYTES);
     let authed = InterceptedService::new(service, move |req| secret.check(req));
@@ -42,6 +69,7 @@ pub async fn run(
         .add_service(authed)
         .serve_with_incoming_shutdown(serve::incoming(listener), shutdown)
         .await?;
+    watcher.abort();
     tracing::info!("blade-agent stopped; desktops keep running");
     Ok(())
 }
