@@ -119,6 +119,11 @@ impl Dispatcher {
         &self.store
     }
 
+    /// How long a Dispatch's claim on a user holds: its launch plus a margin for the store.
+    fn claim_ttl(&self) -> Duration {
+        self.cfg.launch_timeout + Duration::from_secs(10)
+    }
+
     fn ttl_ms(&self) -> i64 {
         self.cfg.token_ttl.as_millis() as i64
     }
@@ -132,13 +137,15 @@ impl Dispatcher {
     ) -> Result<Session, DispatchError> {
         validate_username(username)?;
         let remote_ip = parse_remote_ip(remote_ip)?.to_string();
-        let give_up =
-            tokio::time::Instant::now() + self.cfg.launch_timeout + Duration::from_secs(5);
+        // Wait out another Dispatch's claim, up to its expiry: a claim left by a dispatcher
+        // that died mid-launch then lapses and this call takes over (adopting any desktop
+        // the dead one had started) instead of failing.
+        let give_up = tokio::time::Instant::now() + self.claim_ttl() + Duration::from_secs(2);
         loop {
             let now = now_ms();
             let claim = Claim {
                 id: secrets::new_token().map_err(DispatchError::Secret)?,
-                expires_at_ms: now + self.cfg.launch_timeout.as_millis() as i64 + 10_000,
+                expires_at_ms: now + self.claim_ttl().as_millis() as i64,
             };
             match self.store.claim(username, &claim, now).await? {
                 ClaimOutcome::Won => {
@@ -237,10 +244,12 @@ impl Dispatcher {
         };
         match launcher.is_alive(&blade, &rec.username, rec.vnc_pid).await {
             Ok(alive) => alive,
+            // Cannot tell (blade busy or briefly unreachable): keep the session. Replacing it
+            // would revoke the token of a browser that may well be connected right now; if
+            // the desktop really is gone, the next Dispatch that reaches the blade finds out.
             Err(e) => {
-                tracing::warn!(blade = %blade.name, error = %e, "cannot check desktop; treating it as gone");
-                self.mark(&blade.name, false, None);
-                false
+                tracing::warn!(blade = %blade.name, error = %e, "cannot check the desktop; keeping the session");
+                true
             }
         }
     }
@@ -299,6 +308,7 @@ impl Dispatcher {
                 }
                 Err(_) => {
                     metrics::counter!("vncdispatch_dispatcher_session_start_failures_total", "blade" => blade.name.clone(), "reason" => "timeout").increment(1);
+                    self.clean_up_late_start(launcher.clone(), blade.clone(), username);
                     let why = format!(
                         "{}: no answer within {:?}",
                         blade.name, self.cfg.launch_timeout
@@ -335,7 +345,14 @@ impl Dispatcher {
                 created_at_ms: now,
                 expires_at_ms: Some(now + self.ttl_ms()),
             };
-            self.store.complete(&rec, &claim.id).await?;
+            if let Err(e) = self.store.complete(&rec, &claim.id).await {
+                // A desktop no session points at would run on unseen: stop it.
+                tracing::error!(blade = %blade.name, error = %e, "could not store the session; stopping the desktop just started");
+                if let Err(stop) = launcher.stop(&blade, username).await {
+                    tracing::warn!(blade = %blade.name, error = %stop, "could not stop it either; the blade's sweep will");
+                }
+                return Err(e.into());
+            }
             tracing::info!(blade = %rec.blade, display = rec.display, pid = rec.vnc_pid, "session started");
             return Ok(self.session(&rec, token, password, false));
         }
@@ -345,8 +362,46 @@ impl Dispatcher {
         )))
     }
 
+    /// A blade that did not answer a start in time may still carry it out when it recovers
+    /// (a stopped or overloaded agent works through its queue), leaving a desktop no session
+    /// points at. After a grace period, and while the user's session (if any) is elsewhere,
+    /// ask that blade to stop the user's desktop; retried for a few minutes in the background.
+    fn clean_up_late_start(&self, launcher: Arc<dyn Launcher>, blade: BladeRecord, username: &str) {
+        let (store, username, grace) = (
+            self.store.clone(),
+            username.to_owned(),
+            self.cfg.launch_timeout,
+        );
+        tokio::spawn(async move {
+            for attempt in 0..8u32 {
+                tokio::time::sleep(grace.max(Duration::from_secs(1)) * (attempt + 1)).await;
+                match store.get_session(&username).await {
+                    // The user's session is on that blade after all: the desktop is in use.
+                    Ok(Some(rec)) if rec.is_ready() && rec.blade == blade.name => return,
+                    // Another Dispatch is under way and may pick that blade; look again later.
+                    Ok(Some(rec)) if !rec.is_ready() => continue,
+                    Ok(_) => {}
+                    Err(_) => continue,
+                }
+                match launcher.stop(&blade, &username).await {
+                    Ok(stopped) => {
+                        if stopped {
+                            tracing::info!(blade = %blade.name, user = %username, "stopped a desktop started after its Dispatch had given up on the blade");
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(blade = %blade.name, error = %e, "late-start cleanup: blade still unreachable");
+                    }
+                }
+            }
+        });
+    }
+
     /// The blades to try, in order: usable ones (registered, not draining, not known to be
-    /// down) by the configured policy.
+    /// down) by the configured policy, then the ones last seen down. Health is a periodic
+    /// view and may be stale (a blade back up a moment ago): a blade marked down is tried
+    /// after the others rather than never.
     async fn choose_blades(&self) -> Result<Vec<BladeRecord>, DispatchError> {
         let all = self.store.list_blades().await?;
         if all.is_empty() {
@@ -364,15 +419,21 @@ impl Dispatcher {
             .filter(|b| !b.draining && health.get(&b.name).is_none_or(|h| h.healthy))
             .cloned()
             .collect();
-        if usable.is_empty() {
-            let draining = all.iter().filter(|b| b.draining).count();
+        let last_resort: Vec<BladeRecord> = all
+            .iter()
+            .filter(|b| !b.draining && health.get(&b.name).is_some_and(|h| !h.healthy))
+            .cloned()
+            .collect();
+        if usable.is_empty() && last_resort.is_empty() {
             return Err(DispatchError::NoBlade(format!(
-                "no usable blade: {} registered, {draining} draining, {} unreachable",
-                all.len(),
-                all.len() - draining
+                "no usable blade: all {} registered blades are draining",
+                all.len()
             )));
         }
-        Ok(match self.cfg.policy {
+        if usable.is_empty() {
+            return Ok(last_resort);
+        }
+        let mut ordered: Vec<BladeRecord> = match self.cfg.policy {
             Policy::RoundRobin => {
                 let n = self.store.next_round_robin().await?;
                 let start = (n % usable.len() as u64) as usize;
@@ -394,7 +455,9 @@ impl Dispatcher {
                 });
                 sorted
             }
-        })
+        };
+        ordered.extend(last_resort);
+        Ok(ordered)
     }
 
     fn mark(&self, blade: &str, healthy: bool, load: Option<BladeLoad>) {
@@ -415,6 +478,8 @@ impl Dispatcher {
             return;
         };
         let names: Vec<String> = blades.iter().map(|b| b.name.clone()).collect();
+        // Each blade is marked as its answer comes: a hung blade must not hold up the news
+        // that another is back.
         let checks = blades.into_iter().map(|blade| async move {
             let result = match self.launchers.get(blade.method) {
                 Ok(l) => tokio::time::timeout(Duration::from_secs(5), l.health(&blade))
@@ -422,9 +487,6 @@ impl Dispatcher {
                     .ok(),
                 Err(_) => None,
             };
-            (blade, result)
-        });
-        for (blade, result) in futures_util::future::join_all(checks).await {
             match result {
                 Some(Ok(load)) => self.mark(&blade.name, true, Some(load)),
                 Some(Err(e)) => {
@@ -436,7 +498,8 @@ impl Dispatcher {
                     self.mark(&blade.name, false, None)
                 }
             }
-        }
+        });
+        futures_util::future::join_all(checks).await;
         // Per-blade gauges ride on this periodic pass rather than on every Dispatch.
         let health = self
             .health
@@ -598,6 +661,7 @@ impl Dispatcher {
 
     /// Drains (or undrains) a blade.
     pub async fn drain(&self, name: &str, draining: bool) -> Result<BladeRecord, DispatchError> {
+        validate_blade_name(name)?;
         self.store
             .set_draining(name, draining)
             .await?
@@ -606,6 +670,7 @@ impl Dispatcher {
 
     /// Forgets a blade; with `force`, revokes and stops its sessions first.
     pub async fn remove_blade(&self, name: &str, force: bool) -> Result<bool, DispatchError> {
+        validate_blade_name(name)?;
         let on_blade: Vec<SessionRecord> = self
             .store
             .list_sessions()
@@ -879,7 +944,12 @@ mod tests {
         d.drain("b1", true).await.unwrap();
         let err = tonic::Status::from(d.dispatch("u", "192.0.2.1", "t").await.unwrap_err());
         assert_eq!(err.code(), tonic::Code::Unavailable);
-        assert!(err.message().contains("1 draining"), "{}", err.message());
+        assert!(
+            err.message()
+                .contains("all 1 registered blades are draining"),
+            "{}",
+            err.message()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]

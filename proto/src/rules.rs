@@ -81,8 +81,10 @@ pub fn validate_username(name: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// Checks a VNC password: 6 to 8 bytes and no NUL (the rfbauth format pads with NUL, so a NUL
-/// would make two passwords equal). Longer passwords are refused rather than silently cut.
+/// Checks a VNC password: 6 to 8 printable ASCII characters. Longer passwords are refused
+/// rather than silently cut; NUL would make two passwords equal (rfbauth pads with NUL); a
+/// newline cannot pass through `vncpasswd -f` or the `cloudvnc` stdin line; and noVNC turns
+/// characters into bytes by code point, so non-ASCII never matches what the browser sends.
 pub fn validate_password(password: &str) -> Result<(), FieldError> {
     if password.len() < PASSWORD_MIN {
         return Err(FieldError::Password("must be at least 6 bytes"));
@@ -94,6 +96,11 @@ pub fn validate_password(password: &str) -> Result<(), FieldError> {
     }
     if password.bytes().any(|b| b == 0) {
         return Err(FieldError::Password("must not contain NUL"));
+    }
+    if !password.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(FieldError::Password(
+            "must be printable ASCII (noVNC sends code points, not UTF-8)",
+        ));
     }
     Ok(())
 }
