@@ -12,8 +12,8 @@ use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 const SESSIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sessions");
 const TOKENS: TableDefinition<'_, &str, &str> = TableDefinition::new("tokens");
@@ -30,7 +30,10 @@ struct StoredBlade {
 /// The redb-backed store.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    // None only between closing after an I/O error and a successful reopen. Every use holds
+    // the read lock for its whole transaction, so a reopen (write lock) sees no one inside.
+    db: Arc<RwLock<Option<Database>>>,
+    path: Arc<PathBuf>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -59,7 +62,10 @@ impl EmbeddedStore {
             .map_err(|e| StoreError::Unavailable(format!("opening {}: {e}", path.display())))?;
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-        let store = EmbeddedStore { db: Arc::new(db) };
+        let store = EmbeddedStore {
+            db: Arc::new(RwLock::new(Some(db))),
+            path: Arc::new(path.to_owned()),
+        };
         store.write(Durability::Immediate, |tx| {
             tx.open_table(SESSIONS).map_err(err)?;
             tx.open_table(TOKENS).map_err(err)?;
@@ -70,16 +76,63 @@ impl EmbeddedStore {
         Ok(store)
     }
 
+    /// Runs `f` on the open database, reopening it first if an earlier I/O error closed it.
+    fn with_db<T>(&self, f: impl FnOnce(&Database) -> StoreResult<T>) -> StoreResult<T> {
+        {
+            let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(db) = guard.as_ref() {
+                return f(db);
+            }
+        }
+        self.reopen();
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(db) => f(db),
+            None => Err(StoreError::Unavailable(format!(
+                "{} could not be reopened after an I/O error (disk full?)",
+                self.path.display()
+            ))),
+        }
+    }
+
+    /// After a failed write (disk full, I/O error) redb refuses every further write until
+    /// the database is closed and opened again (which repairs it if needed): do that, so the
+    /// store recovers by itself once the disk has room.
+    fn reopen(&self) {
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        *guard = None;
+        match Database::create(&*self.path) {
+            Ok(db) => {
+                tracing::warn!(path = %self.path.display(), "reopened the store after an I/O error");
+                *guard = Some(db);
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot reopen the store yet");
+            }
+        }
+    }
+
     fn write<T>(
         &self,
         durability: Durability,
         f: impl FnOnce(&WriteTransaction) -> StoreResult<T>,
     ) -> StoreResult<T> {
-        let mut tx = self.db.begin_write().map_err(err)?;
-        tx.set_durability(durability).map_err(err)?;
-        let out = f(&tx)?;
-        tx.commit().map_err(err)?;
-        Ok(out)
+        let mut failed_io = false;
+        let mut io = |e: redb::Error| {
+            failed_io |= matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo);
+            err(e)
+        };
+        let out = self.with_db(|db| {
+            let mut tx = db.begin_write().map_err(|e| io(e.into()))?;
+            tx.set_durability(durability).map_err(err)?;
+            let out = f(&tx)?;
+            tx.commit().map_err(|e| io(e.into()))?;
+            Ok(out)
+        });
+        if failed_io {
+            self.reopen();
+        }
+        out
     }
 
     /// Runs a read transaction in place: reads take microseconds (no fsync, no writer lock),
@@ -102,14 +155,22 @@ impl EmbeddedStore {
             .map_err(err)?
     }
 
+    /// A read transaction. It does not hold the lock: a reopen while it runs fails and is
+    /// retried by the next call, which is fine for a path that only runs after disk errors.
+    fn read_tx(&self) -> StoreResult<redb::ReadTransaction> {
+        self.with_db(|db| db.begin_read().map_err(err))
+    }
+
     fn read_session(&self, username: &str) -> StoreResult<Option<SessionRecord>> {
-        let tx = self.db.begin_read().map_err(err)?;
-        let table = tx.open_table(SESSIONS).map_err(err)?;
-        table
-            .get(username)
-            .map_err(err)?
-            .map(|v| decode(v.value()))
-            .transpose()
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(err)?;
+            let table = tx.open_table(SESSIONS).map_err(err)?;
+            table
+                .get(username)
+                .map_err(err)?
+                .map(|v| decode(v.value()))
+                .transpose()
+        })
     }
 }
 
@@ -161,8 +222,7 @@ fn blades_sorted(tx: &redb::ReadTransaction) -> StoreResult<Vec<StoredBlade>> {
 #[async_trait::async_trait]
 impl Store for EmbeddedStore {
     async fn ping(&self) -> StoreResult<()> {
-        self.blocking(|s| s.db.begin_read().map(drop).map_err(err))
-            .await
+        self.blocking(|s| s.read_tx().map(drop)).await
     }
 
     async fn get_session(&self, username: &str) -> StoreResult<Option<SessionRecord>> {
@@ -235,7 +295,7 @@ impl Store for EmbeddedStore {
         _token: &str,
     ) -> StoreResult<Option<SessionRecord>> {
         self.read_inline(|s| {
-            let tx = s.db.begin_read().map_err(err)?;
+            let tx = s.read_tx()?;
             let tokens = tx.open_table(TOKENS).map_err(err)?;
             let Some(user) = tokens.get(token_hash).map_err(err)? else {
                 return Ok(None);
@@ -300,7 +360,7 @@ impl Store for EmbeddedStore {
 
     async fn list_sessions(&self) -> StoreResult<Vec<SessionRecord>> {
         self.blocking(|s| {
-            let tx = s.db.begin_read().map_err(err)?;
+            let tx = s.read_tx()?;
             let table = tx.open_table(SESSIONS).map_err(err)?;
             let mut out = Vec::new();
             for row in table.iter().map_err(err)? {
@@ -382,7 +442,7 @@ impl Store for EmbeddedStore {
 
     async fn list_blades(&self) -> StoreResult<Vec<BladeRecord>> {
         self.read_inline(|s| {
-            let tx = s.db.begin_read().map_err(err)?;
+            let tx = s.read_tx()?;
             Ok(blades_sorted(&tx)?.into_iter().map(|b| b.blade).collect())
         })
     }
