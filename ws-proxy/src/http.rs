@@ -5,9 +5,9 @@
 //! Every refusal happens before the 101 response, with a status that says why: 400 malformed
 //! request, 403 origin or token refused, 429 connection limit, 502 VNC server unreachable.
 //! Header size and header read time are bounded (slowloris, CVE-2023-43669's huge headers).
-use crate::limits::{Limits, Over};
+use crate::limits::{Guesses, Limits, Over};
 use crate::relay::{RelayLimits, relay};
-use crate::token::{TokenError, TokenSource};
+use crate::token::{Target, TokenError, TokenSource};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -45,6 +45,8 @@ pub struct ProxyConfig {
     pub max_per_token: usize,
     /// Concurrent connections per client IP.
     pub max_per_ip: usize,
+    /// Failed token attempts allowed per client and minute (0: no limit).
+    pub max_token_failures: u32,
     /// Time allowed for the request head.
     pub handshake_timeout: Duration,
     /// Largest WebSocket message (and frame) from the browser.
@@ -65,6 +67,7 @@ pub struct Proxy {
     cfg: ProxyConfig,
     tokens: Arc<dyn TokenSource>,
     limits: Limits,
+    guesses: Guesses,
     files: Option<ServeDir>,
     cancel: CancellationToken,
 }
@@ -77,10 +80,12 @@ impl Proxy {
             .as_ref()
             .map(|d| ServeDir::new(d).append_index_html_on_directories(false));
         let limits = Limits::new(cfg.max_per_token, cfg.max_per_ip);
+        let guesses = Guesses::new(cfg.max_token_failures);
         Arc::new(Proxy {
             cfg,
             tokens,
             limits,
+            guesses,
             files,
             cancel: CancellationToken::new(),
         })
@@ -288,12 +293,21 @@ fn origin_ok(cfg: &ProxyConfig, headers: &HeaderMap) -> bool {
     !host.is_empty() && origin_host.eq_ignore_ascii_case(host)
 }
 
+fn unreachable(target: &Target) -> Response<Body> {
+    tracing::warn!(host = %target.host, port = target.port, "VNC server unreachable");
+    refuse(
+        StatusCode::BAD_GATEWAY,
+        "unreachable",
+        "the desktop is not reachable",
+    )
+}
+
 /// A refused WebSocket request, counted by reason: the ones that keep someone out
 /// (`origin`, `unknown_token`, `wrong_ip`, `missing_token`) in the auth-refusal series every
 /// service has, the rest in ws-proxy's own.
 fn refuse(status: StatusCode, reason: &'static str, message: &'static str) -> Response<Body> {
     let series = match reason {
-        "origin" | "unknown_token" | "wrong_ip" | "missing_token" => {
+        "origin" | "unknown_token" | "wrong_ip" | "missing_token" | "token_guessing" => {
             "vncdispatch_auth_refusals_total"
         }
         _ => "vncdispatch_wsproxy_refusals_total",
@@ -392,10 +406,19 @@ async fn accept(
         client,
         token,
     } = up;
-    let target =
+    if proxy.guesses.blocked(client) {
+        tracing::warn!("refused: too many failed token attempts from this client");
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "token_guessing",
+            "too many failed attempts; try again in a minute",
+        );
+    }
+    let mut target =
         match tokio::time::timeout(Duration::from_secs(5), proxy.tokens.resolve(&token)).await {
             Ok(Ok(t)) => t,
             Ok(Err(TokenError::Unknown)) => {
+                proxy.guesses.failed(client);
                 tracing::warn!("refused: unknown or expired token");
                 return refuse(
                     StatusCode::FORBIDDEN,
@@ -441,20 +464,38 @@ async fn accept(
             );
         }
     };
-    let connect = tokio::time::timeout(
-        Duration::from_secs(5),
-        TcpStream::connect((target.host.as_str(), target.port)),
-    )
-    .await;
-    let mut tcp = match connect {
+    let connect = |t: &Target| {
+        let addr = (t.host.clone(), t.port);
+        async move { tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await }
+    };
+    let mut tcp = match connect(&target).await {
         Ok(Ok(s)) => s,
         _ => {
-            tracing::warn!(host = %target.host, port = target.port, "VNC server unreachable");
-            return refuse(
-                StatusCode::BAD_GATEWAY,
-                "unreachable",
-                "the desktop is not reachable",
-            );
+            // The answer may have come from the cache and the session ended since (its Xvnc
+            // stopped): ask again, so a revoked token gets 403 rather than a connection to
+            // whatever listens on that port now.
+            match proxy.tokens.recheck(&token).await {
+                Err(TokenError::Unknown) => {
+                    tracing::warn!("refused: token revoked since it was cached");
+                    return refuse(
+                        StatusCode::FORBIDDEN,
+                        "unknown_token",
+                        "unknown or expired token",
+                    );
+                }
+                Ok(fresh)
+                    if (fresh.host.as_str(), fresh.port) != (target.host.as_str(), target.port) =>
+                {
+                    match connect(&fresh).await {
+                        Ok(Ok(s)) => {
+                            target = fresh;
+                            s
+                        }
+                        _ => return unreachable(&fresh),
+                    }
+                }
+                _ => return unreachable(&target),
+            }
         }
     };
     let _ = tcp.set_nodelay(true);
@@ -559,6 +600,7 @@ mod tests {
             trusted_proxies: vec![[10, 0, 0, 1].into()],
             max_per_token: 2,
             max_per_ip: 8,
+            max_token_failures: 30,
             handshake_timeout: Duration::from_secs(5),
             tls: None,
             max_message: 1 << 20,

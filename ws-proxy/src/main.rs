@@ -77,6 +77,10 @@ struct ServeArgs {
     /// Concurrent connections allowed per client IP.
     #[arg(long, env = "WS_PROXY_MAX_PER_IP", default_value_t = 64)]
     max_per_ip: usize,
+    /// Failed token attempts allowed per client IP (IPv6: per /64) and minute before its
+    /// requests are refused with 429 without a lookup (0: no limit).
+    #[arg(long, env = "WS_PROXY_MAX_TOKEN_FAILURES", default_value_t = 30)]
+    max_token_failures: u32,
     /// Time allowed for a request's headers (slow clients are cut off).
     #[arg(long, env = "WS_PROXY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     handshake_timeout: Duration,
@@ -225,6 +229,7 @@ async fn serve(
         trusted_proxies: a.trusted_proxies,
         max_per_token: a.max_per_token,
         max_per_ip: a.max_per_ip,
+        max_token_failures: a.max_token_failures,
         handshake_timeout: a.handshake_timeout,
         max_message: a.max_message,
         auth_proxy: a.auth_proxy,
