@@ -21,3 +21,5 @@ echo "== cargo build"
 cargo build --workspace --quiet
 echo "== cargo test"
 cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"
+echo "== docs/reliability.md from the fault and bad-input suite's records"
+cargo run --quiet -p vncdispatch-tests --bin reliability-report

@@ -30,6 +30,8 @@ pub struct AgentOptions {
     pub secret_file: Option<PathBuf>,
     /// The desktop session; plain twm when None.
     pub session_command: Option<PathBuf>,
+    /// Display range (first, count); a fresh range of 16 when None.
+    pub displays: Option<(u32, u32)>,
 }
 
 impl Default for AgentOptions {
@@ -40,6 +42,7 @@ impl Default for AgentOptions {
             extra: Vec::new(),
             secret_file: None,
             session_command: None,
+            displays: None,
         }
     }
 }
@@ -71,7 +74,10 @@ impl AgentProc {
         let secret = SharedSecret::from_file(&secret_file).expect("fresh secret");
         let port = free_port(opts.ip);
         let addr = SocketAddr::new(opts.ip, port);
-        let display_first = 20 + DISPLAYS_PER_AGENT * NEXT_RANGE.fetch_add(1, Ordering::Relaxed);
+        let (display_first, display_count) = opts.displays.unwrap_or_else(|| {
+            let n = NEXT_RANGE.fetch_add(1, Ordering::Relaxed);
+            (20 + DISPLAYS_PER_AGENT * n, DISPLAYS_PER_AGENT)
+        });
         let run_dir: PathBuf = dir.path().join("run");
         let mut args: Vec<String> = vec![
             "serve".into(),
@@ -86,7 +92,7 @@ impl AgentProc {
             "--display-first".into(),
             display_first.to_string(),
             "--display-count".into(),
-            DISPLAYS_PER_AGENT.to_string(),
+            display_count.to_string(),
             "--session-command".into(),
             opts.session_command
                 .clone()
@@ -145,6 +151,11 @@ impl AgentProc {
     pub async fn client(&self) -> AgentClient {
         let auth = self.secret.client_auth().expect("ascii secret");
         BladeAgentClient::with_interceptor(self.channel().await, auth)
+    }
+
+    /// The agent process's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// Stops the agent with SIGTERM (desktops keep running) and waits for it to exit.

@@ -17,6 +17,7 @@ pub mod browser;
 pub mod dispatcher;
 pub mod ferretdb;
 pub mod procs;
+pub mod reliability;
 pub mod rfb;
 pub mod sshd;
 pub mod users;

@@ -43,6 +43,11 @@ impl WsProxyProc {
         panic!("ws-proxy did not start: {}", p.log());
     }
 
+    /// Its pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Its log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("ws-proxy.log")).unwrap_or_default()
