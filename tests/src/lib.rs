@@ -19,6 +19,7 @@ pub mod ferretdb;
 pub mod procs;
 pub mod reliability;
 pub mod rfb;
+pub mod rig;
 pub mod sshd;
 pub mod users;
 pub mod wsproxy;

@@ -1,63 +1,27 @@
 //! The dispatcher end to end: real dispatcher processes (embedded store or FerretDB), real
 //! blade agents, real Xvnc, checked as the portal, ws-proxy and a VNC client see them.
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use tonic::Code;
 use vncdispatch_proto::v1::dispatcher_client::DispatcherClient;
 use vncdispatch_proto::v1::{
     AddBladeRequest, DispatchRequest, DrainBladeRequest, EndSessionRequest, ListBladesRequest,
     ListSessionsRequest, RemoveBladeRequest, ResolveTokenRequest,
 };
-use vncdispatch_tests::agent::{AgentOptions, AgentProc, new_secret};
 use vncdispatch_tests::dispatcher::{DispatcherOptions, DispatcherProc};
 use vncdispatch_tests::ferretdb::FerretDb;
 use vncdispatch_tests::rfb::{self, Login};
+use vncdispatch_tests::rig::{Rig, RigOptions};
 use vncdispatch_tests::users::TestUser;
-use vncdispatch_tests::{eventually, procs, require_root_and_tigervnc};
+use vncdispatch_tests::{eventually, procs};
 
-/// One agent and one dispatcher sharing a secret, the agent registered as blade `b1`.
-struct Rig {
-    agents: Vec<AgentProc>,
-    dispatcher: DispatcherProc,
-    secret: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-async fn rig_with(agents: usize, mongo: Option<String>, extra: &[&str]) -> Rig {
-    require_root_and_tigervnc();
-    let dir = tempfile::tempdir().expect("dir");
-    let secret = dir.path().join("agent-secret");
-    new_secret(&secret);
-    let mut started = Vec::new();
-    for i in 0..agents {
-        let ip = if agents == 1 {
-            [127, 0, 0, 1]
-        } else {
-            [127, 0, 0, 2 + i as u8]
-        };
-        let opts = AgentOptions {
-            ip: ip.into(),
-            secret_file: Some(secret.clone()),
-            ..Default::default()
-        };
-        started.push(AgentProc::start(opts).await);
-    }
-    let opts = DispatcherOptions {
-        mongo,
-        agent_secret: secret.clone(),
-        extra: extra.iter().map(|s| s.to_string()).collect(),
+async fn rig_with(agents: usize, store: Option<String>, extra: &[&str]) -> Rig {
+    Rig::start(RigOptions {
+        agents,
+        store,
+        dispatcher_extra: extra.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
-    };
-    let dispatcher = DispatcherProc::start(opts).await;
-    for (i, a) in started.iter().enumerate() {
-        dispatcher.add_agent(&format!("b{}", i + 1), a).await;
-    }
-    Rig {
-        agents: started,
-        dispatcher,
-        secret,
-        _dir: dir,
-    }
+    })
+    .await
 }
 
 fn req(user: &str, ip: &str) -> DispatchRequest {

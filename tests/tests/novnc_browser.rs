@@ -3,9 +3,9 @@
 //! a painted canvas, and a screenshot kept in tests/artifacts/.
 use std::path::PathBuf;
 use vncdispatch_proto::v1::{DispatchRequest, StartSessionRequest};
-use vncdispatch_tests::agent::{AgentOptions, AgentProc, new_secret};
+use vncdispatch_tests::agent::{AgentOptions, AgentProc};
 use vncdispatch_tests::browser::assert_shows_desktop;
-use vncdispatch_tests::dispatcher::{DispatcherOptions, DispatcherProc};
+use vncdispatch_tests::rig::{Rig, RigOptions};
 use vncdispatch_tests::users::TestUser;
 use vncdispatch_tests::wsproxy::{WsProxyProc, demo_session};
 use vncdispatch_tests::{artifact, require_root_and_tigervnc};
@@ -29,17 +29,12 @@ async fn shows_desktop_with(url: &str, shot: &str, proxy: &WsProxyProc, flags: &
 }
 
 async fn full_stack(extra_proxy_args: &[&str], password_in_url: bool, shot: &str) {
-    require_root_and_tigervnc();
-    let dir = tempfile::tempdir().expect("dir");
-    let secret = dir.path().join("agent-secret");
-    new_secret(&secret);
-    let agent = agent_with_demo(Some(secret.clone())).await;
-    let d = DispatcherProc::start(DispatcherOptions {
-        agent_secret: secret,
+    let rig = Rig::start(RigOptions {
+        session_command: Some(demo_session()),
         ..Default::default()
     })
     .await;
-    d.add_agent("b1", &agent).await;
+    let d = &rig.dispatcher;
     let mut args = vec!["--dispatcher".to_string(), format!("http://{}", d.addr)];
     args.extend(extra_proxy_args.iter().map(|s| s.to_string()));
     let proxy = WsProxyProc::start(&args).await;

@@ -21,6 +21,7 @@ use vncdispatch_tests::agent::{AgentOptions, AgentProc, new_secret};
 use vncdispatch_tests::dispatcher::{DispatcherOptions, DispatcherProc};
 use vncdispatch_tests::ferretdb::FerretDb;
 use vncdispatch_tests::reliability::Record;
+use vncdispatch_tests::rig::{Rig, RigOptions};
 use vncdispatch_tests::users::TestUser;
 use vncdispatch_tests::wsproxy::WsProxyProc;
 use vncdispatch_tests::{eventually, procs, require_root_and_tigervnc, workspace_bin};
@@ -77,35 +78,12 @@ fn hostile_usernames() -> Vec<String> {
     .collect()
 }
 
-struct Stack {
-    secret: PathBuf,
-    agent: AgentProc,
-    d: DispatcherProc,
-    _dir: tempfile::TempDir,
-}
-
-async fn stack(extra_dispatcher: &[&str]) -> Stack {
-    let dir = tempfile::tempdir().expect("dir");
-    let secret = dir.path().join("agent-secret");
-    new_secret(&secret);
-    let agent = AgentProc::start(AgentOptions {
-        secret_file: Some(secret.clone()),
+async fn stack(extra_dispatcher: &[&str]) -> Rig {
+    Rig::start(RigOptions {
+        dispatcher_extra: extra_dispatcher.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     })
-    .await;
-    let d = DispatcherProc::start(DispatcherOptions {
-        agent_secret: secret.clone(),
-        extra: extra_dispatcher.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    })
-    .await;
-    d.add_agent("b1", &agent).await;
-    Stack {
-        secret,
-        agent,
-        d,
-        _dir: dir,
-    }
+    .await
 }
 
 async fn store_sessions(d: &DispatcherProc) -> Vec<vncdispatch_proto::v1::SessionInfo> {
@@ -165,8 +143,8 @@ async fn bad_input() {
     require_root_and_tigervnc();
     let rec = Record::new("bad_input");
     let s = stack(&[]).await;
-    let mut c = s.d.client().await;
-    let mut agent = s.agent.client().await;
+    let mut c = s.dispatcher.client().await;
+    let mut agent = s.agent().client().await;
     let user = TestUser::create();
 
     let names = hostile_usernames();
@@ -406,7 +384,7 @@ async fn bad_input() {
 
     // Unknown fields are skipped (proto3): a newer portal talking to this dispatcher works.
     let mut raw = tonic::client::Grpc::new(
-        tonic::transport::Channel::from_shared(format!("http://{}", s.d.addr))
+        tonic::transport::Channel::from_shared(format!("http://{}", s.dispatcher.addr))
             .expect("uri")
             .connect()
             .await
@@ -443,7 +421,7 @@ async fn bad_input() {
         })
         .await;
 
-    let url = format!("http://{}", s.d.addr);
+    let url = format!("http://{}", s.dispatcher.addr);
     let clis: Vec<(&str, Vec<&str>, &str)> = vec![
         (
             "dispatcher",
@@ -500,10 +478,10 @@ async fn bad_input() {
         failures.is_empty(),
     );
 
-    let stored = store_sessions(&s.d).await;
+    let stored = store_sessions(&s.dispatcher).await;
     // The agent lists every desktop on this host (other tests' too): only this test's user
     // and the hostile names could be ours.
-    let running: Vec<_> = agent_sessions(&s.agent)
+    let running: Vec<_> = agent_sessions(s.agent())
         .await
         .into_iter()
         .filter(|v| v.username == user.name || names.contains(&v.username))
@@ -519,8 +497,7 @@ async fn bad_input() {
         ),
         stored.is_empty() && running.is_empty(),
     );
-    rec.scan_secrets(&[s.d.log(), s.agent.log()]);
-    drop(s.secret);
+    rec.scan_secrets(&[s.dispatcher.log(), s.agent().log()]);
     rec.finish();
 }
 
@@ -909,7 +886,7 @@ async fn display_process() {
 
     // Xvnc crash mid-session: the next Dispatch notices and starts a new one.
     let s = stack(&[]).await;
-    let mut d = s.d.client().await;
+    let mut d = s.dispatcher.client().await;
     let user = TestUser::create();
     let req = || DispatchRequest {
         username: user.name.clone(),
@@ -965,11 +942,11 @@ async fn display_process() {
         .into_inner();
     rec.secret(&other_first.password);
     rec.secret(&other_first.token);
-    s.agent.stop();
+    s.agents[0].stop();
     rec.faults(1);
     let survived = procs::xvnc_of(user.uid).len() == 1 && procs::xvnc_of(other.uid).len() == 1;
-    s.agent.restart().await;
-    let adopted: HashSet<u32> = agent_sessions(&s.agent)
+    s.agents[0].restart().await;
+    let adopted: HashSet<u32> = agent_sessions(s.agent())
         .await
         .into_iter()
         .map(|v| v.vnc_pid)
@@ -994,7 +971,7 @@ async fn display_process() {
             && again.token == second.token
             && dup == 2,
     );
-    rec.scan_secrets(&[s.d.log(), s.agent.log()]);
+    rec.scan_secrets(&[s.dispatcher.log(), s.agent().log()]);
     rec.finish();
 }
 
@@ -1420,7 +1397,7 @@ async fn tokens() {
     require_root_and_tigervnc();
     let rec = Record::new("tokens");
     let s = stack(&["--token-ttl", "4s"]).await;
-    let mut c = s.d.client().await;
+    let mut c = s.dispatcher.client().await;
 
     // 100,000 guesses straight at the dispatcher.
     let guesses: u64 = 100_000;
@@ -1465,7 +1442,7 @@ async fn tokens() {
     // Guessing through ws-proxy is rate-limited per client IP; other clients are unaffected.
     let proxy = WsProxyProc::start(&[
         "--dispatcher".into(),
-        format!("http://{}", s.d.addr),
+        format!("http://{}", s.dispatcher.addr),
         "--recheck-interval".into(),
         "1s".into(),
         "--max-token-failures".into(),
@@ -1603,7 +1580,7 @@ async fn tokens() {
         ),
         closed == Some(1008) && after.err() == Some(403) && resolved.is_err(),
     );
-    rec.scan_secrets(&[s.d.log(), s.agent.log(), proxy.log()]);
+    rec.scan_secrets(&[s.dispatcher.log(), s.agent().log(), proxy.log()]);
     rec.finish();
 }
 
@@ -2139,12 +2116,12 @@ async fn secrets() {
     let s = stack(&[]).await;
     let proxy = WsProxyProc::start(&[
         "--dispatcher".into(),
-        format!("http://{}", s.d.addr),
+        format!("http://{}", s.dispatcher.addr),
         "--auth-proxy".into(),
     ])
     .await;
     let users: Vec<TestUser> = (0..3).map(|_| TestUser::create()).collect();
-    let mut c = s.d.client().await;
+    let mut c = s.dispatcher.client().await;
     for u in &users {
         for ip in ["192.0.2.1", "192.0.2.2"] {
             let r = c
@@ -2177,11 +2154,11 @@ async fn secrets() {
             "session",
             "list",
             "--dispatcher",
-            &format!("http://{}", s.d.addr),
+            &format!("http://{}", s.dispatcher.addr),
         ],
         "",
     );
-    let mut logs = vec![s.d.log(), s.agent.log(), proxy.log()];
+    let mut logs = vec![s.dispatcher.log(), s.agent().log(), proxy.log()];
     for u in &users {
         for e in std::fs::read_dir(u.home.join(".vnc"))
             .into_iter()

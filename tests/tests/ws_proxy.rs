@@ -8,8 +8,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use vncdispatch_proto::v1::{DispatchRequest, EndSessionRequest};
-use vncdispatch_tests::agent::{AgentOptions, AgentProc, new_secret};
-use vncdispatch_tests::dispatcher::{DispatcherOptions, DispatcherProc};
+use vncdispatch_tests::rig::{Rig, RigOptions};
 use vncdispatch_tests::users::TestUser;
 use vncdispatch_tests::wsproxy::WsProxyProc;
 
@@ -301,21 +300,8 @@ async fn static_files_never_redirect_off_site() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_ended_session_closes_its_connection_and_ip_binding_holds() {
-    vncdispatch_tests::require_root_and_tigervnc();
-    let dir = tempfile::tempdir().expect("dir");
-    let secret = dir.path().join("agent-secret");
-    new_secret(&secret);
-    let agent = AgentProc::start(AgentOptions {
-        secret_file: Some(secret.clone()),
-        ..Default::default()
-    })
-    .await;
-    let d = DispatcherProc::start(DispatcherOptions {
-        agent_secret: secret,
-        ..Default::default()
-    })
-    .await;
-    d.add_agent("b1", &agent).await;
+    let rig = Rig::start(RigOptions::default()).await;
+    let d = &rig.dispatcher;
     let proxy = WsProxyProc::start(&[
         "--dispatcher".into(),
         format!("http://{}", d.addr),
