@@ -55,15 +55,12 @@ impl BladeAgent for AgentService {
             let result = agent
                 .start_session(&r.username, &r.password, r.geometry)
                 .await;
-            let outcome = match &result {
-                Ok(s) if s.reused => "reused",
-                Ok(_) => "started",
-                Err(_) => "failed",
-            };
-            metrics::counter!("vncdispatch_agent_session_starts_total", "result" => outcome)
-                .increment(1);
-            metrics::histogram!("vncdispatch_agent_session_start_duration_seconds", "result" => outcome)
-                .record(started.elapsed().as_secs_f64());
+            vncdispatch_proto::metrics::record_start(
+                "vncdispatch_agent_session_starts_total",
+                "vncdispatch_agent_session_start_duration_seconds",
+                result.as_ref().ok().map(|s| s.reused),
+                started,
+            );
             log_err(result).map(Response::new)
         }
         .instrument(span)

@@ -91,15 +91,12 @@ impl DispatcherRpc for DispatcherService {
         async move {
             let started = std::time::Instant::now();
             let result = self.inner.dispatch(&r.username, &r.remote_ip, &id).await;
-            let outcome = match &result {
-                Ok(s) if s.reused => "reused",
-                Ok(_) => "started",
-                Err(_) => "failed",
-            };
-            metrics::counter!("vncdispatch_dispatcher_dispatches_total", "result" => outcome)
-                .increment(1);
-            metrics::histogram!("vncdispatch_dispatcher_dispatch_duration_seconds", "result" => outcome)
-                .record(started.elapsed().as_secs_f64());
+            vncdispatch_proto::metrics::record_start(
+                "vncdispatch_dispatcher_dispatches_total",
+                "vncdispatch_dispatcher_dispatch_duration_seconds",
+                result.as_ref().ok().map(|s| s.reused),
+                started,
+            );
             let s = result.map_err(status)?;
             // Reconnects are routine; new sessions are what an operator wants to see.
             if s.reused {

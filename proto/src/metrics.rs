@@ -49,6 +49,24 @@ pub fn install(listen: Option<SocketAddr>) -> Result<(), String> {
     Ok(())
 }
 
+/// Counts a session start by result (`started`, `reused`, `failed`) in `counter` and its
+/// latency in `histogram`: the dispatcher's Dispatch and the agent's StartSession both report
+/// this way.
+pub fn record_start(
+    counter: &'static str,
+    histogram: &'static str,
+    reused: Option<bool>,
+    started: Instant,
+) {
+    let result = match reused {
+        Some(true) => "reused",
+        Some(false) => "started",
+        None => "failed",
+    };
+    metrics::counter!(counter, "result" => result).increment(1);
+    metrics::histogram!(histogram, "result" => result).record(started.elapsed().as_secs_f64());
+}
+
 /// Counts and times every gRPC call by method (the request path) and status code.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GrpcMetricsLayer;

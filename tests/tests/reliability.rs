@@ -707,7 +707,7 @@ async fn filesystem() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let flips = flipper.join().unwrap_or(0);
-    rec.faults(flips);
+    rec.faults(1);
     let unchanged = untouched(&target);
     rec.case(
         "~/.vncpasswd swapped between check and use",
@@ -898,22 +898,18 @@ async fn display_process() {
     let s = stack(&[]).await;
     let mut d = s.dispatcher.client().await;
     let user = TestUser::create();
-    let req = || DispatchRequest {
-        username: user.name.clone(),
-        remote_ip: "192.0.2.1".into(),
-    };
-    let first = d.dispatch(req()).await.expect("Dispatch").into_inner();
-    rec.secret(&first.token);
-    rec.secret(&first.password);
+    let first = dispatch_as(&rec, &s.dispatcher, &user.name)
+        .await
+        .expect("Dispatch");
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(first.vnc_pid as i32),
         nix::sys::signal::Signal::SIGKILL,
     );
     rec.faults(1);
     let gone = eventually(5, || procs::xvnc_of(user.uid).is_empty()).await;
-    let second = d.dispatch(req()).await.expect("Dispatch").into_inner();
-    rec.secret(&second.token);
-    rec.secret(&second.password);
+    let second = dispatch_as(&rec, &s.dispatcher, &user.name)
+        .await
+        .expect("Dispatch");
     let old = d
         .resolve_token(ResolveTokenRequest {
             token: first.token.clone(),
@@ -942,16 +938,9 @@ async fn display_process() {
     // Agent stopped (SIGTERM) with desktops running, then restarted: re-adopted, none doubled.
     let mut s = s;
     let other = TestUser::create();
-    let other_first = d
-        .dispatch(DispatchRequest {
-            username: other.name.clone(),
-            remote_ip: "192.0.2.1".into(),
-        })
+    let other_first = dispatch_as(&rec, &s.dispatcher, &other.name)
         .await
-        .expect("Dispatch")
-        .into_inner();
-    rec.secret(&other_first.password);
-    rec.secret(&other_first.token);
+        .expect("Dispatch");
     s.agents[0].stop();
     rec.faults(1);
     let survived = procs::xvnc_of(user.uid).len() == 1 && procs::xvnc_of(other.uid).len() == 1;
@@ -961,7 +950,9 @@ async fn display_process() {
         .into_iter()
         .map(|v| v.vnc_pid)
         .collect();
-    let again = d.dispatch(req()).await.expect("Dispatch").into_inner();
+    let again = dispatch_as(&rec, &s.dispatcher, &user.name)
+        .await
+        .expect("Dispatch");
     let dup = procs::xvnc_of(user.uid).len() + procs::xvnc_of(other.uid).len();
     rec.duplicated(dup.saturating_sub(2) as u64);
     rec.lost(u64::from(again.token != second.token));
@@ -1021,18 +1012,36 @@ async fn agreement(
     (orphaned, duplicated, half_stored)
 }
 
+/// Dispatch from 192.0.2.1, remembering the issued token and password for the leak scan.
 async fn dispatch_as(
+    rec: &Record,
     d: &DispatcherProc,
     user: &str,
 ) -> Result<vncdispatch_proto::v1::Session, Status> {
-    d.client()
+    dispatch_from(rec, d, user, "192.0.2.1").await
+}
+
+/// Dispatch from `ip`, remembering the issued token and password for the leak scan.
+async fn dispatch_from(
+    rec: &Record,
+    d: &DispatcherProc,
+    user: &str,
+    ip: &str,
+) -> Result<vncdispatch_proto::v1::Session, Status> {
+    let r = d
+        .client()
         .await
         .dispatch(DispatchRequest {
             username: user.into(),
-            remote_ip: "192.0.2.1".into(),
+            remote_ip: ip.into(),
         })
         .await
-        .map(|r| r.into_inner())
+        .map(|r| r.into_inner());
+    if let Ok(s) = &r {
+        rec.secret(&s.token);
+        rec.secret(&s.password);
+    }
+    r
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1066,11 +1075,7 @@ async fn distributed() {
     rec.faults(1);
     let mut blades = Vec::new();
     for u in &users[..4] {
-        let r = dispatch_as(&d, &u.name).await;
-        if let Ok(s) = &r {
-            rec.secret(&s.token);
-            rec.secret(&s.password);
-        }
+        let r = dispatch_as(&rec, &d, &u.name).await;
         blades.push(
             r.map(|s| s.blade)
                 .unwrap_or_else(|e| format!("{:?}", e.code())),
@@ -1103,11 +1108,7 @@ async fn distributed() {
     let mut outcomes = Vec::new();
     let started = Instant::now();
     for u in &users[4..6] {
-        let r = dispatch_as(&d, &u.name).await;
-        if let Ok(s) = &r {
-            rec.secret(&s.token);
-            rec.secret(&s.password);
-        }
+        let r = dispatch_as(&rec, &d, &u.name).await;
         outcomes.push(
             r.map(|s| s.blade)
                 .unwrap_or_else(|e| format!("{:?}: {}", e.code(), e.message())),
@@ -1172,11 +1173,7 @@ async fn distributed() {
     d.restart().await;
     let mut again = BTreeMap::<String, usize>::new();
     for u in &crowd {
-        let r = dispatch_as(&d, &u.name).await;
-        if let Ok(s) = &r {
-            rec.secret(&s.token);
-            rec.secret(&s.password);
-        }
+        let r = dispatch_as(&rec, &d, &u.name).await;
         *again.entry(code(&r)).or_default() += 1;
     }
     let all: Vec<&TestUser> = users.iter().chain(crowd.iter()).collect();
@@ -1208,11 +1205,9 @@ async fn distributed() {
     let users: Vec<TestUser> = (0..8).map(|_| TestUser::create()).collect();
     let mut first = HashMap::new();
     for u in &users {
-        let s = dispatch_as(&dm, &u.name)
+        let s = dispatch_as(&rec, &dm, &u.name)
             .await
             .expect("Dispatch before the outage");
-        rec.secret(&s.token);
-        rec.secret(&s.password);
         first.insert(u.name.clone(), s.token);
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1262,7 +1257,7 @@ async fn distributed() {
     }
     let mut lost = 0;
     for u in &users {
-        match dispatch_as(&dm, &u.name).await {
+        match dispatch_as(&rec, &dm, &u.name).await {
             Ok(s) if Some(&s.token) == first.get(&u.name) => {}
             _ => lost += 1,
         }
@@ -1302,11 +1297,9 @@ async fn distributed() {
     let users: Vec<TestUser> = (0..4).map(|_| TestUser::create()).collect();
     let mut tokens = HashMap::new();
     for u in &users[..2] {
-        let s = dispatch_as(&df, &u.name)
+        let s = dispatch_as(&rec, &df, &u.name)
             .await
             .expect("Dispatch before the disk fills");
-        rec.secret(&s.token);
-        rec.secret(&s.password);
         tokens.insert(u.name.clone(), s.token);
     }
     let filler = mnt.path().join("filler");
@@ -1316,25 +1309,23 @@ async fn distributed() {
         .stderr(Stdio::null())
         .status();
     rec.faults(1);
-    let full = dispatch_as(&df, &users[2].name).await;
+    let full = dispatch_as(&rec, &df, &users[2].name).await;
     let full_message = full
         .as_ref()
         .err()
         .map(|e| e.message().to_owned())
         .unwrap_or_default();
-    let reconnect = dispatch_as(&df, &users[0].name).await;
+    let reconnect = dispatch_as(&rec, &df, &users[0].name).await;
     let no_desktop_left = eventually(10, || procs::xvnc_of(users[2].uid).is_empty()).await;
     let _ = std::fs::remove_file(&filler);
-    let after = dispatch_as(&df, &users[3].name).await;
+    let after = dispatch_as(&rec, &df, &users[3].name).await;
     if let Ok(s) = &after {
-        rec.secret(&s.token);
-        rec.secret(&s.password);
         tokens.insert(users[3].name.clone(), s.token.clone());
     }
     df.restart().await;
     let mut kept = 0;
     for (name, token) in &tokens {
-        if dispatch_as(&df, name)
+        if dispatch_as(&rec, &df, name)
             .await
             .is_ok_and(|s| &s.token == token)
         {
@@ -1472,16 +1463,9 @@ async fn tokens() {
     }
     rec.bad_inputs(200);
     let user = TestUser::create();
-    let session = c
-        .dispatch(DispatchRequest {
-            username: user.name.clone(),
-            remote_ip: "127.0.0.2".into(),
-        })
+    let session = dispatch_from(&rec, &s.dispatcher, &user.name, "127.0.0.2")
         .await
-        .expect("Dispatch")
-        .into_inner();
-    rec.secret(&session.token);
-    rec.secret(&session.password);
+        .expect("Dispatch");
     let other_ip = ws_from(proxy.addr, [127, 0, 0, 2], &session.token).await;
     rec.case(
         "guessing tokens through ws-proxy",
@@ -1558,16 +1542,9 @@ async fn tokens() {
 
     // Expiry (TTL 4 s): the open connection is closed and the token refused.
     let user2 = TestUser::create();
-    let s2 = c
-        .dispatch(DispatchRequest {
-            username: user2.name.clone(),
-            remote_ip: "127.0.0.2".into(),
-        })
+    let s2 = dispatch_from(&rec, &s.dispatcher, &user2.name, "127.0.0.2")
         .await
-        .expect("Dispatch")
-        .into_inner();
-    rec.secret(&s2.token);
-    rec.secret(&s2.password);
+        .expect("Dispatch");
     let mut open = ws_from(proxy.addr, [127, 0, 0, 2], &s2.token)
         .await
         .expect("connect before expiry");
@@ -2134,16 +2111,9 @@ async fn secrets() {
     let mut c = s.dispatcher.client().await;
     for u in &users {
         for ip in ["192.0.2.1", "192.0.2.2"] {
-            let r = c
-                .dispatch(DispatchRequest {
-                    username: u.name.clone(),
-                    remote_ip: ip.into(),
-                })
+            let r = dispatch_from(&rec, &s.dispatcher, &u.name, ip)
                 .await
-                .expect("Dispatch")
-                .into_inner();
-            rec.secret(&r.token);
-            rec.secret(&r.password);
+                .expect("Dispatch");
             // A browser connection through the auth proxy, and a ResolveToken as ws-proxy does.
             if let Ok(mut ws) = ws_from(proxy.addr, [127, 0, 0, 1], &r.token).await {
                 use futures_util::StreamExt;
