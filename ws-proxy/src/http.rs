@@ -70,6 +70,9 @@ pub struct Proxy {
     guesses: Guesses,
     files: Option<ServeDir>,
     cancel: CancellationToken,
+    // Every connection task and every relay (which outlives its HTTP connection once
+    // upgraded): the drain waits for all of them.
+    tasks: TaskTracker,
 }
 
 impl Proxy {
@@ -88,6 +91,7 @@ impl Proxy {
             guesses,
             files,
             cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         })
     }
 }
@@ -99,7 +103,7 @@ pub async fn run(
     proxy: Arc<Proxy>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let tracker = TaskTracker::new();
+    let tracker = proxy.tasks.clone();
     tokio::pin!(shutdown);
     tracing::info!(addr = ?listener.local_addr().ok(), "ws-proxy serving");
     loop {
@@ -537,7 +541,7 @@ async fn accept(
         proxy.cancel.clone(),
         proxy.tokens.clone(),
     );
-    tokio::spawn(tracing::Instrument::instrument(
+    proxy.tasks.spawn(tracing::Instrument::instrument(
         async move {
             let _slot = slot;
             let upgraded = match hyper::upgrade::on(req).await {
