@@ -579,6 +579,9 @@ impl Dispatcher {
         &self,
         blade: &str,
     ) -> Result<Vec<vncdispatch_proto::v1::SessionInfo>, DispatchError> {
+        if !blade.is_empty() {
+            validate_blade_name(blade)?;
+        }
         let mut out: Vec<_> = self
             .store
             .list_sessions()
