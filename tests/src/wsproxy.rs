@@ -18,8 +18,13 @@ pub struct WsProxyProc {
 impl WsProxyProc {
     /// Starts `ws-proxy serve` with `args` (token source and options) and waits for its port.
     pub async fn start(args: &[String]) -> WsProxyProc {
-        let dir = tempfile::tempdir().expect("tempdir");
         let addr: SocketAddr = ([127, 0, 0, 1], free_port([127, 0, 0, 1].into())).into();
+        Self::start_at(addr, args).await
+    }
+
+    /// Starts `ws-proxy serve` on `addr` (a restart on the same port).
+    pub async fn start_at(addr: SocketAddr, args: &[String]) -> WsProxyProc {
+        let dir = tempfile::tempdir().expect("tempdir");
         let log = std::fs::File::create(dir.path().join("ws-proxy.log")).expect("log");
         let child = Command::new(workspace_bin("ws-proxy"))
             .args(["serve", "--listen", &addr.to_string()])

@@ -324,6 +324,33 @@ async fn bad_input() {
             && listed == ["b1"],
     );
 
+    // The list calls' filters.
+    let mut observed = BTreeMap::<String, usize>::new();
+    for bad in ["../x", "a b", "a;rm -rf /", "\0"] {
+        let r = c
+            .list_sessions(ListSessionsRequest { blade: bad.into() })
+            .await;
+        *observed
+            .entry(format!("ListSessions {}", code(&r)))
+            .or_default() += 1;
+        let r = agent
+            .list_sessions(ListVncServersRequest {
+                username: bad.into(),
+            })
+            .await;
+        *observed
+            .entry(format!("agent ListSessions {}", code(&r)))
+            .or_default() += 1;
+    }
+    rec.bad_inputs(8);
+    rec.case(
+        "List filters: malformed blade and user names",
+        "ListSessions with blade `../x`, `a b`, shell text, NUL; the agent's ListSessions with the same as username",
+        "InvalidArgument",
+        &format!("{observed:?}"),
+        observed.keys().all(|k| k.ends_with("InvalidArgument")),
+    );
+
     let passwords = ["", "12345", "123456789", "pass\0wd", "pässwd", "pass\nwd"];
     let mut observed = BTreeMap::<String, usize>::new();
     for p in passwords {
@@ -1571,6 +1598,29 @@ async fn tokens() {
     rec.finish();
 }
 
+/// Sends "ping" and waits up to 2 s for it to come back through the echo target.
+async fn echo_once<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    if ws
+        .send(Message::Binary(b"ping".to_vec().into()))
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => return &b[..] == b"ping",
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            _ => return false,
+        }
+    }
+}
+
 /// Sends `req` on a fresh connection and returns everything the server sends back within
 /// `secs` (until it closes), and how long that took.
 async fn raw_exchange(addr: SocketAddr, req: &[u8], secs: u64) -> (String, Duration) {
@@ -1902,6 +1952,67 @@ async fn websocket() {
         "close 1009 for the first, 1002 for the second; connection dropped",
         &format!("oversize: close {big:?}; garbage: close {code:?}, dropped: {}", eof.is_some()),
         big == Some(1009) && code == Some(1002) && eof.is_some(),
+    );
+
+    // Restart under load: SIGTERM drains (open relays go on, new connections are refused,
+    // the rest are closed with 1001 at the deadline); clients reconnect to the new process.
+    let drain_args = args(&["--drain-timeout", "3s", "--max-per-token", "10"]);
+    let mut old = WsProxyProc::start(&drain_args).await;
+    let addr = old.addr;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let (ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://{addr}/websockify?token=echo"))
+                .await
+                .expect("connect");
+        clients.push(ws);
+    }
+    let child = old.terminate().expect("running");
+    rec.faults(1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut during = 0;
+    for ws in clients.iter_mut() {
+        if echo_once(ws).await {
+            during += 1;
+        }
+    }
+    let refused_new =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/websockify?token=echo"))
+            .await
+            .is_err();
+    let mut closes = Vec::new();
+    for ws in clients.iter_mut() {
+        closes.push(close_code(ws, 8).await);
+    }
+    let exited = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        child.wait().map(|s| s.success()).unwrap_or(false)
+    })
+    .await
+    .unwrap_or(false);
+    let new = WsProxyProc::start_at(addr, &drain_args).await;
+    let mut back = 0;
+    for _ in 0..5 {
+        if let Ok((mut ws, _)) =
+            tokio_tungstenite::connect_async(format!("ws://{}/websockify?token=echo", new.addr))
+                .await
+            && echo_once(&mut ws).await
+        {
+            back += 1;
+        }
+    }
+    rec.case(
+        "ws-proxy restarted under load",
+        "5 relayed connections; SIGTERM with a 3 s drain; a new process on the same port; the clients reconnect",
+        "open relays keep working during the drain; new connections refused; the rest closed with 1001 at the deadline; clean exit; all 5 reconnect",
+        &format!(
+            "echoed during drain {during}/5; new connection refused: {refused_new}; close codes {closes:?}; exited cleanly: {exited}; reconnected {back}/5"
+        ),
+        during == 5
+            && refused_new
+            && closes.iter().all(|c| *c == Some(1001))
+            && exited
+            && back == 5,
     );
 
     // A "VNC server" that answers with junk.
