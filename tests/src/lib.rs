@@ -26,11 +26,19 @@ pub mod wsproxy;
 
 use std::path::PathBuf;
 
+/// The repository this test runs in. Read at run time (cargo sets CARGO_MANIFEST_DIR for
+/// tests too): with a shared target directory, a binary built in another clone of the same
+/// sources is reused, and the compile-time path would point into that clone.
+pub fn repo() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("..")
+}
+
 /// Where tests keep what they produce for people to look at (screenshots, reports).
 pub fn artifact(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("artifacts")
-        .join(name)
+    repo().join("tests/artifacts").join(name)
 }
 
 /// Path of a binary of this workspace, next to the test executable's `deps/` directory.

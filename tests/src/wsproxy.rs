@@ -80,7 +80,7 @@ impl Drop for WsProxyProc {
 
 /// `deploy/demo-session` copied where every test user can run it.
 pub fn demo_session() -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/demo-session");
+    let src = crate::repo().join("deploy/demo-session");
     let dst = PathBuf::from(format!(
         "/var/tmp/vncdispatch-demo-session-{}",
         std::process::id()

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vncdispatch_tests::wsproxy::WsProxyProc;
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    vncdispatch_tests::repo()
 }
 
 /// An echo target that answers each burst in one write: a message ws-proxy wrote at once

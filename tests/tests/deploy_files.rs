@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use vncdispatch_tests::workspace_bin;
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    vncdispatch_tests::repo()
 }
 
 fn output(cmd: &mut Command) -> Output {

@@ -10,7 +10,7 @@
 //! blade reached over SSH (a real sshd).
 use serde_json::Value;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use vncdispatch_tests::agent::{AgentOptions, AgentProc, free_port, new_secret};
 use vncdispatch_tests::browser::assert_shows_desktop;
@@ -22,11 +22,7 @@ use vncdispatch_tests::wsproxy::{WsProxyProc, demo_session};
 use vncdispatch_tests::{artifact, eventually, procs, require_root_and_tigervnc, workspace_bin};
 
 fn repo(path: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(path)
-        .display()
-        .to_string()
+    vncdispatch_tests::repo().join(path).display().to_string()
 }
 
 fn metrics_addr() -> SocketAddr {

@@ -24,7 +24,7 @@ async fn the_demo_command_prints_a_url_that_shows_the_desktop() {
         .expect("bin dir")
         .to_owned();
     let mut demo = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/demo.sh"))
+        .arg(vncdispatch_tests::repo().join("scripts/demo.sh"))
         .env("BIN_DIR", &bin_dir)
         .env("DEMO_USER", &user.name)
         .env("DEMO_STATE", state.path())

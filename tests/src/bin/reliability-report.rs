@@ -2,7 +2,6 @@
 //! (tests/artifacts/reliability/*.json, written by `cargo test --test reliability`).
 use serde_json::Value;
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use vncdispatch_tests::reliability::COUNTERS;
 
 /// The groups in the order the report shows them, with their headings.
@@ -78,7 +77,7 @@ fn main() -> anyhow::Result<()> {
         writeln!(out, "| {k} | {v} |")?;
     }
     out.push_str(&body);
-    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/reliability.md");
+    let target = vncdispatch_tests::repo().join("docs/reliability.md");
     std::fs::write(&target, out)?;
     println!("wrote {} ({passed}/{cases} cases pass)", target.display());
     Ok(())
