@@ -176,8 +176,12 @@ impl Browser {
     /// Polls `expr` until it is `true` or `secs` pass.
     pub async fn wait_for(&mut self, expr: &str, secs: u64) -> anyhow::Result<bool> {
         for _ in 0..secs * 10 {
-            if self.eval(expr).await? == Value::Bool(true) {
-                return Ok(true);
+            match self.eval(expr).await {
+                Ok(Value::Bool(true)) => return Ok(true),
+                Ok(_) => {}
+                // The page is between documents (still loading, or reloading): not yet.
+                Err(e) if e.to_string().contains("execution context") => {}
+                Err(e) => return Err(e),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
