@@ -34,6 +34,15 @@ fi
 
 id "$DEMO_USER" >/dev/null 2>&1 || { say "creating user $DEMO_USER"; useradd -m -s /bin/bash "$DEMO_USER"; }
 
+# A port already taken (often a demo still running in another terminal) would make a service
+# exit into its log while the URL pointed at whatever else answers there: refuse up front.
+for port in "$AGENT_PORT" "$DISPATCHER_PORT" "$DEMO_PORT"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "demo: port $port is in use (a demo already running? see ss -ltnp); set AGENT_PORT, DISPATCHER_PORT or DEMO_PORT" >&2
+    exit 1
+  fi
+done
+
 mkdir -p "$DEMO_STATE"
 chmod 755 "$DEMO_STATE"
 install -m 755 deploy/demo-session "$DEMO_STATE/demo-session"
@@ -64,8 +73,16 @@ pids+=($!)
 
 export DISPATCHER_URL="http://127.0.0.1:$DISPATCHER_PORT"
 for _ in $(seq 100); do
-  "$BIN_DIR/dispatcher" blade list >/dev/null 2>&1 && break
+  "$BIN_DIR/dispatcher" blade list >/dev/null 2>&1 && (exec 3<>"/dev/tcp/127.0.0.1/$DEMO_PORT") 2>/dev/null && break
   sleep 0.1
+done
+names=(blade-agent dispatcher ws-proxy)
+for i in 0 1 2; do
+  if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+    echo "demo: ${names[$i]} did not start; the end of $DEMO_STATE/${names[$i]}.log:" >&2
+    tail -5 "$DEMO_STATE/${names[$i]}.log" >&2
+    exit 1
+  fi
 done
 "$BIN_DIR/dispatcher" blade add local 127.0.0.1 --port "$AGENT_PORT" >/dev/null
 session=$("$BIN_DIR/dispatcher" dispatch "$DEMO_USER" 127.0.0.1)
