@@ -414,16 +414,11 @@ impl Dispatcher {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let usable: Vec<BladeRecord> = all
+        let (usable, last_resort): (Vec<BladeRecord>, Vec<BladeRecord>) = all
             .iter()
-            .filter(|b| !b.draining && health.get(&b.name).is_none_or(|h| h.healthy))
+            .filter(|b| !b.draining)
             .cloned()
-            .collect();
-        let last_resort: Vec<BladeRecord> = all
-            .iter()
-            .filter(|b| !b.draining && health.get(&b.name).is_some_and(|h| !h.healthy))
-            .cloned()
-            .collect();
+            .partition(|b| health.get(&b.name).is_none_or(|h| h.healthy));
         if usable.is_empty() && last_resort.is_empty() {
             return Err(DispatchError::NoBlade(format!(
                 "no usable blade: all {} registered blades are draining",
@@ -477,12 +472,11 @@ impl Dispatcher {
         let Ok(blades) = self.store.list_blades().await else {
             return;
         };
-        let names: Vec<String> = blades.iter().map(|b| b.name.clone()).collect();
         // Each blade is marked as its answer comes: a hung blade must not hold up the news
         // that another is back.
-        let checks = blades.into_iter().map(|blade| async move {
+        let checks = blades.iter().map(|blade| async move {
             let result = match self.launchers.get(blade.method) {
-                Ok(l) => tokio::time::timeout(Duration::from_secs(5), l.health(&blade))
+                Ok(l) => tokio::time::timeout(Duration::from_secs(5), l.health(blade))
                     .await
                     .ok(),
                 Err(_) => None,
@@ -507,12 +501,12 @@ impl Dispatcher {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let sessions = self.store.list_sessions().await.unwrap_or_default();
-        for name in names {
-            let live = sessions.iter().filter(|s| s.blade == name).count();
-            let healthy = health.get(&name).is_some_and(|h| h.healthy);
-            metrics::gauge!("vncdispatch_dispatcher_sessions_live", "blade" => name.clone())
+        for blade in blades {
+            let live = sessions.iter().filter(|s| s.blade == blade.name).count();
+            let healthy = health.get(&blade.name).is_some_and(|h| h.healthy);
+            metrics::gauge!("vncdispatch_dispatcher_sessions_live", "blade" => blade.name.clone())
                 .set(live as f64);
-            metrics::gauge!("vncdispatch_dispatcher_blade_healthy", "blade" => name)
+            metrics::gauge!("vncdispatch_dispatcher_blade_healthy", "blade" => blade.name)
                 .set(f64::from(u8::from(healthy)));
         }
     }

@@ -1435,7 +1435,7 @@ async fn tokens() {
             let mut c = c.clone();
             tokio::spawn(async move {
                 let mut found = 0u64;
-                for i in 0..guesses / 32 {
+                for _ in 0..guesses / 32 {
                     let mut b = [0u8; 30];
                     rand::Rng::fill(&mut rand::rng(), &mut b[..]);
                     b[0] = w as u8;
@@ -1444,7 +1444,6 @@ async fn tokens() {
                     if r.as_ref().err().map(|e| e.code()) != Some(Code::NotFound) {
                         found += 1;
                     }
-                    let _ = i;
                 }
                 found
             })
