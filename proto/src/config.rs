@@ -37,10 +37,9 @@ pub fn try_parse_from<C: clap::Parser>(
         return C::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd));
     };
     let file = file.clone();
-    let extra = file_args(&file, sub, sub_matches);
-    let extra = extra.map_err(|m| config_error(&mut C::command(), &file, &m))?;
-    let file = file.as_path();
-    let mut all = args.clone();
+    let extra = file_args(&file, sub, sub_matches)
+        .map_err(|m| config_error(&mut C::command(), &file, &m))?;
+    let mut all = args;
     all.extend(extra.iter().map(|(_, a)| a.clone()));
     let mut cmd = C::command();
     match cmd.try_get_matches_from_mut(&all) {
@@ -56,7 +55,11 @@ pub fn try_parse_from<C: clap::Parser>(
                     let why = e.to_string();
                     let why = why.lines().next().unwrap_or_default();
                     let why = why.trim_start_matches("error: ");
-                    Err(config_error(&mut cmd, file, &format!("key `{key}`: {why}")))
+                    Err(config_error(
+                        &mut cmd,
+                        &file,
+                        &format!("key `{key}`: {why}"),
+                    ))
                 }
                 None => Err(e),
             }

@@ -307,8 +307,8 @@ fn unreachable(target: &Target) -> Response<Body> {
 }
 
 /// A refused WebSocket request, counted by reason: the ones that keep someone out
-/// (`origin`, `unknown_token`, `wrong_ip`, `missing_token`) in the auth-refusal series every
-/// service has, the rest in ws-proxy's own.
+/// (`origin`, `unknown_token`, `wrong_ip`, `missing_token`, `token_guessing`) in the
+/// auth-refusal series every service has, the rest in ws-proxy's own.
 fn refuse(status: StatusCode, reason: &'static str, message: &'static str) -> Response<Body> {
     let series = match reason {
         "origin" | "unknown_token" | "wrong_ip" | "missing_token" | "token_guessing" => {
