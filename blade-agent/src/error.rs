@@ -1,6 +1,9 @@
-//! The agent's errors, and the one place they become gRPC statuses and CLI messages.
+//! The agent's errors, and the one place they become refusals of the shared contract
+//! ([`vncdispatch_proto::refusal`]): gRPC statuses with their detail, and `cloudvnc` exit
+//! codes.
 use std::time::Duration;
 use tonic::{Code, Status};
+use vncdispatch_proto::refusal::{self, RefusalKind};
 use vncdispatch_proto::rules::FieldError;
 
 /// Everything that can go wrong starting, finding or stopping a desktop.
@@ -100,27 +103,150 @@ impl AgentError {
         }
     }
 
+    /// Which refusal of the shared contract this is: it decides the gRPC code and detail,
+    /// the `cloudvnc` exit code and whether the dispatcher tries another blade.
+    pub fn kind(&self) -> RefusalKind {
+        match self {
+            AgentError::Field(_) | AgentError::Geometry { .. } => RefusalKind::InvalidRequest,
+            AgentError::UnknownUser(_) => RefusalKind::UnknownAccount,
+            AgentError::SystemAccount { .. } => RefusalKind::SystemAccount,
+            AgentError::UnsafeHome { .. } => RefusalKind::UnsafeHome,
+            AgentError::NoFreeDisplay { .. } => RefusalKind::NoFreeDisplay,
+            AgentError::StartTimeout { .. } => RefusalKind::StartTimeout,
+            AgentError::StartFailed { .. } => RefusalKind::StartFailed,
+            AgentError::Helper { .. } | AgentError::Io { .. } => RefusalKind::AgentFailed,
+        }
+    }
+
     /// The gRPC code a caller can act on.
     pub fn code(&self) -> Code {
-        match self {
-            // root and system accounts are not valid desktop users: a bad argument, not a
-            // question of the caller's rights.
-            AgentError::Field(_)
-            | AgentError::Geometry { .. }
-            | AgentError::SystemAccount { .. } => Code::InvalidArgument,
-            AgentError::UnknownUser(_) => Code::NotFound,
-            AgentError::UnsafeHome { .. } => Code::PermissionDenied,
-            AgentError::NoFreeDisplay { .. } => Code::ResourceExhausted,
-            AgentError::StartTimeout { .. } => Code::DeadlineExceeded,
-            AgentError::StartFailed { .. } | AgentError::Helper { .. } | AgentError::Io { .. } => {
-                Code::Internal
-            }
-        }
+        self.kind().code()
     }
 }
 
 impl From<AgentError> for Status {
     fn from(e: AgentError) -> Status {
-        Status::new(e.code(), e.to_string())
+        refusal::status(e.kind(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vncdispatch_proto::refusal::Scope;
+
+    /// One error of each variant, with the kind and code callers have always seen.
+    fn samples() -> Vec<(AgentError, RefusalKind, Code)> {
+        let user = || "alice".to_owned();
+        vec![
+            (
+                AgentError::Field(vncdispatch_proto::rules::validate_username("a;b").unwrap_err()),
+                RefusalKind::InvalidRequest,
+                Code::InvalidArgument,
+            ),
+            (
+                AgentError::Geometry {
+                    width: 1,
+                    height: 1,
+                },
+                RefusalKind::InvalidRequest,
+                Code::InvalidArgument,
+            ),
+            (
+                AgentError::UnknownUser(user()),
+                RefusalKind::UnknownAccount,
+                Code::NotFound,
+            ),
+            (
+                AgentError::SystemAccount {
+                    user: user(),
+                    uid: 1,
+                    min_uid: 1000,
+                    max_uid: 60000,
+                },
+                RefusalKind::SystemAccount,
+                Code::InvalidArgument,
+            ),
+            (
+                AgentError::UnsafeHome {
+                    user: user(),
+                    why: "~/.vncpasswd is a symlink".into(),
+                },
+                RefusalKind::UnsafeHome,
+                Code::PermissionDenied,
+            ),
+            (
+                AgentError::NoFreeDisplay { first: 1, last: 2 },
+                RefusalKind::NoFreeDisplay,
+                Code::ResourceExhausted,
+            ),
+            (
+                AgentError::StartTimeout {
+                    user: user(),
+                    display: 1,
+                    after: Duration::from_secs(1),
+                },
+                RefusalKind::StartTimeout,
+                Code::DeadlineExceeded,
+            ),
+            (
+                AgentError::StartFailed {
+                    user: user(),
+                    display: 1,
+                    detail: "exited".into(),
+                },
+                RefusalKind::StartFailed,
+                Code::Internal,
+            ),
+            (
+                AgentError::Helper {
+                    user: user(),
+                    detail: "no answer".into(),
+                },
+                RefusalKind::AgentFailed,
+                Code::Internal,
+            ),
+            (
+                AgentError::io("reading /proc", std::io::Error::other("gone")),
+                RefusalKind::AgentFailed,
+                Code::Internal,
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_error_maps_to_its_kind_code_and_detail() {
+        for (err, kind, code) in samples() {
+            let message = err.to_string();
+            assert_eq!(err.kind(), kind, "{message}");
+            assert_eq!(err.code(), code, "{message}");
+            let status = Status::from(err);
+            assert_eq!(status.code(), code);
+            assert_eq!(
+                status.message(),
+                message,
+                "the message callers see is unchanged"
+            );
+            assert_eq!(RefusalKind::from_status(&status), Some(kind));
+        }
+    }
+
+    #[test]
+    fn every_kind_is_produced_by_some_error() {
+        let produced: Vec<RefusalKind> = samples().iter().map(|(e, _, _)| e.kind()).collect();
+        for kind in RefusalKind::ALL {
+            assert!(produced.contains(&kind), "no AgentError has kind {kind:?}");
+        }
+        // Account problems refuse the request; display and start problems fail the blade.
+        assert_eq!(
+            AgentError::UnknownUser(String::new()).kind().scope(),
+            Scope::Request
+        );
+        assert_eq!(
+            AgentError::NoFreeDisplay { first: 1, last: 1 }
+                .kind()
+                .scope(),
+            Scope::Blade
+        );
     }
 }

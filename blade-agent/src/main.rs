@@ -1,8 +1,17 @@
-//! The `blade-agent` command: `serve`, `cloudvnc`, `init-secret`, and the internal
-//! `session-helper`.
+//! The `blade-agent` command: `serve`, `cloudvnc`, `status`, `stop`, `init-secret`, and the
+//! internal `session-helper`.
+//!
+//! `cloudvnc`, `status` and `stop` are what the dispatcher runs over SSH. Their exit code is
+//! the refusal contract of [`vncdispatch_proto::refusal`]: 0 success; 10-19 the request is
+//! refused on every blade (10 invalid request, 11 unknown account, 12 system account, 13 unsafe
+//! home); 20-29 only this blade failed (20 no free display, 21 start timeout, 22 start failed,
+//! 23 agent failed); 1 any other failure; 2 bad arguments. stderr carries the message, for
+//! people only.
+#![forbid(unsafe_code)]
 use anyhow::Context;
 use blade_agent::agent::Agent;
 use blade_agent::config::DesktopConfig;
+use blade_agent::error::AgentError;
 use blade_agent::helper::{self, HelperArgs};
 use clap::{Parser, Subcommand};
 use std::io::Read;
@@ -53,6 +62,15 @@ enum Command {
     },
     /// Drop-in for the original `cloudvnc` script, for SSH: reads the VNC password from stdin,
     /// starts (or finds) the user's desktop and prints `HOST PID DISPLAY`.
+    ///
+    /// Exit codes (also of `status` and `stop`), which the dispatcher acts on:
+    /// 0 started or found;
+    /// 10-19 the request is refused on every blade: 10 invalid username, password or geometry,
+    /// 11 unknown account, 12 root or system account, 13 unsafe home;
+    /// 20-29 only this blade failed, another may succeed: 20 no free display, 21 Xvnc start timed out,
+    /// 22 Xvnc failed to start, 23 the agent failed (helper, OS error);
+    /// 1 any other failure, 2 bad arguments.
+    #[command(verbatim_doc_comment)]
     Cloudvnc {
         /// The account to start the desktop for.
         #[arg(long)]
@@ -135,12 +153,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// Prints the error, if any, and exits with its refusal kind's code (see `cloudvnc --help`
+/// and [`vncdispatch_proto::refusal`]), or 1 for errors outside the contract.
 fn report(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("blade-agent: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<AgentError>() {
+                Some(agent) => ExitCode::from(agent.kind().exit_code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

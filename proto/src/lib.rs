@@ -6,6 +6,9 @@
 //! - [`rules`]: what a valid username, VNC password, remote IP and token are. The dispatcher,
 //!   the blade agent and ws-proxy all validate with these, so a value one accepts the others do too.
 //! - [`vncauth`]: VNC password obfuscation (rfbauth files) and challenge responses.
+//! - [`refusal`]: how blade-agent turns down a desktop — a kind per reason, sent as a gRPC status
+//!   with an `ErrorInfo` detail or as a `cloudvnc` exit code — and whether the dispatcher
+//!   should refuse the request or try the next blade.
 //! - [`bearer`]: the shared-secret authentication between services.
 //! - [`serve`]: what every gRPC server here shares (limits, health, reflection, signals).
 //! - [`FILE_DESCRIPTOR_SET`]: the compiled descriptors, served by gRPC reflection.
@@ -15,6 +18,7 @@ pub mod bearer;
 pub mod config;
 pub mod metrics;
 pub mod redact;
+pub mod refusal;
 pub mod rules;
 pub mod serve;
 pub mod vncauth;
