@@ -1,4 +1,10 @@
 //! The default launcher: gRPC to each blade's `blade-agent serve`.
+//!
+//! A failed call is judged by the refusal contract ([`vncdispatch_proto::refusal`]): the
+//! `ErrorInfo` kind the agent attaches says whether the request is refused everywhere
+//! ([`LaunchError::Refused`], the agent's status passed on) or only this blade failed
+//! ([`LaunchError::Blade`], try the next). An agent that predates the contract sends no kind;
+//! then the status code decides, as it did before.
 use super::{BladeLoad, LaunchError, Launched, Launcher};
 use crate::store::BladeRecord;
 use std::collections::HashMap;
@@ -8,6 +14,7 @@ use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use vncdispatch_proto::bearer::BearerAuth;
+use vncdispatch_proto::refusal::{self, Scope};
 use vncdispatch_proto::v1::blade_agent_client::BladeAgentClient;
 use vncdispatch_proto::v1::{
     AgentHealthRequest, ListVncServersRequest, StartSessionRequest, StopSessionRequest,
@@ -67,17 +74,16 @@ fn bracket(host: &str) -> String {
     }
 }
 
-/// Statuses that mean the request is wrong everywhere rather than this blade failing.
+/// What a failed call means for the dispatch, from the status's refusal kind, or its code
+/// when an older agent sent no kind ([`refusal::scope_of_status`]); never from its message.
 fn classify(blade: &BladeRecord, status: tonic::Status) -> LaunchError {
-    match status.code() {
-        Code::InvalidArgument | Code::NotFound | Code::PermissionDenied => {
-            LaunchError::Refused(status)
-        }
-        Code::Unauthenticated => LaunchError::Blade(format!(
+    match refusal::scope_of_status(&status) {
+        Scope::Request => LaunchError::Refused(status),
+        Scope::Blade if status.code() == Code::Unauthenticated => LaunchError::Blade(format!(
             "blade {} refused our agent secret (check --agent-secret-file)",
             blade.name
         )),
-        _ => LaunchError::Blade(format!(
+        Scope::Blade => LaunchError::Blade(format!(
             "blade {}: {}: {}",
             blade.name,
             status.code(),
@@ -168,5 +174,61 @@ impl Launcher for AgentLauncher {
             free_displays: h.free_displays,
             load1: h.load1,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Method;
+    use vncdispatch_proto::refusal::RefusalKind;
+
+    fn blade() -> BladeRecord {
+        BladeRecord {
+            name: "b1".into(),
+            host: "10.0.0.5".into(),
+            port: 7501,
+            method: Method::Agent,
+            draining: false,
+        }
+    }
+
+    #[test]
+    fn each_kind_decides_by_itself_and_keeps_the_agents_status() {
+        for kind in RefusalKind::ALL {
+            let sent = refusal::status(kind, format!("agent says {kind:?}"));
+            match (classify(&blade(), sent), kind.scope()) {
+                (LaunchError::Refused(s), Scope::Request) => {
+                    assert_eq!(s.code(), kind.code());
+                    assert_eq!(s.message(), format!("agent says {kind:?}"));
+                }
+                (LaunchError::Blade(why), Scope::Blade) => {
+                    assert!(why.starts_with("blade b1: "), "{why}");
+                    assert!(why.ends_with(&format!("agent says {kind:?}")), "{why}");
+                }
+                (other, scope) => panic!("{kind:?} ({scope:?}) became {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_kind_wins_over_the_message_and_an_old_agent_is_judged_by_its_code() {
+        // Message text that once meant "refuse" decides nothing now.
+        let reworded = refusal::status(RefusalKind::NoFreeDisplay, "no account named \"x\"");
+        assert!(matches!(
+            classify(&blade(), reworded),
+            LaunchError::Blade(_)
+        ));
+        let old = tonic::Status::not_found("whatever an old agent said");
+        assert!(matches!(
+            classify(&blade(), old),
+            LaunchError::Refused(s) if s.code() == Code::NotFound
+        ));
+        let old = tonic::Status::resource_exhausted("no free display");
+        assert!(matches!(classify(&blade(), old), LaunchError::Blade(_)));
+        match classify(&blade(), tonic::Status::unauthenticated("bad secret")) {
+            LaunchError::Blade(why) => assert!(why.contains("--agent-secret-file"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -4,6 +4,11 @@
 //!   shared secret.
 //! - [`ssh`]: SSH (russh) running `blade-agent cloudvnc --user USER` with the password on
 //!   stdin, for blades reached the way the original reached them.
+//!
+//! Both turn an agent's failure into a [`LaunchError`] by the shared refusal contract
+//! ([`vncdispatch_proto::refusal`]) — the `ErrorInfo` kind of a gRPC status, the exit code of
+//! `cloudvnc` — never by its message, so one kind leads to one decision whichever way the
+//! blade is reached.
 pub mod agent;
 pub mod ssh;
 
@@ -36,11 +41,12 @@ pub struct BladeLoad {
 /// Why a launcher call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    /// The blade could not do it (down, timed out, out of displays, Xvnc failed): another
-    /// blade may.
+    /// The blade could not do it (down, timed out, out of displays, Xvnc failed — refusals of
+    /// [`Scope::Blade`](vncdispatch_proto::refusal::Scope::Blade)): another blade may.
     #[error("{0}")]
     Blade(String),
-    /// The request itself is wrong (unknown or system account, unsafe home): no blade will do
+    /// The request itself is wrong (unknown or system account, unsafe home — refusals of
+    /// [`Scope::Request`](vncdispatch_proto::refusal::Scope::Request)): no blade will do
     /// better, so the caller gets this status.
     #[error("{}", .0.message())]
     Refused(tonic::Status),

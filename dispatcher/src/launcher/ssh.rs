@@ -2,6 +2,12 @@
 //! password on stdin, and reads `HOST PID DISPLAY` back — the original's way of reaching blades,
 //! without its shell strings and `su`. The blade's host key must be in the configured
 //! known_hosts file: an unknown or changed key is refused, never trusted on first use.
+//!
+//! The remote command's exit code is the refusal contract ([`vncdispatch_proto::refusal`],
+//! also in `blade-agent cloudvnc --help`): 10-19 refuse the request with the kind's status
+//! code, anything else non-zero fails only this blade. Its stderr is the message and decides
+//! nothing. An agent from before the contract exits 1 for every failure, so with it every
+//! refusal fails the blade and the caller hears UNAVAILABLE with the agent's message.
 use super::{BladeLoad, LaunchError, Launched, Launcher};
 use crate::store::BladeRecord;
 use russh::ChannelMsg;
@@ -11,7 +17,8 @@ use russh::keys::PublicKeyOrCertificate;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tonic::{Code, Status};
+use tonic::Status;
+use vncdispatch_proto::refusal::{self, Scope};
 
 /// How to reach blades over SSH.
 #[derive(Debug, Clone)]
@@ -173,19 +180,16 @@ impl SshLauncher {
     }
 }
 
-/// Maps the agent's error text to what the caller should hear.
-fn classify(blade: &BladeRecord, stderr: &str) -> LaunchError {
+/// What a failed remote command means for the dispatch, from its exit code alone (the
+/// contract's table in [`refusal`]); stderr only becomes the message. A refusal gets its
+/// kind's status code, as the agent would answer over gRPC; any code outside the table (an
+/// old agent's 1, a missing program's 127) fails only this blade.
+fn classify(blade: &BladeRecord, exit_status: u32, stderr: &str) -> LaunchError {
     let msg = stderr.trim().trim_start_matches("blade-agent: ").to_owned();
-    let code = if msg.contains("no account named") {
-        Code::NotFound
-    } else if msg.contains("invalid username") || msg.contains("allowed for desktops") {
-        Code::InvalidArgument
-    } else if msg.contains("refusing to set up") {
-        Code::PermissionDenied
-    } else {
-        return LaunchError::Blade(format!("blade {}: {msg}", blade.name));
-    };
-    LaunchError::Refused(Status::new(code, msg))
+    match refusal::scope_of_exit(exit_status) {
+        (Scope::Request, Some(kind)) => LaunchError::Refused(Status::new(kind.code(), msg)),
+        _ => LaunchError::Blade(format!("blade {}: {msg}", blade.name)),
+    }
 }
 
 #[async_trait::async_trait]
@@ -206,7 +210,7 @@ impl Launcher for SshLauncher {
             )
             .await?;
         if status != 0 {
-            return Err(classify(blade, &err));
+            return Err(classify(blade, status, &err));
         }
         let line = out
             .lines()
@@ -240,7 +244,7 @@ impl Launcher for SshLauncher {
     async fn stop(&self, blade: &BladeRecord, username: &str) -> Result<bool, LaunchError> {
         let (status, out, err) = self.run(blade, &["stop", "--user", username], b"").await?;
         if status != 0 {
-            return Err(classify(blade, &err));
+            return Err(classify(blade, status, &err));
         }
         Ok(out.trim() == "stopped")
     }
@@ -255,7 +259,7 @@ impl Launcher for SshLauncher {
             .run(blade, &["status", "--user", username], b"")
             .await?;
         if status != 0 {
-            return Err(classify(blade, &err));
+            return Err(classify(blade, status, &err));
         }
         Ok(out
             .split_whitespace()
@@ -323,5 +327,75 @@ impl client::Handler for HostKeyCheck {
         };
         *self.verdict.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
         Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Method;
+    use tonic::Code;
+    use vncdispatch_proto::refusal::RefusalKind;
+
+    fn blade() -> BladeRecord {
+        BladeRecord {
+            name: "s1".into(),
+            host: "10.0.0.6".into(),
+            port: 22,
+            method: Method::Ssh,
+            draining: false,
+        }
+    }
+
+    #[test]
+    fn each_exit_code_of_the_contract_decides_as_its_kind() {
+        for kind in RefusalKind::ALL {
+            let stderr = format!("blade-agent: agent says {kind:?}\n");
+            match (
+                classify(&blade(), u32::from(kind.exit_code()), &stderr),
+                kind.scope(),
+            ) {
+                (LaunchError::Refused(s), Scope::Request) => {
+                    assert_eq!(s.code(), kind.code(), "{kind:?}");
+                    assert_eq!(s.message(), format!("agent says {kind:?}"));
+                }
+                (LaunchError::Blade(why), Scope::Blade) => {
+                    assert_eq!(why, format!("blade s1: agent says {kind:?}"));
+                }
+                (other, scope) => panic!("{kind:?} ({scope:?}) became {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn stderr_text_decides_nothing_and_other_exit_codes_fail_the_blade() {
+        // What the old text matching refused on, under codes outside the table.
+        for text in [
+            "no account named \"x\" on this blade",
+            "invalid username \"a;b\": ...",
+            "refusing to set up a desktop for \"x\": ...",
+        ] {
+            for exit in [1, 2, 127, 255] {
+                assert!(
+                    matches!(classify(&blade(), exit, text), LaunchError::Blade(_)),
+                    "{exit} {text}"
+                );
+            }
+        }
+        // And a refusal code refuses whatever the text says.
+        let code = u32::from(RefusalKind::UnknownAccount.exit_code());
+        assert!(matches!(
+            classify(&blade(), code, "Xvnc failed"),
+            LaunchError::Refused(s) if s.code() == Code::NotFound
+        ));
+    }
+
+    #[test]
+    fn shell_safe_words() {
+        assert!(shell_safe("--rfb-listen=127.0.0.1"));
+        assert!(shell_safe("/usr/local/bin/blade-agent"));
+        for bad in ["", "a b", "a;b", "$(id)", "a'b", "a\nb", "`x`"] {
+            assert!(!shell_safe(bad), "{bad:?}");
+        }
     }
 }
