@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::os::unix::fs::{MetadataExt, symlink};
 use std::process::{Command, Stdio};
 use tonic::Code;
+use vncdispatch_proto::refusal::RefusalKind;
 use vncdispatch_proto::v1::blade_agent_client::BladeAgentClient;
 use vncdispatch_proto::v1::{
     AgentHealthRequest, Geometry, ListVncServersRequest, StartSessionRequest, StopSessionRequest,
@@ -127,6 +128,10 @@ async fn symlinked_vncpasswd_is_refused_and_its_target_untouched() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(
+        RefusalKind::from_status(&err),
+        Some(RefusalKind::UnsafeHome)
+    );
     assert!(
         err.message().contains(".vncpasswd is a symlink"),
         "{}",
@@ -167,25 +172,32 @@ async fn bad_usernames_and_passwords_are_refused_and_start_nothing() {
     let agent = agent().await;
     let mut client = agent.client().await;
     let long = "a".repeat(300);
-    let cases: &[(&str, &str, Code)] = &[
-        ("root", "secret1", Code::InvalidArgument),
-        ("daemon", "secret1", Code::InvalidArgument),
-        ("nobody", "secret1", Code::InvalidArgument),
-        ("../x", "secret1", Code::InvalidArgument),
-        ("a;id", "secret1", Code::InvalidArgument),
-        ("a;rm -rf /", "secret1", Code::InvalidArgument),
-        ("", "secret1", Code::InvalidArgument),
-        ("-rf", "secret1", Code::InvalidArgument),
-        ("a\nb", "secret1", Code::InvalidArgument),
-        (&long, "secret1", Code::InvalidArgument),
-        ("nosuchuserhere", "secret1", Code::NotFound),
+    let (invalid, system) = (RefusalKind::InvalidRequest, RefusalKind::SystemAccount);
+    let cases: &[(&str, &str, Code, RefusalKind)] = &[
+        ("root", "secret1", Code::InvalidArgument, system),
+        ("daemon", "secret1", Code::InvalidArgument, system),
+        ("nobody", "secret1", Code::InvalidArgument, system),
+        ("../x", "secret1", Code::InvalidArgument, invalid),
+        ("a;id", "secret1", Code::InvalidArgument, invalid),
+        ("a;rm -rf /", "secret1", Code::InvalidArgument, invalid),
+        ("", "secret1", Code::InvalidArgument, invalid),
+        ("-rf", "secret1", Code::InvalidArgument, invalid),
+        ("a\nb", "secret1", Code::InvalidArgument, invalid),
+        (&long, "secret1", Code::InvalidArgument, invalid),
+        (
+            "nosuchuserhere",
+            "secret1",
+            Code::NotFound,
+            RefusalKind::UnknownAccount,
+        ),
     ];
-    for (name, password, code) in cases {
+    for (name, password, code, kind) in cases {
         let err = client
             .start_session(start_req(name, password))
             .await
             .unwrap_err();
         assert_eq!(err.code(), *code, "{name:?}: {}", err.message());
+        assert_eq!(RefusalKind::from_status(&err), Some(*kind), "{name:?}");
         assert!(!err.message().is_empty());
         let err = client
             .stop_session(StopSessionRequest {
@@ -194,6 +206,7 @@ async fn bad_usernames_and_passwords_are_refused_and_start_nothing() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), *code, "stop {name:?}: {}", err.message());
+        assert_eq!(RefusalKind::from_status(&err), Some(*kind), "stop {name:?}");
     }
     let user = TestUser::create();
     for bad in ["", "short", "ninechars", "nul\0byte"] {
@@ -603,13 +616,35 @@ async fn cloudvnc_prints_host_pid_display_and_fails_clearly() {
         String::from_utf8_lossy(&out.stdout).trim_end(),
         line.trim_end()
     );
-    for (name, password, needle) in [
-        ("root", "cloudpw1", "root and system accounts are refused"),
-        ("a;id", "cloudpw1", "invalid username"),
-        (&user.name[..], "x", "password"),
+    // Failures exit with their refusal kind's code (`cloudvnc --help`), which the SSH
+    // launcher acts on; the message is for people.
+    for (name, password, needle, kind) in [
+        (
+            "root",
+            "cloudpw1",
+            "root and system accounts are refused",
+            RefusalKind::SystemAccount,
+        ),
+        (
+            "a;id",
+            "cloudpw1",
+            "invalid username",
+            RefusalKind::InvalidRequest,
+        ),
+        (&user.name[..], "x", "password", RefusalKind::InvalidRequest),
+        (
+            "nosuchuserhere",
+            "cloudpw1",
+            "no account named",
+            RefusalKind::UnknownAccount,
+        ),
     ] {
         let out = cloudvnc(name, password);
-        assert!(!out.status.success(), "{name}");
+        assert_eq!(
+            out.status.code(),
+            Some(i32::from(kind.exit_code())),
+            "{name}"
+        );
         assert!(out.stdout.is_empty());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
