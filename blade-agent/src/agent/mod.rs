@@ -6,25 +6,30 @@
 //! `cloudvnc` also takes), then looks at /proc for the user's running server before starting
 //! one. Displays are reserved in-process while a start is under way; a display another program
 //! grabbed in the meantime makes Xvnc fail with BUSY and the next display is tried.
+//!
+//! Layout: this file holds the calls and the per-user locks; `display.rs` picks and reserves a
+//! free display (and clears what dead X servers left in /tmp); `session.rs` runs the per-user
+//! helper ([`crate::helper`]) and reads its answer.
 use crate::account::{self, Account};
 use crate::config::{DesktopConfig, check_geometry};
 use crate::discover::{self, RunningXvnc};
 use crate::error::AgentError;
-use crate::helper::StartMode;
-use crate::privdrop;
-use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use vncdispatch_proto::rules::{validate_password, validate_username};
 use vncdispatch_proto::v1::{AgentHealth, Geometry, VncServer};
+
+mod display;
+mod session;
+
+use session::HelperError::{Busy, Other};
+use session::HelperRequest;
 
 /// Attempts at starting on successive displays when one turns out to be taken.
 const START_ATTEMPTS: usize = 3;
@@ -45,18 +50,6 @@ pub struct Agent {
     reserved: Arc<Mutex<HashSet<u32>>>,
     /// Desktops last seen per user, for cheap liveness checks (see [`Agent::find`]).
     seen: Mutex<HashMap<String, RunningXvnc>>,
-}
-
-/// Holds a display reserved until dropped.
-struct Reservation {
-    display: u32,
-    reserved: Arc<Mutex<HashSet<u32>>>,
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        lock(&self.reserved).remove(&self.display);
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -357,209 +350,12 @@ impl Agent {
             _inproc: inproc,
         })
     }
-
-    /// Picks the lowest free display: not reserved, not served by a live Xvnc, no live X lock
-    /// file, and its RFB port bindable. Stale lock files and sockets left by a dead server are
-    /// removed here, as root, because the next user's Xvnc could not remove another user's
-    /// files from the sticky /tmp.
-    fn reserve_display(&self, skip: &HashSet<u32>) -> Result<Reservation, AgentError> {
-        let live: HashSet<u32> = discover::scan(&self.xvnc_comm())
-            .map_err(|e| AgentError::io("reading /proc", e))?
-            .into_iter()
-            .map(|r| r.display)
-            .collect();
-        ensure_x11_socket_dir();
-        let mut reserved = lock(&self.reserved);
-        for display in self.cfg.display_first..=self.cfg.display_last() {
-            if skip.contains(&display) || live.contains(&display) || reserved.contains(&display) {
-                continue;
-            }
-            let Some(port) = self.cfg.port_of(display) else {
-                break;
-            };
-            if !x_display_free(display)
-                || TcpListener::bind(SocketAddr::new(self.cfg.rfb_listen, port)).is_err()
-            {
-                continue;
-            }
-            reserved.insert(display);
-            return Ok(Reservation {
-                display,
-                reserved: self.reserved.clone(),
-            });
-        }
-        Err(AgentError::NoFreeDisplay {
-            first: self.cfg.display_first,
-            last: self.cfg.display_last(),
-        })
-    }
-
-    /// Runs the session helper as the user; `Some(pid)` of the started Xvnc for `Start`.
-    async fn run_helper(
-        &self,
-        account: &Account,
-        password: &str,
-        request: HelperRequest,
-        display: Option<u32>,
-        geometry: (u32, u32),
-    ) -> Result<Option<u32>, HelperError> {
-        let display = display.unwrap_or(0);
-        let port = self.cfg.port_of(display).unwrap_or(0);
-        let mode = match self.cfg.mode {
-            StartMode::Fast => "fast",
-            StartMode::Wrapper => "wrapper",
-        };
-        let mut cmd = std::process::Command::new(&self.helper);
-        cmd.arg("session-helper");
-        match &request {
-            HelperRequest::Start => cmd.args(["--action", "start"]),
-            HelperRequest::Passwd { rfbauth: None } => cmd.args(["--action", "passwd"]),
-            HelperRequest::Passwd {
-                rfbauth: Some(path),
-            } => cmd.args(["--action", "passwd", "--rfbauth"]).arg(path),
-        };
-        cmd.args(["--mode", mode])
-            .args([
-                "--display",
-                &display.to_string(),
-                "--port",
-                &port.to_string(),
-            ])
-            .arg("--xvnc")
-            .arg(&self.cfg.xvnc)
-            .arg("--vncserver")
-            .arg(&self.cfg.vncserver)
-            .arg("--session")
-            .arg(&self.cfg.session_command)
-            .args(["--geometry", &format!("{}x{}", geometry.0, geometry.1)])
-            .args(["--interface", &self.cfg.rfb_listen.to_string()])
-            .args([
-                "--timeout-ms",
-                &self.cfg.start_timeout.as_millis().to_string(),
-            ]);
-        privdrop::as_user(&mut cmd, account);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let user = account.name.clone();
-        let helper_err = |detail: String| {
-            Other(AgentError::Helper {
-                user: user.clone(),
-                detail,
-            })
-        };
-        let mut child = tokio::process::Command::from(cmd).spawn().map_err(|e| {
-            helper_err(format!(
-                "cannot run {} as the user: {e} (it must be executable by desktop users)",
-                self.helper.display()
-            ))
-        })?;
-        let helper_pid = child.id();
-        let mut stdin = child
-            .stdin
-            .take()
-            .ok_or_else(|| helper_err("no stdin pipe".into()))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| helper_err("no stdout pipe".into()))?;
-        let mut secret = Vec::with_capacity(password.len() + 1);
-        secret.extend_from_slice(password.as_bytes());
-        secret.push(b'\n');
-        stdin
-            .write_all(&secret)
-            .await
-            .map_err(|e| helper_err(format!("sending password: {e}")))?;
-        drop(stdin);
-        let mut line = String::new();
-        let limit = self.cfg.start_timeout + Duration::from_secs(5);
-        let read = tokio::time::timeout(limit, BufReader::new(stdout).read_line(&mut line)).await;
-        // The helper outlives this call when it supervises a desktop; reap it whenever it ends.
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-        });
-        match read {
-            Err(_) => {
-                if let Some(pid) = helper_pid {
-                    // The helper leads its own session and process group, with Xvnc in it.
-                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                }
-                return Err(Other(AgentError::StartTimeout {
-                    user,
-                    display,
-                    after: limit,
-                }));
-            }
-            Ok(Err(e)) => return Err(helper_err(format!("reading its answer: {e}"))),
-            Ok(Ok(_)) => {}
-        }
-        let (kind, rest) = line
-            .trim_end()
-            .split_once(' ')
-            .unwrap_or((line.trim_end(), ""));
-        let rest = rest.to_owned();
-        match kind {
-            "OK" => Ok(None),
-            "READY" => rest
-                .parse::<u32>()
-                .map(Some)
-                .map_err(|_| helper_err(format!("bad answer {line:?}"))),
-            "REFUSED" => Err(Other(AgentError::UnsafeHome { user, why: rest })),
-            "BUSY" => Err(Busy(rest)),
-            "TIMEOUT" => Err(Other(AgentError::StartTimeout {
-                user,
-                display,
-                after: self.cfg.start_timeout,
-            })),
-            "FAILED" => Err(Other(AgentError::StartFailed {
-                user,
-                display,
-                detail: rest,
-            })),
-            "" => Err(helper_err(
-                "exited without an answer (see the agent's log)".into(),
-            )),
-            _ => Err(helper_err(format!(
-                "unexpected answer {:?}",
-                line.chars().take(80).collect::<String>()
-            ))),
-        }
-    }
-}
-
-/// What the helper is asked to do.
-enum HelperRequest {
-    /// Rewrite the password of a running server (`rfbauth`: the file it reads, if not
-    /// `~/.vncpasswd`).
-    Passwd { rfbauth: Option<PathBuf> },
-    /// Start a desktop.
-    Start,
 }
 
 /// The per-user locks, released on drop.
 struct UserGuard {
     _file: File,
     _inproc: tokio::sync::OwnedMutexGuard<()>,
-}
-
-/// How a helper run failed: BUSY means another display may work.
-enum HelperError {
-    Busy(String),
-    Other(AgentError),
-}
-use HelperError::{Busy, Other};
-
-impl HelperError {
-    fn into_agent_error(self, user: &str, display: u32) -> AgentError {
-        match self {
-            Busy(detail) => AgentError::StartFailed {
-                user: user.to_owned(),
-                display,
-                detail,
-            },
-            Other(e) => e,
-        }
-    }
 }
 
 /// Stops an Xvnc: SIGTERM, then SIGKILL after the grace period. Its helper then ends the
@@ -580,77 +376,6 @@ async fn terminate(running: &RunningXvnc) {
     if running.is_alive() {
         tracing::warn!(pid = running.pid, "Xvnc ignored SIGTERM; killing it");
         let _ = kill(pid, Signal::SIGKILL);
-    }
-}
-
-/// X servers put their sockets in /tmp/.X11-unix but, running as a user, cannot create it, and
-/// a user who did create it (vncserver tries) owns every display's socket. Keep it as
-/// systemd-tmpfiles would: root's, mode 1777. Checked before every start since /tmp cleaners
-/// and users can remove it.
-fn ensure_x11_socket_dir() {
-    use std::os::unix::fs::MetadataExt;
-    let dir = Path::new("/tmp/.X11-unix");
-    let fixed = match fs::symlink_metadata(dir) {
-        Ok(m) if m.is_dir() && m.uid() == 0 && m.mode() & 0o7777 == 0o1777 => return,
-        Ok(m) if m.is_dir() => {
-            let mode = format!("{:o}", m.mode() & 0o7777);
-            tracing::warn!(
-                owner = m.uid(),
-                mode,
-                "fixing owner and mode of /tmp/.X11-unix"
-            );
-            std::os::unix::fs::chown(dir, Some(0), Some(0))
-                .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o1777)))
-        }
-        Ok(_) => {
-            tracing::warn!("/tmp/.X11-unix is not a directory; replacing it");
-            fs::remove_file(dir).and_then(|()| make_x11_dir(dir))
-        }
-        Err(_) => make_x11_dir(dir),
-    };
-    if let Err(e) = fixed {
-        tracing::warn!(error = %e, "cannot set up /tmp/.X11-unix; X clients will use abstract sockets");
-    }
-}
-
-fn make_x11_dir(dir: &Path) -> std::io::Result<()> {
-    fs::DirBuilder::new().mode(0o1777).create(dir)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o1777))
-}
-
-/// True unless a live X server holds the display's lock. A lock or socket left by a dead
-/// server is removed.
-fn x_display_free(n: u32) -> bool {
-    let lock_path = PathBuf::from(format!("/tmp/.X{n}-lock"));
-    let socket = PathBuf::from(format!("/tmp/.X11-unix/X{n}"));
-    match fs::read_to_string(&lock_path) {
-        Ok(text) => {
-            let alive = text
-                .trim()
-                .parse::<i32>()
-                .is_ok_and(|pid| pid > 0 && kill(Pid::from_raw(pid), None).is_ok());
-            if alive {
-                return false;
-            }
-            tracing::info!("removing stale X lock file and socket of :{n}");
-            remove_stale(&lock_path);
-            remove_stale(&socket);
-            true
-        }
-        Err(_) => {
-            if socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_err() {
-                remove_stale(&socket);
-            }
-            !socket.exists()
-        }
-    }
-}
-
-fn remove_stale(path: &Path) {
-    if let Err(e) = fs::remove_file(path)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(path = %path.display(), error = %e, "cannot remove stale X file");
     }
 }
 

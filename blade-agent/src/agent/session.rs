@@ -1,0 +1,179 @@
+//! The agent's side of the session helper ([`crate::helper`]): run it as the user with the
+//! desktop's settings as arguments, send the password on its stdin, and turn its one-line
+//! answer into a pid or an [`AgentError`].
+use super::Agent;
+use crate::account::Account;
+use crate::error::AgentError;
+use crate::helper::StartMode;
+use crate::privdrop;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+impl Agent {
+    /// Runs the session helper as the user; `Some(pid)` of the started Xvnc for `Start`.
+    pub(super) async fn run_helper(
+        &self,
+        account: &Account,
+        password: &str,
+        request: HelperRequest,
+        display: Option<u32>,
+        geometry: (u32, u32),
+    ) -> Result<Option<u32>, HelperError> {
+        let display = display.unwrap_or(0);
+        let port = self.cfg.port_of(display).unwrap_or(0);
+        let mode = match self.cfg.mode {
+            StartMode::Fast => "fast",
+            StartMode::Wrapper => "wrapper",
+        };
+        let mut cmd = std::process::Command::new(&self.helper);
+        cmd.arg("session-helper");
+        match &request {
+            HelperRequest::Start => cmd.args(["--action", "start"]),
+            HelperRequest::Passwd { rfbauth: None } => cmd.args(["--action", "passwd"]),
+            HelperRequest::Passwd {
+                rfbauth: Some(path),
+            } => cmd.args(["--action", "passwd", "--rfbauth"]).arg(path),
+        };
+        cmd.args(["--mode", mode])
+            .args([
+                "--display",
+                &display.to_string(),
+                "--port",
+                &port.to_string(),
+            ])
+            .arg("--xvnc")
+            .arg(&self.cfg.xvnc)
+            .arg("--vncserver")
+            .arg(&self.cfg.vncserver)
+            .arg("--session")
+            .arg(&self.cfg.session_command)
+            .args(["--geometry", &format!("{}x{}", geometry.0, geometry.1)])
+            .args(["--interface", &self.cfg.rfb_listen.to_string()])
+            .args([
+                "--timeout-ms",
+                &self.cfg.start_timeout.as_millis().to_string(),
+            ]);
+        privdrop::as_user(&mut cmd, account);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let user = account.name.clone();
+        let helper_err = |detail: String| {
+            Other(AgentError::Helper {
+                user: user.clone(),
+                detail,
+            })
+        };
+        let mut child = tokio::process::Command::from(cmd).spawn().map_err(|e| {
+            helper_err(format!(
+                "cannot run {} as the user: {e} (it must be executable by desktop users)",
+                self.helper.display()
+            ))
+        })?;
+        let helper_pid = child.id();
+        let mut stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| helper_err("no stdin pipe".into()))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| helper_err("no stdout pipe".into()))?;
+        let mut secret = Vec::with_capacity(password.len() + 1);
+        secret.extend_from_slice(password.as_bytes());
+        secret.push(b'\n');
+        stdin
+            .write_all(&secret)
+            .await
+            .map_err(|e| helper_err(format!("sending password: {e}")))?;
+        drop(stdin);
+        let mut line = String::new();
+        let limit = self.cfg.start_timeout + Duration::from_secs(5);
+        let read = tokio::time::timeout(limit, BufReader::new(stdout).read_line(&mut line)).await;
+        // The helper outlives this call when it supervises a desktop; reap it whenever it ends.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        match read {
+            Err(_) => {
+                if let Some(pid) = helper_pid {
+                    // The helper leads its own session and process group, with Xvnc in it.
+                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+                return Err(Other(AgentError::StartTimeout {
+                    user,
+                    display,
+                    after: limit,
+                }));
+            }
+            Ok(Err(e)) => return Err(helper_err(format!("reading its answer: {e}"))),
+            Ok(Ok(_)) => {}
+        }
+        let (kind, rest) = line
+            .trim_end()
+            .split_once(' ')
+            .unwrap_or((line.trim_end(), ""));
+        let rest = rest.to_owned();
+        match kind {
+            "OK" => Ok(None),
+            "READY" => rest
+                .parse::<u32>()
+                .map(Some)
+                .map_err(|_| helper_err(format!("bad answer {line:?}"))),
+            "REFUSED" => Err(Other(AgentError::UnsafeHome { user, why: rest })),
+            "BUSY" => Err(Busy(rest)),
+            "TIMEOUT" => Err(Other(AgentError::StartTimeout {
+                user,
+                display,
+                after: self.cfg.start_timeout,
+            })),
+            "FAILED" => Err(Other(AgentError::StartFailed {
+                user,
+                display,
+                detail: rest,
+            })),
+            "" => Err(helper_err(
+                "exited without an answer (see the agent's log)".into(),
+            )),
+            _ => Err(helper_err(format!(
+                "unexpected answer {:?}",
+                line.chars().take(80).collect::<String>()
+            ))),
+        }
+    }
+}
+
+/// What the helper is asked to do.
+pub(super) enum HelperRequest {
+    /// Rewrite the password of a running server (`rfbauth`: the file it reads, if not
+    /// `~/.vncpasswd`).
+    Passwd { rfbauth: Option<PathBuf> },
+    /// Start a desktop.
+    Start,
+}
+
+/// How a helper run failed: BUSY means another display may work.
+pub(super) enum HelperError {
+    /// The display turned out to be taken (the helper's BUSY): try the next one.
+    Busy(String),
+    /// Anything else, final for this call.
+    Other(AgentError),
+}
+use HelperError::{Busy, Other};
+
+impl HelperError {
+    pub(super) fn into_agent_error(self, user: &str, display: u32) -> AgentError {
+        match self {
+            Busy(detail) => AgentError::StartFailed {
+                user: user.to_owned(),
+                display,
+                detail,
+            },
+            Other(e) => e,
+        }
+    }
+}
