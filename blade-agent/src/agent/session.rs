@@ -4,7 +4,7 @@
 use super::Agent;
 use crate::account::Account;
 use crate::error::AgentError;
-use crate::helper::StartMode;
+use crate::helper::{FailKind, StartMode};
 use crate::privdrop;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -118,28 +118,28 @@ impl Agent {
             .split_once(' ')
             .unwrap_or((line.trim_end(), ""));
         let rest = rest.to_owned();
-        match kind {
-            "OK" => Ok(None),
-            "READY" => rest
+        match (kind, FailKind::from_word(kind)) {
+            ("OK", _) => Ok(None),
+            ("READY", _) => rest
                 .parse::<u32>()
                 .map(Some)
                 .map_err(|_| helper_err(format!("bad answer {line:?}"))),
-            "REFUSED" => Err(Other(AgentError::UnsafeHome { user, why: rest })),
-            "BUSY" => Err(Busy(rest)),
-            "TIMEOUT" => Err(Other(AgentError::StartTimeout {
+            (_, Some(FailKind::Refused)) => Err(Other(AgentError::UnsafeHome { user, why: rest })),
+            (_, Some(FailKind::Busy)) => Err(Busy(rest)),
+            (_, Some(FailKind::Timeout)) => Err(Other(AgentError::StartTimeout {
                 user,
                 display,
                 after: self.cfg.start_timeout,
             })),
-            "FAILED" => Err(Other(AgentError::StartFailed {
+            (_, Some(FailKind::Failed)) => Err(Other(AgentError::StartFailed {
                 user,
                 display,
                 detail: rest,
             })),
-            "" => Err(helper_err(
+            ("", None) => Err(helper_err(
                 "exited without an answer (see the agent's log)".into(),
             )),
-            _ => Err(helper_err(format!(
+            (_, None) => Err(helper_err(format!(
                 "unexpected answer {:?}",
                 line.chars().take(80).collect::<String>()
             ))),

@@ -1,0 +1,263 @@
+//! The per-session helper: `blade-agent session-helper`, run by the agent as the desktop's user.
+//!
+//! Everything that touches the user's files or starts the user's programs happens here, in a
+//! process that already has only the user's uid, gid and groups, so the kernel — not a check
+//! the agent might get wrong — keeps it inside the user's rights. The agent execs it through
+//! [`crate::privdrop`] and talks to it over pipes:
+//!
+//! 1. stdin: the VNC password and a newline (never argv or environment).
+//! 2. the helper writes `~/.vncpasswd` (O_NOFOLLOW, 0600, checked to be a plain file of the
+//!    user's with one link); for `--action passwd` it then answers `OK` and exits.
+//! 3. for `--action start` it starts Xvnc (or the `vncserver` wrapper), waits until the RFB
+//!    port answers with an RFB banner, starts the session command, and answers one line on
+//!    stdout: `READY <xvnc pid>`, or `<KIND> <message>` with KIND one of REFUSED (unsafe home),
+//!    BUSY (display taken, try another), TIMEOUT, FAILED (`FailKind`, shared with the agent).
+//! 4. after READY (fast path) it stays as the session's supervisor: when the session command
+//!    exits it stops Xvnc (vncserver's `-autokill`), and when Xvnc dies it ends the session's
+//!    process group. It keeps doing so across agent restarts, as it is not the agent's.
+//!
+//! Layout: this file holds the protocol (arguments, answers, the steps of [`main`]);
+//! `files.rs` opens and writes the user's files without following links; `start.rs` starts
+//! Xvnc or the vncserver wrapper and waits for it; `supervise.rs` is what the helper does
+//! after READY.
+use clap::ValueEnum;
+use std::fs::File;
+use std::io::{self, BufRead, Read, Write};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod files;
+mod start;
+mod supervise;
+
+use files::{open_home, open_private, open_vnc_dir, write_copy, write_vncpasswd};
+use start::{Desktop, find_xvnc, start_fast, start_wrapper};
+
+/// What the agent asks of the helper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Action {
+    /// Only (re)write `~/.vncpasswd`: the server is already running and rereads it.
+    Passwd,
+    /// Write `~/.vncpasswd` and start the desktop.
+    Start,
+}
+
+/// How the desktop is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StartMode {
+    /// Xtigervnc directly, then the session command: no Perl, no shell.
+    Fast,
+    /// TigerVNC's `vncserver` wrapper, as the original `cloudvnc` did.
+    Wrapper,
+}
+
+/// Arguments of `blade-agent session-helper` (set by the agent, not meant for people).
+#[derive(Debug, Clone, clap::Args)]
+pub struct HelperArgs {
+    /// passwd or start.
+    #[arg(long, value_enum)]
+    pub action: Action,
+    /// For passwd: the password file the running server reads, when not `~/.vncpasswd`
+    /// (the vncserver wrapper hands Xvnc a private copy). Rewritten too.
+    #[arg(long)]
+    pub rfbauth: Option<PathBuf>,
+    /// Start mode.
+    #[arg(long, value_enum, default_value = "fast")]
+    pub mode: StartMode,
+    /// X display number.
+    #[arg(long, default_value_t = 0)]
+    pub display: u32,
+    /// RFB port.
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// Xvnc binary.
+    #[arg(long, default_value = "/usr/bin/Xtigervnc")]
+    pub xvnc: PathBuf,
+    /// vncserver wrapper.
+    #[arg(long, default_value = "/usr/bin/vncserver")]
+    pub vncserver: PathBuf,
+    /// Session command run in the desktop.
+    #[arg(long, default_value = "/etc/X11/Xtigervnc-session")]
+    pub session: PathBuf,
+    /// WIDTHxHEIGHT.
+    #[arg(long, default_value = "1280x800")]
+    pub geometry: String,
+    /// Address Xvnc listens on for RFB.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub interface: IpAddr,
+    /// Milliseconds to wait for the RFB port.
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+}
+
+/// `~/.vnc/HOST:N.log`, the name vncserver uses, so admins find logs where they expect them.
+fn log_name(display: u32) -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok());
+    format!("{}:{display}.log", host.as_deref().unwrap_or("localhost"))
+}
+
+/// How a helper run failed: the first word of its answer, which the agent acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailKind {
+    /// REFUSED: the user's home or VNC files are unsafe to write (the agent's unsafe home).
+    Refused,
+    /// BUSY: the display is taken by someone else; another display may work.
+    Busy,
+    /// TIMEOUT: Xvnc never answered with an RFB banner in time.
+    Timeout,
+    /// FAILED: Xvnc, the wrapper or the session could not be started.
+    Failed,
+}
+
+impl FailKind {
+    /// Every kind, for parsing.
+    const ALL: [FailKind; 4] = [
+        FailKind::Refused,
+        FailKind::Busy,
+        FailKind::Timeout,
+        FailKind::Failed,
+    ];
+
+    /// The word on the answer line.
+    pub(crate) fn word(self) -> &'static str {
+        match self {
+            FailKind::Refused => "REFUSED",
+            FailKind::Busy => "BUSY",
+            FailKind::Timeout => "TIMEOUT",
+            FailKind::Failed => "FAILED",
+        }
+    }
+
+    /// The kind an answer's first word names, if any.
+    pub(crate) fn from_word(word: &str) -> Option<FailKind> {
+        Self::ALL.into_iter().find(|k| k.word() == word)
+    }
+}
+
+/// A failure the agent can act on, sent back as `<KIND> <message>`.
+#[derive(Debug)]
+struct Failure {
+    kind: FailKind,
+    message: String,
+}
+
+fn refused(message: impl Into<String>) -> Failure {
+    Failure {
+        kind: FailKind::Refused,
+        message: message.into(),
+    }
+}
+fn failed(message: impl Into<String>) -> Failure {
+    Failure {
+        kind: FailKind::Failed,
+        message: message.into(),
+    }
+}
+
+/// What the helper achieved.
+#[derive(Debug)]
+enum Outcome {
+    /// Only the password file was written.
+    Passwd,
+    /// A fast-path desktop this helper now supervises.
+    Supervise(Desktop),
+    /// A wrapper-started desktop (vncserver supervises it); the Xvnc pid.
+    Detached(u32),
+}
+
+/// Runs the helper; the exit code is for humans, the agent reads stdout.
+pub fn main(args: HelperArgs) -> ExitCode {
+    match run(&args) {
+        Ok(Outcome::Supervise(mut desktop)) => {
+            answer(&format!("READY {}", desktop.xvnc_pid));
+            desktop.supervise();
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Detached(pid)) => {
+            answer(&format!("READY {pid}"));
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Passwd) => {
+            answer("OK");
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            answer(&format!(
+                "{} {}",
+                f.kind.word(),
+                f.message.replace('\n', " ")
+            ));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn answer(line: &str) {
+    let mut out = io::stdout().lock();
+    // If the agent is gone there is nobody to tell; the desktop still runs.
+    let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+}
+
+fn run(args: &HelperArgs) -> Result<Outcome, Failure> {
+    let password = read_password()?;
+    let home = PathBuf::from(std::env::var_os("HOME").ok_or_else(|| failed("HOME is not set"))?);
+    let home_fd = open_home(&home)?;
+    write_vncpasswd(&home_fd, ".vncpasswd", &password).map_err(|e| refused(format!("~/{e}")))?;
+    if args.action == Action::Passwd {
+        if let Some(path) = args
+            .rfbauth
+            .as_deref()
+            .filter(|p| *p != home.join(".vncpasswd"))
+        {
+            write_copy(path, &password)?;
+        }
+        return Ok(Outcome::Passwd);
+    }
+    std::env::set_current_dir(&home)
+        .map_err(|e| refused(format!("cannot enter home {}: {e}", home.display())))?;
+    let vnc_dir = open_vnc_dir(&home_fd)?;
+    let log = open_private(&vnc_dir, &log_name(args.display), true)
+        .map_err(|e| refused(format!("cannot open ~/.vnc log: {e}")))?;
+    let log = File::from(log);
+    match args.mode {
+        StartMode::Fast => start_fast(args, &home, &vnc_dir, log).map(Outcome::Supervise),
+        StartMode::Wrapper => {
+            // The wrapper daemonizes Xvnc and supervises the session itself; find its pid.
+            start_wrapper(args, &home, log)?;
+            find_xvnc(args).map(Outcome::Detached)
+        }
+    }
+}
+
+fn read_password() -> Result<Vec<u8>, Failure> {
+    let mut line = Vec::with_capacity(16);
+    io::stdin()
+        .lock()
+        .take(64)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| failed(format!("reading password from stdin: {e}")))?;
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    }
+    let text = std::str::from_utf8(&line).map_err(|_| failed("password is not UTF-8"))?;
+    vncdispatch_proto::rules::validate_password(text).map_err(|e| failed(e.to_string()))?;
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FailKind;
+
+    #[test]
+    fn fail_kinds_round_trip_through_their_words() {
+        for kind in FailKind::ALL {
+            assert_eq!(FailKind::from_word(kind.word()), Some(kind));
+        }
+        for word in ["OK", "READY", "", "busy", "REFUSED "] {
+            assert_eq!(FailKind::from_word(word), None, "{word:?}");
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Starting the desktop, as the user: Xtigervnc and the session command directly (fast), or
+//! TigerVNC's vncserver wrapper; then waiting until the RFB port answers with a banner. A
+//! display someone else holds is reported as BUSY so the agent tries the next one.
+use super::files::write_xauthority;
+use super::{FailKind, Failure, HelperArgs, failed, log_name};
+use crate::discover;
+use nix::unistd::Uid;
+use std::fs::File;
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A started fast-path desktop, supervised by this helper.
+#[derive(Debug)]
+pub(super) struct Desktop {
+    /// The Xvnc process, this helper's child.
+    pub(super) xvnc: Child,
+    /// Its pid, reported in READY.
+    pub(super) xvnc_pid: u32,
+    /// The session command, until it exits.
+    pub(super) session: Option<Child>,
+}
+
+pub(super) fn start_fast(
+    args: &HelperArgs,
+    home: &Path,
+    vnc_dir: &OwnedFd,
+    log: File,
+) -> Result<Desktop, Failure> {
+    let xauth_name = format!("Xauthority-{}", args.display);
+    write_xauthority(vnc_dir, &xauth_name, args.display)?;
+    let xauth = home.join(".vnc").join(&xauth_name);
+    let rfbauth = home.join(".vncpasswd");
+    let user = std::env::var("USER").unwrap_or_default();
+    let log_err = log.try_clone().map_err(|e| failed(format!("log: {e}")))?;
+    let mut xvnc = Command::new(&args.xvnc)
+        .arg(format!(":{}", args.display))
+        .arg("-auth")
+        .arg(&xauth)
+        .arg("-rfbauth")
+        .arg(&rfbauth)
+        .arg("-rfbport")
+        .arg(args.port.to_string())
+        .arg("-interface")
+        .arg(args.interface.to_string())
+        .arg("-SecurityTypes")
+        .arg("VncAuth")
+        .arg("-geometry")
+        .arg(&args.geometry)
+        .arg("-depth")
+        .arg("24")
+        .arg("-desktop")
+        .arg(format!("{user}'s desktop"))
+        .args(["-nolisten", "tcp"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| failed(format!("log: {e}")))?)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|e| failed(format!("cannot run {}: {e}", args.xvnc.display())))?;
+    let xvnc_pid = xvnc.id();
+    if let Err(f) = wait_ready(args, Some(&mut xvnc), home) {
+        let _ = xvnc.kill();
+        let _ = xvnc.wait();
+        return Err(f);
+    }
+    let session = Command::new(&args.session)
+        .env("DISPLAY", format!(":{}", args.display))
+        .env("XAUTHORITY", &xauth)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| failed(format!("log: {e}")))?)
+        .stderr(log)
+        .spawn();
+    let session = match session {
+        Ok(s) => Some(s),
+        Err(e) => {
+            let _ = xvnc.kill();
+            let _ = xvnc.wait();
+            return Err(failed(format!(
+                "cannot run session command {}: {e}",
+                args.session.display()
+            )));
+        }
+    };
+    Ok(Desktop {
+        xvnc,
+        xvnc_pid,
+        session,
+    })
+}
+
+pub(super) fn start_wrapper(args: &HelperArgs, home: &Path, log: File) -> Result<(), Failure> {
+    let out = Command::new(&args.vncserver)
+        .arg(format!(":{}", args.display))
+        .arg("-rfbport")
+        .arg(args.port.to_string())
+        .arg("-PasswordFile")
+        .arg(home.join(".vncpasswd"))
+        .arg("-SecurityTypes")
+        .arg("VncAuth")
+        .arg("-geometry")
+        .arg(&args.geometry)
+        .arg("-localhost=no")
+        .arg("-interface")
+        .arg(args.interface.to_string())
+        .arg("-xstartup")
+        .arg(&args.session)
+        .arg("-autokill")
+        .arg("yes")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| failed(format!("log: {e}")))?)
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| failed(format!("cannot run {}: {e}", args.vncserver.display())))?;
+    if !out.status.success() {
+        let text = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = text.lines().rev().take(3).collect();
+        let busy = text.contains("already") || text.contains("in use");
+        let message = format!(
+            "vncserver exited with {}: {}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+        );
+        return Err(Failure {
+            kind: if busy {
+                FailKind::Busy
+            } else {
+                FailKind::Failed
+            },
+            message,
+        });
+    }
+    wait_ready(args, None, home)
+}
+
+pub(super) fn find_xvnc(args: &HelperArgs) -> Result<u32, Failure> {
+    let comm = args
+        .xvnc
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("Xtigervnc");
+    let me = Uid::current().as_raw();
+    discover::scan(comm)
+        .map_err(|e| failed(format!("reading /proc: {e}")))?
+        .into_iter()
+        .find(|x| x.uid == me && x.display == args.display && x.rfbauth.is_some())
+        .map(|x| x.pid)
+        .ok_or_else(|| {
+            failed(format!(
+                "vncserver reported success but no Xvnc runs on :{}",
+                args.display
+            ))
+        })
+}
+
+/// Waits until the RFB port answers with an RFB version banner, Xvnc exits, or time runs out.
+fn wait_ready(args: &HelperArgs, mut xvnc: Option<&mut Child>, home: &Path) -> Result<(), Failure> {
+    let ip = if args.interface.is_unspecified() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        args.interface
+    };
+    let addr = SocketAddr::new(ip, args.port);
+    let deadline = Instant::now() + Duration::from_millis(args.timeout_ms);
+    // Xvnc is typically ready in 10-40 ms: poll often, a connect attempt costs microseconds.
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if rfb_banner(addr) {
+            return Ok(());
+        }
+        if let Some(child) = xvnc.as_deref_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            let tail = log_tail(home, args);
+            let busy = tail.contains("already active")
+                || tail.contains("in use")
+                || tail.contains("Cannot establish");
+            return Err(Failure {
+                kind: if busy {
+                    FailKind::Busy
+                } else {
+                    FailKind::Failed
+                },
+                message: format!("Xvnc exited with {status} before accepting connections: {tail}"),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(Failure {
+                kind: FailKind::Timeout,
+                message: format!("no RFB banner on {addr} after {} ms", args.timeout_ms),
+            });
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(4));
+    }
+}
+
+fn rfb_banner(addr: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut banner = [0u8; 12];
+    s.read_exact(&mut banner).is_ok() && banner.starts_with(b"RFB ")
+}
+
+/// The last lines of the Xvnc log, for error messages.
+fn log_tail(home: &Path, args: &HelperArgs) -> String {
+    let path = home.join(".vnc").join(log_name(args.display));
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join(" / ")
+}
