@@ -8,6 +8,7 @@
 //! 23 agent failed); 1 any other failure; 2 bad arguments. stderr carries the message, for
 //! people only.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 use anyhow::Context;
 use blade_agent::agent::Agent;
 use blade_agent::config::DesktopConfig;

@@ -1,9 +1,9 @@
-//! The `BladeAgent` gRPC service: a thin layer over [`crate::agent::Agent`] that adds a span
-//! per call and maps errors to statuses.
+//! The `BladeAgent` gRPC service: a thin layer over [`crate::agent::Agent`] that runs each call
+//! in a span (`#[tracing::instrument]`) and maps errors to statuses — with their refusal kind,
+//! see [`crate::error`].
 use crate::agent::Agent;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 use vncdispatch_proto::v1::blade_agent_server::BladeAgent;
 use vncdispatch_proto::v1::{
     AgentHealth, AgentHealthRequest, ListVncServersRequest, ListVncServersResponse,
@@ -23,15 +23,18 @@ impl AgentService {
     }
 }
 
-/// A span for one call: the request id the dispatcher sent (if any) and the user.
-fn span<T>(rpc: &'static str, req: &Request<T>, user: &str) -> tracing::Span {
-    let request_id = req
-        .metadata()
+/// The request id the dispatcher sent with a call, or `-`: it ties the agent's log lines to
+/// the dispatcher's for one Dispatch.
+fn request_id<T>(req: &Request<T>) -> &str {
+    req.metadata()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("-");
-    let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info_span!("rpc", rpc, user, request_id, %peer)
+        .unwrap_or("-")
+}
+
+/// The caller's address, for the span.
+fn peer<T>(req: &Request<T>) -> String {
+    req.remote_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
 fn log_err<T>(r: Result<T, crate::error::AgentError>) -> Result<T, Status> {
@@ -41,71 +44,97 @@ fn log_err<T>(r: Result<T, crate::error::AgentError>) -> Result<T, Status> {
     })
 }
 
+// Each call runs in one `rpc` span carrying the method, the user, the dispatcher's request id
+// and the peer (never the password: `skip_all` keeps the request out of the span).
 #[tonic::async_trait]
 impl BladeAgent for AgentService {
+    #[tracing::instrument(
+        name = "rpc",
+        skip_all,
+        fields(
+            rpc = "StartSession",
+            user = req.get_ref().username.as_str(),
+            request_id = request_id(&req),
+            peer = %peer(&req),
+        )
+    )]
     async fn start_session(
         &self,
         req: Request<StartSessionRequest>,
     ) -> Result<Response<VncServer>, Status> {
-        let span = span("StartSession", &req, &req.get_ref().username);
         let r = req.into_inner();
-        let agent = self.agent.clone();
-        async move {
-            let started = std::time::Instant::now();
-            let result = agent
-                .start_session(&r.username, &r.password, r.geometry)
-                .await;
-            vncdispatch_proto::metrics::record_start(
-                "vncdispatch_agent_session_starts_total",
-                "vncdispatch_agent_session_start_duration_seconds",
-                result.as_ref().ok().map(|s| s.reused),
-                started,
-            );
-            log_err(result).map(Response::new)
-        }
-        .instrument(span)
-        .await
+        let started = std::time::Instant::now();
+        let result = self
+            .agent
+            .start_session(&r.username, &r.password, r.geometry)
+            .await;
+        vncdispatch_proto::metrics::record_start(
+            "vncdispatch_agent_session_starts_total",
+            "vncdispatch_agent_session_start_duration_seconds",
+            result.as_ref().ok().map(|s| s.reused),
+            started,
+        );
+        log_err(result).map(Response::new)
     }
 
+    #[tracing::instrument(
+        name = "rpc",
+        skip_all,
+        fields(
+            rpc = "StopSession",
+            user = req.get_ref().username.as_str(),
+            request_id = request_id(&req),
+            peer = %peer(&req),
+        )
+    )]
     async fn stop_session(
         &self,
         req: Request<StopSessionRequest>,
     ) -> Result<Response<StopSessionResponse>, Status> {
-        let span = span("StopSession", &req, &req.get_ref().username);
         let r = req.into_inner();
-        async move {
-            log_err(self.agent.stop_session(&r.username).await)
-                .map(|stopped| Response::new(StopSessionResponse { stopped }))
-        }
-        .instrument(span)
-        .await
+        log_err(self.agent.stop_session(&r.username).await)
+            .map(|stopped| Response::new(StopSessionResponse { stopped }))
     }
 
+    #[tracing::instrument(
+        name = "rpc",
+        skip_all,
+        fields(
+            rpc = "ListSessions",
+            user = req.get_ref().username.as_str(),
+            request_id = request_id(&req),
+            peer = %peer(&req),
+        )
+    )]
     async fn list_sessions(
         &self,
         req: Request<ListVncServersRequest>,
     ) -> Result<Response<ListVncServersResponse>, Status> {
-        let span = span("ListSessions", &req, &req.get_ref().username);
         let only = req.into_inner().username;
-        async move {
-            let servers = if only.is_empty() {
-                log_err(self.agent.list())?
-            } else {
-                let mut found = log_err(self.agent.find(&only).await)?;
-                found.iter_mut().for_each(|s| s.reused = false);
-                found.into_iter().collect()
-            };
-            Ok(Response::new(ListVncServersResponse { servers }))
-        }
-        .instrument(span)
-        .await
+        let servers = if only.is_empty() {
+            log_err(self.agent.list())?
+        } else {
+            let mut found = log_err(self.agent.find(&only).await)?;
+            found.iter_mut().for_each(|s| s.reused = false);
+            found.into_iter().collect()
+        };
+        Ok(Response::new(ListVncServersResponse { servers }))
     }
 
+    #[tracing::instrument(
+        name = "rpc",
+        skip_all,
+        fields(
+            rpc = "Health",
+            user = "",
+            request_id = request_id(&_req),
+            peer = %peer(&_req),
+        )
+    )]
     async fn health(
         &self,
-        req: Request<AgentHealthRequest>,
+        _req: Request<AgentHealthRequest>,
     ) -> Result<Response<AgentHealth>, Status> {
-        let _e = span("Health", &req, "").entered();
         let health = log_err(self.agent.health())?;
         metrics::gauge!("vncdispatch_agent_sessions_live").set(f64::from(health.sessions));
         Ok(Response::new(health))

@@ -13,6 +13,7 @@
 //! - [`serve`]: what every gRPC server here shares (limits, health, reflection, signals).
 //! - [`FILE_DESCRIPTOR_SET`]: the compiled descriptors, served by gRPC reflection.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod bearer;
 pub mod config;
