@@ -80,6 +80,7 @@ enum Command {
         desktop: DesktopConfig,
     },
     /// Print `HOST PID DISPLAY` of the user's running desktop, or nothing (for SSH callers).
+    /// Exits as `cloudvnc` does.
     Status {
         /// The account.
         #[arg(long)]
@@ -87,7 +88,8 @@ enum Command {
         #[command(flatten)]
         desktop: DesktopConfig,
     },
-    /// Stop the user's desktop; prints `stopped` or `none` (for SSH callers).
+    /// Stop the user's desktop; prints `stopped` or `none` (for SSH callers). Exits as
+    /// `cloudvnc` does.
     Stop {
         /// The account.
         #[arg(long)]
