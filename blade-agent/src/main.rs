@@ -64,14 +64,16 @@ enum Command {
     /// Drop-in for the original `cloudvnc` script, for SSH: reads the VNC password from stdin,
     /// starts (or finds) the user's desktop and prints `HOST PID DISPLAY`.
     ///
-    /// Exit codes (also of `status` and `stop`), which the dispatcher acts on:
-    /// 0 started or found;
-    /// 10-19 the request is refused on every blade: 10 invalid username, password or geometry,
-    /// 11 unknown account, 12 root or system account, 13 unsafe home;
-    /// 20-29 only this blade failed, another may succeed: 20 no free display, 21 Xvnc start timed out,
-    /// 22 Xvnc failed to start, 23 the agent failed (helper, OS error);
+    /// Exit codes (also of `status` and `stop`), which the dispatcher acts on: 0 started or
+    /// found.
+    ///
+    /// 10-19 the request is refused on every blade: 10 invalid username, password or
+    /// geometry, 11 unknown account, 12 root or system account, 13 unsafe home.
+    ///
+    /// 20-29 only this blade failed, another may succeed: 20 no free display, 21 Xvnc start
+    /// timed out, 22 Xvnc failed to start, 23 the agent failed (helper, OS error).
+    ///
     /// 1 any other failure, 2 bad arguments.
-    #[command(verbatim_doc_comment)]
     Cloudvnc {
         /// The account to start the desktop for.
         #[arg(long)]
