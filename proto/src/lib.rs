@@ -7,6 +7,9 @@
 //!   the blade agent and ws-proxy all validate with these, so a value one accepts the others do too.
 //! - [`vncauth`]: VNC password obfuscation (rfbauth files) and challenge responses.
 //! - [`bearer`]: the shared-secret authentication between services.
+//! - [`tls`]: mutual TLS 1.3 between services (PEM files in, rustls configs out).
+//! - [`roles`]: the role a client certificate names and which RPCs each role may call.
+//! - [`pki`]: a small CA (rcgen) for operators who have none.
 //! - [`serve`]: what every gRPC server here shares (limits, health, reflection, signals).
 //! - [`FILE_DESCRIPTOR_SET`]: the compiled descriptors, served by gRPC reflection.
 #![forbid(unsafe_code)]
@@ -14,9 +17,12 @@
 pub mod bearer;
 pub mod config;
 pub mod metrics;
+pub mod pki;
 pub mod redact;
+pub mod roles;
 pub mod rules;
 pub mod serve;
+pub mod tls;
 pub mod vncauth;
 
 /// Generated code for package `vncdispatch.v1`.
