@@ -197,21 +197,37 @@ pub fn authorize(path: &str, cert: Option<&CertificateDer<'_>>) -> Result<Role, 
 }
 
 /// Enforces the role table on every call of the server it wraps, from the client
-/// certificate tonic's TLS connect info carries. Only for servers that serve TLS.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RoleLayer;
+/// certificate tonic's TLS connect info carries. A plaintext server (loopback, or the
+/// operator's explicit `--insecure-plaintext`) has no certificates to check and passes calls.
+#[derive(Debug, Clone, Copy)]
+pub struct RoleLayer {
+    enforce: bool,
+}
+
+impl RoleLayer {
+    /// A layer that checks roles when `enforce` (the server speaks TLS).
+    pub fn new(enforce: bool) -> Self {
+        RoleLayer { enforce }
+    }
+}
 
 impl<S> tower::Layer<S> for RoleLayer {
     type Service = RoleCheck<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RoleCheck(inner)
+        RoleCheck {
+            inner,
+            enforce: self.enforce,
+        }
     }
 }
 
 /// The service [`RoleLayer`] wraps around the server's routes.
 #[derive(Debug, Clone)]
-pub struct RoleCheck<S>(S);
+pub struct RoleCheck<S> {
+    inner: S,
+    enforce: bool,
+}
 
 impl<S, B, RB> tower::Service<http::Request<B>> for RoleCheck<S>
 where
@@ -225,10 +241,13 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if !self.enforce {
+            return Box::pin(self.inner.call(req));
+        }
         let cert = req
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
@@ -237,7 +256,7 @@ where
         match authorize(req.uri().path(), cert.as_ref()) {
             Ok(role) => {
                 tracing::debug!(%role, method = req.uri().path(), "call authorized");
-                Box::pin(self.0.call(req))
+                Box::pin(self.inner.call(req))
             }
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
         }
