@@ -5,6 +5,7 @@
 //!   the `Dispatcher` and `BladeAgent` services, their clients and messages.
 //! - [`rules`]: what a valid username, VNC password, remote IP and token are. The dispatcher,
 //!   the blade agent and ws-proxy all validate with these, so a value one accepts the others do too.
+//! - [`vencrypt`]: RFB login over VeNCrypt X509Vnc with the server's certificate pinned.
 //! - [`vncauth`]: VNC password obfuscation (rfbauth files) and challenge responses.
 //! - [`bearer`]: the shared-secret authentication between services.
 //! - [`tls`]: mutual TLS 1.3 between services (PEM files in, rustls configs out).
@@ -23,6 +24,7 @@ pub mod roles;
 pub mod rules;
 pub mod serve;
 pub mod tls;
+pub mod vencrypt;
 pub mod vncauth;
 
 /// Generated code for package `vncdispatch.v1`.
