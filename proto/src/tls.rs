@@ -139,6 +139,8 @@ pub struct Credentials {
     roots: Arc<rustls::RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
+    /// The same three as PEM, for tonic's client TLS settings.
+    client: tonic::transport::ClientTlsConfig,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -163,10 +165,22 @@ impl Credentials {
                 .add(ca)
                 .map_err(|e| file_error("--ca", &files.ca, e))?;
         }
+        let key = load_key("--key", &files.key, true)?;
+        let pem =
+            |what: &'static str, path: &Path| fs::read(path).map_err(|e| file_error(what, path, e));
+        let client = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(pem(
+                "--ca", &files.ca,
+            )?))
+            .identity(tonic::transport::Identity::from_pem(
+                pem("--cert", &files.cert)?,
+                pem("--key", &files.key)?,
+            ));
         let creds = Credentials {
             roots: Arc::new(roots),
             chain: load_certs("--cert", &files.cert)?,
-            key: Arc::new(load_key("--key", &files.key, true)?),
+            key: Arc::new(key),
+            client,
         };
         // Building a server config checks that key and certificate belong together, so a
         // mismatch is refused at start, not at the first handshake.
@@ -207,6 +221,31 @@ impl Credentials {
             .map_err(|e| TlsError::Config(format!("--cert/--key: {e}")))?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
+    }
+}
+
+/// A gRPC endpoint for `url`. With `tls`, `url` must be `https://` and the connection is
+/// mutual TLS: the server's certificate must chain to the CA and name the URL's host (so a
+/// registered blade's agent is verified for the host it was registered with), and this
+/// service presents its own certificate. Without, `url` must be `http://`.
+pub fn endpoint(
+    url: &str,
+    tls: Option<&Credentials>,
+) -> Result<tonic::transport::Endpoint, TlsError> {
+    let https = url.starts_with("https://");
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|e| TlsError::Config(format!("{url}: {e}")))?;
+    match (tls, https) {
+        (Some(creds), true) => endpoint
+            .tls_config(creds.client.clone())
+            .map_err(|e| TlsError::Config(format!("{url}: {e}"))),
+        (None, false) => Ok(endpoint),
+        (Some(_), false) => Err(TlsError::Config(format!(
+            "{url}: with --ca/--cert/--key the address must be https://"
+        ))),
+        (None, true) => Err(TlsError::Config(format!(
+            "{url}: https:// needs --ca, --cert and --key (mutual TLS)"
+        ))),
     }
 }
 
