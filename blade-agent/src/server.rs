@@ -63,7 +63,7 @@ pub async fn run(
         .max_decoding_message_size(serve::MAX_REQUEST_BYTES);
     let authed = InterceptedService::new(service, move |req| secret.check(req));
     tracing::info!(addr = %listener.local_addr()?, "blade-agent serving");
-    serve::server(Duration::from_secs(60))
+    serve::server(Duration::from_secs(60), false)
         .add_service(health_service)
         .add_service(serve::reflection()?)
         .add_service(authed)

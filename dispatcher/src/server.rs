@@ -33,7 +33,7 @@ pub async fn run(
     let service = DispatcherServer::new(DispatcherService::new(dispatcher))
         .max_decoding_message_size(serve::MAX_REQUEST_BYTES);
     tracing::info!(addr = %listener.local_addr()?, "dispatcher serving");
-    let router = serve::server(Duration::from_secs(120))
+    let router = serve::server(Duration::from_secs(120), false)
         .add_service(health_service)
         .add_service(serve::reflection()?);
     let served = match api_secret {

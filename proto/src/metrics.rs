@@ -49,6 +49,11 @@ pub fn install(listen: Option<SocketAddr>) -> Result<(), String> {
     Ok(())
 }
 
+/// Counts a call or connection refused before it reached the service.
+pub fn auth_refusal(reason: &'static str) {
+    metrics::counter!("vncdispatch_auth_refusals_total", "reason" => reason).increment(1);
+}
+
 /// Counts a session start by result (`started`, `reused`, `failed`) in `counter` and its
 /// latency in `histogram`: the dispatcher's Dispatch and the agent's StartSession both report
 /// this way.

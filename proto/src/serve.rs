@@ -1,6 +1,7 @@
 //! What every vncdispatch service shares: the same gRPC limits, health and reflection, an
 //! accept loop that survives accept errors, one shutdown signal, logging set up one way, and
 //! the exit code for configuration errors.
+use std::future::Future;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::{Stream, StreamExt, wrappers::TcpListenerStream};
@@ -8,13 +9,17 @@ use tokio_stream::{Stream, StreamExt, wrappers::TcpListenerStream};
 /// Largest request any vncdispatch RPC needs; bigger ones are refused before decoding.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
+/// The layers every vncdispatch gRPC server has: metrics outermost (so refusals are counted
+/// as calls too), then the role check.
+pub type Layers = tower::layer::util::Stack<
+    crate::roles::RoleLayer,
+    tower::layer::util::Stack<crate::metrics::GrpcMetricsLayer, tower::layer::util::Identity>,
+>;
+
 /// A tonic server with the limits tonic leaves open by default: a per-request deadline,
 /// bounded HTTP/2 streams and per-connection concurrency, keepalives that find dead peers.
-pub fn server(
-    request_timeout: Duration,
-) -> tonic::transport::Server<
-    tower::layer::util::Stack<crate::metrics::GrpcMetricsLayer, tower::layer::util::Identity>,
-> {
+/// With `tls`, every call must come with a client certificate whose role may call it.
+pub fn server(request_timeout: Duration, tls: bool) -> tonic::transport::Server<Layers> {
     tonic::transport::Server::builder()
         .timeout(request_timeout)
         .max_concurrent_streams(Some(256))
@@ -24,6 +29,56 @@ pub fn server(
         .tcp_keepalive(Some(Duration::from_secs(60)))
         .tcp_nodelay(true)
         .layer(crate::metrics::GrpcMetricsLayer)
+        .layer(crate::roles::RoleLayer::new(tls))
+}
+
+/// Serves `router` on `listener` until `shutdown`: over mutual TLS with `tls`, else plaintext.
+pub async fn serve(
+    router: tonic::transport::server::Router<Layers>,
+    listener: TcpListener,
+    tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    match tls {
+        Some(cfg) => {
+            router
+                .serve_with_incoming_shutdown(crate::tls::tls_incoming(listener, cfg), shutdown)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming(listener), shutdown)
+                .await
+        }
+    }
+}
+
+/// Refuses a plaintext listener on anything but loopback unless the operator named the
+/// insecure choice: anyone who reaches such a port could call it. The error says the ways
+/// forward.
+pub fn check_listen(
+    service: &str,
+    addr: std::net::SocketAddr,
+    tls: bool,
+    insecure_plaintext: bool,
+) -> Result<(), String> {
+    if tls || addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if insecure_plaintext {
+        tracing::warn!(
+            %addr,
+            "--insecure-plaintext: serving without TLS or client certificates on a non-loopback \
+             address; anyone who reaches it can call every RPC"
+        );
+        return Ok(());
+    }
+    Err(format!(
+        "{service}: refusing to listen on {addr} without TLS: anyone who reaches it could call it. \
+         Either give --ca, --cert and --key (make them with `dispatcher pki init` and \
+         `dispatcher pki issue`), or listen on loopback only (--listen 127.0.0.1:PORT), or, on a \
+         network you trust, add --insecure-plaintext"
+    ))
 }
 
 /// Accepted connections from `listener`. An accept error (EMFILE, ECONNABORTED) is logged and
