@@ -53,6 +53,21 @@ enum Command {
         secret_file: PathBuf,
         /// Serve Prometheus metrics at http://ADDR/metrics (off unless set; keep it off public
         /// networks).
+        /// CA bundle (PEM) the dispatcher's client certificate must chain to. With --cert and
+        /// --key, the agent serves mutual TLS 1.3 and accepts only the `dispatcher` role.
+        #[arg(long, env = "BLADE_AGENT_CA")]
+        ca: Option<PathBuf>,
+        /// This agent's certificate (PEM), naming the host the blade is registered with
+        /// (`dispatcher pki issue --role agent --host HOST`).
+        #[arg(long, env = "BLADE_AGENT_CERT")]
+        cert: Option<PathBuf>,
+        /// This agent's private key (PEM, mode 0600).
+        #[arg(long, env = "BLADE_AGENT_KEY")]
+        key: Option<PathBuf>,
+        /// Serve plaintext on a non-loopback --listen: anyone who reaches the port can then
+        /// try the shared secret. Only on a network you trust; logged as a warning.
+        #[arg(long, env = "BLADE_AGENT_INSECURE_PLAINTEXT")]
+        insecure_plaintext: bool,
         #[arg(long, env = "BLADE_AGENT_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
         /// Log lines as JSON objects (for log shippers) instead of text.
@@ -118,6 +133,10 @@ fn main() -> ExitCode {
             listen,
             metrics_listen,
             secret_file,
+            ca,
+            cert,
+            key,
+            insecure_plaintext,
             log_json,
             desktop,
         } => {
@@ -130,9 +149,21 @@ fn main() -> ExitCode {
                     return ExitCode::from(vncdispatch_proto::serve::EX_USAGE);
                 }
             };
+            let tls = match vncdispatch_proto::tls::TlsFiles::from_flags(ca, cert, key)
+                .map_err(|e| e.to_string())
+                .and_then(|files| {
+                    vncdispatch_proto::tls::server_setup(listen, files.as_ref(), insecure_plaintext)
+                }) {
+                Ok(tls) => tls,
+                Err(e) => {
+                    eprintln!("blade-agent: {e}");
+                    return ExitCode::from(vncdispatch_proto::serve::EX_USAGE);
+                }
+            };
             report(
-                runtime()
-                    .and_then(|rt| rt.block_on(serve(listen, metrics_listen, secret, desktop))),
+                runtime().and_then(|rt| {
+                    rt.block_on(serve(listen, metrics_listen, secret, tls, desktop))
+                }),
             )
         }
         Command::Cloudvnc { user, desktop } => {
@@ -177,6 +208,7 @@ async fn serve(
     listen: SocketAddr,
     metrics_listen: Option<SocketAddr>,
     secret: SharedSecret,
+    tls: Option<Arc<vncdispatch_proto::tls::rustls::ServerConfig>>,
     desktop: DesktopConfig,
 ) -> anyhow::Result<()> {
     vncdispatch_proto::metrics::install(metrics_listen).map_err(anyhow::Error::msg)?;
@@ -192,6 +224,7 @@ async fn serve(
         listener,
         agent,
         secret,
+        tls,
         vncdispatch_proto::serve::shutdown_signal(),
     )
     .await

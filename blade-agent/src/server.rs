@@ -10,12 +10,14 @@ use vncdispatch_proto::bearer::SharedSecret;
 use vncdispatch_proto::serve;
 use vncdispatch_proto::v1::blade_agent_server::BladeAgentServer;
 
-/// Serves the agent on an already-bound listener until `shutdown` resolves. Health is SERVING
+/// Serves the agent on an already-bound listener until `shutdown` resolves: mutual TLS with
+/// `tls` (callers must present the `dispatcher` role), else plaintext. Health is SERVING
 /// only while a desktop could be started (Xvnc binary there, a display free).
 pub async fn run(
     listener: TcpListener,
     agent: Arc<Agent>,
     secret: SharedSecret,
+    tls: Option<Arc<vncdispatch_proto::tls::rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -63,12 +65,11 @@ pub async fn run(
         .max_decoding_message_size(serve::MAX_REQUEST_BYTES);
     let authed = InterceptedService::new(service, move |req| secret.check(req));
     tracing::info!(addr = %listener.local_addr()?, "blade-agent serving");
-    serve::server(Duration::from_secs(60), false)
+    let router = serve::server(Duration::from_secs(60), tls.is_some())
         .add_service(health_service)
         .add_service(serve::reflection()?)
-        .add_service(authed)
-        .serve_with_incoming_shutdown(serve::incoming(listener), shutdown)
-        .await?;
+        .add_service(authed);
+    serve::serve(router, listener, tls, shutdown).await?;
     watcher.abort();
     tracing::info!("blade-agent stopped; desktops keep running");
     Ok(())

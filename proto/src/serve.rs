@@ -57,7 +57,6 @@ pub async fn serve(
 /// insecure choice: anyone who reaches such a port could call it. The error says the ways
 /// forward.
 pub fn check_listen(
-    service: &str,
     addr: std::net::SocketAddr,
     tls: bool,
     insecure_plaintext: bool,
@@ -74,7 +73,7 @@ pub fn check_listen(
         return Ok(());
     }
     Err(format!(
-        "{service}: refusing to listen on {addr} without TLS: anyone who reaches it could call it. \
+        "refusing to listen on {addr} without TLS: anyone who reaches it could call it. \
          Either give --ca, --cert and --key (make them with `dispatcher pki init` and \
          `dispatcher pki issue`), or listen on loopback only (--listen 127.0.0.1:PORT), or, on a \
          network you trust, add --insecure-plaintext"

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::rustls;
+pub use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::server::TlsStream;
@@ -222,6 +222,27 @@ impl Credentials {
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
     }
+}
+
+/// What a server's TLS flags come to: the rustls server config when `--ca/--cert/--key` are
+/// given (None for plaintext), after refusing a plaintext listener on a non-loopback address
+/// without `--insecure-plaintext` ([`crate::serve::check_listen`]). Errors are for the
+/// operator, naming the flag.
+pub fn server_setup(
+    listen: std::net::SocketAddr,
+    files: Option<&TlsFiles>,
+    insecure_plaintext: bool,
+) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+    crate::serve::check_listen(listen, files.is_some(), insecure_plaintext)?;
+    let Some(files) = files else {
+        return Ok(None);
+    };
+    let creds = Credentials::load(files).map_err(|e| e.to_string())?;
+    match crate::roles::role_of(creds.leaf()) {
+        Ok(role) => tracing::info!(%role, %listen, "serving mutual TLS 1.3"),
+        Err(e) => tracing::warn!(%listen, "serving mutual TLS 1.3; own certificate: {e}"),
+    }
+    creds.server_config().map(Some).map_err(|e| e.to_string())
 }
 
 /// A gRPC endpoint for `url`. With `tls`, `url` must be `https://` and the connection is
