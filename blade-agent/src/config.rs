@@ -34,6 +34,17 @@ pub struct DesktopConfig {
     /// fast: run Xtigervnc and the session command directly; wrapper: TigerVNC's vncserver.
     #[arg(long, env = "BLADE_AGENT_MODE", value_enum, default_value = "fast")]
     pub mode: StartMode,
+    /// RFB security the desktops offer: `both` (VeNCrypt X509Vnc with a fresh certificate per
+    /// desktop, whose SHA-256 the agent reports so ws-proxy can pin it, plus VNC
+    /// authentication for browsers that connect without auth-proxy), `tls` (X509Vnc only) or
+    /// `vnc` (VNC authentication only, in clear).
+    #[arg(
+        long,
+        env = "BLADE_AGENT_RFB_SECURITY",
+        value_enum,
+        default_value = "both"
+    )]
+    pub rfb_security: crate::helper::RfbSecurity,
     /// The Xvnc binary.
     #[arg(long, env = "BLADE_AGENT_XVNC", default_value = "/usr/bin/Xtigervnc")]
     pub xvnc: PathBuf,

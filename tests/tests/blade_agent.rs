@@ -8,6 +8,7 @@ use vncdispatch_proto::refusal::RefusalKind;
 use vncdispatch_proto::v1::blade_agent_client::BladeAgentClient;
 use vncdispatch_proto::v1::{
     AgentHealthRequest, Geometry, ListVncServersRequest, StartSessionRequest, StopSessionRequest,
+    VncServer,
 };
 use vncdispatch_tests::agent::{AgentOptions, AgentProc};
 use vncdispatch_tests::rfb::{self, Login};
@@ -651,5 +652,85 @@ async fn cloudvnc_prints_host_pid_display_and_fails_clearly() {
             err.contains(needle) && !err.contains("panicked"),
             "{name}: {err}"
         );
+    }
+}
+
+/// Logs in over VeNCrypt X509Vnc with the pin the agent reported; Ok when ServerInit came.
+async fn vencrypt_login(server: &VncServer, password: &str) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pin = vncdispatch_proto::vencrypt::CertPin::from_hex(&server.cert_sha256)?;
+    let tcp = tokio::net::TcpStream::connect((server.host.as_str(), server.port as u16))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut tls = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        vncdispatch_proto::vencrypt::login(tcp, password, pin),
+    )
+    .await
+    .map_err(|_| "timed out".to_owned())??;
+    tls.write_all(&[1]).await.map_err(|e| e.to_string())?;
+    let mut init = [0u8; 24];
+    tls.read_exact(&mut init).await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn desktops_offer_vencrypt_with_a_fresh_pinned_certificate_per_desktop() {
+    for mode in ["fast", "wrapper"] {
+        require_root_and_tigervnc();
+        let agent = AgentProc::start(AgentOptions {
+            mode,
+            ..Default::default()
+        })
+        .await;
+        let (a, b) = (TestUser::create(), TestUser::create());
+        let mut client = agent.client().await;
+        let sa = client
+            .start_session(start_req(&a.name, "tlsPass1"))
+            .await
+            .expect("start a")
+            .into_inner();
+        let sb = client
+            .start_session(start_req(&b.name, "tlsPass2"))
+            .await
+            .expect("start b")
+            .into_inner();
+        assert_eq!(sa.cert_sha256.len(), 64, "{mode}: pin {:?}", sa.cert_sha256);
+        assert_ne!(
+            sa.cert_sha256, sb.cert_sha256,
+            "{mode}: desktops share a key"
+        );
+        vencrypt_login(&sa, "tlsPass1").await.expect("pinned login");
+        // Another desktop's pin does not open this one; nor does a wrong password.
+        let crossed = VncServer {
+            cert_sha256: sb.cert_sha256.clone(),
+            ..sa.clone()
+        };
+        let err = vencrypt_login(&crossed, "tlsPass1")
+            .await
+            .expect_err("wrong pin");
+        assert!(err.contains("pin"), "{mode}: {err}");
+        assert!(vencrypt_login(&sa, "wrongPw1").await.is_err(), "{mode}");
+        // The key is the user's, private, in ~/.vnc.
+        let key = a.home.join(format!(".vnc/x509-{}.key", sa.display));
+        let meta = std::fs::metadata(&key).expect("key file");
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (a.uid, 0o600), "{mode}");
+        // Plain VNC auth still works for browsers connecting without auth-proxy.
+        let addr = format!("{}:{}", sa.host, sa.port);
+        assert!(matches!(
+            rfb::login(&addr, "tlsPass1").await.expect("login"),
+            Login::Accepted(_)
+        ));
+        // A second start returns the running desktop with the same pin.
+        let again = client
+            .start_session(start_req(&a.name, "tlsPass3"))
+            .await
+            .expect("again")
+            .into_inner();
+        assert!(again.reused);
+        assert_eq!(again.cert_sha256, sa.cert_sha256, "{mode}");
+        vencrypt_login(&again, "tlsPass3")
+            .await
+            .expect("new password over TLS");
     }
 }

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vncdispatch_proto::rules::{validate_password, validate_username};
 use vncdispatch_proto::v1::{AgentHealth, Geometry, VncServer};
+use vncdispatch_proto::vencrypt::CertPin;
 
 mod display;
 mod session;
@@ -50,6 +51,10 @@ pub struct Agent {
     reserved: Arc<Mutex<HashSet<u32>>>,
     /// Desktops last seen per user, for cheap liveness checks (see [`Agent::find`]).
     seen: Mutex<HashMap<String, RunningXvnc>>,
+    /// Certificate pins of the desktops this process started, by Xvnc pid. Not kept across
+    /// restarts: a desktop adopted after one is reported without a pin (the dispatcher keeps
+    /// the pin it stored at the start).
+    pins: Mutex<HashMap<u32, CertPin>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -81,6 +86,7 @@ impl Agent {
             user_locks: Mutex::default(),
             reserved: Arc::default(),
             seen: Mutex::default(),
+            pins: Mutex::default(),
         })
     }
 
@@ -138,7 +144,7 @@ impl Agent {
                 )
                 .await
             {
-                Ok(Some(pid)) => {
+                Ok(Some((pid, pin))) => {
                     let running = self
                         .running_for(&account)?
                         .filter(|r| r.pid == pid)
@@ -147,7 +153,18 @@ impl Agent {
                             display: slot.display,
                             detail: format!("Xvnc (pid {pid}) exited right after starting"),
                         })?;
-                    tracing::info!(display = running.display, pid, "started desktop");
+                    tracing::info!(
+                        display = running.display,
+                        pid,
+                        tls = pin.is_some(),
+                        "started desktop"
+                    );
+                    if let Some(pin) = pin {
+                        let mut pins = lock(&self.pins);
+                        // Pids are reused: forget pins of desktops that are gone.
+                        pins.retain(|p, _| std::path::Path::new(&format!("/proc/{p}")).exists());
+                        pins.insert(pid, pin);
+                    }
                     return Ok(self.describe(&account.name, &running, false));
                 }
                 Ok(None) => {
@@ -310,6 +327,10 @@ impl Agent {
             vnc_pid: running.pid,
             reused,
             started_at_unix: running.started_at_unix(),
+            cert_sha256: lock(&self.pins)
+                .get(&running.pid)
+                .map(|p| p.to_hex())
+                .unwrap_or_default(),
         }
     }
 

@@ -12,9 +12,11 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use vncdispatch_proto::vencrypt::CertPin;
 
 impl Agent {
-    /// Runs the session helper as the user; `Some(pid)` of the started Xvnc for `Start`.
+    /// Runs the session helper as the user; for `Start`, the started Xvnc's pid and its
+    /// certificate's pin when the desktop offers VeNCrypt.
     pub(super) async fn run_helper(
         &self,
         account: &Account,
@@ -22,7 +24,7 @@ impl Agent {
         request: HelperRequest,
         display: Option<u32>,
         geometry: (u32, u32),
-    ) -> Result<Option<u32>, HelperError> {
+    ) -> Result<Option<(u32, Option<CertPin>)>, HelperError> {
         let display = display.unwrap_or(0);
         let port = self.cfg.port_of(display).unwrap_or(0);
         let mode = match self.cfg.mode {
@@ -56,7 +58,8 @@ impl Agent {
             .args([
                 "--timeout-ms",
                 &self.cfg.start_timeout.as_millis().to_string(),
-            ]);
+            ])
+            .args(["--rfb-security", self.cfg.rfb_security.xvnc_name()]);
         privdrop::as_user(&mut cmd, account);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -120,10 +123,9 @@ impl Agent {
         let rest = rest.to_owned();
         match (kind, FailKind::from_word(kind)) {
             ("OK", _) => Ok(None),
-            ("READY", _) => rest
-                .parse::<u32>()
+            ("READY", _) => parse_ready(&rest)
                 .map(Some)
-                .map_err(|_| helper_err(format!("bad answer {line:?}"))),
+                .ok_or_else(|| helper_err(format!("bad answer {line:?}"))),
             (_, Some(FailKind::Refused)) => Err(Other(AgentError::UnsafeHome { user, why: rest })),
             (_, Some(FailKind::Busy)) => Err(Busy(rest)),
             (_, Some(FailKind::Timeout)) => Err(Other(AgentError::StartTimeout {
@@ -145,6 +147,17 @@ impl Agent {
             ))),
         }
     }
+}
+
+/// `<pid> [<pin>]` of a READY answer.
+fn parse_ready(rest: &str) -> Option<(u32, Option<CertPin>)> {
+    let mut words = rest.split(' ');
+    let pid = words.next()?.parse().ok()?;
+    let pin = match words.next() {
+        Some(hex) => Some(CertPin::from_hex(hex).ok()?),
+        None => None,
+    };
+    words.next().is_none().then_some((pid, pin))
 }
 
 /// What the helper is asked to do.

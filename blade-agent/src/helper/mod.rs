@@ -8,9 +8,10 @@
 //! 1. stdin: the VNC password and a newline (never argv or environment).
 //! 2. the helper writes `~/.vncpasswd` (O_NOFOLLOW, 0600, checked to be a plain file of the
 //!    user's with one link); for `--action passwd` it then answers `OK` and exits.
-//! 3. for `--action start` it starts Xvnc (or the `vncserver` wrapper), waits until the RFB
+//! 3. for `--action start` it makes the desktop's TLS key pair when `--rfb-security` asks for
+//!    VeNCrypt (`x509.rs`), starts Xvnc (or the `vncserver` wrapper), waits until the RFB
 //!    port answers with an RFB banner, starts the session command, and answers one line on
-//!    stdout: `READY <xvnc pid>`, or `<KIND> <message>` with KIND one of REFUSED (unsafe home),
+//!    stdout: `READY <xvnc pid> [<certificate SHA-256, hex>]`, or `<KIND> <message>` with KIND one of REFUSED (unsafe home),
 //!    BUSY (display taken, try another), TIMEOUT, FAILED (`FailKind`, shared with the agent).
 //! 4. after READY (fast path) it stays as the session's supervisor: when the session command
 //!    exits it stops Xvnc (vncserver's `-autokill`), and when Xvnc dies it ends the session's
@@ -26,10 +27,14 @@ use std::io::{self, BufRead, Read, Write};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use vncdispatch_proto::vencrypt::CertPin;
 
 mod files;
 mod start;
 mod supervise;
+mod x509;
+
+pub use x509::RfbSecurity;
 
 use files::{open_home, open_private, open_vnc_dir, write_copy, write_vncpasswd};
 use start::{Desktop, find_xvnc, start_fast, start_wrapper};
@@ -89,6 +94,9 @@ pub struct HelperArgs {
     /// Milliseconds to wait for the RFB port.
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
+    /// RFB security types the desktop offers (a fresh certificate for the TLS ones).
+    #[arg(long, value_enum, default_value = "vnc")]
+    pub rfb_security: RfbSecurity,
 }
 
 /// `~/.vnc/HOST:N.log`, the name vncserver uses, so admins find logs where they expect them.
@@ -162,22 +170,30 @@ fn failed(message: impl Into<String>) -> Failure {
 enum Outcome {
     /// Only the password file was written.
     Passwd,
-    /// A fast-path desktop this helper now supervises.
-    Supervise(Desktop),
-    /// A wrapper-started desktop (vncserver supervises it); the Xvnc pid.
-    Detached(u32),
+    /// A fast-path desktop this helper now supervises, and its certificate's pin.
+    Supervise(Desktop, Option<CertPin>),
+    /// A wrapper-started desktop (vncserver supervises it): the Xvnc pid and the pin.
+    Detached(u32, Option<CertPin>),
+}
+
+/// The READY answer: the pid, then the pin when the desktop has a certificate.
+fn ready(pid: u32, pin: Option<CertPin>) -> String {
+    match pin {
+        Some(pin) => format!("READY {pid} {}", pin.to_hex()),
+        None => format!("READY {pid}"),
+    }
 }
 
 /// Runs the helper; the exit code is for humans, the agent reads stdout.
 pub fn main(args: HelperArgs) -> ExitCode {
     match run(&args) {
-        Ok(Outcome::Supervise(mut desktop)) => {
-            answer(&format!("READY {}", desktop.xvnc_pid));
+        Ok(Outcome::Supervise(mut desktop, pin)) => {
+            answer(&ready(desktop.xvnc_pid, pin));
             desktop.supervise();
             ExitCode::SUCCESS
         }
-        Ok(Outcome::Detached(pid)) => {
-            answer(&format!("READY {pid}"));
+        Ok(Outcome::Detached(pid, pin)) => {
+            answer(&ready(pid, pin));
             ExitCode::SUCCESS
         }
         Ok(Outcome::Passwd) => {
@@ -222,12 +238,19 @@ fn run(args: &HelperArgs) -> Result<Outcome, Failure> {
     let log = open_private(&vnc_dir, &log_name(args.display), true)
         .map_err(|e| refused(format!("cannot open ~/.vnc log: {e}")))?;
     let log = File::from(log);
+    let cert = if args.rfb_security.uses_tls() {
+        Some(x509::make(&home, &vnc_dir, args.display)?)
+    } else {
+        None
+    };
+    let pin = cert.as_ref().map(|c| c.pin);
     match args.mode {
-        StartMode::Fast => start_fast(args, &home, &vnc_dir, log).map(Outcome::Supervise),
+        StartMode::Fast => start_fast(args, &home, &vnc_dir, cert.as_ref(), log)
+            .map(|d| Outcome::Supervise(d, pin)),
         StartMode::Wrapper => {
             // The wrapper daemonizes Xvnc and supervises the session itself; find its pid.
-            start_wrapper(args, &home, log)?;
-            find_xvnc(args).map(Outcome::Detached)
+            start_wrapper(args, &home, cert.as_ref(), log)?;
+            find_xvnc(args).map(|pid| Outcome::Detached(pid, pin))
         }
     }
 }

@@ -2,6 +2,7 @@
 //! TigerVNC's vncserver wrapper; then waiting until the RFB port answers with a banner. A
 //! display someone else holds is reported as BUSY so the agent tries the next one.
 use super::files::write_xauthority;
+use super::x509::DesktopCert;
 use super::{FailKind, Failure, HelperArgs, failed, log_name};
 use crate::discover;
 use nix::unistd::Uid;
@@ -25,10 +26,24 @@ pub(super) struct Desktop {
     pub(super) session: Option<Child>,
 }
 
+/// `-SecurityTypes` and, for VeNCrypt, the desktop's certificate and key.
+fn security_args(args: &HelperArgs, cert: Option<&DesktopCert>) -> Vec<std::ffi::OsString> {
+    let mut out: Vec<std::ffi::OsString> = vec![
+        "-SecurityTypes".into(),
+        args.rfb_security.xvnc_types().into(),
+    ];
+    if let Some(c) = cert {
+        out.extend(["-X509Cert".into(), c.cert.clone().into_os_string()]);
+        out.extend(["-X509Key".into(), c.key.clone().into_os_string()]);
+    }
+    out
+}
+
 pub(super) fn start_fast(
     args: &HelperArgs,
     home: &Path,
     vnc_dir: &OwnedFd,
+    cert: Option<&DesktopCert>,
     log: File,
 ) -> Result<Desktop, Failure> {
     let xauth_name = format!("Xauthority-{}", args.display);
@@ -47,8 +62,7 @@ pub(super) fn start_fast(
         .arg(args.port.to_string())
         .arg("-interface")
         .arg(args.interface.to_string())
-        .arg("-SecurityTypes")
-        .arg("VncAuth")
+        .args(security_args(args, cert))
         .arg("-geometry")
         .arg(&args.geometry)
         .arg("-depth")
@@ -93,15 +107,19 @@ pub(super) fn start_fast(
     })
 }
 
-pub(super) fn start_wrapper(args: &HelperArgs, home: &Path, log: File) -> Result<(), Failure> {
+pub(super) fn start_wrapper(
+    args: &HelperArgs,
+    home: &Path,
+    cert: Option<&DesktopCert>,
+    log: File,
+) -> Result<(), Failure> {
     let out = Command::new(&args.vncserver)
         .arg(format!(":{}", args.display))
         .arg("-rfbport")
         .arg(args.port.to_string())
         .arg("-PasswordFile")
         .arg(home.join(".vncpasswd"))
-        .arg("-SecurityTypes")
-        .arg("VncAuth")
+        .args(security_args(args, cert))
         .arg("-geometry")
         .arg(&args.geometry)
         .arg("-localhost=no")
