@@ -438,4 +438,42 @@ mod tests {
         );
         assert!(rec.starts.lock().unwrap().is_empty());
     }
+
+    // A blade that does not answer a start in time is left for the next one; once the grace
+    // period (the launch timeout) has passed, the dispatcher asks it to stop whatever desktop
+    // it may have started late for that user — and not before.
+    #[tokio::test(start_paused = true)]
+    async fn a_start_that_timed_out_is_cleaned_up_on_its_blade_after_the_grace_period() {
+        let (d, rec, _dir) = setup(&["slow1", "b2"], HOUR).await;
+        // Round-robin tries slow1 first for one of two users.
+        let started = Instant::now();
+        let (a, b) = (
+            d.dispatch("ua", "192.0.2.1", "t").await.unwrap(),
+            d.dispatch("ub", "192.0.2.1", "t").await.unwrap(),
+        );
+        assert_eq!((a.blade.as_str(), b.blade.as_str()), ("b2", "b2"));
+        assert!(
+            started.elapsed() >= Duration::from_secs(5),
+            "one start waited out the launch timeout"
+        );
+        assert!(
+            rec.stops.lock().unwrap().is_empty(),
+            "no clean-up before grace"
+        );
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let stops = rec.stops.lock().unwrap().clone();
+        assert_eq!(stops.len(), 1, "{stops:?}");
+        assert_eq!(
+            stops[0].0, "slow1",
+            "only the blade that timed out: {stops:?}"
+        );
+        assert!(["ua", "ub"].contains(&stops[0].1.as_str()), "{stops:?}");
+        // The session on b2 was left alone.
+        let user = &stops[0].1;
+        assert!(
+            d.resolve(if user == "ua" { &a.token } else { &b.token })
+                .await
+                .is_ok()
+        );
+    }
 }

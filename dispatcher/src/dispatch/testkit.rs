@@ -12,13 +12,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Records starts per blade; blades named `down*` fail, user `refuse` is refused.
+/// Records starts per blade; blades named `down*` fail, blades named `slow*` never answer a
+/// start (a hung agent), user `refuse` is refused.
 #[derive(Debug, Default)]
 pub(super) struct Recording {
     /// Desktops started, by blade name.
     pub(super) starts: Mutex<HashMap<String, usize>>,
-    /// Running desktops: (user, pid).
-    pub(super) alive: Mutex<HashSet<(String, u32)>>,
+    /// Running desktops: (blade, user, pid).
+    pub(super) alive: Mutex<HashSet<(String, String, u32)>>,
+    /// Stop requests, in order: (blade, user).
+    pub(super) stops: Mutex<Vec<(String, String)>>,
     /// Pids handed out, from 100 up.
     next_pid: AtomicU32,
 }
@@ -35,6 +38,10 @@ impl Launcher for Recording {
         if blade.name.starts_with("down") {
             return Err(LaunchError::Blade(format!("{} is down", blade.name)));
         }
+        if blade.name.starts_with("slow") {
+            // Hung: only the dispatcher's launch timeout ends this.
+            std::future::pending::<()>().await;
+        }
         if username == "refuse" {
             return Err(LaunchError::Refused(tonic::Status::not_found("no account")));
         }
@@ -48,7 +55,7 @@ impl Launcher for Recording {
         self.alive
             .lock()
             .unwrap()
-            .insert((username.to_owned(), pid));
+            .insert((blade.name.clone(), username.to_owned(), pid));
         Ok(Launched {
             host: blade.host.clone(),
             display: 1,
@@ -56,13 +63,19 @@ impl Launcher for Recording {
             vnc_pid: pid,
         })
     }
-    async fn stop(&self, _b: &BladeRecord, username: &str) -> Result<bool, LaunchError> {
-        self.alive.lock().unwrap().retain(|(u, _)| u != username);
-        Ok(true)
+    async fn stop(&self, blade: &BladeRecord, username: &str) -> Result<bool, LaunchError> {
+        self.stops
+            .lock()
+            .unwrap()
+            .push((blade.name.clone(), username.to_owned()));
+        let mut alive = self.alive.lock().unwrap();
+        let before = alive.len();
+        alive.retain(|(b, u, _)| !(b == &blade.name && u == username));
+        Ok(alive.len() < before)
     }
     async fn is_alive(
         &self,
-        _b: &BladeRecord,
+        blade: &BladeRecord,
         username: &str,
         pid: u32,
     ) -> Result<bool, LaunchError> {
@@ -70,7 +83,7 @@ impl Launcher for Recording {
             .alive
             .lock()
             .unwrap()
-            .contains(&(username.to_owned(), pid)))
+            .contains(&(blade.name.clone(), username.to_owned(), pid)))
     }
     async fn health(&self, _b: &BladeRecord) -> Result<BladeLoad, LaunchError> {
         Ok(BladeLoad::default())
