@@ -3,8 +3,18 @@
 //! stores the session; ws-proxy calls `ResolveToken`.
 //!
 //! Layout:
-//! - [`store`]: the `Store` trait, its embedded (redb) and MongoDB implementations and their
-//!   shared conformance suite.
+//! - [`dispatch`]: the domain — the [`dispatch::Dispatcher`] and, one file per concern,
+//!   session lifecycle, blade placement and health, tokens and expiry, blade admin.
+//! - [`clock`]: where the domain gets the time (the wall clock; a pausable one in tests).
+//! - [`service`]: the thin gRPC layer over the domain; [`server`]: serving it with its
+//!   background loops (store health, blade health, expiry sweep).
+//! - [`store`]: the `Store` trait and its embedded (redb) and MongoDB implementations.
+//! - [`launcher`]: starting desktops on blades, through blade-agent's gRPC or over SSH.
+//! - [`seal`], [`secrets`]: sealing stored secrets; making tokens and passwords.
+//! - [`error`]: the dispatcher's errors and their gRPC statuses.
+#![forbid(unsafe_code)]
+
+pub mod clock;
 pub mod dispatch;
 pub mod error;
 pub mod launcher;

@@ -1,11 +1,14 @@
 //! The `Dispatcher` gRPC service: a thin layer over [`crate::dispatch::Dispatcher`] with a span
 //! per call (request id, user) and errors mapped to statuses.
+//!
+//! Each RPC's span comes from `#[tracing::instrument]`, named for the RPC and carrying only
+//! what identifies the call: user, remote IP, request id, blade — and of a token only its
+//! prefix, never the whole token or a password (`skip_all` keeps the request out of spans).
 use crate::dispatch::Dispatcher;
 use crate::error::DispatchError;
 use crate::store::Method;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 use vncdispatch_proto::redact::token_prefix;
 use vncdispatch_proto::v1::dispatcher_server::Dispatcher as DispatcherRpc;
 use vncdispatch_proto::v1::{
@@ -84,64 +87,69 @@ fn blade_msg(
 
 #[tonic::async_trait]
 impl DispatcherRpc for DispatcherService {
+    #[tracing::instrument(
+        name = "Dispatch",
+        skip_all,
+        fields(
+            user = %req.get_ref().username,
+            remote_ip = %req.get_ref().remote_ip,
+            request_id = tracing::field::Empty,
+        )
+    )]
     async fn dispatch(&self, req: Request<DispatchRequest>) -> Result<Response<Session>, Status> {
+        // Recorded, not computed in the attribute: a missing id is made up once, and the same
+        // one goes to the log and to the agent.
         let id = request_id(&req);
+        tracing::Span::current().record("request_id", tracing::field::display(&id));
         let r = req.into_inner();
-        let span = tracing::info_span!("Dispatch", user = %r.username, remote_ip = %r.remote_ip, request_id = %id);
-        async move {
-            let started = std::time::Instant::now();
-            let result = self.inner.dispatch(&r.username, &r.remote_ip, &id).await;
-            vncdispatch_proto::metrics::record_start(
-                "vncdispatch_dispatcher_dispatches_total",
-                "vncdispatch_dispatcher_dispatch_duration_seconds",
-                result.as_ref().ok().map(|s| s.reused),
-                started,
-            );
-            let s = result.map_err(status)?;
-            // Reconnects are routine; new sessions are what an operator wants to see.
-            if s.reused {
-                tracing::debug!(blade = %s.blade, token = token_prefix(&s.token), "reconnected");
-            } else {
-                tracing::info!(blade = %s.blade, display = s.display, token = token_prefix(&s.token), "dispatched");
-            }
-            Ok(Response::new(s))
+        let started = std::time::Instant::now();
+        let result = self.inner.dispatch(&r.username, &r.remote_ip, &id).await;
+        vncdispatch_proto::metrics::record_start(
+            "vncdispatch_dispatcher_dispatches_total",
+            "vncdispatch_dispatcher_dispatch_duration_seconds",
+            result.as_ref().ok().map(|s| s.reused),
+            started,
+        );
+        let s = result.map_err(status)?;
+        // Reconnects are routine; new sessions are what an operator wants to see.
+        if s.reused {
+            tracing::debug!(blade = %s.blade, token = token_prefix(&s.token), "reconnected");
+        } else {
+            tracing::info!(blade = %s.blade, display = s.display, token = token_prefix(&s.token), "dispatched");
         }
-        .instrument(span)
-        .await
+        Ok(Response::new(s))
     }
 
+    #[tracing::instrument(
+        name = "ResolveToken",
+        level = "debug",
+        skip_all,
+        fields(token = token_prefix(&req.get_ref().token))
+    )]
     async fn resolve_token(
         &self,
         req: Request<ResolveTokenRequest>,
     ) -> Result<Response<Target>, Status> {
         let token = req.into_inner().token;
-        let span = tracing::debug_span!("ResolveToken", token = token_prefix(&token));
-        async move {
-            let result = self.inner.resolve(&token).await;
-            if let Err(crate::error::DispatchError::UnknownToken) = &result {
-                metrics::counter!("vncdispatch_auth_refusals_total", "reason" => "unknown_token")
-                    .increment(1);
-            }
-            result.map(Response::new).map_err(status)
+        let result = self.inner.resolve(&token).await;
+        if let Err(crate::error::DispatchError::UnknownToken) = &result {
+            metrics::counter!("vncdispatch_auth_refusals_total", "reason" => "unknown_token")
+                .increment(1);
         }
-        .instrument(span)
-        .await
+        result.map(Response::new).map_err(status)
     }
 
+    #[tracing::instrument(name = "EndSession", skip_all, fields(user = %req.get_ref().username))]
     async fn end_session(
         &self,
         req: Request<EndSessionRequest>,
     ) -> Result<Response<EndSessionResponse>, Status> {
         let user = req.into_inner().username;
-        let span = tracing::info_span!("EndSession", user = %user);
-        async move {
-            let ended = self.inner.end(&user).await.map_err(status)?;
-            Ok(Response::new(EndSessionResponse { ended }))
-        }
-        .instrument(span)
-        .await
+        let ended = self.inner.end(&user).await.map_err(status)?;
+        Ok(Response::new(EndSessionResponse { ended }))
     }
 
+    // Listings get no span of their own (as before): they are frequent and carry no subject.
     async fn list_sessions(
         &self,
         req: Request<ListSessionsRequest>,
@@ -151,20 +159,20 @@ impl DispatcherRpc for DispatcherService {
         Ok(Response::new(ListSessionsResponse { sessions }))
     }
 
+    #[tracing::instrument(
+        name = "AddBlade",
+        skip_all,
+        fields(blade = %req.get_ref().name, host = %req.get_ref().host)
+    )]
     async fn add_blade(&self, req: Request<AddBladeRequest>) -> Result<Response<Blade>, Status> {
         let r = req.into_inner();
-        let span = tracing::info_span!("AddBlade", blade = %r.name, host = %r.host);
-        async move {
-            let b = self
-                .inner
-                .add_blade(&r.name, &r.host, r.port, method_of(r.method)?)
-                .await
-                .map_err(status)?;
-            tracing::info!(port = b.port, method = ?b.method, "blade registered");
-            Ok(Response::new(blade_msg(b, None, 0)))
-        }
-        .instrument(span)
-        .await
+        let b = self
+            .inner
+            .add_blade(&r.name, &r.host, r.port, method_of(r.method)?)
+            .await
+            .map_err(status)?;
+        tracing::info!(port = b.port, method = ?b.method, "blade registered");
+        Ok(Response::new(blade_msg(b, None, 0)))
     }
 
     async fn list_blades(
@@ -180,40 +188,40 @@ impl DispatcherRpc for DispatcherService {
         }))
     }
 
+    #[tracing::instrument(
+        name = "DrainBlade",
+        skip_all,
+        fields(blade = %req.get_ref().name, draining = req.get_ref().draining)
+    )]
     async fn drain_blade(
         &self,
         req: Request<DrainBladeRequest>,
     ) -> Result<Response<Blade>, Status> {
         let r = req.into_inner();
-        let span = tracing::info_span!("DrainBlade", blade = %r.name, draining = r.draining);
-        async move {
-            let b = self
-                .inner
-                .drain(&r.name, r.draining)
-                .await
-                .map_err(status)?;
-            tracing::info!("blade drain state set");
-            Ok(Response::new(blade_msg(b, None, 0)))
-        }
-        .instrument(span)
-        .await
+        let b = self
+            .inner
+            .drain(&r.name, r.draining)
+            .await
+            .map_err(status)?;
+        tracing::info!("blade drain state set");
+        Ok(Response::new(blade_msg(b, None, 0)))
     }
 
+    #[tracing::instrument(
+        name = "RemoveBlade",
+        skip_all,
+        fields(blade = %req.get_ref().name, force = req.get_ref().force)
+    )]
     async fn remove_blade(
         &self,
         req: Request<RemoveBladeRequest>,
     ) -> Result<Response<RemoveBladeResponse>, Status> {
         let r = req.into_inner();
-        let span = tracing::info_span!("RemoveBlade", blade = %r.name, force = r.force);
-        async move {
-            let removed = self
-                .inner
-                .remove_blade(&r.name, r.force)
-                .await
-                .map_err(status)?;
-            Ok(Response::new(RemoveBladeResponse { removed }))
-        }
-        .instrument(span)
-        .await
+        let removed = self
+            .inner
+            .remove_blade(&r.name, r.force)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(RemoveBladeResponse { removed }))
     }
 }

@@ -41,6 +41,18 @@ pub enum FieldError {
     /// The token is not 60 lowercase hex characters (its value is never included).
     #[error("invalid token: {0}")]
     Token(&'static str),
+    /// A blade name breaks [`validate_blade_name`]'s rule.
+    #[error("invalid blade name {shown}: use 1-64 of A-Z a-z 0-9 . _ -")]
+    BladeName {
+        /// The name, quoted and escaped.
+        shown: String,
+    },
+    /// A blade host is neither an IP address nor a DNS name.
+    #[error("invalid blade host {shown}: not an IP address or host name")]
+    BladeHost {
+        /// The host, quoted and escaped.
+        shown: String,
+    },
 }
 
 /// Quotes a user-supplied value for an error message: at most 40 characters, escaped.
@@ -137,6 +149,53 @@ pub fn validate_token(token: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// Longest blade name accepted.
+pub const BLADE_NAME_MAX: usize = 64;
+
+/// Checks a blade name: 1 to 64 bytes of `[A-Za-z0-9._-]`, not starting with `-`. Blade names
+/// appear in metrics labels, logs and the original deployment's `blade_list`, and are the
+/// host name of blades the original registered, so they keep to a host-name-like set.
+pub fn validate_blade_name(name: &str) -> Result<(), FieldError> {
+    let ok = !name.is_empty()
+        && name.len() <= BLADE_NAME_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        // Quoted whole, as the dispatcher always did (requests are size-capped).
+        Err(FieldError::BladeName {
+            shown: format!("{name:?}"),
+        })
+    }
+}
+
+/// Checks a blade host: an IP address, or a DNS name of labels of `[A-Za-z0-9-]` (each 1-63
+/// bytes, 253 in all) not starting with `-` — nothing a connect string or a command line could
+/// read as an option or a second argument.
+pub fn validate_blade_host(host: &str) -> Result<(), FieldError> {
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && !host.starts_with('-')
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::BladeHost {
+            shown: format!("{host:?}"),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,5 +283,62 @@ mod tests {
         assert!(validate_token(&"AB".repeat(30)).is_err());
         assert!(validate_token(&"ab".repeat(31)).is_err());
         assert!(validate_token(&"zz".repeat(30)).is_err());
+    }
+
+    #[test]
+    fn blade_names() {
+        for ok in ["b1", "blade-1.example", "B_2", &"a".repeat(64)] {
+            assert_eq!(validate_blade_name(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "-b",
+            "b 1",
+            "b/1",
+            "b;1",
+            "blade\n",
+            "émile",
+            &"a".repeat(65),
+        ] {
+            assert!(validate_blade_name(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(
+            validate_blade_name("a b").unwrap_err().to_string(),
+            "invalid blade name \"a b\": use 1-64 of A-Z a-z 0-9 . _ -"
+        );
+    }
+
+    #[test]
+    fn blade_hosts() {
+        for ok in [
+            "10.0.0.5",
+            "::1",
+            "2001:db8::7",
+            "blade1",
+            "blade-1.example.org",
+            &format!("{}.b", "a".repeat(63)),
+        ] {
+            assert_eq!(validate_blade_host(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "-oProxyCommand=x",
+            "a..b",
+            ".a",
+            "a.",
+            "a b",
+            "a_b",
+            "host:22",
+            "[::1]",
+            &format!("{}.b", "a".repeat(64)),
+            // 254 bytes of valid labels: too long as a whole.
+            &format!("{}ab", "a.".repeat(126)),
+        ] {
+            assert!(validate_blade_host(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(
+            validate_blade_host("a b").unwrap_err().to_string(),
+            "invalid blade host \"a b\": not an IP address or host name"
+        );
     }
 }

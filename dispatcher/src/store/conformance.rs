@@ -1,7 +1,8 @@
-//! The conformance suite every [`Store`] must pass: run against the embedded store in unit
-//! tests and against a real FerretDB in the integration tests. It panics on the first
-//! violation, naming it. Each run uses usernames and blade names with `prefix`, so runs can
-//! share a database.
+//! The conformance suite every [`Store`] must pass, run by the integration tests
+//! (`tests/tests/store_conformance.rs`) against the embedded store, the timing decorator and a
+//! real FerretDB. Built only with the `conformance` feature, which those tests enable: it is
+//! test support, not shipped. It panics on the first violation, naming it. Each run uses
+//! usernames and blade names with `prefix`, so runs can share a database.
 // A test suite: panicking on the first violation is how it reports.
 #![allow(clippy::unwrap_used)]
 use super::{
@@ -332,46 +333,4 @@ async fn round_robin(store: Arc<dyn Store>) {
         50,
         "the counter hands out each value once under concurrency"
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::embedded::EmbeddedStore;
-
-    #[tokio::test(flavor = "multi_thread")]
-    async fn embedded_store_conforms() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(&dir.path().join("sessions.redb")).unwrap();
-        run(Arc::new(store), "t-").await;
-    }
-
-    #[tokio::test(flavor = "multi_thread")]
-    async fn embedded_store_keeps_everything_across_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sessions.redb");
-        let rec = session("carol", "carol-hash", i64::MAX);
-        {
-            let store = EmbeddedStore::open(&path).unwrap();
-            store
-                .claim("carol", &claim("k", i64::MAX), 0)
-                .await
-                .unwrap();
-            store.complete(&rec, "k").await.unwrap();
-            let blade = BladeRecord {
-                name: "b".into(),
-                host: "h".into(),
-                port: 1,
-                method: Method::Agent,
-                draining: true,
-            };
-            store.put_blade(&blade).await.unwrap();
-        }
-        let store = EmbeddedStore::open(&path).unwrap();
-        assert_eq!(
-            store.find_by_token("carol-hash", "").await.unwrap(),
-            Some(rec)
-        );
-        assert!(store.list_blades().await.unwrap()[0].draining);
-    }
 }

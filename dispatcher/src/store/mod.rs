@@ -5,12 +5,15 @@
 //! - [`mongo`]: MongoDB (or FerretDB), shared by several dispatchers, in the original
 //!   deployment's schema (database `vncDispatch`, collections `config` and `tokenizer`).
 //!
-//! Both pass one conformance suite ([`conformance`]), run in the tests against each.
+//! Both pass one conformance suite (`conformance.rs`, built only with the `conformance`
+//! feature: it is test support, not part of the shipped library), which the integration
+//! tests (`tests/tests/store_conformance.rs`) run against each.
 //!
 //! One session per user across processes rests on [`Store::claim`]: the first caller stores a
 //! placeholder holding a claim with a deadline; others see it and wait; the claimant replaces
 //! it with the session ([`Store::complete`]) or removes it ([`Store::abandon`]). A claimant that
 //! died leaves a claim that expires and is taken over.
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod embedded;
 pub mod mongo;

@@ -7,25 +7,18 @@
 //! Tables: `sessions` (username → JSON record), `tokens` (token hash → username),
 //! `blades` (name → JSON), `meta` (`last_blade`, `blade_seq` counters). redb allows one writer
 //! at a time, which makes each method atomic; all calls run on tokio's blocking pool.
+//!
+//! `file.rs` holds the file and transaction handling; this file, the [`Store`] methods.
 use super::{BladeRecord, Claim, ClaimOutcome, SessionRecord, Store, StoreError, StoreResult};
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+use file::{
+    BLADES, META, SESSIONS, StoredBlade, TOKENS, blades_sorted, decode, encode, err, get_session,
+    put_session, remove_session,
 };
-use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use redb::{Database, Durability, ReadableTable};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-const SESSIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sessions");
-const TOKENS: TableDefinition<'_, &str, &str> = TableDefinition::new("tokens");
-const BLADES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("blades");
-const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
-
-/// A blade with its registration order.
-#[derive(Serialize, Deserialize)]
-struct StoredBlade {
-    seq: u64,
-    blade: BladeRecord,
-}
+mod file;
 
 /// The redb-backed store.
 #[derive(Clone)]
@@ -40,183 +33,6 @@ impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("EmbeddedStore")
     }
-}
-
-fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
-
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
-    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-impl EmbeddedStore {
-    /// Opens (creating if needed) the database file; the file is made 0600 since it holds
-    /// sealed secrets. Fails clearly if another process has it open.
-    pub fn open(path: &Path) -> StoreResult<Self> {
-        let db = Database::create(path)
-            .map_err(|e| StoreError::Unavailable(format!("opening {}: {e}", path.display())))?;
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-        let store = EmbeddedStore {
-            db: Arc::new(RwLock::new(Some(db))),
-            path: Arc::new(path.to_owned()),
-        };
-        store.write(Durability::Immediate, |tx| {
-            tx.open_table(SESSIONS).map_err(err)?;
-            tx.open_table(TOKENS).map_err(err)?;
-            tx.open_table(BLADES).map_err(err)?;
-            tx.open_table(META).map_err(err)?;
-            Ok(())
-        })?;
-        Ok(store)
-    }
-
-    /// Runs `f` on the open database, reopening it first if an earlier I/O error closed it.
-    fn with_db<T>(&self, f: impl FnOnce(&Database) -> StoreResult<T>) -> StoreResult<T> {
-        {
-            let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
-            if let Some(db) = guard.as_ref() {
-                return f(db);
-            }
-        }
-        self.reopen();
-        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
-        match guard.as_ref() {
-            Some(db) => f(db),
-            None => Err(StoreError::Unavailable(format!(
-                "{} could not be reopened after an I/O error (disk full?)",
-                self.path.display()
-            ))),
-        }
-    }
-
-    /// After a failed write (disk full, I/O error) redb refuses every further write until
-    /// the database is closed and opened again (which repairs it if needed): do that, so the
-    /// store recovers by itself once the disk has room.
-    fn reopen(&self) {
-        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
-        *guard = None;
-        match Database::create(&*self.path) {
-            Ok(db) => {
-                tracing::warn!(path = %self.path.display(), "reopened the store after an I/O error");
-                *guard = Some(db);
-            }
-            Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, "cannot reopen the store yet");
-            }
-        }
-    }
-
-    fn write<T>(
-        &self,
-        durability: Durability,
-        f: impl FnOnce(&WriteTransaction) -> StoreResult<T>,
-    ) -> StoreResult<T> {
-        let mut failed_io = false;
-        let mut io = |e: redb::Error| {
-            failed_io |= matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo);
-            err(e)
-        };
-        let out = self.with_db(|db| {
-            let mut tx = db.begin_write().map_err(|e| io(e.into()))?;
-            tx.set_durability(durability).map_err(err)?;
-            let out = f(&tx)?;
-            tx.commit().map_err(|e| io(e.into()))?;
-            Ok(out)
-        });
-        if failed_io {
-            self.reopen();
-        }
-        out
-    }
-
-    /// Runs a read transaction in place: reads take microseconds (no fsync, no writer lock),
-    /// so a trip through the blocking pool would cost more than the read itself.
-    fn read_inline<T>(&self, f: impl FnOnce(&EmbeddedStore) -> StoreResult<T>) -> StoreResult<T> {
-        use tokio::runtime::{Handle, RuntimeFlavor};
-        match Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| f(self)),
-            _ => f(self),
-        }
-    }
-
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&EmbeddedStore) -> StoreResult<T> + Send + 'static,
-    ) -> StoreResult<T> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || f(&this))
-            .await
-            .map_err(err)?
-    }
-
-    /// A read transaction. It does not hold the lock: a reopen while it runs fails and is
-    /// retried by the next call, which is fine for a path that only runs after disk errors.
-    fn read_tx(&self) -> StoreResult<redb::ReadTransaction> {
-        self.with_db(|db| db.begin_read().map_err(err))
-    }
-
-    fn read_session(&self, username: &str) -> StoreResult<Option<SessionRecord>> {
-        self.with_db(|db| {
-            let tx = db.begin_read().map_err(err)?;
-            let table = tx.open_table(SESSIONS).map_err(err)?;
-            table
-                .get(username)
-                .map_err(err)?
-                .map(|v| decode(v.value()))
-                .transpose()
-        })
-    }
-}
-
-fn get_session(tx: &WriteTransaction, username: &str) -> StoreResult<Option<SessionRecord>> {
-    let table = tx.open_table(SESSIONS).map_err(err)?;
-    let found = table.get(username).map_err(err)?;
-    found.map(|v| decode(v.value())).transpose()
-}
-
-fn put_session(tx: &WriteTransaction, rec: &SessionRecord) -> StoreResult<()> {
-    tx.open_table(SESSIONS)
-        .map_err(err)?
-        .insert(rec.username.as_str(), encode(rec)?.as_slice())
-        .map_err(err)?;
-    if !rec.token_hash.is_empty() {
-        tx.open_table(TOKENS)
-            .map_err(err)?
-            .insert(rec.token_hash.as_str(), rec.username.as_str())
-            .map_err(err)?;
-    }
-    Ok(())
-}
-
-fn remove_session(tx: &WriteTransaction, rec: &SessionRecord) -> StoreResult<()> {
-    tx.open_table(SESSIONS)
-        .map_err(err)?
-        .remove(rec.username.as_str())
-        .map_err(err)?;
-    if !rec.token_hash.is_empty() {
-        tx.open_table(TOKENS)
-            .map_err(err)?
-            .remove(rec.token_hash.as_str())
-            .map_err(err)?;
-    }
-    Ok(())
-}
-
-fn blades_sorted(tx: &redb::ReadTransaction) -> StoreResult<Vec<StoredBlade>> {
-    let table = tx.open_table(BLADES).map_err(err)?;
-    let mut out = Vec::new();
-    for row in table.iter().map_err(err)? {
-        let (_, v) = row.map_err(err)?;
-        out.push(decode::<StoredBlade>(v.value())?);
-    }
-    out.sort_by_key(|b| b.seq);
-    Ok(out)
 }
 
 #[async_trait::async_trait]
@@ -508,5 +324,55 @@ fn placeholder(username: &str, claim: &Claim) -> SessionRecord {
         username: username.to_owned(),
         claim: Some(claim.clone()),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Method, StoredSecret};
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn embedded_store_keeps_everything_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions.redb");
+        let rec = SessionRecord {
+            username: "carol".into(),
+            token_hash: "carol-hash".into(),
+            token: StoredSecret::Sealed("sealed-token".into()),
+            password: StoredSecret::Sealed("sealed-password".into()),
+            blade: "b".into(),
+            host: "127.0.0.2".into(),
+            display: 7,
+            port: 5907,
+            vnc_pid: 4242,
+            remote_ip: "192.0.2.1".into(),
+            created_at_ms: 1_000,
+            expires_at_ms: Some(i64::MAX),
+            ..Default::default()
+        };
+        {
+            let store = EmbeddedStore::open(&path).unwrap();
+            let claim = Claim {
+                id: "k".into(),
+                expires_at_ms: i64::MAX,
+            };
+            store.claim("carol", &claim, 0).await.unwrap();
+            store.complete(&rec, "k").await.unwrap();
+            let blade = BladeRecord {
+                name: "b".into(),
+                host: "h".into(),
+                port: 1,
+                method: Method::Agent,
+                draining: true,
+            };
+            store.put_blade(&blade).await.unwrap();
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(
+            store.find_by_token("carol-hash", "").await.unwrap(),
+            Some(rec)
+        );
+        assert!(store.list_blades().await.unwrap()[0].draining);
     }
 }

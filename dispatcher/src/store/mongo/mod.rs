@@ -16,9 +16,10 @@
 //! that is atomic on FerretDB v1 too (its findAndModify and filtered updates are a read then a
 //! write), so every decision that must have one winner is an insert. No TTL index (FerretDB has
 //! none): expiry is checked on every read and a sweeper deletes expired rows.
+//!
+//! `schema.rs` maps these documents to and from records; this file holds the queries.
 use super::{
     BladeRecord, Claim, ClaimOutcome, Method, SessionRecord, Store, StoreError, StoreResult,
-    StoredSecret,
 };
 use mongodb::bson::{Bson, DateTime, Document, doc};
 use mongodb::options::{IndexOptions, ReturnDocument};
@@ -26,6 +27,9 @@ use mongodb::{Client, Collection, IndexModel};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+mod schema;
+use schema::{blade_to_doc, blades_of, int_of, ready_with_hash, record_from_doc, record_to_doc};
 
 /// Database name when the URI names none.
 pub const DEFAULT_DATABASE: &str = "vncDispatch";
@@ -148,41 +152,6 @@ impl MongoStore {
             .ok_or_else(|| StoreError::Unavailable("config document vanished".into()))
     }
 
-    fn blades_of(&self, config: &Document) -> Vec<BladeRecord> {
-        let names: Vec<String> = config
-            .get_array("blade_list")
-            .map(|a| {
-                a.iter()
-                    .filter_map(|b| b.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let details: Vec<BladeRecord> = config
-            .get_array("blades")
-            .map(|a| {
-                a.iter()
-                    .filter_map(|b| b.as_document().and_then(blade_from_doc))
-                    .collect()
-            })
-            .unwrap_or_default();
-        names
-            .into_iter()
-            .map(|name| {
-                details
-                    .iter()
-                    .find(|b| b.name == name)
-                    .cloned()
-                    .unwrap_or_else(|| BladeRecord {
-                        host: name.clone(),
-                        name,
-                        port: self.legacy.port,
-                        method: self.legacy.method,
-                        draining: false,
-                    })
-            })
-            .collect()
-    }
-
     /// Applies `change` to the blade list with optimistic concurrency on `rev`.
     async fn update_blades<T>(
         &self,
@@ -190,7 +159,7 @@ impl MongoStore {
     ) -> StoreResult<T> {
         for _ in 0..CONFIG_RETRIES {
             let config = self.config_doc().await?;
-            let mut blades = self.blades_of(&config);
+            let mut blades = blades_of(&config, &self.legacy);
             let out = change(&mut blades);
             let id = config.get("_id").cloned().unwrap_or(Bson::Null);
             let filter = match config.get("rev") {
@@ -223,135 +192,6 @@ impl MongoStore {
         Err(StoreError::Unavailable(
             "the blade list kept changing under concurrent updates; try again".into(),
         ))
-    }
-}
-
-fn blade_to_doc(b: &BladeRecord) -> Document {
-    let method = match b.method {
-        Method::Agent => "agent",
-        Method::Ssh => "ssh",
-    };
-    doc! { "name": &b.name, "host": &b.host, "port": i32::from(b.port), "method": method, "draining": b.draining }
-}
-
-fn blade_from_doc(d: &Document) -> Option<BladeRecord> {
-    Some(BladeRecord {
-        name: d.get_str("name").ok()?.to_owned(),
-        host: d.get_str("host").ok()?.to_owned(),
-        port: u16::try_from(int_of(d.get("port"))?).ok()?,
-        method: if d.get_str("method").ok()? == "ssh" {
-            Method::Ssh
-        } else {
-            Method::Agent
-        },
-        draining: d.get_bool("draining").unwrap_or(false),
-    })
-}
-
-/// Numbers in rows the original wrote may be int32, int64, double or strings.
-fn int_of(v: Option<&Bson>) -> Option<i64> {
-    match v? {
-        Bson::Int32(i) => Some(i64::from(*i)),
-        Bson::Int64(i) => Some(*i),
-        Bson::Double(f) if f.fract() == 0.0 => Some(*f as i64),
-        Bson::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
-fn time_of(v: Option<&Bson>) -> Option<i64> {
-    match v? {
-        Bson::DateTime(t) => Some(t.timestamp_millis()),
-        other => int_of(Some(other)),
-    }
-}
-
-fn str_of(d: &Document, key: &str) -> String {
-    match d.get(key) {
-        Some(Bson::String(s)) => s.clone(),
-        Some(other @ (Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_))) => int_of(Some(other))
-            .map(|i| i.to_string())
-            .unwrap_or_default(),
-        _ => String::new(),
-    }
-}
-
-fn secret_of(d: &Document, sealed: &str, plain: &str) -> StoredSecret {
-    match d.get_str(sealed) {
-        Ok(s) => StoredSecret::Sealed(s.to_owned()),
-        Err(_) => StoredSecret::Plain(str_of(d, plain)),
-    }
-}
-
-fn record_from_doc(d: &Document) -> SessionRecord {
-    let display = int_of(d.get("display"))
-        .and_then(|v| u32::try_from(v).ok())
-        .unwrap_or(0);
-    // Rows the original wrote have no host: the dispatcher takes it from the blade.
-    let blade = str_of(d, "blade");
-    let host = str_of(d, "host");
-    SessionRecord {
-        username: str_of(d, "username"),
-        claim: d.get_str("claim_id").ok().map(|id| Claim {
-            id: id.to_owned(),
-            expires_at_ms: time_of(d.get("claim_expires")).unwrap_or(0),
-        }),
-        token_hash: str_of(d, "token_hash"),
-        token: secret_of(d, "token_sealed", "token"),
-        password: secret_of(d, "password_sealed", "password"),
-        blade,
-        host,
-        display,
-        port: int_of(d.get("port"))
-            .and_then(|v| u32::try_from(v).ok())
-            .unwrap_or(5900 + display),
-        vnc_pid: int_of(d.get("vncpid"))
-            .and_then(|v| u32::try_from(v).ok())
-            .unwrap_or(0),
-        remote_ip: str_of(d, "remoteip"),
-        created_at_ms: time_of(d.get("created_at")).unwrap_or(0),
-        expires_at_ms: time_of(d.get("expires_at")),
-    }
-}
-
-fn record_to_doc(r: &SessionRecord) -> Document {
-    let mut d = doc! {
-        "username": &r.username,
-        "blade": &r.blade,
-        "display": r.display as i32,
-        "vncpid": r.vnc_pid as i32,
-        "remoteip": &r.remote_ip,
-        "token_hash": &r.token_hash,
-        "host": &r.host,
-        "port": r.port as i32,
-        "created_at": DateTime::from_millis(r.created_at_ms),
-    };
-    for (secret, sealed, plain) in [
-        (&r.token, "token_sealed", "token"),
-        (&r.password, "password_sealed", "password"),
-    ] {
-        match secret {
-            StoredSecret::Sealed(s) => d.insert(sealed, s),
-            StoredSecret::Plain(s) => d.insert(plain, s),
-        };
-    }
-    if let Some(e) = r.expires_at_ms {
-        d.insert("expires_at", DateTime::from_millis(e));
-    }
-    if let Some(c) = &r.claim {
-        d.insert("claim_id", &c.id);
-        d.insert("claim_expires", DateTime::from_millis(c.expires_at_ms));
-    }
-    d
-}
-
-/// Filter for a ready row of `username` whose token hash is `hash` — or a legacy row that has
-/// no hash yet (the caller computed `hash` from its plain token).
-fn ready_with_hash(username: &str, hash: &str) -> Document {
-    doc! {
-        "username": username,
-        "claim_id": { "$exists": false },
-        "$or": [ { "token_hash": hash }, { "token_hash": { "$exists": false } }, { "token_hash": "" } ],
     }
 }
 
@@ -558,7 +398,7 @@ impl Store for MongoStore {
 
     async fn list_blades(&self) -> StoreResult<Vec<BladeRecord>> {
         let config = self.config_doc().await?;
-        Ok(self.blades_of(&config))
+        Ok(blades_of(&config, &self.legacy))
     }
 
     async fn set_draining(&self, name: &str, draining: bool) -> StoreResult<Option<BladeRecord>> {
@@ -617,42 +457,5 @@ impl Store for MongoStore {
         Err(StoreError::Unavailable(
             "round-robin counter under too much contention; try again".into(),
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_rows_the_original_wrote() {
-        let d = doc! { "username": "alice", "password": "abcd1234", "token": "t0k", "blade": "blade1",
-        "display": "3", "vncpid": 1234.0, "remoteip": "192.0.2.1" };
-        let r = record_from_doc(&d);
-        assert_eq!((r.display, r.port, r.vnc_pid), (3, 5903, 1234));
-        assert_eq!(r.host, "", "filled in from the blade by the dispatcher");
-        assert_eq!(r.token, StoredSecret::Plain("t0k".into()));
-        assert_eq!(r.password, StoredSecret::Plain("abcd1234".into()));
-        assert!(r.is_ready() && r.expires_at_ms.is_none());
-    }
-
-    #[test]
-    fn record_round_trips() {
-        let r = SessionRecord {
-            username: "bob".into(),
-            token_hash: "h".into(),
-            token: StoredSecret::Sealed("s1".into()),
-            password: StoredSecret::Sealed("s2".into()),
-            blade: "b".into(),
-            host: "127.0.0.2".into(),
-            display: 4,
-            port: 5904,
-            vnc_pid: 99,
-            remote_ip: "::1".into(),
-            created_at_ms: 5,
-            expires_at_ms: Some(10),
-            claim: None,
-        };
-        assert_eq!(record_from_doc(&record_to_doc(&r)), r);
     }
 }

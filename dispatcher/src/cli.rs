@@ -1,0 +1,220 @@
+//! The `dispatcher` command line (part of the binary, not the library): `serve` with every
+//! setting as a flag, an environment variable and a config-file key, and the client commands
+//! operators and portals use against a running dispatcher. Doc comments here are `--help`.
+use clap::{Args, Parser, Subcommand};
+use dispatcher::dispatch::Policy;
+use dispatcher::store::Method;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// vncdispatch dispatcher: hands out desktops on a pool of blades.
+///
+/// `serve` runs the service; the other commands are clients of a running dispatcher. Every
+/// option can also be set through the environment variable shown with it.
+#[derive(Debug, Parser)]
+#[command(version, propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Serve the Dispatcher gRPC API.
+    Serve(Box<ServeArgs>),
+    /// Get USER's desktop (as the portal does): prints the session.
+    Dispatch {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The portal user.
+        username: String,
+        /// The browser's IP address.
+        remote_ip: String,
+    },
+    /// Manage blades.
+    Blade {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: BladeCommand,
+    },
+    /// Manage sessions.
+    Session {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: SessionCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BladeCommand {
+    /// Register a blade (or update the one of that name).
+    Add {
+        /// Unique name.
+        name: String,
+        /// Host or address of the blade.
+        host: String,
+        /// Agent gRPC port (default 7501) or SSH port (default 22).
+        #[arg(long, default_value_t = 0)]
+        port: u32,
+        /// How to start sessions there.
+        #[arg(long, value_enum, default_value = "agent")]
+        method: MethodArg,
+    },
+    /// List blades with state, health and session counts.
+    List,
+    /// Stop giving the blade new sessions (existing ones stay).
+    Drain {
+        /// Blade name.
+        name: String,
+        /// Put it back into rotation instead.
+        #[arg(long)]
+        undo: bool,
+    },
+    /// Forget a blade.
+    Remove {
+        /// Blade name.
+        name: String,
+        /// Also end its sessions.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SessionCommand {
+    /// List sessions.
+    List {
+        /// Only this blade's.
+        #[arg(long, default_value = "")]
+        blade: String,
+    },
+    /// End USER's session: revoke the token and stop the desktop.
+    End {
+        /// The user.
+        username: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum MethodArg {
+    Agent,
+    Ssh,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ClientArgs {
+    /// Dispatcher address.
+    #[arg(
+        long,
+        global = true,
+        env = "DISPATCHER_URL",
+        default_value = "http://127.0.0.1:7500"
+    )]
+    pub(crate) dispatcher: String,
+    /// Secret file, if the dispatcher requires one (--api-secret-file).
+    #[arg(long, global = true, env = "DISPATCHER_API_SECRET_FILE")]
+    pub(crate) secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// TOML file of settings keyed by these options' long names (`listen = "…"`); the
+    /// command line and environment override it.
+    #[arg(long, env = "DISPATCHER_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    /// Address to listen on for gRPC.
+    #[arg(long, env = "DISPATCHER_LISTEN", default_value = "0.0.0.0:7500")]
+    pub(crate) listen: SocketAddr,
+    /// Session store: a file path for the embedded store, or mongodb://HOST[:PORT]/vncDispatch.
+    #[arg(
+        long,
+        env = "DISPATCHER_STORE",
+        default_value = "/var/lib/vncdispatch/dispatcher.redb"
+    )]
+    pub(crate) store: String,
+    /// Key sealing stored tokens and passwords (64 hex chars, 0600). Created when missing;
+    /// dispatchers sharing a MongoDB store must share it. Default: next to the embedded store,
+    /// or /var/lib/vncdispatch/seal.key.
+    #[arg(long, env = "DISPATCHER_SEAL_KEY_FILE")]
+    pub(crate) seal_key_file: Option<PathBuf>,
+    /// Shared secret of the blade agents (0600 file).
+    #[arg(
+        long,
+        env = "DISPATCHER_AGENT_SECRET_FILE",
+        default_value = "/etc/vncdispatch/agent-secret"
+    )]
+    pub(crate) agent_secret_file: PathBuf,
+    /// Require this shared secret from the dispatcher's own callers (portal, ws-proxy, CLI).
+    #[arg(long, env = "DISPATCHER_API_SECRET_FILE")]
+    pub(crate) api_secret_file: Option<PathBuf>,
+    /// How long a token resolves after the user's latest Dispatch.
+    #[arg(long, env = "DISPATCHER_TOKEN_TTL", default_value = "12h", value_parser = humantime::parse_duration)]
+    pub(crate) token_ttl: Duration,
+    /// Blade choice for new sessions.
+    #[arg(
+        long,
+        env = "DISPATCHER_POLICY",
+        value_enum,
+        default_value = "round-robin"
+    )]
+    pub(crate) policy: Policy,
+    /// Longest a desktop start may take on one blade before the next is tried.
+    #[arg(long, env = "DISPATCHER_LAUNCH_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub(crate) launch_timeout: Duration,
+    /// How often blades' health is checked.
+    #[arg(long, env = "DISPATCHER_HEALTH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub(crate) health_interval: Duration,
+    /// How often expired sessions are removed (and their desktops stopped).
+    #[arg(long, env = "DISPATCHER_SWEEP_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub(crate) sweep_interval: Duration,
+    /// Default blade-agent port.
+    #[arg(long, env = "DISPATCHER_AGENT_PORT", default_value_t = 7501)]
+    pub(crate) agent_port: u16,
+    /// How blades listed by the original deployment (MongoDB blade_list) are reached.
+    #[arg(
+        long,
+        env = "DISPATCHER_LEGACY_BLADE_METHOD",
+        value_enum,
+        default_value = "ssh"
+    )]
+    pub(crate) legacy_blade_method: MethodArg,
+    /// SSH private key for SSH blades.
+    #[arg(long, env = "DISPATCHER_SSH_KEY")]
+    pub(crate) ssh_key: Option<PathBuf>,
+    /// known_hosts file with every SSH blade's host key (unknown keys are refused).
+    #[arg(long, env = "DISPATCHER_SSH_KNOWN_HOSTS")]
+    pub(crate) ssh_known_hosts: Option<PathBuf>,
+    /// Remote account for SSH blades.
+    #[arg(long, env = "DISPATCHER_SSH_USER", default_value = "root")]
+    pub(crate) ssh_user: String,
+    /// blade-agent program on SSH blades.
+    #[arg(long, env = "DISPATCHER_SSH_PROGRAM", default_value = "blade-agent")]
+    pub(crate) ssh_program: String,
+    /// Extra options for `blade-agent cloudvnc|status|stop` on SSH blades (space-separated,
+    /// shell-safe words), e.g. "--rfb-listen 10.0.0.5".
+    #[arg(
+        long,
+        env = "DISPATCHER_SSH_AGENT_ARGS",
+        default_value = "",
+        allow_hyphen_values = true
+    )]
+    pub(crate) ssh_agent_args: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless set; keep it off public
+    /// networks).
+    #[arg(long, env = "DISPATCHER_METRICS_LISTEN")]
+    pub(crate) metrics_listen: Option<SocketAddr>,
+    /// Log lines as JSON objects.
+    #[arg(long, env = "DISPATCHER_LOG_JSON")]
+    pub(crate) log_json: bool,
+}
+
+/// The store's launch method for a `--method`/`--legacy-blade-method` value.
+pub(crate) fn method(m: MethodArg) -> Method {
+    match m {
+        MethodArg::Agent => Method::Agent,
+        MethodArg::Ssh => Method::Ssh,
+    }
+}

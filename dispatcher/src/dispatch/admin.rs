@@ -1,0 +1,184 @@
+//! Blade administration — register, list, drain, remove — and the session listing, for
+//! operators. Names and hosts are checked with the shared rules in
+//! [`vncdispatch_proto::rules`] before anything reaches the store.
+use super::{BladeHealth, Dispatcher, timestamp};
+use crate::error::DispatchError;
+use crate::store::{BladeRecord, Method, SessionRecord};
+use vncdispatch_proto::rules::{validate_blade_host, validate_blade_name};
+
+impl Dispatcher {
+    /// Sessions (no secrets), optionally of one blade.
+    pub async fn list(
+        &self,
+        blade: &str,
+    ) -> Result<Vec<vncdispatch_proto::v1::SessionInfo>, DispatchError> {
+        if !blade.is_empty() {
+            validate_blade_name(blade)?;
+        }
+        let mut out: Vec<_> = self
+            .store
+            .list_sessions()
+            .await?
+            .into_iter()
+            .filter(|s| blade.is_empty() || s.blade == blade)
+            .map(|s| vncdispatch_proto::v1::SessionInfo {
+                username: s.username,
+                blade: s.blade,
+                display: s.display,
+                port: s.port,
+                vnc_pid: s.vnc_pid,
+                remote_ip: s.remote_ip,
+                expires_at: s.expires_at_ms.map(timestamp),
+            })
+            .collect();
+        out.sort_by(|a, b| a.username.cmp(&b.username));
+        Ok(out)
+    }
+
+    /// Registers (or updates) a blade.
+    pub async fn add_blade(
+        &self,
+        name: &str,
+        host: &str,
+        port: u32,
+        method: Method,
+    ) -> Result<BladeRecord, DispatchError> {
+        validate_blade_name(name)?;
+        validate_blade_host(host)?;
+        let port = match port {
+            0 => match method {
+                Method::Agent => self.cfg.agent_port,
+                Method::Ssh => 22,
+            },
+            p => u16::try_from(p)
+                .map_err(|_| DispatchError::BadArgument(format!("port {p} is not a TCP port")))?,
+        };
+        let existing = self
+            .store
+            .list_blades()
+            .await?
+            .into_iter()
+            .find(|b| b.name == name);
+        let blade = BladeRecord {
+            name: name.to_owned(),
+            host: host.to_owned(),
+            port,
+            method,
+            draining: existing.is_some_and(|b| b.draining),
+        };
+        self.store.put_blade(&blade).await?;
+        self.health
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        Ok(blade)
+    }
+
+    /// Blades with what the dispatcher knows of them.
+    pub async fn blades(
+        &self,
+    ) -> Result<Vec<(BladeRecord, Option<BladeHealth>, usize)>, DispatchError> {
+        let blades = self.store.list_blades().await?;
+        let sessions = self.store.list_sessions().await?;
+        let health = self
+            .health
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Ok(blades
+            .into_iter()
+            .map(|b| {
+                let n = sessions.iter().filter(|s| s.blade == b.name).count();
+                let h = health.get(&b.name).copied();
+                (b, h, n)
+            })
+            .collect())
+    }
+
+    /// Drains (or undrains) a blade.
+    pub async fn drain(&self, name: &str, draining: bool) -> Result<BladeRecord, DispatchError> {
+        validate_blade_name(name)?;
+        self.store
+            .set_draining(name, draining)
+            .await?
+            .ok_or_else(|| DispatchError::UnknownBlade(name.to_owned()))
+    }
+
+    /// Forgets a blade; with `force`, revokes and stops its sessions first.
+    pub async fn remove_blade(&self, name: &str, force: bool) -> Result<bool, DispatchError> {
+        validate_blade_name(name)?;
+        let on_blade: Vec<SessionRecord> = self
+            .store
+            .list_sessions()
+            .await?
+            .into_iter()
+            .filter(|s| s.blade == name)
+            .collect();
+        if !on_blade.is_empty() && !force {
+            return Err(DispatchError::BladeBusy {
+                name: name.to_owned(),
+                sessions: on_blade.len(),
+            });
+        }
+        for rec in &on_blade {
+            if self
+                .store
+                .delete_session(&rec.username, None)
+                .await?
+                .is_some()
+            {
+                self.stop_desktop(rec).await;
+            }
+        }
+        self.health
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        Ok(self.store.remove_blade(name).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::setup;
+    use crate::error::DispatchError;
+    use crate::store::Method;
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn bad_names_and_hosts_are_refused_before_the_store() {
+        let (d, _rec, _dir) = setup(&[], Duration::from_secs(3600)).await;
+        for (name, host) in [("bad name", "10.0.0.5"), ("b1", "-oProxyCommand=x")] {
+            let err = d.add_blade(name, host, 0, Method::Agent).await.unwrap_err();
+            assert!(matches!(err, DispatchError::Field(_)), "{err}");
+            let status = tonic::Status::from(err);
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        }
+        assert!(d.blades().await.unwrap().is_empty(), "nothing was stored");
+        let err = d
+            .add_blade("b1", "h", 70_000, Method::Agent)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("70000 is not a TCP port"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_blade_with_sessions_is_removed_only_with_force_which_stops_them() {
+        let (d, rec, _dir) = setup(&["b1"], Duration::from_secs(3600)).await;
+        let b = d.add_blade("b2", "10.0.0.9", 0, Method::Ssh).await.unwrap();
+        assert_eq!(b.port, 22, "SSH blades default to port 22");
+        d.dispatch("u", "192.0.2.1", "t").await.unwrap();
+        let err = d.remove_blade("b1", false).await.unwrap_err();
+        assert!(
+            matches!(err, DispatchError::BladeBusy { sessions: 1, .. }),
+            "{err}"
+        );
+        assert!(d.remove_blade("b1", true).await.unwrap());
+        assert!(
+            rec.alive.lock().unwrap().is_empty(),
+            "its desktop was stopped"
+        );
+        assert!(d.list("").await.unwrap().is_empty());
+        assert!(!d.remove_blade("b1", false).await.unwrap(), "already gone");
+    }
+}

@@ -1,0 +1,199 @@
+//! The dispatcher's domain logic: sessions, blade choice, tokens, blades. The gRPC service is a
+//! thin layer over [`Dispatcher`]; tests call it directly too.
+//!
+//! Dispatch for a user goes: claim the user's slot in the store → if a session is there, check
+//! with its blade that the Xvnc lives (else drop it and start over), record the new remote IP,
+//! return it → if another request holds the claim, wait for it → if we won the claim, pick
+//! blades (round-robin over healthy, undrained ones, or least-loaded), start the desktop on the
+//! first that can, store the session under our claim.
+//!
+//! Layout — one concern per file, all of them `impl Dispatcher` blocks:
+//! - this file: the [`Dispatcher`] type, its settings ([`DispatchConfig`], [`Policy`]), the
+//!   launchers by method, and how a stored record becomes what callers see.
+//! - `session.rs`: a session's life — dispatch (claim, reuse or launch), clean-up after a
+//!   start that answered too late, and the end of a session.
+//! - `placement.rs`: which blades to try, in what order, and the health poller behind it.
+//! - `tokens.rs`: resolving a token for ws-proxy, and sweeping expired sessions.
+//! - `admin.rs`: registering, listing, draining and removing blades; listing sessions.
+//!
+//! Time comes from the injected [`Clock`]: the wall clock in production, a test clock under
+//! `tokio::time::pause()` in tests.
+use crate::clock::{Clock, WallClock};
+use crate::error::DispatchError;
+use crate::launcher::{BladeLoad, LaunchError, Launcher};
+use crate::seal::SealKey;
+use crate::store::{Method, SessionRecord, Store, StoredSecret};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+mod admin;
+mod placement;
+mod session;
+mod tokens;
+
+#[cfg(test)]
+mod testkit;
+
+/// How blades are chosen for new sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// The original's rotation (one atomic counter in the store), skipping unusable blades.
+    RoundRobin,
+    /// Fewest sessions, then lowest load, from the agents' health reports.
+    LeastLoaded,
+}
+
+/// Dispatch settings.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// How long a token resolves after the latest Dispatch for its user.
+    pub token_ttl: Duration,
+    /// Blade choice.
+    pub policy: Policy,
+    /// Upper bound on one desktop start; also how long a claim holds.
+    pub launch_timeout: Duration,
+    /// Default agent port for blades added without one.
+    pub agent_port: u16,
+}
+
+/// What the dispatcher knows about a blade's health (from the poller and from failures).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BladeHealth {
+    /// Reachable at the last check.
+    pub healthy: bool,
+    /// Load at the last check.
+    pub load: BladeLoad,
+}
+
+/// The launchers by method.
+#[derive(Debug, Clone)]
+pub struct Launchers {
+    /// gRPC to blade-agent.
+    pub agent: Arc<dyn Launcher>,
+    /// SSH, when configured.
+    pub ssh: Option<Arc<dyn Launcher>>,
+}
+
+impl Launchers {
+    /// The launcher for `method`; an SSH blade without SSH configured is this blade's failure.
+    fn get(&self, method: Method) -> Result<&Arc<dyn Launcher>, LaunchError> {
+        match method {
+            Method::Agent => Ok(&self.agent),
+            Method::Ssh => self.ssh.as_ref().ok_or_else(|| {
+                LaunchError::Blade("SSH blades need --ssh-key and --ssh-known-hosts".into())
+            }),
+        }
+    }
+}
+
+/// A session as handed to the portal.
+pub type Session = vncdispatch_proto::v1::Session;
+/// Where ws-proxy relays a token.
+pub type Target = vncdispatch_proto::v1::Target;
+
+/// The dispatcher.
+#[derive(Debug)]
+pub struct Dispatcher {
+    /// Sessions, claims and blades; shared with other dispatchers when it is MongoDB.
+    store: Arc<dyn Store>,
+    /// How desktops are started, stopped and checked on each kind of blade.
+    launchers: Launchers,
+    /// Seals tokens and passwords before they reach the store.
+    seal: SealKey,
+    /// Settings from the command line.
+    cfg: DispatchConfig,
+    /// This process's view of blade health: the poller's answers and launch failures.
+    health: RwLock<HashMap<String, BladeHealth>>,
+    /// The time stored expiries and claim deadlines are measured against.
+    clock: Arc<dyn Clock>,
+}
+
+/// A Unix-milliseconds time as a protobuf timestamp.
+fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+impl Dispatcher {
+    /// A dispatcher over `store`, launching through `launchers`, on the wall clock.
+    pub fn new(
+        store: Arc<dyn Store>,
+        launchers: Launchers,
+        seal: SealKey,
+        cfg: DispatchConfig,
+    ) -> Self {
+        Dispatcher {
+            store,
+            launchers,
+            seal,
+            cfg,
+            health: RwLock::default(),
+            clock: Arc::new(WallClock),
+        }
+    }
+
+    /// The same dispatcher reading the time from `clock` (tests pass a
+    /// [`TokioClock`](crate::clock::TokioClock) and pause tokio's time).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The store (for health checks).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Now, in Unix milliseconds, by the injected clock.
+    fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// How long a Dispatch's claim on a user holds: its launch plus a margin for the store.
+    fn claim_ttl(&self) -> Duration {
+        self.cfg.launch_timeout + Duration::from_secs(10)
+    }
+
+    /// The token lifetime in milliseconds, as stored expiries count.
+    fn ttl_ms(&self) -> i64 {
+        self.cfg.token_ttl.as_millis() as i64
+    }
+
+    /// The record's token and password in clear: sealed ones opened, legacy ones as stored.
+    fn reveal(&self, rec: &SessionRecord) -> Result<(String, String), DispatchError> {
+        let open = |s: &StoredSecret| match s {
+            StoredSecret::Sealed(v) => self
+                .seal
+                .open(&rec.username, v)
+                .map_err(DispatchError::Secret),
+            StoredSecret::Plain(v) => Ok(v.clone()),
+        };
+        Ok((open(&rec.token)?, open(&rec.password)?))
+    }
+
+    /// What the portal is handed for `rec`.
+    fn session(
+        &self,
+        rec: &SessionRecord,
+        token: String,
+        password: String,
+        reused: bool,
+    ) -> Session {
+        Session {
+            username: rec.username.clone(),
+            token,
+            password,
+            blade: rec.blade.clone(),
+            display: rec.display,
+            port: rec.port,
+            vnc_pid: rec.vnc_pid,
+            remote_ip: rec.remote_ip.clone(),
+            host: rec.host.clone(),
+            expires_at: rec.expires_at_ms.map(timestamp),
+            reused,
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! What the dispatch tests share: a launcher that records what it was asked instead of
+//! reaching a blade, and a dispatcher over a throwaway embedded store whose clock follows
+//! tokio's (so a test under `tokio::time::pause()` moves expiry by advancing time).
+use super::{DispatchConfig, Dispatcher, Launchers, Policy};
+use crate::clock::TokioClock;
+use crate::launcher::{BladeLoad, LaunchError, Launched, Launcher};
+use crate::seal::SealKey;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::{BladeRecord, Method, Store};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Records starts per blade; blades named `down*` fail, blades named `slow*` never answer a
+/// start (a hung agent), user `refuse` is refused.
+#[derive(Debug, Default)]
+pub(super) struct Recording {
+    /// Desktops started, by blade name.
+    pub(super) starts: Mutex<HashMap<String, usize>>,
+    /// Running desktops: (blade, user, pid).
+    pub(super) alive: Mutex<HashSet<(String, String, u32)>>,
+    /// Stop requests, in order: (blade, user).
+    pub(super) stops: Mutex<Vec<(String, String)>>,
+    /// Pids handed out, from 100 up.
+    next_pid: AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl Launcher for Recording {
+    async fn start(
+        &self,
+        blade: &BladeRecord,
+        username: &str,
+        _pw: &str,
+        _id: &str,
+    ) -> Result<Launched, LaunchError> {
+        if blade.name.starts_with("down") {
+            return Err(LaunchError::Blade(format!("{} is down", blade.name)));
+        }
+        if blade.name.starts_with("slow") {
+            // Hung: only the dispatcher's launch timeout ends this.
+            std::future::pending::<()>().await;
+        }
+        if username == "refuse" {
+            return Err(LaunchError::Refused(tonic::Status::not_found("no account")));
+        }
+        *self
+            .starts
+            .lock()
+            .unwrap()
+            .entry(blade.name.clone())
+            .or_default() += 1;
+        let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) + 100;
+        self.alive
+            .lock()
+            .unwrap()
+            .insert((blade.name.clone(), username.to_owned(), pid));
+        Ok(Launched {
+            host: blade.host.clone(),
+            display: 1,
+            port: 5901,
+            vnc_pid: pid,
+        })
+    }
+    async fn stop(&self, blade: &BladeRecord, username: &str) -> Result<bool, LaunchError> {
+        self.stops
+            .lock()
+            .unwrap()
+            .push((blade.name.clone(), username.to_owned()));
+        let mut alive = self.alive.lock().unwrap();
+        let before = alive.len();
+        alive.retain(|(b, u, _)| !(b == &blade.name && u == username));
+        Ok(alive.len() < before)
+    }
+    async fn is_alive(
+        &self,
+        blade: &BladeRecord,
+        username: &str,
+        pid: u32,
+    ) -> Result<bool, LaunchError> {
+        Ok(self
+            .alive
+            .lock()
+            .unwrap()
+            .contains(&(blade.name.clone(), username.to_owned(), pid)))
+    }
+    async fn health(&self, _b: &BladeRecord) -> Result<BladeLoad, LaunchError> {
+        Ok(BladeLoad::default())
+    }
+}
+
+/// A dispatcher with `blades` registered (127.0.0.2, .3, …), tokens living `ttl`, launches
+/// timing out after 5 s, on a [`TokioClock`]. Keep the directory alive as long as the store.
+pub(super) async fn setup(
+    blades: &[&str],
+    ttl: Duration,
+) -> (Arc<Dispatcher>, Arc<Recording>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+    let rec = Arc::new(Recording::default());
+    let cfg = DispatchConfig {
+        token_ttl: ttl,
+        policy: Policy::RoundRobin,
+        launch_timeout: Duration::from_secs(5),
+        agent_port: 7501,
+    };
+    let d = Arc::new(
+        Dispatcher::new(
+            store,
+            Launchers {
+                agent: rec.clone(),
+                ssh: None,
+            },
+            SealKey::from_bytes(&[1; 32]),
+            cfg,
+        )
+        .with_clock(Arc::new(TokioClock::new())),
+    );
+    for (i, b) in blades.iter().enumerate() {
+        d.add_blade(b, &format!("127.0.0.{}", i + 2), 0, Method::Agent)
+            .await
+            .unwrap();
+    }
+    (d, rec, dir)
+}

@@ -1,0 +1,190 @@
+//! The client commands (part of the binary, not the library): `dispatch`, `blade …` and
+//! `session …` call a running dispatcher over gRPC, as a portal or operator would, and print
+//! what it answered; a status becomes a one-line error naming its code.
+use crate::ConfigError;
+use crate::cli::{BladeCommand, ClientArgs, MethodArg, SessionCommand};
+use anyhow::Context;
+use std::time::Duration;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use vncdispatch_proto::bearer::{BearerAuth, SharedSecret};
+use vncdispatch_proto::v1::dispatcher_client::DispatcherClient;
+use vncdispatch_proto::v1::{
+    AddBladeRequest, DispatchRequest, DrainBladeRequest, EndSessionRequest, LaunchMethod,
+    ListBladesRequest, ListSessionsRequest, RemoveBladeRequest,
+};
+
+/// A dispatcher client carrying the API secret, if one was given.
+type Client = DispatcherClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Connects to `--dispatcher`, with the secret from `--secret-file` if given.
+async fn client(c: &ClientArgs) -> anyhow::Result<Client> {
+    let auth = match &c.secret_file {
+        Some(p) => SharedSecret::from_file(p)
+            .map_err(ConfigError)?
+            .client_auth()
+            .map_err(ConfigError)?,
+        None => BearerAuth::none(),
+    };
+    let channel = Channel::from_shared(c.dispatcher.clone())
+        .map_err(|e| ConfigError(format!("--dispatcher {}: {e}", c.dispatcher)))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the dispatcher at {}", c.dispatcher))?;
+    Ok(DispatcherClient::with_interceptor(channel, auth))
+}
+
+/// Turns a gRPC status into a one-line error for people.
+fn said(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+pub(crate) async fn dispatch(
+    c: ClientArgs,
+    username: String,
+    remote_ip: String,
+) -> anyhow::Result<()> {
+    let s = client(&c)
+        .await?
+        .dispatch(DispatchRequest {
+            username,
+            remote_ip,
+        })
+        .await
+        .map_err(said)?
+        .into_inner();
+    println!(
+        "username  {}\nblade     {}\nhost      {}\ndisplay   {}\nport      {}\nvnc_pid   {}\nremote_ip {}\nreused    {}\ntoken     {}\npassword  {}",
+        s.username,
+        s.blade,
+        s.host,
+        s.display,
+        s.port,
+        s.vnc_pid,
+        s.remote_ip,
+        s.reused,
+        s.token,
+        s.password
+    );
+    Ok(())
+}
+
+pub(crate) async fn blade(c: ClientArgs, command: BladeCommand) -> anyhow::Result<()> {
+    let mut client = client(&c).await?;
+    match command {
+        BladeCommand::Add {
+            name,
+            host,
+            port,
+            method,
+        } => {
+            let method = match method {
+                MethodArg::Agent => LaunchMethod::Agent,
+                MethodArg::Ssh => LaunchMethod::Ssh,
+            } as i32;
+            let b = client
+                .add_blade(AddBladeRequest {
+                    name,
+                    host,
+                    port,
+                    method,
+                })
+                .await
+                .map_err(said)?
+                .into_inner();
+            println!("added {} ({}:{})", b.name, b.host, b.port);
+        }
+        BladeCommand::List => {
+            let blades = client
+                .list_blades(ListBladesRequest {})
+                .await
+                .map_err(said)?
+                .into_inner()
+                .blades;
+            println!(
+                "{:<20} {:<24} {:>6} {:<6} {:<9} {:<8} {:>8} {:>6}",
+                "NAME", "HOST", "PORT", "METHOD", "STATE", "HEALTH", "SESSIONS", "LOAD"
+            );
+            for b in blades {
+                let method = if b.method == LaunchMethod::Ssh as i32 {
+                    "ssh"
+                } else {
+                    "agent"
+                };
+                let state = if b.draining { "draining" } else { "active" };
+                let health = if b.healthy { "ok" } else { "down" };
+                println!(
+                    "{:<20} {:<24} {:>6} {:<6} {:<9} {:<8} {:>8} {:>6.2}",
+                    b.name, b.host, b.port, method, state, health, b.sessions, b.load1
+                );
+            }
+        }
+        BladeCommand::Drain { name, undo } => {
+            let b = client
+                .drain_blade(DrainBladeRequest {
+                    name,
+                    draining: !undo,
+                })
+                .await
+                .map_err(said)?
+                .into_inner();
+            println!(
+                "{} is {}",
+                b.name,
+                if b.draining { "draining" } else { "active" }
+            );
+        }
+        BladeCommand::Remove { name, force } => {
+            let removed = client
+                .remove_blade(RemoveBladeRequest {
+                    name: name.clone(),
+                    force,
+                })
+                .await
+                .map_err(said)?
+                .into_inner()
+                .removed;
+            anyhow::ensure!(removed, "no blade named {name:?}");
+            println!("removed {name}");
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn session(c: ClientArgs, command: SessionCommand) -> anyhow::Result<()> {
+    let mut client = client(&c).await?;
+    match command {
+        SessionCommand::List { blade } => {
+            let sessions = client
+                .list_sessions(ListSessionsRequest { blade })
+                .await
+                .map_err(said)?
+                .into_inner()
+                .sessions;
+            println!(
+                "{:<24} {:<20} {:>7} {:>6} {:>8} {:<40}",
+                "USER", "BLADE", "DISPLAY", "PORT", "PID", "REMOTE IP"
+            );
+            for s in sessions {
+                println!(
+                    "{:<24} {:<20} {:>7} {:>6} {:>8} {:<40}",
+                    s.username, s.blade, s.display, s.port, s.vnc_pid, s.remote_ip
+                );
+            }
+        }
+        SessionCommand::End { username } => {
+            let ended = client
+                .end_session(EndSessionRequest {
+                    username: username.clone(),
+                })
+                .await
+                .map_err(said)?
+                .into_inner()
+                .ended;
+            anyhow::ensure!(ended, "{username} has no session");
+            println!("ended {username}'s session");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! The redb file under the [`EmbeddedStore`]: its tables, opening it, running transactions
+//! (writes on tokio's blocking pool, reads in place) and reopening it after an I/O error,
+//! which redb needs before it accepts writes again — so a full disk heals once it has room.
+//! Also the row helpers the store's methods build on.
+use super::EmbeddedStore;
+use crate::store::{BladeRecord, SessionRecord, StoreError, StoreResult};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+pub(super) const SESSIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sessions");
+pub(super) const TOKENS: TableDefinition<'_, &str, &str> = TableDefinition::new("tokens");
+pub(super) const BLADES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("blades");
+pub(super) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+
+/// A blade with its registration order.
+#[derive(Serialize, Deserialize)]
+pub(super) struct StoredBlade {
+    /// Registration order: blades are listed (and rotated through) in it.
+    pub(super) seq: u64,
+    /// The blade itself.
+    pub(super) blade: BladeRecord,
+}
+
+pub(super) fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+pub(super) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+pub(super) fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the database file; the file is made 0600 since it holds
+    /// sealed secrets. Fails clearly if another process has it open.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Unavailable(format!("opening {}: {e}", path.display())))?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        let store = EmbeddedStore {
+            db: Arc::new(RwLock::new(Some(db))),
+            path: Arc::new(path.to_owned()),
+        };
+        store.write(Durability::Immediate, |tx| {
+            tx.open_table(SESSIONS).map_err(err)?;
+            tx.open_table(TOKENS).map_err(err)?;
+            tx.open_table(BLADES).map_err(err)?;
+            tx.open_table(META).map_err(err)?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// Runs `f` on the open database, reopening it first if an earlier I/O error closed it.
+    pub(super) fn with_db<T>(&self, f: impl FnOnce(&Database) -> StoreResult<T>) -> StoreResult<T> {
+        {
+            let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(db) = guard.as_ref() {
+                return f(db);
+            }
+        }
+        self.reopen();
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(db) => f(db),
+            None => Err(StoreError::Unavailable(format!(
+                "{} could not be reopened after an I/O error (disk full?)",
+                self.path.display()
+            ))),
+        }
+    }
+
+    /// After a failed write (disk full, I/O error) redb refuses every further write until
+    /// the database is closed and opened again (which repairs it if needed): do that, so the
+    /// store recovers by itself once the disk has room.
+    pub(super) fn reopen(&self) {
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        *guard = None;
+        match Database::create(&*self.path) {
+            Ok(db) => {
+                tracing::warn!(path = %self.path.display(), "reopened the store after an I/O error");
+                *guard = Some(db);
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot reopen the store yet");
+            }
+        }
+    }
+
+    pub(super) fn write<T>(
+        &self,
+        durability: Durability,
+        f: impl FnOnce(&WriteTransaction) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let mut failed_io = false;
+        let mut io = |e: redb::Error| {
+            failed_io |= matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo);
+            err(e)
+        };
+        let out = self.with_db(|db| {
+            let mut tx = db.begin_write().map_err(|e| io(e.into()))?;
+            tx.set_durability(durability).map_err(err)?;
+            let out = f(&tx)?;
+            tx.commit().map_err(|e| io(e.into()))?;
+            Ok(out)
+        });
+        if failed_io {
+            self.reopen();
+        }
+        out
+    }
+
+    /// Runs a read transaction in place: reads take microseconds (no fsync, no writer lock),
+    /// so a trip through the blocking pool would cost more than the read itself.
+    pub(super) fn read_inline<T>(
+        &self,
+        f: impl FnOnce(&EmbeddedStore) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        match Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| f(self)),
+            _ => f(self),
+        }
+    }
+
+    pub(super) async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&EmbeddedStore) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this))
+            .await
+            .map_err(err)?
+    }
+
+    /// A read transaction. It does not hold the lock: a reopen while it runs fails and is
+    /// retried by the next call, which is fine for a path that only runs after disk errors.
+    pub(super) fn read_tx(&self) -> StoreResult<redb::ReadTransaction> {
+        self.with_db(|db| db.begin_read().map_err(err))
+    }
+
+    pub(super) fn read_session(&self, username: &str) -> StoreResult<Option<SessionRecord>> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(err)?;
+            let table = tx.open_table(SESSIONS).map_err(err)?;
+            table
+                .get(username)
+                .map_err(err)?
+                .map(|v| decode(v.value()))
+                .transpose()
+        })
+    }
+}
+
+pub(super) fn get_session(
+    tx: &WriteTransaction,
+    username: &str,
+) -> StoreResult<Option<SessionRecord>> {
+    let table = tx.open_table(SESSIONS).map_err(err)?;
+    let found = table.get(username).map_err(err)?;
+    found.map(|v| decode(v.value())).transpose()
+}
+
+pub(super) fn put_session(tx: &WriteTransaction, rec: &SessionRecord) -> StoreResult<()> {
+    tx.open_table(SESSIONS)
+        .map_err(err)?
+        .insert(rec.username.as_str(), encode(rec)?.as_slice())
+        .map_err(err)?;
+    if !rec.token_hash.is_empty() {
+        tx.open_table(TOKENS)
+            .map_err(err)?
+            .insert(rec.token_hash.as_str(), rec.username.as_str())
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+pub(super) fn remove_session(tx: &WriteTransaction, rec: &SessionRecord) -> StoreResult<()> {
+    tx.open_table(SESSIONS)
+        .map_err(err)?
+        .remove(rec.username.as_str())
+        .map_err(err)?;
+    if !rec.token_hash.is_empty() {
+        tx.open_table(TOKENS)
+            .map_err(err)?
+            .remove(rec.token_hash.as_str())
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+pub(super) fn blades_sorted(tx: &redb::ReadTransaction) -> StoreResult<Vec<StoredBlade>> {
+    let table = tx.open_table(BLADES).map_err(err)?;
+    let mut out = Vec::new();
+    for row in table.iter().map_err(err)? {
+        let (_, v) = row.map_err(err)?;
+        out.push(decode::<StoredBlade>(v.value())?);
+    }
+    out.sort_by_key(|b| b.seq);
+    Ok(out)
+}
