@@ -46,6 +46,52 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: SessionCommand,
     },
+    /// Make a CA and certificates for mutual TLS between the services.
+    ///
+    /// Every gRPC hop is mutual TLS 1.3: each service gets `--ca` (this CA's ca.pem),
+    /// `--cert` and `--key`. A certificate names one role: portal (Dispatch, EndSession),
+    /// proxy (ResolveToken), admin (everything on the dispatcher), dispatcher (the only caller
+    /// agents accept) or agent. An operator's own CA works as well: put the role in a URI
+    /// SAN `urn:vncdispatch:role:<role>`.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PkiCommand {
+    /// Make a CA: DIR/ca.pem (give to every service as --ca) and DIR/ca.key (0600; keep it
+    /// off the servers once everything is issued). Never overwrites.
+    Init {
+        /// Directory for the CA and the certificates issued from it.
+        #[arg(long, default_value = "/etc/vncdispatch/pki")]
+        dir: PathBuf,
+        /// The CA's name.
+        #[arg(long, default_value = "vncdispatch CA")]
+        name: String,
+    },
+    /// Issue DIR/NAME.pem and DIR/NAME.key (0600) for one service or client.
+    ///
+    /// Servers need every host name or address their clients dial as --host: the dispatcher
+    /// its own, an agent the host the blade is registered with.
+    Issue {
+        /// Directory holding the CA (from `pki init`).
+        #[arg(long, default_value = "/etc/vncdispatch/pki")]
+        dir: PathBuf,
+        /// What the certificate may do.
+        #[arg(long, value_enum)]
+        role: vncdispatch_proto::roles::Role,
+        /// File name and CN, e.g. dispatcher, blade-7, portal, proxy, admin.
+        #[arg(long)]
+        name: String,
+        /// A host name or IP address it is valid for (repeat for several).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Days it is valid.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +163,17 @@ pub(crate) struct ClientArgs {
     /// Secret file, if the dispatcher requires one (--api-secret-file).
     #[arg(long, global = true, env = "DISPATCHER_API_SECRET_FILE")]
     pub(crate) secret_file: Option<PathBuf>,
+    /// CA bundle (PEM) the dispatcher's certificate must chain to; with --cert and --key the
+    /// call is mutual TLS (then --dispatcher is https://HOST:PORT).
+    #[arg(long, global = true, env = "DISPATCHER_CLIENT_CA")]
+    pub(crate) ca: Option<PathBuf>,
+    /// Client certificate (PEM) naming the role the command needs: admin for blades and
+    /// listings, portal or admin for dispatch and ending sessions.
+    #[arg(long, global = true, env = "DISPATCHER_CLIENT_CERT")]
+    pub(crate) cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM, mode 0600).
+    #[arg(long, global = true, env = "DISPATCHER_CLIENT_KEY")]
+    pub(crate) key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +207,24 @@ pub(crate) struct ServeArgs {
     /// Require this shared secret from the dispatcher's own callers (portal, ws-proxy, CLI).
     #[arg(long, env = "DISPATCHER_API_SECRET_FILE")]
     pub(crate) api_secret_file: Option<PathBuf>,
+    /// CA bundle (PEM) every peer's certificate must chain to. With --cert and --key the
+    /// dispatcher serves mutual TLS 1.3 (callers need a role: portal, proxy or admin) and
+    /// reaches agents over mutual TLS, verifying each agent's certificate for the host its
+    /// blade is registered with.
+    #[arg(long, env = "DISPATCHER_CA")]
+    pub(crate) ca: Option<PathBuf>,
+    /// The dispatcher's certificate (PEM): role dispatcher, valid for the host names callers
+    /// dial (`dispatcher pki issue --role dispatcher --host …`).
+    #[arg(long, env = "DISPATCHER_CERT")]
+    pub(crate) cert: Option<PathBuf>,
+    /// The dispatcher's private key (PEM, mode 0600).
+    #[arg(long, env = "DISPATCHER_KEY")]
+    pub(crate) key: Option<PathBuf>,
+    /// Serve plaintext on a non-loopback --listen and reach agents in clear: anyone who
+    /// reaches the port can then take any user's desktop. Only on a network you trust;
+    /// logged as a warning.
+    #[arg(long, env = "DISPATCHER_INSECURE_PLAINTEXT")]
+    pub(crate) insecure_plaintext: bool,
     /// How long a token resolves after the user's latest Dispatch.
     #[arg(long, env = "DISPATCHER_TOKEN_TTL", default_value = "12h", value_parser = humantime::parse_duration)]
     pub(crate) token_ttl: Duration,

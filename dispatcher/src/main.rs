@@ -10,7 +10,7 @@ mod cli;
 mod operator;
 
 use anyhow::Context;
-use cli::{Cli, Command, MethodArg, ServeArgs, method};
+use cli::{Cli, Command, MethodArg, PkiCommand, ServeArgs, method};
 use dispatcher::dispatch::{DispatchConfig, Dispatcher, Launchers};
 use dispatcher::launcher::agent::AgentLauncher;
 use dispatcher::launcher::ssh::{SshConfig, SshLauncher};
@@ -24,6 +24,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use vncdispatch_proto::bearer::SharedSecret;
+use vncdispatch_proto::tls::{self, Credentials, TlsFiles};
 
 fn main() -> ExitCode {
     let cli: Cli = vncdispatch_proto::config::parse();
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
         } => rt.block_on(operator::dispatch(client, username, remote_ip)),
         Command::Blade { client, command } => rt.block_on(operator::blade(client, command)),
         Command::Session { client, command } => rt.block_on(operator::session(client, command)),
+        Command::Pki { command } => pki(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -62,6 +64,42 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `dispatcher pki init|issue`: prints what it wrote and what to do with it.
+fn pki(command: PkiCommand) -> anyhow::Result<()> {
+    use vncdispatch_proto::pki;
+    match command {
+        PkiCommand::Init { dir, name } => {
+            let ca = pki::init_ca(&dir, &name, pki::CA_VALIDITY)?;
+            println!(
+                "wrote {} (give it to every service as --ca) and {} (0600; keep it safe)",
+                ca.display(),
+                dir.join("ca.key").display()
+            );
+        }
+        PkiCommand::Issue {
+            dir,
+            role,
+            name,
+            hosts,
+            days,
+        } => {
+            let req = pki::IssueRequest {
+                name,
+                role,
+                hosts,
+                valid_for: Duration::from_secs(u64::from(days) * 24 * 3600),
+            };
+            let (cert, key) = pki::issue(&dir, &req)?;
+            println!(
+                "wrote {} and {} (role {role}): use them as --cert and --key",
+                cert.display(),
+                key.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A configuration problem (exit code 64).
@@ -131,8 +169,18 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let auth = agent_secret
         .client_auth()
         .map_err(|e| config("--agent-secret-file", e))?;
+    let tls_files = TlsFiles::from_flags(a.ca.clone(), a.cert.clone(), a.key.clone())
+        .map_err(|e| ConfigError(e.to_string()))?;
+    let server_tls = tls::server_setup(a.listen, tls_files.as_ref(), a.insecure_plaintext)
+        .map_err(ConfigError)?;
+    // The same identity (role dispatcher) is what the agents see; without it agents are
+    // reached in clear, which only --insecure-plaintext or loopback allows.
+    let agent_tls = match &tls_files {
+        Some(files) => Some(Credentials::load(files).map_err(|e| ConfigError(e.to_string()))?),
+        None => None,
+    };
     let launchers = Launchers {
-        agent: Arc::new(AgentLauncher::new(auth, a.launch_timeout)),
+        agent: Arc::new(AgentLauncher::new(auth, a.launch_timeout, agent_tls)),
         ssh,
     };
     let cfg = DispatchConfig {
@@ -156,6 +204,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         listener,
         d,
         api_secret,
+        server_tls,
         intervals,
         vncdispatch_proto::serve::shutdown_signal(),
     )

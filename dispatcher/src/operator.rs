@@ -8,6 +8,7 @@ use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use vncdispatch_proto::bearer::{BearerAuth, SharedSecret};
+use vncdispatch_proto::tls::{self, Credentials, TlsFiles};
 use vncdispatch_proto::v1::dispatcher_client::DispatcherClient;
 use vncdispatch_proto::v1::{
     AddBladeRequest, DispatchRequest, DrainBladeRequest, EndSessionRequest, LaunchMethod,
@@ -26,7 +27,13 @@ async fn client(c: &ClientArgs) -> anyhow::Result<Client> {
             .map_err(ConfigError)?,
         None => BearerAuth::none(),
     };
-    let channel = Channel::from_shared(c.dispatcher.clone())
+    let tls = match TlsFiles::from_flags(c.ca.clone(), c.cert.clone(), c.key.clone())
+        .map_err(|e| ConfigError(e.to_string()))?
+    {
+        Some(files) => Some(Credentials::load(&files).map_err(|e| ConfigError(e.to_string()))?),
+        None => None,
+    };
+    let channel = tls::endpoint(&c.dispatcher, tls.as_ref())
         .map_err(|e| ConfigError(format!("--dispatcher {}: {e}", c.dispatcher)))?
         .connect_timeout(Duration::from_secs(5))
         .connect()

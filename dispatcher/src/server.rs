@@ -20,11 +20,13 @@ pub struct Intervals {
     pub sweep: Duration,
 }
 
-/// Serves until `shutdown` resolves. With `api_secret`, every Dispatcher call must carry it.
+/// Serves until `shutdown` resolves: mutual TLS with roles when `tls`, else plaintext. With
+/// `api_secret`, every Dispatcher call must carry it too.
 pub async fn run(
     listener: TcpListener,
     dispatcher: Arc<Dispatcher>,
     api_secret: Option<SharedSecret>,
+    tls: Option<Arc<vncdispatch_proto::tls::rustls::ServerConfig>>,
     intervals: Intervals,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -33,27 +35,17 @@ pub async fn run(
     let service = DispatcherServer::new(DispatcherService::new(dispatcher))
         .max_decoding_message_size(serve::MAX_REQUEST_BYTES);
     tracing::info!(addr = %listener.local_addr()?, "dispatcher serving");
-    let router = serve::server(Duration::from_secs(120), false)
+    let router = serve::server(Duration::from_secs(120), tls.is_some())
         .add_service(health_service)
         .add_service(serve::reflection()?);
-    let served = match api_secret {
-        Some(secret) => {
-            let authed =
-                tonic::service::interceptor::InterceptedService::new(service, move |req| {
-                    secret.check(req)
-                });
-            router
-                .add_service(authed)
-                .serve_with_incoming_shutdown(serve::incoming(listener), shutdown)
-                .await
-        }
-        None => {
-            router
-                .add_service(service)
-                .serve_with_incoming_shutdown(serve::incoming(listener), shutdown)
-                .await
-        }
+    let router = match api_secret {
+        Some(secret) => router.add_service(tonic::service::interceptor::InterceptedService::new(
+            service,
+            move |req| secret.check(req),
+        )),
+        None => router.add_service(service),
     };
+    let served = serve::serve(router, listener, tls, shutdown).await;
     background.abort();
     served?;
     tracing::info!("dispatcher stopped");

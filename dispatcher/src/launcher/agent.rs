@@ -12,9 +12,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use vncdispatch_proto::bearer::BearerAuth;
 use vncdispatch_proto::refusal::{self, Scope};
+use vncdispatch_proto::tls::{self, Credentials};
 use vncdispatch_proto::v1::blade_agent_client::BladeAgentClient;
 use vncdispatch_proto::v1::{
     AgentHealthRequest, ListVncServersRequest, StartSessionRequest, StopSessionRequest,
@@ -26,28 +27,35 @@ type Client = BladeAgentClient<InterceptedService<Channel, BearerAuth>>;
 #[derive(Debug)]
 pub struct AgentLauncher {
     auth: BearerAuth,
+    /// The dispatcher's identity for mutual TLS to agents; None: plaintext (loopback or
+    /// --insecure-plaintext only).
+    tls: Option<Credentials>,
     /// Per-call deadline for starts (stops, checks and health use a shorter one).
     start_timeout: Duration,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl AgentLauncher {
-    /// A launcher sending `auth` to every agent.
-    pub fn new(auth: BearerAuth, start_timeout: Duration) -> Self {
+    /// A launcher sending `auth` to every agent, over mutual TLS with `tls`: an agent must
+    /// then present a certificate from the CA valid for its blade's registered host before
+    /// anything (the secret, a password) is sent.
+    pub fn new(auth: BearerAuth, start_timeout: Duration, tls: Option<Credentials>) -> Self {
         AgentLauncher {
             auth,
+            tls,
             start_timeout,
             channels: Mutex::default(),
         }
     }
 
     fn client(&self, blade: &BladeRecord) -> Result<Client, LaunchError> {
-        let addr = format!("http://{}:{}", bracket(&blade.host), blade.port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let addr = format!("{scheme}://{}:{}", bracket(&blade.host), blade.port);
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let channel = match channels.get(&addr) {
             Some(c) => c.clone(),
             None => {
-                let c = Endpoint::from_shared(addr.clone())
+                let c = tls::endpoint(&addr, self.tls.as_ref())
                     .map_err(|e| LaunchError::Blade(format!("bad agent address {addr}: {e}")))?
                     .connect_timeout(Duration::from_secs(3))
                     .tcp_nodelay(true)
@@ -84,12 +92,26 @@ fn classify(blade: &BladeRecord, status: tonic::Status) -> LaunchError {
             blade.name
         )),
         Scope::Blade => LaunchError::Blade(format!(
-            "blade {}: {}: {}",
+            "blade {}: {}: {}{}",
             blade.name,
             status.code(),
-            status.message()
+            status.message(),
+            causes(&status)
         )),
     }
+}
+
+/// The chain of causes under a transport error ("invalid peer certificate: NotValidForName"
+/// for an agent whose certificate names another host), so the log says why.
+fn causes(status: &tonic::Status) -> String {
+    let mut out = String::new();
+    let mut next = std::error::Error::source(status);
+    while let Some(e) = next {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        next = e.source();
+    }
+    out
 }
 
 fn with_deadline<T>(msg: T, timeout: Duration, request_id: &str) -> tonic::Request<T> {
