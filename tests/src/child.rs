@@ -313,3 +313,117 @@ macro_rules! child_methods {
     };
 }
 pub(crate) use child_methods;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::Signal;
+    use std::os::unix::process::ExitStatusExt;
+
+    /// A child running `script` under sh, ready when `ready` accepts connections.
+    fn sh(dir: &Path, script: &str, ready: SocketAddr) -> ChildProc {
+        ChildProc::new("/bin/sh", dir.join("sh.log"), Ready::Listening(ready))
+            .args(["-c", script])
+            .ready_within(Duration::from_secs(2))
+    }
+
+    /// True while `/proc/PID` exists: the process runs or is an unreaped zombie.
+    fn exists(pid: u32) -> bool {
+        Path::new(&format!("/proc/{pid}")).exists()
+    }
+
+    /// Lines of the log that start with `prefix`.
+    fn lines_with(c: &ChildProc, prefix: &str) -> usize {
+        c.log().lines().filter(|l| l.starts_with(prefix)).count()
+    }
+
+    #[tokio::test]
+    async fn stop_kills_a_child_that_ignores_sigterm_after_the_grace() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ready = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = ready.local_addr().expect("addr");
+        let script = "trap '' TERM; echo trapped; while :; do sleep 0.05; done";
+        let mut c = sh(dir.path(), script, addr)
+            .grace(Duration::from_millis(300))
+            .start()
+            .await;
+        // The listener is ready at once; the trap is set when the log says so.
+        assert!(crate::eventually(5, || lines_with(&c, "trapped") == 1).await);
+        let pid = c.pid().expect("running");
+        let t0 = Instant::now();
+        c.stop();
+        assert!(t0.elapsed() >= Duration::from_millis(300), "no grace given");
+        assert!(!exists(pid), "pid {pid} outlived stop");
+        assert_eq!(c.pid(), None);
+    }
+
+    #[tokio::test]
+    async fn stop_returns_as_soon_as_a_child_exits_on_sigterm() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ready = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = ready.local_addr().expect("addr");
+        let mut c = sh(dir.path(), "exec sleep 30", addr).start().await;
+        let pid = c.pid().expect("running");
+        let t0 = Instant::now();
+        c.stop();
+        let waited = t0.elapsed();
+        assert!(waited < DEFAULT_GRACE / 2, "stop took {waited:?}");
+        assert!(!exists(pid), "pid {pid} outlived stop");
+    }
+
+    #[tokio::test]
+    async fn restart_runs_the_same_command_again_and_keeps_the_log() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ready = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = ready.local_addr().expect("addr");
+        let script = "echo started $$; exec sleep 30";
+        let mut c = sh(dir.path(), script, addr).start().await;
+        // Each process writes its line a moment after the listener says ready.
+        assert!(crate::eventually(5, || lines_with(&c, "started") == 1).await);
+        let first = c.pid().expect("running");
+        c.restart().await;
+        let second = c.pid().expect("running again");
+        assert_ne!(first, second);
+        assert!(!exists(first), "the first process outlived the restart");
+        let both = crate::eventually(5, || lines_with(&c, "started") == 2).await;
+        assert!(both, "log: {}", c.log());
+        drop(c);
+        assert!(!exists(second), "pid {second} outlived drop");
+    }
+
+    #[tokio::test]
+    async fn a_child_that_exits_before_it_is_ready_fails_with_its_log() {
+        let dir = tempfile::tempdir().expect("dir");
+        // An address nothing listens on: only the exit can end the wait early.
+        let unused = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("addr");
+        let c = sh(dir.path(), "echo no config >&2; exit 3", unused)
+            .ready_within(Duration::from_secs(30));
+        let t0 = Instant::now();
+        let err = tokio::spawn(c.start()).await.expect_err("start must fail");
+        let msg = err
+            .into_panic()
+            .downcast::<String>()
+            .map(|m| *m)
+            .unwrap_or_default();
+        assert!(msg.contains("exited"), "{msg}");
+        assert!(msg.contains("no config"), "{msg}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "waited out the deadline"
+        );
+    }
+
+    #[tokio::test]
+    async fn terminate_hands_over_the_process_after_sigterm() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ready = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = ready.local_addr().expect("addr");
+        let mut c = sh(dir.path(), "exec sleep 30", addr).start().await;
+        let mut child = c.terminate().expect("running");
+        let status = child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(Signal::SIGTERM as i32), "{status}");
+        assert!(c.terminate().is_none(), "handed over twice");
+    }
+}
