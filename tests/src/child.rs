@@ -320,11 +320,17 @@ mod tests {
     use nix::sys::signal::Signal;
     use std::os::unix::process::ExitStatusExt;
 
-    /// A child running `script` under sh, ready when `ready` accepts connections.
-    fn sh(dir: &Path, script: &str, ready: SocketAddr) -> ChildProc {
-        ChildProc::new("/bin/sh", dir.join("sh.log"), Ready::Listening(ready))
+    /// A child running `script` under sh, logging into a fresh directory, and ready as soon as
+    /// it runs (the listener it waits for is already there). The directory and listener are
+    /// returned to be held while the child lives.
+    fn sh(script: &str) -> (tempfile::TempDir, std::net::TcpListener, ChildProc) {
+        let dir = tempfile::tempdir().expect("dir");
+        let ready = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = ready.local_addr().expect("addr");
+        let child = ChildProc::new("/bin/sh", dir.path().join("sh.log"), Ready::Listening(addr))
             .args(["-c", script])
-            .ready_within(Duration::from_secs(2))
+            .ready_within(Duration::from_secs(2));
+        (dir, ready, child)
     }
 
     /// True while `/proc/PID` exists: the process runs or is an unreaped zombie.
@@ -339,15 +345,9 @@ mod tests {
 
     #[tokio::test]
     async fn stop_kills_a_child_that_ignores_sigterm_after_the_grace() {
-        let dir = tempfile::tempdir().expect("dir");
-        let ready = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = ready.local_addr().expect("addr");
-        let script = "trap '' TERM; echo trapped; while :; do sleep 0.05; done";
-        let mut c = sh(dir.path(), script, addr)
-            .grace(Duration::from_millis(300))
-            .start()
-            .await;
-        // The listener is ready at once; the trap is set when the log says so.
+        let (_dir, _ready, c) = sh("trap '' TERM; echo trapped; while :; do sleep 0.05; done");
+        let mut c = c.grace(Duration::from_millis(300)).start().await;
+        // Ready at once; the trap is set when the log says so.
         assert!(crate::eventually(5, || lines_with(&c, "trapped") == 1).await);
         let pid = c.pid().expect("running");
         let t0 = Instant::now();
@@ -359,10 +359,8 @@ mod tests {
 
     #[tokio::test]
     async fn stop_returns_as_soon_as_a_child_exits_on_sigterm() {
-        let dir = tempfile::tempdir().expect("dir");
-        let ready = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = ready.local_addr().expect("addr");
-        let mut c = sh(dir.path(), "exec sleep 30", addr).start().await;
+        let (_dir, _ready, c) = sh("exec sleep 30");
+        let mut c = c.start().await;
         let pid = c.pid().expect("running");
         let t0 = Instant::now();
         c.stop();
@@ -373,12 +371,9 @@ mod tests {
 
     #[tokio::test]
     async fn restart_runs_the_same_command_again_and_keeps_the_log() {
-        let dir = tempfile::tempdir().expect("dir");
-        let ready = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = ready.local_addr().expect("addr");
-        let script = "echo started $$; exec sleep 30";
-        let mut c = sh(dir.path(), script, addr).start().await;
-        // Each process writes its line a moment after the listener says ready.
+        let (_dir, _ready, c) = sh("echo started $$; exec sleep 30");
+        let mut c = c.start().await;
+        // Each process writes its line a moment after it is ready.
         assert!(crate::eventually(5, || lines_with(&c, "started") == 1).await);
         let first = c.pid().expect("running");
         c.restart().await;
@@ -393,13 +388,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_child_that_exits_before_it_is_ready_fails_with_its_log() {
-        let dir = tempfile::tempdir().expect("dir");
-        // An address nothing listens on: only the exit can end the wait early.
-        let unused = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("addr");
-        let c = sh(dir.path(), "echo no config >&2; exit 3", unused)
-            .ready_within(Duration::from_secs(30));
+        let (_dir, ready, c) = sh("echo no config >&2; exit 3");
+        // Nothing listens any more: only the exit can end the wait early.
+        drop(ready);
+        let c = c.ready_within(Duration::from_secs(30));
         let t0 = Instant::now();
         let err = tokio::spawn(c.start()).await.expect_err("start must fail");
         let msg = err
@@ -409,18 +401,14 @@ mod tests {
             .unwrap_or_default();
         assert!(msg.contains("exited"), "{msg}");
         assert!(msg.contains("no config"), "{msg}");
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "waited out the deadline"
-        );
+        let waited = t0.elapsed();
+        assert!(waited < Duration::from_secs(10), "waited {waited:?}");
     }
 
     #[tokio::test]
     async fn terminate_hands_over_the_process_after_sigterm() {
-        let dir = tempfile::tempdir().expect("dir");
-        let ready = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = ready.local_addr().expect("addr");
-        let mut c = sh(dir.path(), "exec sleep 30", addr).start().await;
+        let (_dir, _ready, c) = sh("exec sleep 30");
+        let mut c = c.start().await;
         let mut child = c.terminate().expect("running");
         let status = child.wait().expect("wait");
         assert_eq!(status.signal(), Some(Signal::SIGTERM as i32), "{status}");

@@ -86,6 +86,16 @@ struct Outcome {
     close: String,
 }
 
+impl Outcome {
+    fn new(class: &str, behavior: &str, close: &str) -> Outcome {
+        Outcome {
+            class: class.into(),
+            behavior: behavior.into(),
+            close: close.into(),
+        }
+    }
+}
+
 /// The kept result: each case's row of the `| case | class | behavior | close behavior |` table
 /// in docs/autobahn.md, and the per-class counts listed above it (`- pass: N cases`).
 fn committed() -> (BTreeMap<String, Outcome>, BTreeMap<String, usize>) {
@@ -107,17 +117,8 @@ fn table_row(line: &str) -> Option<(String, Outcome)> {
     let [_, case, class, behavior, close, _] = cols.as_slice() else {
         return None;
     };
-    case.chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_digit())
-        .then(|| {
-            let outcome = Outcome {
-                class: class.to_string(),
-                behavior: behavior.to_string(),
-                close: close.to_string(),
-            };
-            (case.to_string(), outcome)
-        })
+    let is_case = case.chars().next().is_some_and(|c| c.is_ascii_digit());
+    is_case.then(|| (case.to_string(), Outcome::new(class, behavior, close)))
 }
 
 /// Where this run's outcomes and class counts differ from the kept ones.
@@ -253,12 +254,7 @@ async fn autobahn_fuzzingclient_against_ws_proxy() {
                 "pass"
             }
         };
-        let outcome = Outcome {
-            class: class.to_string(),
-            behavior: behavior.to_string(),
-            close: close.to_string(),
-        };
-        rows.push((id.clone(), outcome));
+        rows.push((id.clone(), Outcome::new(class, behavior, close)));
     }
     for id in refusals.keys() {
         if !cases.contains_key(id) {
