@@ -7,7 +7,7 @@ use crate::child::{ChildProc, Ready};
 /// A running FerretDB.
 #[derive(Debug)]
 pub struct FerretDb {
-    /// The process; first, so it is killed before `dir` (its data) is removed.
+    /// The process; first, so it is killed before `_dir` (its data) is removed.
     child: ChildProc,
     /// `mongodb://127.0.0.1:PORT/`.
     pub uri_base: String,

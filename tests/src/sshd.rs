@@ -9,7 +9,7 @@ use std::process::Command;
 /// A running sshd.
 #[derive(Debug)]
 pub struct Sshd {
-    /// The process; first, so it is killed before `dir` (keys, config) is removed.
+    /// The process; first, so it is killed before `_dir` (keys, config) is removed.
     child: ChildProc,
     /// Port on 127.0.0.1.
     pub port: u16,

@@ -3,11 +3,12 @@ use crate::agent::free_port;
 use crate::child::{ChildProc, Ready, child_methods};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// A running ws-proxy.
 #[derive(Debug)]
 pub struct WsProxyProc {
-    /// The process; first, so it is killed before `dir` (its log) is removed.
+    /// The process; first, so it is killed before `_dir` (its log) is removed.
     child: ChildProc,
     /// Its address.
     pub addr: SocketAddr,
@@ -28,6 +29,8 @@ impl WsProxyProc {
         let child = ChildProc::service("ws-proxy", dir.path(), Ready::Listening(addr))
             .args(["serve", "--listen", &addr.to_string()])
             .args(args)
+            // Its default drain (--drain-timeout) lasts 30 s; stop() must not cut it short.
+            .grace(Duration::from_secs(35))
             .start()
             .await;
         WsProxyProc {
