@@ -15,6 +15,11 @@
 //! 4. [`restart`](ChildProc::restart) runs the same command line again: the same address, the
 //!    same files, the log appended to.
 //! 5. Dropping it kills the process, so a failing test leaves nothing running.
+//!
+//! Each wrapper (`AgentProc`, `DispatcherProc`, `WsProxyProc`, `Sshd`; `FerretDb` with its own
+//! SIGKILL `stop`) holds a `ChildProc` and gets the same `log`, `pid`, `stop`, `kill`,
+//! `terminate` and `restart` methods from `child_methods!`; it adds only what is its own:
+//! the command line, the readiness check, its clients.
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
