@@ -1,9 +1,10 @@
 //! A real `blade-agent serve` process for tests, on a 127.0.0.x port with its own secret,
 //! run directory and display range, so tests can run side by side.
+use crate::child::{ChildProc, Ready, child_methods};
 use crate::workspace_bin;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -50,8 +51,8 @@ impl Default for AgentOptions {
 /// A running `blade-agent serve`.
 #[derive(Debug)]
 pub struct AgentProc {
-    child: Option<Child>,
-    args: Vec<String>,
+    /// The process; first, so it is killed before `dir` is removed.
+    child: ChildProc,
     /// gRPC address.
     pub addr: SocketAddr,
     /// The shared secret callers send.
@@ -103,39 +104,17 @@ impl AgentProc {
             run_dir.display().to_string(),
         ];
         args.extend(opts.extra);
-        let mut agent = AgentProc {
-            child: None,
-            args,
+        let child = ChildProc::service("blade-agent", dir.path(), Ready::Serving(addr, ""))
+            .args(args)
+            .start()
+            .await;
+        AgentProc {
+            child,
             addr,
             secret,
             display_first,
             dir,
-        };
-        agent.spawn().await;
-        agent
-    }
-
-    async fn spawn(&mut self) {
-        let child = Command::new(workspace_bin("blade-agent"))
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stderr(Stdio::from(log_file(self.dir.path())))
-            .spawn()
-            .expect("spawn blade-agent");
-        self.child = Some(child);
-        if !crate::wait_serving(self.addr, "", 5).await {
-            panic!(
-                "blade-agent did not come up on {}; log:\n{}",
-                self.addr,
-                self.log()
-            );
         }
-    }
-
-    /// The agent's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
 
     /// An unauthenticated channel to the agent.
@@ -152,46 +131,9 @@ impl AgentProc {
         let auth = self.secret.client_auth().expect("ascii secret");
         BladeAgentClient::with_interceptor(self.channel().await, auth)
     }
-
-    /// The agent process's pid, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// Stops the agent with SIGTERM (desktops keep running) and waits for it to exit.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = child.wait();
-        }
-    }
-
-    /// Stops and starts the agent again with the same settings.
-    pub async fn restart(&mut self) {
-        self.stop();
-        self.spawn().await;
-    }
 }
 
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn log_file(dir: &std::path::Path) -> std::fs::File {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("agent.log"))
-        .expect("agent log")
-}
+child_methods!(AgentProc, child);
 
 /// Writes a fresh shared secret to `path` with `blade-agent init-secret`.
 pub fn new_secret(path: &std::path::Path) {

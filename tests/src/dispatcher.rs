@@ -1,10 +1,10 @@
 //! A real `dispatcher serve` process for tests, on a 127.0.0.1 port, with the embedded store
 //! in its own directory or a MongoDB (FerretDB) URI.
 use crate::agent::{AgentProc, free_port};
-use crate::workspace_bin;
+use crate::child::{ChildProc, Ready, child_methods};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 use tonic::transport::Channel;
 use vncdispatch_proto::v1::AddBladeRequest;
 use vncdispatch_proto::v1::dispatcher_client::DispatcherClient;
@@ -25,8 +25,8 @@ pub struct DispatcherOptions {
 /// A running dispatcher.
 #[derive(Debug)]
 pub struct DispatcherProc {
-    child: Option<Child>,
-    args: Vec<String>,
+    /// The process; first, so it is killed before `dir` (its store) is removed.
+    child: ChildProc,
     /// gRPC address.
     pub addr: SocketAddr,
     /// Test directory (store, seal key, log).
@@ -60,42 +60,13 @@ impl DispatcherProc {
             "1s".into(),
         ];
         args.extend(opts.extra);
-        let mut d = DispatcherProc {
-            child: None,
-            args,
-            addr,
-            dir,
-        };
-        d.spawn().await;
-        d
-    }
-
-    async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("dispatcher.log"))
-            .expect("log");
-        let child = Command::new(workspace_bin("dispatcher"))
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn dispatcher");
-        self.child = Some(child);
-        if !crate::wait_serving(self.addr, "vncdispatch.v1.Dispatcher", 6).await {
-            panic!(
-                "dispatcher did not come up on {}; log:\n{}",
-                self.addr,
-                self.log()
-            );
-        }
-    }
-
-    /// The dispatcher's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("dispatcher.log")).unwrap_or_default()
+        let ready = Ready::Serving(addr, "vncdispatch.v1.Dispatcher");
+        let child = ChildProc::service("dispatcher", dir.path(), ready)
+            .args(args)
+            .ready_within(Duration::from_secs(6))
+            .start()
+            .await;
+        DispatcherProc { child, addr, dir }
     }
 
     /// A client.
@@ -118,35 +89,6 @@ impl DispatcherProc {
         };
         self.client().await.add_blade(req).await.expect("AddBlade");
     }
-
-    /// Stops with SIGTERM and waits.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
-    }
-
-    /// Kills with SIGKILL (a crash).
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Stops and starts again with the same settings and store.
-    pub async fn restart(&mut self) {
-        self.stop();
-        self.spawn().await;
-    }
 }
 
-impl Drop for DispatcherProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+child_methods!(DispatcherProc, child);

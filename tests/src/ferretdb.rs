@@ -2,19 +2,17 @@
 //! `scripts/install-deps.sh` into /usr/local/bin/ferretdb, run on a free 127.0.0.1 port with
 //! its own data directory, killed on drop.
 use crate::agent::free_port;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use crate::child::{ChildProc, Ready};
 
 /// A running FerretDB.
 #[derive(Debug)]
 pub struct FerretDb {
-    child: Option<Child>,
+    /// The process; first, so it is killed before `_dir` (its data) is removed.
+    child: ChildProc,
     /// `mongodb://127.0.0.1:PORT/`.
     pub uri_base: String,
-    port: u16,
-    /// Its metrics/debug HTTP port (default 8088 would clash between instances).
-    debug_port: u16,
-    dir: tempfile::TempDir,
+    /// Holds the SQLite data, the state and the log, across restarts.
+    _dir: tempfile::TempDir,
 }
 
 impl FerretDb {
@@ -26,49 +24,32 @@ impl FerretDb {
             "{bin} missing: run scripts/install-deps.sh"
         );
         let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().display().to_string();
         let port = free_port([127, 0, 0, 1].into());
+        // Its metrics/debug HTTP port: the default 8088 would clash between instances.
         let debug_port = free_port([127, 0, 0, 1].into());
-        let mut db = FerretDb {
-            child: None,
+        let child = ChildProc::new(
+            bin,
+            dir.path().join("ferretdb.log"),
+            Ready::Listening(([127, 0, 0, 1], port).into()),
+        )
+        .args([
+            "--handler=sqlite".to_string(),
+            format!("--sqlite-url=file:{data}/"),
+            format!("--listen-addr=127.0.0.1:{port}"),
+            format!("--debug-addr=127.0.0.1:{debug_port}"),
+            "--telemetry=disable".into(),
+            "--log-level=warn".into(),
+            "--state-dir".into(),
+            data,
+        ])
+        .start()
+        .await;
+        FerretDb {
+            child,
             uri_base: format!("mongodb://127.0.0.1:{port}/"),
-            port,
-            debug_port,
-            dir,
-        };
-        db.spawn(&bin).await;
-        db
-    }
-
-    async fn spawn(&mut self, bin: &str) {
-        let log = std::fs::File::create(self.dir.path().join("ferretdb.log")).expect("log");
-        let child = Command::new(bin)
-            .arg("--handler=sqlite")
-            .arg(format!("--sqlite-url=file:{}/", self.dir.path().display()))
-            .arg(format!("--listen-addr=127.0.0.1:{}", self.port))
-            .arg(format!("--debug-addr=127.0.0.1:{}", self.debug_port))
-            .args([
-                "--telemetry=disable",
-                "--log-level=warn",
-                "--state-dir",
-                &self.dir.path().display().to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn ferretdb");
-        self.child = Some(child);
-        for _ in 0..250 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            _dir: dir,
         }
-        let log = std::fs::read_to_string(self.dir.path().join("ferretdb.log")).unwrap_or_default();
-        panic!("ferretdb did not start on port {}:\n{log}", self.port);
     }
 
     /// A URI for database `db`.
@@ -76,24 +57,20 @@ impl FerretDb {
         format!("{}{db}", self.uri_base)
     }
 
-    /// Stops the server (data stays) — for store-down tests.
+    /// Stops the server at once (SIGKILL: an outage, as a crash would cause; the data stays)
+    /// — for store-down tests.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child.kill();
     }
 
     /// Starts it again on the same port and data.
     pub async fn restart(&mut self) {
-        self.stop();
-        let bin = std::env::var("FERRETDB").unwrap_or_else(|_| "/usr/local/bin/ferretdb".into());
-        self.spawn(&bin).await;
+        self.child.kill();
+        self.child.spawn().await;
     }
-}
 
-impl Drop for FerretDb {
-    fn drop(&mut self) {
-        self.stop();
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        self.child.log()
     }
 }

@@ -4,6 +4,8 @@
 //!
 //! Layout:
 //! - [`users`]: test accounts created with `useradd -m`, removed (with their processes) on drop.
+//! - [`child`]: one child process (spawn, log, readiness, stop, kill, restart, kill on drop),
+//!   which every process wrapper below runs on.
 //! - [`agent`]: a `blade-agent serve` process with its own secret, display range and port.
 //! - [`browser`]: headless Chromium over the DevTools protocol (page state, screenshots).
 //! - [`dispatcher`]: a `dispatcher serve` process on the embedded store or FerretDB.
@@ -14,6 +16,7 @@
 //! - [`procs`]: what /proc says about a user's processes.
 pub mod agent;
 pub mod browser;
+pub mod child;
 pub mod dispatcher;
 pub mod ferretdb;
 pub mod procs;
@@ -85,24 +88,29 @@ pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
 /// Waits until the gRPC server at `addr` reports `service` SERVING ("" for the server as a
 /// whole); false after `secs` seconds.
 pub async fn wait_serving(addr: std::net::SocketAddr, service: &str, secs: u64) -> bool {
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
     while tokio::time::Instant::now() < deadline {
-        if let Ok(ch) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .expect("uri")
-            .connect()
-            .await
-        {
-            let req = HealthCheckRequest {
-                service: service.into(),
-            };
-            if matches!(HealthClient::new(ch).check(req).await, Ok(r) if r.get_ref().status == 1) {
-                return true;
-            }
+        if serving_now(addr, service).await {
+            return true;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     false
+}
+
+/// One health check: true if the gRPC server at `addr` answers that `service` is SERVING.
+pub async fn serving_now(addr: std::net::SocketAddr, service: &str) -> bool {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let Ok(endpoint) = tonic::transport::Channel::from_shared(format!("http://{addr}")) else {
+        return false;
+    };
+    let Ok(ch) = endpoint.connect().await else {
+        return false;
+    };
+    let req = HealthCheckRequest {
+        service: service.into(),
+    };
+    matches!(HealthClient::new(ch).check(req).await, Ok(r) if r.get_ref().status == 1)
 }
 
 /// A TCP echo server on 127.0.0.1 (a stand-in relay target); returns its port.

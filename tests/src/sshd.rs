@@ -2,14 +2,15 @@
 //! keys and its own configuration (root login by key only). The known_hosts files it writes
 //! hold its real host key, or a different key to prove a mismatch is refused.
 use crate::agent::free_port;
+use crate::child::{ChildProc, Ready, child_methods};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 /// A running sshd.
 #[derive(Debug)]
 pub struct Sshd {
-    child: Child,
+    /// The process; first, so it is killed before `_dir` (keys, config) is removed.
+    child: ChildProc,
     /// Port on 127.0.0.1.
     pub port: u16,
     /// Private key the client authenticates with.
@@ -18,7 +19,8 @@ pub struct Sshd {
     pub known_hosts: PathBuf,
     /// known_hosts with some other key for the same host and port.
     pub wrong_known_hosts: PathBuf,
-    dir: tempfile::TempDir,
+    /// Holds the keys, the configuration and the log while sshd lives.
+    _dir: tempfile::TempDir,
 }
 
 fn keygen(path: &Path) {
@@ -58,43 +60,24 @@ impl Sshd {
         std::fs::create_dir_all("/run/sshd").expect("/run/sshd");
         known_hosts(&d.join("known_hosts"), port, &d.join("host_key.pub"));
         known_hosts(&d.join("wrong_known_hosts"), port, &d.join("other_key.pub"));
-        let log = std::fs::File::create(d.join("sshd.log")).expect("log");
-        let child = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(d.join("sshd_config"))
-            .stdin(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn sshd");
-        let sshd = Sshd {
+        let child = ChildProc::new(
+            "/usr/sbin/sshd",
+            d.join("sshd.log"),
+            Ready::Listening(([127, 0, 0, 1], port).into()),
+        )
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .start()
+        .await;
+        Sshd {
             child,
             port,
             client_key: d.join("client_key"),
             known_hosts: d.join("known_hosts"),
             wrong_known_hosts: d.join("wrong_known_hosts"),
-            dir,
-        };
-        for _ in 0..250 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return sshd;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            _dir: dir,
         }
-        panic!("sshd did not start: {}", sshd.log());
-    }
-
-    /// sshd's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
 }
 
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+child_methods!(Sshd, child);

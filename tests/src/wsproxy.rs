@@ -1,18 +1,19 @@
 //! A real `ws-proxy serve` process for tests, and the demo desktop session it shows.
 use crate::agent::free_port;
-use crate::workspace_bin;
+use crate::child::{ChildProc, Ready, child_methods};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// A running ws-proxy.
 #[derive(Debug)]
 pub struct WsProxyProc {
-    child: Option<Child>,
+    /// The process; first, so it is killed before `_dir` (its log) is removed.
+    child: ChildProc,
     /// Its address.
     pub addr: SocketAddr,
-    dir: tempfile::TempDir,
+    /// Holds the log while the proxy lives.
+    _dir: tempfile::TempDir,
 }
 
 impl WsProxyProc {
@@ -25,58 +26,22 @@ impl WsProxyProc {
     /// Starts `ws-proxy serve` on `addr` (a restart on the same port).
     pub async fn start_at(addr: SocketAddr, args: &[String]) -> WsProxyProc {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = std::fs::File::create(dir.path().join("ws-proxy.log")).expect("log");
-        let child = Command::new(workspace_bin("ws-proxy"))
+        let child = ChildProc::service("ws-proxy", dir.path(), Ready::Listening(addr))
             .args(["serve", "--listen", &addr.to_string()])
             .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn ws-proxy");
-        let p = WsProxyProc {
-            child: Some(child),
+            // Its default drain (--drain-timeout) lasts 30 s; stop() must not cut it short.
+            .grace(Duration::from_secs(35))
+            .start()
+            .await;
+        WsProxyProc {
+            child,
             addr,
-            dir,
-        };
-        for _ in 0..250 {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                return p;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("ws-proxy did not start: {}", p.log());
-    }
-
-    /// Its pid, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// Its log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("ws-proxy.log")).unwrap_or_default()
-    }
-
-    /// Sends SIGTERM (graceful drain) and returns the child to wait on.
-    pub fn terminate(&mut self) -> Option<Child> {
-        let c = self.child.take()?;
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        Some(c)
-    }
-}
-
-impl Drop for WsProxyProc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            _dir: dir,
         }
     }
 }
+
+child_methods!(WsProxyProc, child);
 
 /// `deploy/demo-session` copied where every test user can run it.
 pub fn demo_session() -> PathBuf {

@@ -3,8 +3,9 @@
 //! Every case must be OK, NON-STRICT or INFORMATIONAL, except the ones listed in
 //! `tests/autobahn/expected-refusals.txt`, which must end exactly as listed there (text frames
 //! refused with 1003, as websockify does). The reports are written to
-//! `tests/artifacts/autobahn/`; the summary kept in the repo is `docs/autobahn.md`, and this
-//! test fails if a case's outcome class no longer matches it.
+//! `tests/artifacts/autobahn/`; the result kept in the repo is `docs/autobahn.md`, and this
+//! test fails if any case's class, behaviour or close behaviour, or the count of a class, no
+//! longer matches it.
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -76,16 +77,79 @@ fn expected_refusals() -> BTreeMap<String, Option<u64>> {
         .collect()
 }
 
-/// Outcome class of each case in a `| case | class |` table of docs/autobahn.md.
-fn committed_classes() -> BTreeMap<String, String> {
+/// What one case did: its class (pass, or refused as listed), and Autobahn's verdicts on its
+/// behaviour and on its close behaviour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Outcome {
+    class: String,
+    behavior: String,
+    close: String,
+}
+
+impl Outcome {
+    fn new(class: &str, behavior: &str, close: &str) -> Outcome {
+        Outcome {
+            class: class.into(),
+            behavior: behavior.into(),
+            close: close.into(),
+        }
+    }
+}
+
+/// The kept result: each case's row of the `| case | class | behavior | close behavior |` table
+/// in docs/autobahn.md, and the per-class counts listed above it (`- pass: N cases`).
+fn committed() -> (BTreeMap<String, Outcome>, BTreeMap<String, usize>) {
     let text = std::fs::read_to_string(repo().join("docs/autobahn.md")).expect("docs/autobahn.md");
-    text.lines()
+    let rows = text.lines().filter_map(table_row).collect();
+    let counts = text
+        .lines()
         .filter_map(|l| {
-            let cols: Vec<&str> = l.split('|').map(str::trim).collect();
-            (cols.len() >= 4 && cols[1].chars().next().is_some_and(|c| c.is_ascii_digit()))
-                .then(|| (cols[1].to_string(), cols[2].to_string()))
+            let (class, n) = l.strip_prefix("- ")?.split_once(": ")?;
+            Some((class.to_string(), n.strip_suffix(" cases")?.parse().ok()?))
         })
-        .collect()
+        .collect();
+    (rows, counts)
+}
+
+/// A `| 1.2.3 | class | behavior | close behavior |` line as the case and its outcome.
+fn table_row(line: &str) -> Option<(String, Outcome)> {
+    let cols: Vec<&str> = line.split('|').map(str::trim).collect();
+    let [_, case, class, behavior, close, _] = cols.as_slice() else {
+        return None;
+    };
+    let is_case = case.chars().next().is_some_and(|c| c.is_ascii_digit());
+    is_case.then(|| (case.to_string(), Outcome::new(class, behavior, close)))
+}
+
+/// Where this run's outcomes and class counts differ from the kept ones.
+fn differences(rows: &[(String, Outcome)], counts: &BTreeMap<String, usize>) -> Vec<String> {
+    let regenerate = "regenerate it from tests/artifacts/autobahn/summary.md";
+    let (kept, kept_counts) = committed();
+    let mut problems = Vec::new();
+    for (id, o) in rows {
+        if kept.get(id) != Some(o) {
+            problems.push(format!(
+                "{id}: {} / {} / close {}, docs/autobahn.md says {:?} ({regenerate})",
+                o.class,
+                o.behavior,
+                o.close,
+                kept.get(id)
+            ));
+        }
+    }
+    if kept.len() != rows.len() {
+        problems.push(format!(
+            "docs/autobahn.md lists {} cases, this run {}",
+            kept.len(),
+            rows.len()
+        ));
+    }
+    if &kept_counts != counts {
+        problems.push(format!(
+            "docs/autobahn.md counts {kept_counts:?}, this run {counts:?} ({regenerate})"
+        ));
+    }
+    problems
 }
 
 fn case_order(id: &str) -> Vec<u32> {
@@ -190,7 +254,7 @@ async fn autobahn_fuzzingclient_against_ws_proxy() {
                 "pass"
             }
         };
-        rows.push((id.clone(), class, behavior.to_string(), close.to_string()));
+        rows.push((id.clone(), Outcome::new(class, behavior, close)));
     }
     for id in refusals.keys() {
         if !cases.contains_key(id) {
@@ -199,28 +263,27 @@ async fn autobahn_fuzzingclient_against_ws_proxy() {
     }
 
     // The summary as this run saw it, for docs/autobahn.md.
-    let mut md = String::from("| case | class | behavior | close behavior |\n|---|---|---|---|\n");
-    for (id, class, b, c) in &rows {
-        md.push_str(&format!("| {id} | {class} | {b} | {c} |\n"));
-    }
-    std::fs::write(out.join("summary.md"), &md).expect("summary");
-
-    let committed = committed_classes();
-    for (id, class, _, _) in &rows {
-        if committed.get(id).map(String::as_str) != Some(*class) {
-            problems.push(format!(
-                "{id}: class {class}, docs/autobahn.md says {:?} (regenerate it from tests/artifacts/autobahn/summary.md)",
-                committed.get(id)
-            ));
-        }
-    }
-    if committed.len() != rows.len() {
-        problems.push(format!(
-            "docs/autobahn.md lists {} cases, this run {}",
-            committed.len(),
-            rows.len()
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut table =
+        String::from("| case | class | behavior | close behavior |\n|---|---|---|---|\n");
+    for (id, o) in &rows {
+        *counts.entry(o.class.clone()).or_default() += 1;
+        table.push_str(&format!(
+            "| {id} | {} | {} | {} |\n",
+            o.class, o.behavior, o.close
         ));
     }
+    let mut md = String::new();
+    for (class, n) in &counts {
+        md.push_str(&format!("- {class}: {n} cases\n"));
+    }
+    md.push('\n');
+    md.push_str(&table);
+    std::fs::write(out.join("summary.md"), &md).expect("summary");
+
+    // Every case must have done exactly what the kept result says: class, behaviour and close
+    // behaviour, so a case that turns NON-STRICT or WRONG CODE is caught, not only a failure.
+    problems.extend(differences(&rows, &counts));
     assert!(
         problems.is_empty(),
         "Autobahn problems (reports in {}):\n{}\nws-proxy log:\n{}",

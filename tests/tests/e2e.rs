@@ -3,8 +3,9 @@
 //! a portal backend in Python (grpcio, stubs generated from proto/) dispatches a desktop, a
 //! headless Chromium shows it through ws-proxy, a second Dispatch returns the same session,
 //! grpcurl finds every service by reflection and calls Dispatch, an operator drains a blade
-//! with the CLI and the next user lands elsewhere, one request id shows up in the dispatcher's
-//! and the agent's logs, and every service's /metrics has the named series, non-zero.
+//! with the CLI and the next user lands elsewhere, each Dispatch's request id shows up in the
+//! dispatcher's log and in the log of the agent that served it, and every service's /metrics
+//! has the named series, non-zero.
 //!
 //! The same scenario runs on the embedded store, on MongoDB (a real FerretDB), and with one
 //! blade reached over SSH (a real sshd).
@@ -85,6 +86,21 @@ fn metric(addr: SocketAddr, series: &str, labels: &str) -> f64 {
         })
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// The agent daemon behind blade `name` as the scenario registers them: b1 is `agent1`, b2
+/// is `agent2`, or the blade over SSH (None: the SSH launcher runs `blade-agent cloudvnc` for
+/// each call, with no log of its own and no request id).
+fn agent_of<'a>(
+    name: &str,
+    agent1: &'a AgentProc,
+    agent2: Option<&'a AgentProc>,
+) -> Option<&'a AgentProc> {
+    match name {
+        "b1" => Some(agent1),
+        "b2" => agent2,
+        other => panic!("the scenario registers b1 and b2, not {other}"),
+    }
 }
 
 /// Where the blades are: two gRPC agents, or one agent and one blade over SSH.
@@ -206,10 +222,12 @@ async fn scenario(store: Option<String>, blades: Blades, name: &str) {
     // The portal dispatches alice's desktop; the browser shows it.
     let (alice, bob) = (TestUser::create(), TestUser::create());
     let request_id = format!("e2e-{name}-{}", std::process::id());
+    // One request id per Dispatch, so each can be followed to the agent that served it alone.
+    let (alice_request, bob_request) = (format!("{request_id}-alice"), format!("{request_id}-bob"));
     let s1 = portal(
         &d,
         &api_secret,
-        &request_id,
+        &alice_request,
         &["dispatch", &alice.name, "127.0.0.1"],
     );
     let token = s1["token"].as_str().expect("token").to_owned();
@@ -224,18 +242,6 @@ async fn scenario(store: Option<String>, blades: Blades, name: &str) {
         proxy.log()
     })
     .await;
-
-    // The request id followed the Dispatch from the dispatcher to the agent that started it.
-    assert!(
-        d.log().contains(&request_id),
-        "request id not in the dispatcher log"
-    );
-    if blade1 == "b1" {
-        assert!(
-            agent1.log().contains(&request_id),
-            "request id not in the agent log"
-        );
-    }
 
     // Coming back: same session (grpcurl, as any gRPC tool would).
     let again: Value = serde_json::from_str(&grpcurl(
@@ -273,10 +279,32 @@ async fn scenario(store: Option<String>, blades: Blades, name: &str) {
     let s2 = portal(
         &d,
         &api_secret,
-        &request_id,
+        &bob_request,
         &["dispatch", &bob.name, "127.0.0.1"],
     );
     assert_ne!(s2["blade"].as_str(), Some(blade1.as_str()), "{s2}");
+
+    // Each Dispatch's request id reached the dispatcher's log and the log of the agent that
+    // served the session, whichever blade that was.
+    let mut followed = 0;
+    for (session, id) in [(&s1, &alice_request), (&s2, &bob_request)] {
+        assert!(
+            d.log().contains(id.as_str()),
+            "request id {id} not in the dispatcher log"
+        );
+        let blade = session["blade"].as_str().expect("blade");
+        if let Some(agent) = agent_of(blade, &agent1, agent2.as_ref()) {
+            assert!(
+                agent.log().contains(id.as_str()),
+                "request id {id} not in the log of blade {blade}'s agent, which started the session"
+            );
+            followed += 1;
+        }
+    }
+    // alice and bob are on different blades: with two agents both ids were followed; with a
+    // blade over SSH, the one session on the agent.
+    let agents = if agent2.is_some() { 2 } else { 1 };
+    assert_eq!(followed, agents, "sessions {s1} and {s2}");
     let listed = operator(&d, &api_secret, &["blade", "list"]);
     assert!(listed.contains(&blade1), "{listed}");
 
