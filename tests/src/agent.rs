@@ -33,6 +33,8 @@ pub struct AgentOptions {
     pub session_command: Option<PathBuf>,
     /// Display range (first, count); a fresh range of 16 when None.
     pub displays: Option<(u32, u32)>,
+    /// Serve mutual TLS with these settings (the client identity should be role dispatcher).
+    pub tls: Option<crate::pki::ServiceTls>,
 }
 
 impl Default for AgentOptions {
@@ -44,6 +46,7 @@ impl Default for AgentOptions {
             secret_file: None,
             session_command: None,
             displays: None,
+            tls: None,
         }
     }
 }
@@ -61,6 +64,8 @@ pub struct AgentProc {
     pub display_first: u32,
     /// Holds the secret file and run directory.
     pub dir: tempfile::TempDir,
+    /// The TLS settings it serves with, if any.
+    pub tls: Option<crate::pki::ServiceTls>,
 }
 
 impl AgentProc {
@@ -103,8 +108,15 @@ impl AgentProc {
             "--run-dir".into(),
             run_dir.display().to_string(),
         ];
+        let ready = match &opts.tls {
+            Some(tls) => {
+                args.extend(tls.args());
+                Ready::ServingTls(addr, "", tls.client.clone())
+            }
+            None => Ready::Serving(addr, ""),
+        };
         args.extend(opts.extra);
-        let child = ChildProc::service("blade-agent", dir.path(), Ready::Serving(addr, ""))
+        let child = ChildProc::service("blade-agent", dir.path(), ready)
             .args(args)
             .start()
             .await;
@@ -114,12 +126,16 @@ impl AgentProc {
             secret,
             display_first,
             dir,
+            tls: opts.tls,
         }
     }
 
-    /// An unauthenticated channel to the agent.
+    /// A channel to the agent without the secret (over mutual TLS as the wrapper's client
+    /// identity when the agent serves TLS).
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
+        let tls = self.tls.as_ref().map(|t| &t.client);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        vncdispatch_proto::tls::endpoint(&format!("{scheme}://{}", self.addr), tls)
             .expect("uri")
             .connect()
             .await

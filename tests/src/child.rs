@@ -46,6 +46,12 @@ pub enum Ready {
     Serving(SocketAddr, &'static str),
     /// A TCP connection to the address succeeds.
     Listening(SocketAddr),
+    /// [`Ready::Serving`] over mutual TLS with these client credentials.
+    ServingTls(
+        SocketAddr,
+        &'static str,
+        vncdispatch_proto::tls::Credentials,
+    ),
 }
 
 impl Ready {
@@ -54,6 +60,9 @@ impl Ready {
         match self {
             Ready::Serving(addr, service) => crate::serving_now(*addr, service).await,
             Ready::Listening(addr) => tokio::net::TcpStream::connect(addr).await.is_ok(),
+            Ready::ServingTls(addr, service, creds) => {
+                crate::serving_now_as(*addr, service, Some(creds)).await
+            }
         }
     }
 }

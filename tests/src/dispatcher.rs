@@ -20,6 +20,9 @@ pub struct DispatcherOptions {
     pub seal_key: Option<PathBuf>,
     /// Extra arguments for `dispatcher serve`.
     pub extra: Vec<String>,
+    /// Serve mutual TLS with these settings (the client identity should be role admin, which
+    /// the wrapper's own calls need).
+    pub tls: Option<crate::pki::ServiceTls>,
 }
 
 /// A running dispatcher.
@@ -31,6 +34,8 @@ pub struct DispatcherProc {
     pub addr: SocketAddr,
     /// Test directory (store, seal key, log).
     pub dir: tempfile::TempDir,
+    /// The TLS settings it serves with, if any.
+    pub tls: Option<crate::pki::ServiceTls>,
 }
 
 impl DispatcherProc {
@@ -59,19 +64,40 @@ impl DispatcherProc {
             "--health-interval".into(),
             "1s".into(),
         ];
+        let ready = match &opts.tls {
+            Some(tls) => {
+                args.extend(tls.args());
+                Ready::ServingTls(addr, "vncdispatch.v1.Dispatcher", tls.client.clone())
+            }
+            None => Ready::Serving(addr, "vncdispatch.v1.Dispatcher"),
+        };
         args.extend(opts.extra);
-        let ready = Ready::Serving(addr, "vncdispatch.v1.Dispatcher");
         let child = ChildProc::service("dispatcher", dir.path(), ready)
             .args(args)
             .ready_within(Duration::from_secs(6))
             .start()
             .await;
-        DispatcherProc { child, addr, dir }
+        DispatcherProc {
+            child,
+            addr,
+            dir,
+            tls: opts.tls,
+        }
     }
 
-    /// A client.
+    /// A client (over mutual TLS as the wrapper's admin identity when the dispatcher serves
+    /// TLS).
     pub async fn client(&self) -> DispatcherClient<Channel> {
-        let ch = Channel::from_shared(format!("http://{}", self.addr))
+        self.client_as(self.tls.as_ref().map(|t| &t.client)).await
+    }
+
+    /// A client presenting `tls` (None: plaintext).
+    pub async fn client_as(
+        &self,
+        tls: Option<&vncdispatch_proto::tls::Credentials>,
+    ) -> DispatcherClient<Channel> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let ch = vncdispatch_proto::tls::endpoint(&format!("{scheme}://{}", self.addr), tls)
             .expect("uri")
             .connect()
             .await

@@ -13,12 +13,14 @@
 //! - [`rfb`]: a minimal RFB client: version, VNC authentication, SecurityResult, ServerInit.
 //! - [`sshd`]: a real OpenSSH sshd with generated keys, for the SSH launcher.
 //! - [`wsproxy`]: a `ws-proxy serve` process, and the demo desktop session.
+//! - [`pki`]: a throwaway CA (the product's own `pki`) and TLS settings for the wrappers.
 //! - [`procs`]: what /proc says about a user's processes.
 pub mod agent;
 pub mod browser;
 pub mod child;
 pub mod dispatcher;
 pub mod ferretdb;
+pub mod pki;
 pub mod procs;
 pub mod reliability;
 pub mod rfb;
@@ -100,8 +102,18 @@ pub async fn wait_serving(addr: std::net::SocketAddr, service: &str, secs: u64) 
 
 /// One health check: true if the gRPC server at `addr` answers that `service` is SERVING.
 pub async fn serving_now(addr: std::net::SocketAddr, service: &str) -> bool {
+    serving_now_as(addr, service, None).await
+}
+
+/// [`serving_now`], over mutual TLS with `tls` when given.
+pub async fn serving_now_as(
+    addr: std::net::SocketAddr,
+    service: &str,
+    tls: Option<&vncdispatch_proto::tls::Credentials>,
+) -> bool {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let Ok(endpoint) = tonic::transport::Channel::from_shared(format!("http://{addr}")) else {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let Ok(endpoint) = vncdispatch_proto::tls::endpoint(&format!("{scheme}://{addr}"), tls) else {
         return false;
     };
     let Ok(ch) = endpoint.connect().await else {
