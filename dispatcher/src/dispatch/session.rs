@@ -230,13 +230,16 @@ impl Dispatcher {
                         .map_err(DispatchError::Secret)?,
                 ),
                 blade: blade.name.clone(),
-                host: launched.host,
+                // Where ws-proxy connects is the blade as registered, never what the agent
+                // reports: a compromised agent must not point relays elsewhere.
+                host: blade.host.clone(),
                 display: launched.display,
                 port: launched.port,
                 vnc_pid: launched.vnc_pid,
                 remote_ip: remote_ip.to_owned(),
                 created_at_ms: now,
                 expires_at_ms: Some(now + self.ttl_ms()),
+                cert_sha256: launched.cert_sha256,
             };
             if let Err(e) = self.store.complete(&rec, &claim.id).await {
                 // A desktop no session points at would run on unseen: stop it.

@@ -30,6 +30,7 @@ impl Dispatcher {
             expires_at: rec.expires_at_ms.map(timestamp),
             blade: rec.blade,
             password,
+            cert_sha256: rec.cert_sha256,
         })
     }
 
@@ -56,7 +57,11 @@ mod tests {
         let (d, rec, _dir) = setup(&["b1"], Duration::from_secs(300)).await;
         let s = d.dispatch("u", "192.0.2.1", "t").await.unwrap();
         tokio::time::advance(Duration::from_secs(299)).await;
-        assert!(d.resolve(&s.token).await.is_ok(), "resolves until its TTL");
+        let target = d.resolve(&s.token).await.expect("resolves until its TTL");
+        // The registered blade's host, never the agent's report; the pin the start reported.
+        let blade = d.store().list_blades().await.unwrap().remove(0);
+        assert_eq!(target.host, blade.host);
+        assert_eq!(target.cert_sha256, format!("{:064x}", s.vnc_pid));
         assert_eq!(d.sweep().await.unwrap(), 0, "nothing to sweep yet");
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(matches!(

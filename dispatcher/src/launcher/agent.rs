@@ -148,6 +148,7 @@ impl Launcher for AgentLauncher {
             display: server.display,
             port: server.port,
             vnc_pid: server.vnc_pid,
+            cert_sha256: server.cert_sha256,
         })
     }
 

@@ -25,6 +25,9 @@ pub struct Launched {
     pub port: u32,
     /// Xvnc pid.
     pub vnc_pid: u32,
+    /// SHA-256 (hex) of the desktop's VeNCrypt certificate, as the agent made it; empty when
+    /// it offers none (SSH blades report none).
+    pub cert_sha256: String,
 }
 
 /// Load figures of a blade.

@@ -238,6 +238,7 @@ impl Launcher for SshLauncher {
             display,
             port: 5900 + display,
             vnc_pid,
+            cert_sha256: String::new(),
         })
     }
 

@@ -32,6 +32,7 @@ fn session(username: &str, hash: &str, expires_at_ms: i64) -> SessionRecord {
         remote_ip: "192.0.2.1".into(),
         created_at_ms: 1_000,
         expires_at_ms: Some(expires_at_ms),
+        cert_sha256: "c0ffee".repeat(10) + "abcd",
     }
 }
 

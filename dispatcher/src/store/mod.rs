@@ -93,6 +93,10 @@ pub struct SessionRecord {
     pub created_at_ms: i64,
     /// Unix milliseconds when the token stops resolving; None for legacy rows until touched.
     pub expires_at_ms: Option<i64>,
+    /// SHA-256 (hex) of the desktop's VeNCrypt certificate, for ws-proxy to pin; empty when
+    /// the desktop offers no VeNCrypt (or for rows written before it).
+    #[serde(default)]
+    pub cert_sha256: String,
 }
 
 impl SessionRecord {

@@ -135,6 +135,7 @@ pub(super) fn record_from_doc(d: &Document) -> SessionRecord {
         remote_ip: str_of(d, "remoteip"),
         created_at_ms: time_of(d.get("created_at")).unwrap_or(0),
         expires_at_ms: time_of(d.get("expires_at")),
+        cert_sha256: str_of(d, "cert_sha256"),
     }
 }
 
@@ -150,6 +151,7 @@ pub(super) fn record_to_doc(r: &SessionRecord) -> Document {
         "host": &r.host,
         "port": r.port as i32,
         "created_at": DateTime::from_millis(r.created_at_ms),
+        "cert_sha256": &r.cert_sha256,
     };
     for (secret, sealed, plain) in [
         (&r.token, "token_sealed", "token"),
@@ -212,6 +214,7 @@ mod tests {
             created_at_ms: 5,
             expires_at_ms: Some(10),
             claim: None,
+            cert_sha256: "ab".repeat(32),
         };
         assert_eq!(record_from_doc(&record_to_doc(&r)), r);
     }
