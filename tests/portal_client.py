@@ -3,8 +3,11 @@
 proto/ works outside Rust. Stubs are generated from proto/ at start (grpcio-tools), so this
 always speaks the contract as it is in the tree.
 
-    portal_client.py --dispatcher 127.0.0.1:7500 [--secret-file F] [--request-id ID] \
-        dispatch USER REMOTE_IP | resolve TOKEN | end USER
+    portal_client.py --dispatcher 127.0.0.1:7500 [--ca CA --cert CERT --key KEY] \
+        [--secret-file F] [--request-id ID] dispatch USER REMOTE_IP | resolve TOKEN | end USER
+
+With --ca/--cert/--key the call is mutual TLS: the portal presents its certificate (role
+portal, from `dispatcher pki issue --role portal`) and checks the dispatcher's against the CA.
 
 Prints the answer as one JSON object; on a gRPC error prints `CODE: message` to stderr and
 exits 1.
@@ -41,6 +44,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dispatcher", required=True, help="host:port of the dispatcher")
     ap.add_argument("--secret-file", help="the dispatcher's API secret, if it requires one")
+    ap.add_argument("--ca", help="CA bundle (PEM) the dispatcher's certificate must chain to")
+    ap.add_argument("--cert", help="this portal's certificate (PEM, role portal)")
+    ap.add_argument("--key", help="this portal's private key (PEM)")
     ap.add_argument("--request-id", help="x-request-id to send (follows the call to the blade)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("dispatch")
@@ -51,6 +57,9 @@ def main():
     e = sub.add_parser("end")
     e.add_argument("username")
     args = ap.parse_args()
+    tls = [args.ca, args.cert, args.key]
+    if any(tls) and not all(tls):
+        ap.error("--ca, --cert and --key go together")
 
     metadata = []
     if args.secret_file:
@@ -61,7 +70,18 @@ def main():
 
     with tempfile.TemporaryDirectory() as out:
         pb, pb_grpc = load_stubs(out)
-        with grpc.insecure_channel(args.dispatcher) as channel:
+        if all(tls):
+            def read(path):
+                with open(path, "rb") as f:
+                    return f.read()
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=read(args.ca),
+                private_key=read(args.key),
+                certificate_chain=read(args.cert))
+            channel = grpc.secure_channel(args.dispatcher, creds)
+        else:
+            channel = grpc.insecure_channel(args.dispatcher)
+        with channel:
             stub = pb_grpc.DispatcherStub(channel)
             try:
                 if args.cmd == "dispatch":

@@ -1,4 +1,5 @@
-//! Dispatcher latency and throughput, embedded store vs FerretDB, side by side:
+//! Dispatcher latency and throughput side by side: embedded store over plaintext, embedded
+//! store with mutual TLS on every hop (client → dispatcher → agent), and FerretDB:
 //!
 //! - reconnect Dispatch (the user already has a session; includes the liveness check with the
 //!   blade agent) and ResolveToken: p50/p99 of sequential calls, and throughput with 32
@@ -8,11 +9,13 @@
 //! Run as root: `cargo bench -p vncdispatch-tests --bench dispatch`. BENCH_CALLS (default
 //! 2000) sets the sequential sample size, BENCH_NEW (default 20) the new sessions per store.
 use std::time::{Duration, Instant};
+use vncdispatch_proto::roles::Role;
 use vncdispatch_proto::v1::dispatcher_client::DispatcherClient;
 use vncdispatch_proto::v1::{DispatchRequest, EndSessionRequest, ResolveTokenRequest};
 use vncdispatch_tests::agent::{AgentOptions, AgentProc, new_secret};
 use vncdispatch_tests::dispatcher::{DispatcherOptions, DispatcherProc};
 use vncdispatch_tests::ferretdb::FerretDb;
+use vncdispatch_tests::pki::TestPki;
 use vncdispatch_tests::require_root_and_tigervnc;
 use vncdispatch_tests::users::TestUser;
 
@@ -163,13 +166,27 @@ fn main() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let secret = dir.path().join("agent-secret");
         new_secret(&secret);
+        let pki = TestPki::new();
         let agent = AgentProc::start(AgentOptions { secret_file: Some(secret.clone()), ..Default::default() }).await;
+        let tls_agent = AgentProc::start(AgentOptions {
+            ip: [127, 0, 0, 2].into(),
+            secret_file: Some(secret.clone()),
+            tls: Some(pki.service(Role::Agent, "127.0.0.2", Role::Dispatcher)),
+            ..Default::default()
+        })
+        .await;
         let users: Vec<TestUser> = (0..=new).map(|_| TestUser::create()).collect();
         let db = FerretDb::start().await;
         let mut rows = Vec::new();
-        for (name, mongo) in [("embedded", None), ("FerretDB", Some(db.uri("vncDispatch")))] {
-            let d = DispatcherProc::start(DispatcherOptions { mongo, agent_secret: secret.clone(), ..Default::default() }).await;
-            d.add_agent("b1", &agent).await;
+        let configs = [
+            ("embedded", None, None),
+            ("embedded, mTLS", None, Some(pki.service(Role::Dispatcher, "127.0.0.1", Role::Admin))),
+            ("FerretDB", Some(db.uri("vncDispatch")), None),
+        ];
+        for (name, mongo, tls) in configs {
+            let blade = if tls.is_some() { &tls_agent } else { &agent };
+            let d = DispatcherProc::start(DispatcherOptions { mongo, agent_secret: secret.clone(), tls, ..Default::default() }).await;
+            d.add_agent("b1", blade).await;
             rows.extend(measure(name, &d, &users, calls).await?);
             d.client().await.end_session(EndSessionRequest { username: users[0].name.clone() }).await?;
         }
@@ -181,6 +198,7 @@ fn main() -> anyhow::Result<()> {
             println!("{:<34} {:>10.2} {:>10} {:>12}", r.name, r.p50.as_secs_f64() * 1e3, p99, tput);
         }
         println!("* p95 for new sessions (the original: ~3.2 s per new session)");
+        println!("mTLS: TLS 1.3 with client certificates on the client → dispatcher and dispatcher → agent hops; connections are kept, so this is the per-call cost, not the handshake");
         anyhow::Ok(())
     })
 }
