@@ -246,3 +246,173 @@ pub(super) fn spawn_relay(
         span,
     ));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A token source with one answer for `resolve` and a queue of answers for `recheck`,
+    /// counting the re-checks.
+    #[derive(Debug)]
+    struct Fake {
+        resolved: Result<Target, &'static str>,
+        rechecks: Mutex<Vec<Result<Target, &'static str>>>,
+    }
+
+    fn answer(a: &Result<Target, &'static str>) -> Result<Target, TokenError> {
+        match a {
+            Ok(t) => Ok(t.clone()),
+            Err("unknown") => Err(TokenError::Unknown),
+            Err(e) => Err(TokenError::Unavailable((*e).to_owned())),
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl TokenSource for Fake {
+        async fn resolve(&self, _token: &str) -> Result<Target, TokenError> {
+            answer(&self.resolved)
+        }
+        async fn recheck(&self, _token: &str) -> Result<Target, TokenError> {
+            let next = self.rechecks.lock().unwrap().pop();
+            answer(&next.expect("an unexpected re-check"))
+        }
+    }
+
+    fn fake(
+        resolved: Result<Target, &'static str>,
+        rechecks: Vec<Result<Target, &'static str>>,
+    ) -> Fake {
+        Fake {
+            resolved,
+            rechecks: Mutex::new(rechecks),
+        }
+    }
+
+    fn target(port: u16) -> Target {
+        Target {
+            host: "127.0.0.1".into(),
+            port,
+            username: "alice".into(),
+            remote_ip: "192.0.2.7".into(),
+            expires_at: None,
+            password: String::new(),
+        }
+    }
+
+    /// A port that accepts connections, with its listener.
+    async fn open_port() -> (tokio::net::TcpListener, u16) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        (l, port)
+    }
+
+    /// A port nothing listens on (just released by a listener).
+    async fn closed_port() -> u16 {
+        open_port().await.1
+    }
+
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 7));
+
+    #[tokio::test]
+    async fn an_unknown_token_is_a_failed_guess_and_a_down_source_is_not() {
+        let guesses = Guesses::new(2);
+        let unknown = fake(Err("unknown"), vec![]);
+        let down = fake(Err("dispatcher down"), vec![]);
+        for _ in 0..3 {
+            assert_eq!(
+                resolve(&down, &guesses, "t", CLIENT).await,
+                Err(Refusal::SOURCE_DOWN)
+            );
+        }
+        assert_eq!(
+            not_guessing(&guesses, CLIENT),
+            Ok(()),
+            "outages are no guesses"
+        );
+        for _ in 0..2 {
+            assert_eq!(
+                resolve(&unknown, &guesses, "t", CLIENT).await,
+                Err(Refusal::UNKNOWN_TOKEN)
+            );
+        }
+        assert_eq!(not_guessing(&guesses, CLIENT), Err(Refusal::GUESSING));
+        assert_eq!(Refusal::GUESSING.status.as_u16(), 429);
+        assert_eq!(Refusal::SOURCE_DOWN.status.as_u16(), 503);
+        let ok = fake(Ok(target(5901)), vec![]);
+        assert_eq!(resolve(&ok, &guesses, "t", CLIENT).await, Ok(target(5901)));
+    }
+
+    #[tokio::test]
+    async fn connect_rechecks_the_token_only_when_the_server_is_unreachable() {
+        let (_live, live) = open_port().await;
+        let closed = closed_port().await;
+        // Reachable: no re-check (the fake panics on one).
+        let src = fake(Ok(target(live)), vec![]);
+        let (t, _tcp) = connect(&src, "t", target(live)).await.unwrap();
+        assert_eq!(t.port, live);
+        // Unreachable and revoked since it was cached: 403, not 502.
+        let src = fake(Ok(target(closed)), vec![Err("unknown")]);
+        let r = connect(&src, "t", target(closed)).await.map(|(t, _)| t);
+        assert_eq!(r.unwrap_err(), Refusal::UNKNOWN_TOKEN);
+        // Unreachable and still there: 502.
+        let src = fake(Ok(target(closed)), vec![Ok(target(closed))]);
+        let r = connect(&src, "t", target(closed)).await.map(|(t, _)| t);
+        assert_eq!(r.unwrap_err(), Refusal::UNREACHABLE);
+        // The source failing on the re-check: 502 as well.
+        let src = fake(Ok(target(closed)), vec![Err("dispatcher down")]);
+        let r = connect(&src, "t", target(closed)).await.map(|(t, _)| t);
+        assert_eq!(r.unwrap_err(), Refusal::UNREACHABLE);
+        // Moved (a new session since): the new target is used.
+        let src = fake(Ok(target(closed)), vec![Ok(target(live))]);
+        let (t, _tcp) = connect(&src, "t", target(closed)).await.unwrap();
+        assert_eq!(t.port, live);
+        // Moved somewhere unreachable too: 502.
+        let other = closed_port().await;
+        let src = fake(Ok(target(closed)), vec![Ok(target(other))]);
+        let r = connect(&src, "t", target(closed)).await.map(|(t, _)| t);
+        assert_eq!(r.unwrap_err(), Refusal::UNREACHABLE);
+        assert!(
+            src.rechecks.lock().unwrap().is_empty(),
+            "the unreachable target was re-checked"
+        );
+    }
+
+    #[test]
+    fn limits_and_ip_binding_answer_with_their_refusals() {
+        let limits = Limits::new(1, 2);
+        let _a = take_slot(&limits, "t", CLIENT).unwrap();
+        assert_eq!(
+            take_slot(&limits, "t", CLIENT).unwrap_err(),
+            Refusal::OVER_TOKEN
+        );
+        let _b = take_slot(&limits, "u", CLIENT).unwrap();
+        assert_eq!(
+            take_slot(&limits, "v", CLIENT).unwrap_err(),
+            Refusal::OVER_IP
+        );
+        assert_eq!(Refusal::OVER_IP.status.as_u16(), 429);
+        assert_eq!(bound_to_ip(true, &target(1), CLIENT), Ok(()));
+        let elsewhere: IpAddr = [192, 0, 2, 8].into();
+        assert_eq!(
+            bound_to_ip(true, &target(1), elsewhere),
+            Err(Refusal::WRONG_IP)
+        );
+        assert_eq!(bound_to_ip(false, &target(1), elsewhere), Ok(()));
+    }
+
+    #[test]
+    fn the_101_accepts_the_key_and_echoes_binary_only_when_chosen() {
+        // RFC 6455 section 1.3's example key and answer.
+        let key = HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ==");
+        let res = switching_protocols(&key, Some("binary"));
+        assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let h = res.headers();
+        assert_eq!(h["sec-websocket-accept"], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "Upgrade");
+        assert_eq!(h["sec-websocket-protocol"], "binary");
+        let res = switching_protocols(&key, None);
+        assert!(res.headers().get("sec-websocket-protocol").is_none());
+    }
+}
