@@ -12,13 +12,16 @@ use vncdispatch_tests::rig::{Rig, RigOptions};
 use vncdispatch_tests::users::TestUser;
 use vncdispatch_tests::wsproxy::WsProxyProc;
 
+/// A token long enough to have a prefix in the logs (token files allow any token).
+const LONG_TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
 async fn proxy_with_tokens(extra: &[&str]) -> (WsProxyProc, tempfile::TempDir) {
     let port = vncdispatch_tests::echo_server().await;
     let dir = tempfile::tempdir().expect("dir");
     let file = dir.path().join("tokens");
     std::fs::write(
         &file,
-        format!("good: 127.0.0.1:{port}\nclosed: 127.0.0.1:1\n"),
+        format!("good: 127.0.0.1:{port}\nclosed: 127.0.0.1:1\n{LONG_TOKEN}: 127.0.0.1:{port}\n"),
     )
     .expect("tokens");
     let mut args = vec![
@@ -363,4 +366,119 @@ async fn an_ended_session_closes_its_connection_and_ip_binding_holds() {
         "the relayed connection outlived its session"
     );
     let _ = s;
+}
+
+/// A log with its colour codes taken out, so fields read `name=value`.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters, ending in a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The proxy's log, colourless, once it holds every one of `needles` (lines are written
+/// after the 101, by the relay task); fails after 5 s.
+async fn log_with(proxy: &WsProxyProc, needles: &[&str]) -> String {
+    for _ in 0..50 {
+        let log = plain(&proxy.log());
+        if needles.iter().all(|n| log.contains(n)) {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{needles:?} not all in the log: {}", plain(&proxy.log()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_logs_carry_the_client_and_a_token_prefix_only() {
+    let (proxy, _dir) = proxy_with_tokens(&[]).await;
+    let path = format!("/websockify?token={LONG_TOKEN}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(request(&proxy, &path, None, None))
+        .await
+        .expect("connect");
+    ws.send(Message::Binary(b"ping".to_vec().into()))
+        .await
+        .expect("send");
+    let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("echo in time");
+    assert!(matches!(echo, Some(Ok(Message::Binary(b))) if &b[..] == b"ping"));
+    ws.close(None).await.expect("close");
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {}
+    let unknown = "feedfacecafebeef0011223344556677";
+    let r = tokio_tungstenite::connect_async(request(
+        &proxy,
+        &format!("/websockify?token={unknown}"),
+        None,
+        None,
+    ))
+    .await;
+    assert_eq!(refused_status(r), 403);
+    let log = log_with(&proxy, &["relay ended", "unknown or expired token"]).await;
+    let span_lines = |message: &str, prefix: &str| {
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(message)).collect();
+        assert_eq!(lines.len(), 1, "one `{message}` line in {log}");
+        for l in lines {
+            assert!(
+                l.contains("ws{client=127.0.0.1") && l.contains(&format!("token=\"{prefix}\"")),
+                "`{message}` not in the connection's span: {l}"
+            );
+        }
+    };
+    span_lines("relaying", &LONG_TOKEN[..8]);
+    span_lines("relay ended", &LONG_TOKEN[..8]);
+    span_lines("unknown or expired token", &unknown[..8]);
+    for whole in [LONG_TOKEN, unknown] {
+        assert!(
+            !log.contains(&whole[..9]),
+            "more than a token's prefix logged: {log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_for_counts_only_from_a_trusted_proxy() {
+    for trusted in [false, true] {
+        let mut args = vec!["--max-per-ip", "1"];
+        if trusted {
+            args.extend(["--trusted-proxy", "127.0.0.1"]);
+        }
+        let (proxy, _dir) = proxy_with_tokens(&args).await;
+        let forwarded = |client: &str| {
+            let mut r = request(&proxy, "/websockify?token=good", None, None);
+            r.headers_mut().insert(
+                "x-forwarded-for",
+                HeaderValue::from_str(client).expect("header"),
+            );
+            r
+        };
+        let (_first, _) = tokio_tungstenite::connect_async(forwarded("192.0.2.1"))
+            .await
+            .expect("first connection");
+        let second = tokio_tungstenite::connect_async(forwarded("192.0.2.2")).await;
+        if trusted {
+            // Another client behind the proxy: its own per-IP slot, named in the log.
+            second.expect("a second client behind a trusted proxy");
+            log_with(&proxy, &["ws{client=192.0.2.1", "ws{client=192.0.2.2"]).await;
+        } else {
+            // A spoofed header from an untrusted peer changes nothing: one peer, one slot.
+            assert_eq!(refused_status(second), 429, "spoofed X-Forwarded-For");
+            let log = log_with(&proxy, &["relaying", "connection limit"]).await;
+            assert!(
+                log.contains("client=127.0.0.1") && !log.contains("192.0.2."),
+                "{log}"
+            );
+        }
+    }
 }

@@ -1,4 +1,5 @@
 //! The `ws-proxy` command: serve noVNC and relay its WebSocket connections to VNC servers.
+#![forbid(unsafe_code)]
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::net::{IpAddr, SocketAddr};
