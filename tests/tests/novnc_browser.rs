@@ -64,6 +64,14 @@ async fn full_stack(extra_proxy_args: &[&str], password_in_url: bool, shot: &str
         !log.contains(&s.token) && !log.contains(&s.password),
         "a secret reached ws-proxy's log"
     );
+    // In auth-proxy mode the proxy's hop to the desktop is TLS, pinned to the desktop's own
+    // certificate; passing through, the browser logs in itself (VNC authentication).
+    let auth_proxy = extra_proxy_args.contains(&"--auth-proxy");
+    assert_eq!(
+        log.contains("logged in over VeNCrypt"),
+        auth_proxy,
+        "VeNCrypt use does not match the mode:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use vncdispatch_proto::bearer::{BearerAuth, SharedSecret};
+use vncdispatch_proto::tls::{Credentials, TlsFiles};
 use ws_proxy::http::{Proxy, ProxyConfig};
 use ws_proxy::relay::RelayLimits;
 use ws_proxy::token::TokenSource;
@@ -46,6 +47,22 @@ struct ServeArgs {
     /// The dispatcher's API secret file, if it requires one.
     #[arg(long, env = "WS_PROXY_DISPATCHER_SECRET_FILE")]
     dispatcher_secret_file: Option<PathBuf>,
+    /// CA bundle (PEM) the dispatcher's certificate must chain to. With --cert and --key,
+    /// tokens are resolved over mutual TLS (then --dispatcher is https://HOST:PORT).
+    #[arg(long, env = "WS_PROXY_CA", requires = "dispatcher")]
+    ca: Option<PathBuf>,
+    /// This proxy's client certificate for the dispatcher (PEM, role proxy: it may resolve
+    /// tokens and nothing else).
+    #[arg(long, env = "WS_PROXY_CERT", requires = "dispatcher")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM, mode 0600).
+    #[arg(long, env = "WS_PROXY_KEY", requires = "dispatcher")]
+    key: Option<PathBuf>,
+    /// Serve plain HTTP on a non-loopback --listen (e.g. behind a reverse proxy that does
+    /// TLS) and allow an http:// dispatcher that is not on loopback. Tokens and, in
+    /// auth-proxy mode, VNC passwords then cross that network in clear. Logged as a warning.
+    #[arg(long, env = "WS_PROXY_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
     /// Resolve tokens from a websockify token file or directory (`token: host:port` lines).
     #[arg(long, env = "WS_PROXY_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -119,24 +136,14 @@ struct ServeArgs {
     log_json: bool,
 }
 
-/// A rustls server configuration from PEM files.
+/// A rustls server configuration for browsers (HTTPS, wss) from PEM files.
 fn tls_config(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<Arc<tokio_rustls::rustls::ServerConfig>, String> {
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|i| i.collect())
-        .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "--tls-cert {}: no certificate in it",
-            cert.display()
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
+    use vncdispatch_proto::tls::{load_certs, load_key};
+    let certs = load_certs("--tls-cert", cert).map_err(|e| e.to_string())?;
+    let key = load_key("--tls-key", key, false).map_err(|e| e.to_string())?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let mut cfg = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -173,6 +180,10 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
+    if let Err(e) = plaintext_allowed(&args) {
+        eprintln!("ws-proxy: {e}");
+        return ExitCode::from(vncdispatch_proto::serve::EX_USAGE);
+    }
     let tokens = match rt.block_on(async { token_source(&args) }) {
         Ok(t) => t,
         Err(e) => {
@@ -189,6 +200,48 @@ fn main() -> ExitCode {
     }
 }
 
+/// Refuses plaintext where a network could read it — a non-loopback listener without
+/// --tls-cert, an http:// dispatcher off loopback — unless --insecure-plaintext names it.
+fn plaintext_allowed(a: &ServeArgs) -> Result<(), String> {
+    let dispatcher_in_clear = a.dispatcher.as_deref().and_then(|url| {
+        let rest = url.strip_prefix("http://")?;
+        let host = rest.split(['/', '?']).next().unwrap_or("");
+        let host = match host.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback =
+            host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        (!loopback).then(|| url.to_owned())
+    });
+    let listen_in_clear = a.tls_cert.is_none() && !a.listen.ip().is_loopback();
+    if a.insecure_plaintext {
+        if listen_in_clear || dispatcher_in_clear.is_some() {
+            tracing::warn!(
+                "--insecure-plaintext: tokens (and, with --auth-proxy, VNC passwords) cross the network in clear"
+            );
+        }
+        return Ok(());
+    }
+    if listen_in_clear {
+        return Err(format!(
+            "refusing to serve plain HTTP on {}: tokens in URLs would cross the network in clear. \
+             Either give --tls-cert and --tls-key, or listen on loopback only (--listen \
+             127.0.0.1:PORT, e.g. behind a reverse proxy), or add --insecure-plaintext",
+            a.listen
+        ));
+    }
+    if let Some(url) = dispatcher_in_clear {
+        return Err(format!(
+            "refusing to reach the dispatcher at {url} in clear: give --ca, --cert and --key \
+             (role proxy, from `dispatcher pki issue --role proxy`) and an https:// URL, or add \
+             --insecure-plaintext"
+        ));
+    }
+    Ok(())
+}
+
 fn token_source(a: &ServeArgs) -> Result<Arc<dyn TokenSource>, String> {
     match (&a.dispatcher, &a.token_file) {
         (Some(url), None) => {
@@ -198,9 +251,20 @@ fn token_source(a: &ServeArgs) -> Result<Arc<dyn TokenSource>, String> {
                     .map_err(|e| format!("--dispatcher-secret-file: {e}"))?,
                 None => BearerAuth::none(),
             };
-            let src =
-                DispatcherTokens::new(url, auth, Duration::from_secs(5), Duration::from_secs(1))
-                    .map_err(|e| format!("--dispatcher: {e}"))?;
+            let files = TlsFiles::from_flags(a.ca.clone(), a.cert.clone(), a.key.clone())
+                .map_err(|e| e.to_string())?;
+            let creds = match files {
+                Some(f) => Some(Credentials::load(&f).map_err(|e| e.to_string())?),
+                None => None,
+            };
+            let src = DispatcherTokens::new(
+                url,
+                auth,
+                creds.as_ref(),
+                Duration::from_secs(5),
+                Duration::from_secs(1),
+            )
+            .map_err(|e| format!("--dispatcher: {e}"))?;
             Ok(Arc::new(src))
         }
         (None, Some(path)) => Ok(Arc::new(

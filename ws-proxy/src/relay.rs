@@ -46,6 +46,54 @@ fn close(code: CloseCode, reason: &str) -> Option<CloseFrame> {
     })
 }
 
+/// The connection to the VNC server: plain TCP, or TLS (VeNCrypt, auth-proxy mode with a
+/// pinned certificate).
+#[derive(Debug)]
+pub enum Upstream {
+    /// RFB in clear.
+    Plain(TcpStream),
+    /// RFB inside VeNCrypt's TLS.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Reads what the VNC server sent into `buf`, which is allocated on the first byte so that
+/// an idle connection holds no read buffer.
+trait ChunkRead {
+    fn read_chunk<'a>(
+        &'a mut self,
+        buf: &'a mut Vec<u8>,
+    ) -> impl std::future::Future<Output = std::io::Result<usize>> + Send + 'a;
+}
+
+/// Size of the read buffer towards the VNC server.
+const READ_BUF: usize = 64 * 1024;
+
+impl ChunkRead for tokio::net::tcp::OwnedReadHalf {
+    async fn read_chunk(&mut self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+        loop {
+            self.readable().await?;
+            if buf.is_empty() {
+                buf.resize(READ_BUF, 0);
+            }
+            match self.try_read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Send> ChunkRead for tokio::io::ReadHalf<T> {
+    async fn read_chunk(&mut self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+        use tokio::io::AsyncReadExt;
+        // TLS has records to decrypt; rustls holds its own buffers either way.
+        if buf.is_empty() {
+            buf.resize(READ_BUF, 0);
+        }
+        self.read(buf).await
+    }
+}
+
 /// Relays until either side ends or a limit closes the connection.
 ///
 /// The two directions run concurrently: a relay that awaited its write to the VNC server while
@@ -54,7 +102,7 @@ fn close(code: CloseCode, reason: &str) -> Option<CloseFrame> {
 #[allow(clippy::too_many_arguments)]
 pub async fn relay<S>(
     ws: WebSocketStream<S>,
-    tcp: TcpStream,
+    upstream: Upstream,
     pending: Vec<u8>,
     limits: RelayLimits,
     expires_at: Option<SystemTime>,
@@ -65,9 +113,42 @@ pub async fn relay<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let ends = (pending, limits, expires_at, token, tokens, cancel);
+    match upstream {
+        Upstream::Plain(tcp) => {
+            let (r, w) = tcp.into_split();
+            relay_halves(ws, r, w, ends).await
+        }
+        Upstream::Tls(tls) => {
+            let (r, w) = tokio::io::split(*tls);
+            relay_halves(ws, r, w, ends).await
+        }
+    }
+}
+
+/// What ends or feeds a relay besides its two streams (see [`relay`]).
+type Ends = (
+    Vec<u8>,
+    RelayLimits,
+    Option<SystemTime>,
+    String,
+    Arc<dyn TokenSource>,
+    CancellationToken,
+);
+
+async fn relay_halves<S, R, W>(
+    ws: WebSocketStream<S>,
+    mut tcp_r: R,
+    mut tcp_w: W,
+    (pending, limits, expires_at, token, tokens, cancel): Ends,
+) -> Relayed
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    R: ChunkRead,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     let (sink, mut stream) = ws.split();
     let sink = tokio::sync::Mutex::new(sink);
-    let (tcp_r, mut tcp_w) = tcp.into_split();
     let up_bytes = AtomicU64::new(0);
     let down_bytes = AtomicU64::new(0);
     let started = tokio::time::Instant::now();
@@ -132,24 +213,14 @@ where
         ping.tick().await;
         loop {
             tokio::select! {
-                ready = tcp_r.readable() => {
-                    if ready.is_err() {
-                        return close(CloseCode::Normal, "VNC server closed the connection");
-                    }
-                    if buf.is_empty() {
-                        buf = vec![0u8; 64 * 1024];
-                    }
-                    match tcp_r.try_read(&mut buf) {
-                        Ok(0) => return close(CloseCode::Normal, "VNC server closed the connection"),
-                        Ok(n) => {
-                            if sink.lock().await.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
-                                return close(CloseCode::Away, "");
-                            }
-                            down_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                            down_counter.increment(n as u64);
+                read = tcp_r.read_chunk(&mut buf) => match read {
+                    Ok(0) | Err(_) => return close(CloseCode::Normal, "VNC server closed the connection"),
+                    Ok(n) => {
+                        if sink.lock().await.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                            return close(CloseCode::Away, "");
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => return close(CloseCode::Normal, "VNC server closed the connection"),
+                        down_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        down_counter.increment(n as u64);
                     }
                 },
                 _ = ping.tick() => {

@@ -23,8 +23,10 @@ pub enum RfbSecurity {
     /// VeNCrypt X509Vnc only: every client must speak TLS (ws-proxy in auth-proxy mode does;
     /// noVNC in a browser cannot).
     Tls,
-    /// X509Vnc first, VNC authentication too, for browsers connecting without auth-proxy.
-    /// ws-proxy in auth-proxy mode never falls back to the second when it holds a pin.
+    /// VNC authentication and X509Vnc, in that order: noVNC takes the first type it supports
+    /// in the server's order and cannot do TLS inside a WebSocket, so browsers connecting
+    /// without auth-proxy get VNC authentication; ws-proxy in auth-proxy mode always takes
+    /// X509Vnc when it holds a pin, and never falls back.
     Both,
 }
 
@@ -34,7 +36,7 @@ impl RfbSecurity {
         match self {
             RfbSecurity::Vnc => "VncAuth",
             RfbSecurity::Tls => "X509Vnc",
-            RfbSecurity::Both => "X509Vnc,VncAuth",
+            RfbSecurity::Both => "VncAuth,X509Vnc",
         }
     }
 

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use vncdispatch_proto::bearer::BearerAuth;
 use vncdispatch_proto::rules::validate_token;
 use vncdispatch_proto::v1::ResolveTokenRequest;
@@ -26,14 +26,16 @@ pub struct DispatcherTokens {
 }
 
 impl DispatcherTokens {
-    /// A source asking the dispatcher at `url` (connected lazily).
+    /// A source asking the dispatcher at `url` (connected lazily), over mutual TLS as `tls`
+    /// (role proxy) when given.
     pub fn new(
         url: &str,
         auth: BearerAuth,
+        tls: Option<&vncdispatch_proto::tls::Credentials>,
         positive_ttl: Duration,
         negative_ttl: Duration,
     ) -> Result<Self, String> {
-        let channel = Endpoint::from_shared(url.to_owned())
+        let channel = vncdispatch_proto::tls::endpoint(url, tls)
             .map_err(|e| format!("dispatcher URL {url}: {e}"))?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(5))
@@ -71,6 +73,7 @@ impl DispatcherTokens {
                         ))
                     }),
                     password: t.password,
+                    cert_sha256: t.cert_sha256,
                 })
             }
             Err(s) if s.code() == Code::NotFound || s.code() == Code::InvalidArgument => {

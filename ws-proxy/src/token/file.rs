@@ -128,6 +128,7 @@ impl TokenSource for FileTokens {
             remote_ip: String::new(),
             expires_at: None,
             password: String::new(),
+            cert_sha256: String::new(),
         })
     }
 }

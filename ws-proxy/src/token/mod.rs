@@ -23,6 +23,9 @@ pub struct Target {
     pub expires_at: Option<SystemTime>,
     /// The VNC password, for auth-proxy mode (empty when unknown).
     pub password: String,
+    /// SHA-256 (hex) of the desktop's VeNCrypt certificate: auth-proxy logs in over TLS
+    /// accepting only it. Empty: VNC authentication in clear.
+    pub cert_sha256: String,
 }
 
 impl std::fmt::Debug for Target {

@@ -21,7 +21,7 @@
 //! | `stages::bound_to_ip` | with `--bind-token-to-ip`, the client is the one recorded | 403 `wrong_ip` |
 //! | `stages::take_slot` | per-token and per-IP connection limits | 429 `limit` |
 //! | `stages::connect` | the VNC server answers, re-checking the token when not | 403 `unknown_token`, 502 `unreachable` |
-//! | `stages::vnc_login` | in auth-proxy mode, the proxy's own VNC login | 502 `vnc_login_failed` |
+//! | `stages::vnc_login` | in auth-proxy mode, the proxy's own VNC login: over VeNCrypt TLS accepting only the desktop's pinned certificate when the session has a pin, else VNC authentication | 502 `vnc_login_failed` |
 //! | `stages::switching_protocols`, `stages::spawn_relay` | 101, then the relay in a task of its own | — |
 //!
 //! The [`checks`] need no lookup and are plain functions of the request. From the token on,
@@ -31,6 +31,7 @@ pub mod checks;
 mod stages;
 
 use crate::http::{Body, Proxy, ProxyConfig, text};
+use crate::relay::Upstream;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -227,11 +228,17 @@ async fn open(proxy: &Proxy, up: &Upgrade) -> Result<stages::Opened, Refusal> {
         stages::resolve(proxy.tokens.as_ref(), &proxy.guesses, &up.token, up.client).await?;
     stages::bound_to_ip(proxy.cfg.bind_to_ip, &target, up.client)?;
     let slot = stages::take_slot(&proxy.limits, &up.token, up.client)?;
-    let (target, mut tcp) = stages::connect(proxy.tokens.as_ref(), &up.token, target).await?;
-    if proxy.cfg.auth_proxy {
-        stages::vnc_login(&mut tcp, &target).await?;
-    }
-    Ok(stages::Opened { target, slot, tcp })
+    let (target, tcp) = stages::connect(proxy.tokens.as_ref(), &up.token, target).await?;
+    let upstream = if proxy.cfg.auth_proxy {
+        stages::vnc_login(tcp, &target).await?
+    } else {
+        Upstream::Plain(tcp)
+    };
+    Ok(stages::Opened {
+        target,
+        slot,
+        upstream,
+    })
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use super::{Refusal, checks};
 use crate::http::{Body, Proxy};
 use crate::limits::{Guesses, Limits, Over, Slot};
-use crate::relay::relay;
+use crate::relay::{Upstream, relay};
 use crate::token::{Target, TokenError, TokenSource};
 use http_body_util::BodyExt;
 use hyper::body::{Bytes, Incoming};
@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use vncdispatch_proto::vencrypt::CertPin;
 
 /// Longest wait for a token lookup, and for a VNC server to accept a connection.
 const WAIT: Duration = Duration::from_secs(5);
@@ -29,8 +30,8 @@ pub(super) struct Opened {
     pub(super) target: Target,
     /// The connection's place in the per-token and per-IP limits, held until the relay ends.
     pub(super) slot: Slot,
-    /// The connection to the VNC server (logged in, in auth-proxy mode).
-    pub(super) tcp: TcpStream,
+    /// The connection to the VNC server (logged in, in auth-proxy mode; TLS when pinned).
+    pub(super) upstream: Upstream,
 }
 
 /// Refuses, before any lookup, a client that used up its failed token attempts this minute
@@ -138,15 +139,32 @@ fn unreachable(target: &Target) -> Refusal {
     Refusal::UNREACHABLE
 }
 
-/// In auth-proxy mode, logs in to the VNC server with the session's password
-/// ([`crate::authproxy::login`]), so the browser never sees it: 502 `vnc_login_failed`.
-pub(super) async fn vnc_login(tcp: &mut TcpStream, target: &Target) -> Result<(), Refusal> {
-    crate::authproxy::login(tcp, &target.password)
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "auth proxy: VNC login failed");
-            Refusal::VNC_LOGIN
-        })
+/// In auth-proxy mode, logs in to the VNC server with the session's password, so the
+/// browser never sees it: over VeNCrypt X509Vnc accepting only the desktop's own certificate
+/// when the session has a pin ([`vncdispatch_proto::vencrypt`]; no fallback to VNC
+/// authentication in clear), else VNC authentication ([`crate::authproxy::login`]). 502
+/// `vnc_login_failed` either way.
+pub(super) async fn vnc_login(mut tcp: TcpStream, target: &Target) -> Result<Upstream, Refusal> {
+    let refuse = |e: String| {
+        tracing::warn!(error = %e, "auth proxy: VNC login failed");
+        Refusal::VNC_LOGIN
+    };
+    if target.cert_sha256.is_empty() {
+        crate::authproxy::login(&mut tcp, &target.password)
+            .await
+            .map_err(refuse)?;
+        return Ok(Upstream::Plain(tcp));
+    }
+    let pin = CertPin::from_hex(&target.cert_sha256).map_err(|e| refuse(e.to_owned()))?;
+    let login = vncdispatch_proto::vencrypt::login(tcp, &target.password, pin);
+    match tokio::time::timeout(WAIT * 2, login).await {
+        Ok(Ok(tls)) => {
+            tracing::info!("auth proxy: logged in over VeNCrypt, the desktop's certificate pinned");
+            Ok(Upstream::Tls(Box::new(tls)))
+        }
+        Ok(Err(e)) => Err(refuse(e)),
+        Err(_) => Err(refuse("VeNCrypt login timed out".into())),
+    }
 }
 
 /// The 101 answer: `Sec-WebSocket-Accept` from the client's key, and the chosen subprotocol.
@@ -197,7 +215,11 @@ pub(super) fn spawn_relay(
         proxy.cancel.clone(),
         proxy.tokens.clone(),
     );
-    let Opened { target, slot, tcp } = opened;
+    let Opened {
+        target,
+        slot,
+        upstream,
+    } = opened;
     proxy.tasks.spawn(tracing::Instrument::instrument(
         async move {
             let _slot = slot;
@@ -231,7 +253,7 @@ pub(super) fn spawn_relay(
             active.increment(1.0);
             let stats = relay(
                 ws,
-                tcp,
+                upstream,
                 pending,
                 limits,
                 target.expires_at,
@@ -297,6 +319,7 @@ mod tests {
             remote_ip: "192.0.2.7".into(),
             expires_at: None,
             password: String::new(),
+            cert_sha256: String::new(),
         }
     }
 
