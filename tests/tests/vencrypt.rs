@@ -1,6 +1,7 @@
 //! VeNCrypt X509Vnc against a real Xtigervnc: the pinned login gets in and reaches ServerInit,
 //! a wrong pin, a wrong password and a server without VeNCrypt are refused, and a tap between
-//! client and server sees neither the VNC challenge/response nor what is typed.
+//! client and server sees neither the VNC challenge/response nor what is typed — directly, and
+//! between ws-proxy (auth-proxy mode) and a real agent's desktop.
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -8,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use vncdispatch_proto::pki::{self, IssueRequest};
 use vncdispatch_proto::roles::Role;
+use vncdispatch_proto::v1;
 use vncdispatch_proto::vencrypt::{self, CertPin};
 use vncdispatch_tests::agent::free_port;
 
@@ -240,4 +242,219 @@ async fn a_tap_between_client_and_server_sees_no_challenge_and_no_keystrokes() {
         contains(&down, b"RFB 003.008\n"),
         "the tap saw no RFB at all"
     );
+}
+
+/// Stands in front of the real dispatcher for ws-proxy and answers ResolveToken with the real
+/// session's password and pin but the tap's address (or a wrong pin), so the test can sit
+/// between ws-proxy and the desktop. Only ResolveToken is needed.
+struct TapFront {
+    target: vncdispatch_proto::v1::Target,
+}
+
+type Res<T> = Result<tonic::Response<T>, tonic::Status>;
+type Req<T> = tonic::Request<T>;
+
+#[tonic::async_trait]
+impl vncdispatch_proto::v1::dispatcher_server::Dispatcher for TapFront {
+    async fn dispatch(&self, _: Req<v1::DispatchRequest>) -> Res<v1::Session> {
+        Err(tonic::Status::unimplemented("front"))
+    }
+    async fn resolve_token(&self, _: Req<v1::ResolveTokenRequest>) -> Res<v1::Target> {
+        Ok(tonic::Response::new(self.target.clone()))
+    }
+    async fn end_session(&self, _: Req<v1::EndSessionRequest>) -> Res<v1::EndSessionResponse> {
+        Err(tonic::Status::unimplemented("front"))
+    }
+    async fn list_sessions(
+        &self,
+        _: Req<v1::ListSessionsRequest>,
+    ) -> Res<v1::ListSessionsResponse> {
+        Err(tonic::Status::unimplemented("front"))
+    }
+    async fn add_blade(&self, _: Req<v1::AddBladeRequest>) -> Res<v1::Blade> {
+        Err(tonic::Status::unimplemented("front"))
+    }
+    async fn list_blades(&self, _: Req<v1::ListBladesRequest>) -> Res<v1::ListBladesResponse> {
+        Err(tonic::Status::unimplemented("front"))
+    }
+    async fn drain_blade(&self, _: Req<v1::DrainBladeRequest>) -> Res<v1::Blade> {
+        Err(tonic::Status::unimplemented("front"))
+    }
+    async fn remove_blade(&self, _: Req<v1::RemoveBladeRequest>) -> Res<v1::RemoveBladeResponse> {
+        Err(tonic::Status::unimplemented("front"))
+    }
+}
+
+/// Serves `front` on a loopback port; its URL.
+async fn serve_front(front: TapFront) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(vncdispatch_proto::v1::dispatcher_server::DispatcherServer::new(front))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+    );
+    format!("http://{addr}")
+}
+
+/// A relay to `server` that records every byte each way: (port, recording of (up, down)).
+async fn tap(server: (String, u16)) -> (u16, tokio::task::JoinHandle<(Vec<u8>, Vec<u8>)>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let handle = tokio::spawn(async move {
+        let (mut client, _) = l.accept().await.expect("accept");
+        let mut server = TcpStream::connect((server.0.as_str(), server.1))
+            .await
+            .expect("server");
+        let (mut cr, mut cw) = client.split();
+        let (mut sr, mut sw) = server.split();
+        let (mut up, mut down) = (Vec::new(), Vec::new());
+        let (mut b1, mut b2) = ([0u8; 8192], [0u8; 8192]);
+        loop {
+            tokio::select! {
+                n = cr.read(&mut b1) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => { up.extend_from_slice(&b1[..n]); if sw.write_all(&b1[..n]).await.is_err() { break } }
+                },
+                n = sr.read(&mut b2) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => { down.extend_from_slice(&b2[..n]); if cw.write_all(&b2[..n]).await.is_err() { break } }
+                },
+            }
+        }
+        (up, down)
+    });
+    (port, handle)
+}
+
+/// A browser's side of auth-proxy mode over a raw WebSocket: the "None" handshake ws-proxy
+/// presents, ClientInit → ServerInit, then KeyEvents typing `typed`. Err: the upgrade was
+/// refused (with its HTTP status) or the handshake broke.
+async fn browser_types(
+    proxy: std::net::SocketAddr,
+    token: &str,
+    typed: &[u8],
+) -> Result<(), String> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let url = format!("ws://{proxy}/websockify?token={token}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    async fn fill<S>(ws: &mut S, got: &mut Vec<u8>, n: usize) -> Result<(), String>
+    where
+        S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+            + Unpin,
+    {
+        while got.len() < n {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => got.extend_from_slice(&b),
+                Ok(Some(Ok(_))) => {}
+                other => return Err(format!("handshake broke: {other:?}")),
+            }
+        }
+        Ok(())
+    }
+    let bin = |b: &[u8]| Message::Binary(b.to_vec().into());
+    fill(&mut ws, &mut got, 12).await?;
+    ws.send(bin(b"RFB 003.008\n"))
+        .await
+        .map_err(|e| e.to_string())?;
+    fill(&mut ws, &mut got, 14).await?;
+    if got[12..14] != [1, 1] {
+        return Err(format!("offered {:?}", &got[12..14]));
+    }
+    ws.send(bin(&[1])).await.map_err(|e| e.to_string())?;
+    fill(&mut ws, &mut got, 18).await?;
+    ws.send(bin(&[1])).await.map_err(|e| e.to_string())?; // ClientInit, shared
+    fill(&mut ws, &mut got, 18 + 24).await?;
+    for &k in typed {
+        for down in [1u8, 0] {
+            let mut ev = vec![4u8, down, 0, 0];
+            ev.extend_from_slice(&(k as u32).to_be_bytes());
+            ws.send(bin(&ev)).await.map_err(|e| e.to_string())?;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = ws.close(None).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_ws_proxy_the_hop_to_the_desktop_shows_no_challenge_and_no_keystrokes() {
+    use vncdispatch_tests::rig::{Rig, RigOptions};
+    use vncdispatch_tests::users::TestUser;
+    use vncdispatch_tests::wsproxy::WsProxyProc;
+    let rig = Rig::start(RigOptions::default()).await;
+    let user = TestUser::create();
+    let mut d = rig.dispatcher.client().await;
+    let s = d
+        .dispatch(v1::DispatchRequest {
+            username: user.name.clone(),
+            remote_ip: "127.0.0.1".into(),
+        })
+        .await
+        .expect("dispatch")
+        .into_inner();
+    let real = d
+        .resolve_token(v1::ResolveTokenRequest {
+            token: s.token.clone(),
+        })
+        .await
+        .expect("resolve")
+        .into_inner();
+    assert_eq!(real.cert_sha256.len(), 64, "the session has no pin");
+
+    // Through a tap: the desktop shows, and the tap sees TLS only.
+    let (tap_port, recorded) = tap((real.host.clone(), real.port as u16)).await;
+    let front = serve_front(TapFront {
+        target: v1::Target {
+            host: "127.0.0.1".into(),
+            port: u32::from(tap_port),
+            ..real.clone()
+        },
+    })
+    .await;
+    let proxy = WsProxyProc::start(&["--dispatcher".into(), front, "--auth-proxy".into()]).await;
+    let typed = b"hunter2-secret";
+    browser_types(proxy.addr, &s.token, typed)
+        .await
+        .expect("the desktop through ws-proxy and the tap");
+    let (up, down) = tokio::time::timeout(Duration::from_secs(10), recorded)
+        .await
+        .expect("tap ends")
+        .expect("tap");
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    assert!(up.len() > 200, "ws-proxy sent {} bytes only", up.len());
+    for &k in typed {
+        let ev = [4u8, 1, 0, 0, 0, 0, 0, k];
+        assert!(!contains(&up, &ev), "KeyEvent {:?} in clear", k as char);
+    }
+    assert!(!contains(&up, typed), "typed text in clear");
+    // In clear, VNC auth would show: the server's one type `2` after the banner.
+    assert!(
+        !contains(&down[..down.len().min(64)], &[1, 2]),
+        "VNC auth in clear"
+    );
+    assert!(
+        proxy.log().contains("logged in over VeNCrypt"),
+        "{}",
+        proxy.log()
+    );
+
+    // The same desktop behind a pin that is not its certificate's: refused, nothing relayed.
+    let wrong = serve_front(TapFront {
+        target: v1::Target {
+            cert_sha256: "ab".repeat(32),
+            ..real.clone()
+        },
+    })
+    .await;
+    let proxy2 = WsProxyProc::start(&["--dispatcher".into(), wrong, "--auth-proxy".into()]).await;
+    let err = browser_types(proxy2.addr, &s.token, b"x")
+        .await
+        .expect_err("a desktop with another certificate was accepted");
+    assert!(err.contains("502"), "{err}");
+    assert!(proxy2.log().contains("does not match"), "{}", proxy2.log());
 }
