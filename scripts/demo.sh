@@ -48,30 +48,55 @@ chmod 755 "$DEMO_STATE"
 install -m 755 deploy/demo-session "$DEMO_STATE/demo-session"
 [ -f "$DEMO_STATE/agent-secret" ] || "$BIN_DIR/blade-agent" init-secret "$DEMO_STATE/agent-secret"
 
+# Every gRPC hop is mutual TLS: a CA of the demo's own and a certificate per role, made once
+# with `dispatcher pki` (kept in $DEMO_STATE/pki for the next run).
+PKI="$DEMO_STATE/pki"
+[ -f "$PKI/ca.pem" ] || "$BIN_DIR/dispatcher" pki init --dir "$PKI" --name "vncdispatch demo CA" >/dev/null
+issue() { # NAME ROLE [--host H]…
+  local name=$1 role=$2; shift 2
+  [ -f "$PKI/$name.pem" ] || "$BIN_DIR/dispatcher" pki issue --dir "$PKI" --name "$name" --role "$role" "$@" >/dev/null
+}
+issue agent agent --host 127.0.0.1 --host localhost
+issue dispatcher dispatcher --host 127.0.0.1 --host localhost
+issue proxy proxy
+issue admin admin
+tls() { echo --ca "$PKI/ca.pem" --cert "$PKI/$1.pem" --key "$PKI/$1.key"; }
+# The command-line client (blade add, dispatch, session end) as admin.
+export DISPATCHER_URL="https://127.0.0.1:$DISPATCHER_PORT"
+export DISPATCHER_CLIENT_CA="$PKI/ca.pem" DISPATCHER_CLIENT_CERT="$PKI/admin.pem" DISPATCHER_CLIENT_KEY="$PKI/admin.key"
+# Browsers reach ws-proxy over plain HTTP in the demo; off loopback that must be said.
+insecure=()
+case "$DEMO_LISTEN_IP" in
+  127.*|::1|localhost) ;;
+  *) insecure=(--insecure-plaintext); say "ws-proxy on $DEMO_LISTEN_IP serves plain HTTP (--insecure-plaintext); use --tls-cert/--tls-key beyond a demo" ;;
+esac
+
 # The services run in sessions of their own, so a Ctrl-C reaches only this script, which then
 # ends the demo desktop through the dispatcher before stopping the services.
 pids=()
 cleanup() {
   say "stopping"
-  "$BIN_DIR/dispatcher" session end "$DEMO_USER" --dispatcher "http://127.0.0.1:$DISPATCHER_PORT" >/dev/null 2>&1 || true
+  "$BIN_DIR/dispatcher" session end "$DEMO_USER" >/dev/null 2>&1 || true
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# shellcheck disable=SC2046 # tls prints three flag/path pairs, word-split on purpose
 setsid "$BIN_DIR/blade-agent" serve --listen "127.0.0.1:$AGENT_PORT" --secret-file "$DEMO_STATE/agent-secret" \
-  --rfb-listen 127.0.0.1 --run-dir "$DEMO_STATE/agent-run" \
+  $(tls agent) --rfb-listen 127.0.0.1 --run-dir "$DEMO_STATE/agent-run" \
   --session-command "$DEMO_STATE/demo-session" 2>>"$DEMO_STATE/blade-agent.log" &
 pids+=($!)
+# shellcheck disable=SC2046
 setsid "$BIN_DIR/dispatcher" serve --listen "127.0.0.1:$DISPATCHER_PORT" --store "$DEMO_STATE/dispatcher.redb" \
-  --agent-secret-file "$DEMO_STATE/agent-secret" 2>>"$DEMO_STATE/dispatcher.log" &
+  --agent-secret-file "$DEMO_STATE/agent-secret" $(tls dispatcher) 2>>"$DEMO_STATE/dispatcher.log" &
 pids+=($!)
-setsid "$BIN_DIR/ws-proxy" serve --listen "$DEMO_LISTEN_IP:$DEMO_PORT" --dispatcher "http://127.0.0.1:$DISPATCHER_PORT" \
-  --auth-proxy 2>>"$DEMO_STATE/ws-proxy.log" &
+# shellcheck disable=SC2046
+setsid "$BIN_DIR/ws-proxy" serve --listen "$DEMO_LISTEN_IP:$DEMO_PORT" --dispatcher "$DISPATCHER_URL" $(tls proxy) \
+  --auth-proxy "${insecure[@]}" 2>>"$DEMO_STATE/ws-proxy.log" &
 pids+=($!)
 
-export DISPATCHER_URL="http://127.0.0.1:$DISPATCHER_PORT"
 for _ in $(seq 100); do
   "$BIN_DIR/dispatcher" blade list >/dev/null 2>&1 && (exec 3<>"/dev/tcp/127.0.0.1/$DEMO_PORT") 2>/dev/null && break
   sleep 0.1
@@ -95,6 +120,7 @@ echo "Open this URL in a browser to see $DEMO_USER's desktop:"
 echo
 echo "  http://$host:$DEMO_PORT/vnc.html?autoconnect=1&path=websockify?token=$token"
 echo
-say "ws-proxy logs in to the desktop for the browser (auth-proxy mode), so the URL holds no password."
+say "ws-proxy logs in to the desktop for the browser (auth-proxy mode), so the URL holds no password,"
+say "over TLS pinned to the desktop's own certificate; every gRPC hop is mutual TLS (certificates in $PKI)."
 say "Ctrl-C stops everything."
 wait

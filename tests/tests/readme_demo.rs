@@ -68,6 +68,20 @@ async fn the_demo_command_prints_a_url_that_shows_the_desktop() {
     b.screenshot(&shot).await.expect("screenshot");
     drop(b);
     assert_eq!(procs::xvnc_of(user.uid).len(), 1);
+    // The demo's gRPC hops are mutual TLS with certificates it made: plaintext gets nothing.
+    assert!(state.path().join("pki/ca.pem").is_file(), "no demo CA");
+    for port in [agent, dispatcher] {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        assert!(
+            !vncdispatch_tests::serving_now(addr, "").await,
+            "port {port} answers plaintext gRPC"
+        );
+    }
+    let ws_log = std::fs::read_to_string(state.path().join("ws-proxy.log")).unwrap_or_default();
+    assert!(
+        ws_log.contains("logged in over VeNCrypt"),
+        "the demo's desktop hop is not VeNCrypt:\n{ws_log}"
+    );
     // Ctrl-C.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(demo.id() as i32),
