@@ -1,5 +1,7 @@
 //! The whole system driven the way its users drive it, with every service started from the
-//! example config files in deploy/config/ (command-line flags override only ports and paths):
+//! example config files in deploy/config/ (command-line flags override only ports and paths),
+//! every gRPC hop mutual TLS with certificates from `dispatcher pki` (each client with the
+//! role it needs), browsers on HTTPS and ws-proxy's hop to the desktop VeNCrypt:
 //! a portal backend in Python (grpcio, stubs generated from proto/) dispatches a desktop, a
 //! headless Chromium shows it through ws-proxy, a second Dispatch returns the same session,
 //! grpcurl finds every service by reflection and calls Dispatch, an operator drains a blade
@@ -13,10 +15,13 @@ use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
+use vncdispatch_proto::roles::Role;
+use vncdispatch_proto::tls::TlsFiles;
 use vncdispatch_tests::agent::{AgentOptions, AgentProc, free_port, new_secret};
 use vncdispatch_tests::browser::assert_shows_desktop;
 use vncdispatch_tests::dispatcher::{DispatcherOptions, DispatcherProc};
 use vncdispatch_tests::ferretdb::FerretDb;
+use vncdispatch_tests::pki::TestPki;
 use vncdispatch_tests::sshd::Sshd;
 use vncdispatch_tests::users::TestUser;
 use vncdispatch_tests::wsproxy::{WsProxyProc, demo_session};
@@ -41,40 +46,99 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The portal backend: tests/portal_client.py on the grpcio environment install-deps made.
-fn portal(d: &DispatcherProc, secret: &Path, request_id: &str, args: &[&str]) -> Value {
+/// `--ca`, `--cert`, `--key` (or grpcurl's `-cacert`, `-cert`, `-key`) for `files`.
+fn tls_flags(files: &TlsFiles, names: [&str; 3]) -> Vec<String> {
+    let paths = [&files.ca, &files.cert, &files.key];
+    names
+        .iter()
+        .zip(paths)
+        .flat_map(|(n, p)| [n.to_string(), p.display().to_string()])
+        .collect()
+}
+
+/// The portal backend: tests/portal_client.py on the grpcio environment install-deps made,
+/// with its certificate (role portal).
+fn portal(
+    d: &DispatcherProc,
+    tls: &TlsFiles,
+    secret: &Path,
+    request_id: &str,
+    args: &[&str],
+) -> Value {
     let python = std::env::var("PORTAL_PYTHON")
         .unwrap_or_else(|_| "/opt/vncdispatch/test-venv/bin/python".into());
     let out = run(Command::new(python)
         .arg(repo("tests/portal_client.py"))
-        .args(["--dispatcher", &d.addr.to_string(), "--secret-file"])
+        .args(["--dispatcher", &d.addr.to_string()])
+        .args(tls_flags(tls, ["--ca", "--cert", "--key"]))
+        .arg("--secret-file")
         .arg(secret)
         .args(["--request-id", request_id])
         .args(args));
     serde_json::from_str(&out).expect("portal client JSON")
 }
 
-/// The operator's CLI against the running dispatcher.
-fn operator(d: &DispatcherProc, secret: &Path, args: &[&str]) -> String {
+/// The operator's CLI against the running dispatcher, with its certificate (role admin).
+fn operator(d: &DispatcherProc, tls: &TlsFiles, secret: &Path, args: &[&str]) -> String {
     // The client options are global options of the subcommands: they go after them.
     run(Command::new(workspace_bin("dispatcher"))
         .args(args)
-        .args([
-            "--dispatcher",
-            &format!("http://{}", d.addr),
-            "--secret-file",
-        ])
+        .args(["--dispatcher", &format!("https://{}", d.addr)])
+        .args(tls_flags(tls, ["--ca", "--cert", "--key"]))
+        .arg("--secret-file")
         .arg(secret))
 }
 
-fn grpcurl(secret: &Path, args: &[&str]) -> String {
-    let bearer = format!(
-        "authorization: Bearer {}",
-        std::fs::read_to_string(secret).expect("secret").trim()
+/// grpcurl as an operator would run it: TLS with the admin certificate.
+fn grpcurl(tls: &TlsFiles, secret: Option<&Path>, args: &[&str]) -> String {
+    let mut cmd = Command::new("grpcurl");
+    cmd.args(tls_flags(tls, ["-cacert", "-cert", "-key"]));
+    if let Some(secret) = secret {
+        let bearer = format!(
+            "authorization: Bearer {}",
+            std::fs::read_to_string(secret).expect("secret").trim()
+        );
+        cmd.args(["-H", &bearer]);
+    }
+    run(cmd.args(args))
+}
+
+/// Asks ws-proxy's HTTPS port for a WebSocket upgrade with `token`; its status line.
+async fn forged_upgrade(proxy: SocketAddr, ca: &Path, token: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use vncdispatch_proto::tls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in vncdispatch_proto::tls::load_certs("--ca", ca).expect("ca") {
+        roots.add(c).expect("root");
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("HTTPS to ws-proxy");
+    let req = format!(
+        "GET /websockify?token={token} HTTP/1.1\r\nHost: {proxy}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     );
-    run(Command::new("grpcurl")
-        .args(["-plaintext", "-H", &bearer])
-        .args(args))
+    tls.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 256];
+    let n = tls.read(&mut buf).await.expect("read");
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
 }
 
 /// The value of the first sample of `series` whose labels contain `labels`, from `curl`.
@@ -117,11 +181,21 @@ async fn scenario(store: Option<String>, blades: Blades, name: &str) {
     new_secret(&agent_secret);
     new_secret(&api_secret);
     let (m_dispatcher, m_proxy) = (metrics_addr(), metrics_addr());
+    // The operator's CA, and a certificate for each service and client.
+    let pki = TestPki::new();
+    let (portal_tls, admin_tls, proxy_tls) = (
+        pki.files(Role::Portal, &[]),
+        pki.files(Role::Admin, &[]),
+        pki.files(Role::Proxy, &[]),
+    );
+    let web_tls = pki.files(Role::Proxy, &["127.0.0.1"]);
 
     let agent = |ip: [u8; 4], m: SocketAddr| {
+        let host = std::net::IpAddr::from(ip).to_string();
         AgentProc::start(AgentOptions {
             ip: ip.into(),
             secret_file: Some(agent_secret.clone()),
+            tls: Some(pki.service(Role::Agent, &host, Role::Dispatcher)),
             session_command: Some(demo_session()),
             extra: vec![
                 "--config".into(),
@@ -167,6 +241,7 @@ async fn scenario(store: Option<String>, blades: Blades, name: &str) {
     let d = DispatcherProc::start(DispatcherOptions {
         mongo: store,
         agent_secret: agent_secret.clone(),
+        tls: Some(pki.service(Role::Dispatcher, "127.0.0.1", Role::Admin)),
         extra,
         ..Default::default()
     })
@@ -176,6 +251,7 @@ async fn scenario(store: Option<String>, blades: Blades, name: &str) {
     let port = |a: &AgentProc| a.addr.port().to_string();
     operator(
         &d,
+        &admin_tls,
         &api_secret,
         &["blade", "add", "b1", "127.0.0.2", "--port", &port(&agent1)],
     );
@@ -183,6 +259,7 @@ async fn scenario(store: Option<String>, blades: Blades, name: &str) {
         (Some(a2), _) => {
             operator(
                 &d,
+                &admin_tls,
                 &api_secret,
                 &["blade", "add", "b2", "127.0.0.3", "--port", &port(a2)],
             );
@@ -191,6 +268,7 @@ async fn scenario(store: Option<String>, blades: Blades, name: &str) {
             let p = s.port.to_string();
             operator(
                 &d,
+                &admin_tls,
                 &api_secret,
                 &[
                     "blade",
@@ -207,17 +285,22 @@ async fn scenario(store: Option<String>, blades: Blades, name: &str) {
         (None, None) => unreachable!("one of the two is set"),
     }
 
-    let proxy = WsProxyProc::start(&[
+    let mut proxy_args = vec![
         "--config".into(),
         repo("deploy/config/ws-proxy.toml"),
         "--dispatcher".into(),
-        format!("http://{}", d.addr),
+        format!("https://{}", d.addr),
         "--dispatcher-secret-file".into(),
         api_secret.display().to_string(),
         "--metrics-listen".into(),
         m_proxy.to_string(),
-    ])
-    .await;
+        "--tls-cert".into(),
+        web_tls.cert.display().to_string(),
+        "--tls-key".into(),
+        web_tls.key.display().to_string(),
+    ];
+    proxy_args.extend(tls_flags(&proxy_tls, ["--ca", "--cert", "--key"]));
+    let proxy = WsProxyProc::start(&proxy_args).await;
 
     // The portal dispatches alice's desktop; the browser shows it.
     let (alice, bob) = (TestUser::create(), TestUser::create());
@@ -226,26 +309,41 @@ async fn scenario(store: Option<String>, blades: Blades, name: &str) {
     let (alice_request, bob_request) = (format!("{request_id}-alice"), format!("{request_id}-bob"));
     let s1 = portal(
         &d,
+        &portal_tls,
         &api_secret,
         &alice_request,
         &["dispatch", &alice.name, "127.0.0.1"],
     );
     let token = s1["token"].as_str().expect("token").to_owned();
-    let password = s1["password"].as_str().expect("password").to_owned();
     let blade1 = s1["blade"].as_str().expect("blade").to_owned();
     assert_ne!(s1["reused"], Value::Bool(true), "{s1}");
+    // HTTPS with the test CA's certificate, which this Chromium does not know.
     let url = format!(
-        "http://{}/vnc.html?autoconnect=1&password={password}&path=websockify?token={token}",
+        "https://{}/vnc.html?autoconnect=1&path=websockify?token={token}",
         proxy.addr
     );
-    assert_shows_desktop(&url, &artifact(&format!("e2e-{name}.png")), &[], &|| {
-        proxy.log()
-    })
+    assert_shows_desktop(
+        &url,
+        &artifact(&format!("e2e-{name}.png")),
+        &["--ignore-certificate-errors"],
+        &|| proxy.log(),
+    )
     .await;
+    // The config's auth-proxy mode: ws-proxy logged in to the desktop itself, over VeNCrypt
+    // pinned to the desktop's certificate where the blade's agent reported one (SSH blades
+    // report none and get VNC authentication).
+    let on_agent = agent_of(&blade1, &agent1, agent2.as_ref()).is_some();
+    assert_eq!(
+        proxy.log().contains("logged in over VeNCrypt"),
+        on_agent,
+        "blade {blade1}: {}",
+        proxy.log()
+    );
 
     // Coming back: same session (grpcurl, as any gRPC tool would).
     let again: Value = serde_json::from_str(&grpcurl(
-        &api_secret,
+        &admin_tls,
+        Some(&api_secret),
         &[
             "-d",
             &format!(r#"{{"username":"{}","remote_ip":"127.0.0.9"}}"#, alice.name),
@@ -257,7 +355,11 @@ async fn scenario(store: Option<String>, blades: Blades, name: &str) {
     assert_eq!(again["token"].as_str(), Some(token.as_str()), "{again}");
     assert_eq!(again["reused"], Value::Bool(true), "{again}");
     assert_eq!(again["remoteIp"].as_str(), Some("127.0.0.9"), "{again}");
-    let services = grpcurl(&api_secret, &[&d.addr.to_string(), "list"]);
+    let services = grpcurl(
+        &admin_tls,
+        Some(&api_secret),
+        &[&d.addr.to_string(), "list"],
+    );
     for s in [
         "vncdispatch.v1.Dispatcher",
         "grpc.health.v1.Health",
@@ -265,19 +367,17 @@ async fn scenario(store: Option<String>, blades: Blades, name: &str) {
     ] {
         assert!(services.contains(s), "reflection lacks {s}: {services}");
     }
-    let agent_services = Command::new("grpcurl")
-        .args(["-plaintext", &agent1.addr.to_string(), "list"])
-        .output()
-        .expect("grpcurl agent");
+    let agent_services = grpcurl(&admin_tls, None, &[&agent1.addr.to_string(), "list"]);
     assert!(
-        String::from_utf8_lossy(&agent_services.stdout).contains("vncdispatch.v1.BladeAgent"),
-        "agent reflection: {agent_services:?}"
+        agent_services.contains("vncdispatch.v1.BladeAgent"),
+        "agent reflection: {agent_services}"
     );
 
     // The operator drains alice's blade; bob lands on the other one.
-    operator(&d, &api_secret, &["blade", "drain", &blade1]);
+    operator(&d, &admin_tls, &api_secret, &["blade", "drain", &blade1]);
     let s2 = portal(
         &d,
+        &portal_tls,
         &api_secret,
         &bob_request,
         &["dispatch", &bob.name, "127.0.0.1"],
@@ -305,7 +405,7 @@ async fn scenario(store: Option<String>, blades: Blades, name: &str) {
     // blade over SSH, the one session on the agent.
     let agents = if agent2.is_some() { 2 } else { 1 };
     assert_eq!(followed, agents, "sessions {s1} and {s2}");
-    let listed = operator(&d, &api_secret, &["blade", "list"]);
+    let listed = operator(&d, &admin_tls, &api_secret, &["blade", "list"]);
     assert!(listed.contains(&blade1), "{listed}");
 
     // Every service's metrics, as curl sees them after the run.
@@ -404,14 +504,14 @@ async fn scenario(store: Option<String>, blades: Blades, name: &str) {
     if agent2.is_some() {
         assert!(metric(m_agent2, "vncdispatch_agent_session_starts_total", "") > 0.0);
     }
-    // Refusals are counted by reason: a forged token.
-    let forged = format!("ws://{}/websockify?token={}", proxy.addr, "ab".repeat(30));
-    assert!(tokio_tungstenite::connect_async(forged).await.is_err());
+    // Refusals are counted by reason: a forged token (over wss, trusting the test CA).
+    let status = forged_upgrade(proxy.addr, &pki.ca(), &"ab".repeat(30)).await;
+    assert!(status.starts_with("HTTP/1.1 403"), "{status}");
     assert!(metric(m_proxy, "vncdispatch_auth_refusals_total", "unknown_token") > 0.0);
 
     // The portal ends both sessions; their desktops go away.
     for u in [&alice, &bob] {
-        let ended = portal(&d, &api_secret, &request_id, &["end", &u.name]);
+        let ended = portal(&d, &portal_tls, &api_secret, &request_id, &["end", &u.name]);
         assert_eq!(ended["ended"], Value::Bool(true), "{ended}");
     }
     let gone = eventually(10, || {
