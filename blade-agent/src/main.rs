@@ -51,8 +51,6 @@ enum Command {
             default_value = "/etc/blade-agent/secret"
         )]
         secret_file: PathBuf,
-        /// Serve Prometheus metrics at http://ADDR/metrics (off unless set; keep it off public
-        /// networks).
         /// CA bundle (PEM) the dispatcher's client certificate must chain to. With --cert and
         /// --key, the agent serves mutual TLS 1.3 and accepts only the `dispatcher` role.
         #[arg(long, env = "BLADE_AGENT_CA")]
@@ -68,6 +66,8 @@ enum Command {
         /// try the shared secret. Only on a network you trust; logged as a warning.
         #[arg(long, env = "BLADE_AGENT_INSECURE_PLAINTEXT")]
         insecure_plaintext: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics (off unless set; keep it off public
+        /// networks).
         #[arg(long, env = "BLADE_AGENT_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
         /// Log lines as JSON objects (for log shippers) instead of text.

@@ -220,9 +220,10 @@ pub(crate) struct ServeArgs {
     /// The dispatcher's private key (PEM, mode 0600).
     #[arg(long, env = "DISPATCHER_KEY")]
     pub(crate) key: Option<PathBuf>,
-    /// Serve plaintext on a non-loopback --listen and reach agents in clear: anyone who
-    /// reaches the port can then take any user's desktop. Only on a network you trust;
-    /// logged as a warning.
+    /// Without --ca/--cert/--key: serve plaintext on a non-loopback --listen, and call agents
+    /// that are not on loopback in clear (their secret and users' passwords then cross the
+    /// network). Anyone who reaches the port can take any user's desktop. Only on a network
+    /// you trust; logged as a warning.
     #[arg(long, env = "DISPATCHER_INSECURE_PLAINTEXT")]
     pub(crate) insecure_plaintext: bool,
     /// How long a token resolves after the user's latest Dispatch.

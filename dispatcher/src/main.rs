@@ -173,14 +173,19 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .map_err(|e| ConfigError(e.to_string()))?;
     let server_tls = tls::server_setup(a.listen, tls_files.as_ref(), a.insecure_plaintext)
         .map_err(ConfigError)?;
-    // The same identity (role dispatcher) is what the agents see; without it agents are
-    // reached in clear, which only --insecure-plaintext or loopback allows.
+    // The same identity (role dispatcher) is what the agents see; without it only agents on
+    // loopback are called (in clear), or any with --insecure-plaintext.
     let agent_tls = match &tls_files {
         Some(files) => Some(Credentials::load(files).map_err(|e| ConfigError(e.to_string()))?),
         None => None,
     };
     let launchers = Launchers {
-        agent: Arc::new(AgentLauncher::new(auth, a.launch_timeout, agent_tls)),
+        agent: Arc::new(AgentLauncher::new(
+            auth,
+            a.launch_timeout,
+            agent_tls,
+            a.insecure_plaintext,
+        )),
         ssh,
     };
     let cfg = DispatchConfig {

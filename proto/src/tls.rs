@@ -245,6 +245,27 @@ pub fn server_setup(
     creds.server_config().map(Some).map_err(|e| e.to_string())
 }
 
+/// True for a host that is this machine by definition: a loopback address (also written
+/// IPv4-mapped, or in brackets) or the name `localhost`. Other names are not resolved: what
+/// they point to can change.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// The scheme (lowercase) and host of a URL, as the HTTP stack will read it; None when it
+/// does not parse.
+pub fn scheme_and_host(url: &str) -> Option<(String, String)> {
+    let uri: tonic::codegen::http::Uri = url.parse().ok()?;
+    Some((
+        uri.scheme_str()?.to_ascii_lowercase(),
+        uri.host()?.to_owned(),
+    ))
+}
+
 /// A gRPC endpoint for `url`. With `tls`, `url` must be `https://` and the connection is
 /// mutual TLS: the server's certificate must chain to the CA and name the URL's host (so a
 /// registered blade's agent is verified for the host it was registered with), and this
@@ -253,7 +274,7 @@ pub fn endpoint(
     url: &str,
     tls: Option<&Credentials>,
 ) -> Result<tonic::transport::Endpoint, TlsError> {
-    let https = url.starts_with("https://");
+    let https = scheme_and_host(url).is_some_and(|(scheme, _)| scheme == "https");
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
         .map_err(|e| TlsError::Config(format!("{url}: {e}")))?;
     match (tls, https) {
@@ -458,6 +479,41 @@ mod tests {
             let health = authorize("/grpc.health.v1.Health/Check", Some(creds.leaf()));
             assert!(health.is_ok(), "{role} health");
         }
+    }
+
+    #[test]
+    fn loopback_hosts_and_url_schemes() {
+        for yes in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "::1",
+            "[::1]",
+            "::ffff:127.0.0.1",
+            "localhost",
+            "LocalHost",
+        ] {
+            assert!(is_loopback_host(yes), "{yes}");
+        }
+        for no in [
+            "0.0.0.0",
+            "::",
+            "10.0.0.5",
+            "localhost.evil.org",
+            "blade1",
+            "",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_loopback_host(no), "{no}");
+        }
+        assert_eq!(
+            scheme_and_host("HTTP://10.0.0.5:7500"),
+            Some(("http".into(), "10.0.0.5".into()))
+        );
+        assert_eq!(
+            scheme_and_host("https://[::1]:7500/x"),
+            Some(("https".into(), "[::1]".into()))
+        );
+        assert_eq!(scheme_and_host("10.0.0.5:7500"), None);
     }
 
     #[test]

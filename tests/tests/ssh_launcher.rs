@@ -367,7 +367,7 @@ async fn every_refusal_kind_gets_the_same_decision_over_grpc_and_ssh() {
 
         // What each launcher makes of it.
         let auth = agent.secret.client_auth().expect("ascii secret");
-        let grpc = AgentLauncher::new(auth, Duration::from_secs(20), None)
+        let grpc = AgentLauncher::new(auth, Duration::from_secs(20), None, false)
             .start(
                 &blade("grpcblade", agent.addr.port(), Method::Agent),
                 &c.username,

@@ -203,17 +203,11 @@ fn main() -> ExitCode {
 /// Refuses plaintext where a network could read it — a non-loopback listener without
 /// --tls-cert, an http:// dispatcher off loopback — unless --insecure-plaintext names it.
 fn plaintext_allowed(a: &ServeArgs) -> Result<(), String> {
+    // Parsed as the HTTP stack will read it (`HTTP://` is http too).
     let dispatcher_in_clear = a.dispatcher.as_deref().and_then(|url| {
-        let rest = url.strip_prefix("http://")?;
-        let host = rest.split(['/', '?']).next().unwrap_or("");
-        let host = match host.rsplit_once(':') {
-            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-            _ => host,
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let loopback =
-            host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        (!loopback).then(|| url.to_owned())
+        let (scheme, host) = vncdispatch_proto::tls::scheme_and_host(url)?;
+        (scheme == "http" && !vncdispatch_proto::tls::is_loopback_host(&host))
+            .then(|| url.to_owned())
     });
     let listen_in_clear = a.tls_cert.is_none() && !a.listen.ip().is_loopback();
     if a.insecure_plaintext {

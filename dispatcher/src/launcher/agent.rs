@@ -30,6 +30,10 @@ pub struct AgentLauncher {
     /// The dispatcher's identity for mutual TLS to agents; None: plaintext (loopback or
     /// --insecure-plaintext only).
     tls: Option<Credentials>,
+    /// Without `tls`, whether agents off loopback may be reached in clear
+    /// (`--insecure-plaintext`): otherwise the secret and passwords never leave this host
+    /// unencrypted.
+    plaintext_off_loopback: bool,
     /// Per-call deadline for starts (stops, checks and health use a shorter one).
     start_timeout: Duration,
     channels: Mutex<HashMap<String, Channel>>,
@@ -39,16 +43,32 @@ impl AgentLauncher {
     /// A launcher sending `auth` to every agent, over mutual TLS with `tls`: an agent must
     /// then present a certificate from the CA valid for its blade's registered host before
     /// anything (the secret, a password) is sent.
-    pub fn new(auth: BearerAuth, start_timeout: Duration, tls: Option<Credentials>) -> Self {
+    /// Without `tls`, only agents on loopback are called, unless `plaintext_off_loopback`.
+    pub fn new(
+        auth: BearerAuth,
+        start_timeout: Duration,
+        tls: Option<Credentials>,
+        plaintext_off_loopback: bool,
+    ) -> Self {
         AgentLauncher {
             auth,
             tls,
+            plaintext_off_loopback,
             start_timeout,
             channels: Mutex::default(),
         }
     }
 
     fn client(&self, blade: &BladeRecord) -> Result<Client, LaunchError> {
+        if self.tls.is_none() && !self.plaintext_off_loopback && !tls::is_loopback_host(&blade.host)
+        {
+            return Err(LaunchError::Blade(format!(
+                "blade {}: not sending the agent secret in clear to {}, which is not loopback; \
+                 give the dispatcher --ca, --cert and --key (mutual TLS to agents), or \
+                 --insecure-plaintext on a network you trust",
+                blade.name, blade.host
+            )));
+        }
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let addr = format!("{scheme}://{}:{}", bracket(&blade.host), blade.port);
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
