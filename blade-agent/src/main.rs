@@ -77,7 +77,8 @@ enum Command {
         desktop: DesktopConfig,
     },
     /// Drop-in for the original `cloudvnc` script, for SSH: reads the VNC password from stdin,
-    /// starts (or finds) the user's desktop and prints `HOST PID DISPLAY`.
+    /// starts (or finds) the user's desktop and prints `HOST PID DISPLAY`, then the SHA-256 of
+    /// the desktop's VeNCrypt certificate when this run started it.
     ///
     /// Exit codes (also of `status` and `stop`), which the dispatcher acts on: 0 started or
     /// found.
@@ -240,7 +241,13 @@ async fn cloudvnc(user: String, desktop: DesktopConfig) -> anyhow::Result<()> {
     let password = password.strip_suffix('\r').unwrap_or(password);
     let agent = Agent::new(desktop)?;
     let server = agent.start_session(&user, password, None).await?;
-    println!("{} {} {}", server.host, server.vnc_pid, server.display);
+    // The original's three fields, then the desktop's certificate pin when it has one (a
+    // reader of the original format takes the first three).
+    let pin = match server.cert_sha256.as_str() {
+        "" => String::new(),
+        pin => format!(" {pin}"),
+    };
+    println!("{} {} {}{pin}", server.host, server.vnc_pid, server.display);
     Ok(())
 }
 

@@ -593,9 +593,14 @@ async fn cloudvnc_prints_host_pid_display_and_fails_clearly() {
         String::from_utf8_lossy(&out.stderr)
     );
     let line = String::from_utf8(out.stdout).expect("utf-8");
+    // The original's `HOST PID DISPLAY`, then the desktop's certificate pin.
     let fields: Vec<&str> = line.trim_end().split(' ').collect();
-    assert_eq!(fields.len(), 3, "{line:?}");
+    assert_eq!(fields.len(), 4, "{line:?}");
     assert_eq!(fields[0], "127.0.0.1");
+    assert!(
+        vncdispatch_proto::vencrypt::CertPin::from_hex(fields[3]).is_ok(),
+        "{line:?}"
+    );
     let pid: u32 = fields[1].parse().expect("pid");
     let display: u32 = fields[2].parse().expect("display");
     assert!(display >= 300);
@@ -611,11 +616,12 @@ async fn cloudvnc_prints_host_pid_display_and_fails_clearly() {
         rfb::login(&addr, "cloudpw1").await.expect("login"),
         Login::Accepted(_)
     ));
-    // Run again: the running desktop is found, not duplicated.
+    // Run again: the running desktop is found, not duplicated. A new process knows no pin
+    // for a desktop an earlier one started (the dispatcher keeps the one it stored).
     let out = cloudvnc(&user.name, "cloudpw2");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim_end(),
-        line.trim_end()
+        fields[..3].join(" ")
     );
     // Failures exit with their refusal kind's code (`cloudvnc --help`), which the SSH
     // launcher acts on; the message is for people.

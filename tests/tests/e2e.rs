@@ -330,12 +330,10 @@ async fn scenario(store: Option<String>, blades: Blades, name: &str) {
     )
     .await;
     // The config's auth-proxy mode: ws-proxy logged in to the desktop itself, over VeNCrypt
-    // pinned to the desktop's certificate where the blade's agent reported one (SSH blades
-    // report none and get VNC authentication).
-    let on_agent = agent_of(&blade1, &agent1, agent2.as_ref()).is_some();
-    assert_eq!(
+    // pinned to the desktop's certificate — on an agent blade and over SSH alike (cloudvnc
+    // prints the pin after `HOST PID DISPLAY`).
+    assert!(
         proxy.log().contains("logged in over VeNCrypt"),
-        on_agent,
         "blade {blade1}: {}",
         proxy.log()
     );

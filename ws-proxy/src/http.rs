@@ -50,6 +50,9 @@ pub struct ProxyConfig {
     pub max_message: usize,
     /// Log in to the VNC server ourselves and offer the browser "None".
     pub auth_proxy: bool,
+    /// In auth-proxy mode, log in with VNC authentication in clear where the session has no
+    /// certificate pin (refused otherwise).
+    pub allow_unpinned: bool,
     /// Relay limits (ping, idle, re-check).
     pub relay: RelayLimits,
     /// How long open sessions may run on after SIGTERM.

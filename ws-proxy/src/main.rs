@@ -118,6 +118,12 @@ struct ServeArgs {
     /// reaches the browser). Needs --dispatcher.
     #[arg(long, env = "WS_PROXY_AUTH_PROXY", requires = "dispatcher")]
     auth_proxy: bool,
+    /// In auth-proxy mode, also log in to desktops whose session carries no certificate pin
+    /// (agents before VeNCrypt, `--rfb-security vnc`) with VNC authentication in clear:
+    /// the challenge, and every keystroke, then cross the network unencrypted. Refused by
+    /// default; each such login is logged as a warning.
+    #[arg(long, env = "WS_PROXY_ALLOW_UNPINNED", requires = "auth_proxy")]
+    allow_unpinned: bool,
     /// After SIGTERM, how long open sessions may continue before they are closed.
     #[arg(long, env = "WS_PROXY_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -292,6 +298,7 @@ async fn serve(
         handshake_timeout: a.handshake_timeout,
         max_message: a.max_message,
         auth_proxy: a.auth_proxy,
+        allow_unpinned: a.allow_unpinned,
         relay: RelayLimits {
             ping_interval: a.ping_interval,
             idle_timeout: a.idle_timeout,

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::Status;
 use vncdispatch_proto::refusal::{self, Scope};
+use vncdispatch_proto::vencrypt::CertPin;
 
 /// How to reach blades over SSH.
 #[derive(Debug, Clone)]
@@ -218,7 +219,12 @@ impl Launcher for SshLauncher {
             .find(|l| !l.trim().is_empty())
             .unwrap_or("");
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let parsed = match fields.as_slice() {
+        // `HOST PID DISPLAY`, then the desktop's certificate pin from agents that make one.
+        let (fields, pin) = match fields.as_slice() {
+            [rest @ .., pin] if rest.len() == 3 => (rest, CertPin::from_hex(pin).ok()),
+            all => (all, None),
+        };
+        let parsed = match fields {
             [host, pid, display] => pid
                 .parse::<u32>()
                 .ok()
@@ -228,7 +234,7 @@ impl Launcher for SshLauncher {
         };
         let (host, vnc_pid, display) = parsed.ok_or_else(|| {
             LaunchError::Blade(format!(
-                "blade {}: expected `HOST PID DISPLAY`, got {:?}",
+                "blade {}: expected `HOST PID DISPLAY [PIN]`, got {:?}",
                 blade.name,
                 line.chars().take(80).collect::<String>()
             ))
@@ -238,7 +244,7 @@ impl Launcher for SshLauncher {
             display,
             port: 5900 + display,
             vnc_pid,
-            cert_sha256: String::new(),
+            cert_sha256: pin.map(|p| p.to_hex()).unwrap_or_default(),
         })
     }
 

@@ -230,7 +230,7 @@ async fn open(proxy: &Proxy, up: &Upgrade) -> Result<stages::Opened, Refusal> {
     let slot = stages::take_slot(&proxy.limits, &up.token, up.client)?;
     let (target, tcp) = stages::connect(proxy.tokens.as_ref(), &up.token, target).await?;
     let upstream = if proxy.cfg.auth_proxy {
-        stages::vnc_login(tcp, &target).await?
+        stages::vnc_login(tcp, &target, proxy.cfg.allow_unpinned).await?
     } else {
         Upstream::Plain(tcp)
     };

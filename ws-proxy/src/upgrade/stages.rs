@@ -142,14 +142,29 @@ fn unreachable(target: &Target) -> Refusal {
 /// In auth-proxy mode, logs in to the VNC server with the session's password, so the
 /// browser never sees it: over VeNCrypt X509Vnc accepting only the desktop's own certificate
 /// when the session has a pin ([`vncdispatch_proto::vencrypt`]; no fallback to VNC
-/// authentication in clear), else VNC authentication ([`crate::authproxy::login`]). 502
-/// `vnc_login_failed` either way.
-pub(super) async fn vnc_login(mut tcp: TcpStream, target: &Target) -> Result<Upstream, Refusal> {
+/// authentication in clear), else — only with `allow_unpinned` — VNC authentication
+/// ([`crate::authproxy::login`]). 502 `vnc_login_failed` either way.
+pub(super) async fn vnc_login(
+    mut tcp: TcpStream,
+    target: &Target,
+    allow_unpinned: bool,
+) -> Result<Upstream, Refusal> {
     let refuse = |e: String| {
         tracing::warn!(error = %e, "auth proxy: VNC login failed");
         Refusal::VNC_LOGIN
     };
     if target.cert_sha256.is_empty() {
+        if !allow_unpinned {
+            return Err(refuse(
+                "the session has no certificate pin (its agent offers no VeNCrypt, or predates \
+                 it); refusing VNC authentication in clear — upgrade the blade's agent, or start \
+                 ws-proxy with --allow-unpinned"
+                    .into(),
+            ));
+        }
+        tracing::warn!(
+            "auth proxy: no certificate pin; VNC authentication in clear (--allow-unpinned)"
+        );
         crate::authproxy::login(&mut tcp, &target.password)
             .await
             .map_err(refuse)?;
