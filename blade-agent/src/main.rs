@@ -153,7 +153,12 @@ fn main() -> ExitCode {
             let tls = match vncdispatch_proto::tls::TlsFiles::from_flags(ca, cert, key)
                 .map_err(|e| e.to_string())
                 .and_then(|files| {
-                    vncdispatch_proto::tls::server_setup(listen, files.as_ref(), insecure_plaintext)
+                    vncdispatch_proto::tls::server_setup(
+                        listen,
+                        files.as_ref(),
+                        insecure_plaintext,
+                        vncdispatch_proto::roles::Role::Agent,
+                    )
                 }) {
                 Ok(tls) => tls,
                 Err(e) => {

@@ -171,8 +171,13 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .map_err(|e| config("--agent-secret-file", e))?;
     let tls_files = TlsFiles::from_flags(a.ca.clone(), a.cert.clone(), a.key.clone())
         .map_err(|e| ConfigError(e.to_string()))?;
-    let server_tls = tls::server_setup(a.listen, tls_files.as_ref(), a.insecure_plaintext)
-        .map_err(ConfigError)?;
+    let server_tls = tls::server_setup(
+        a.listen,
+        tls_files.as_ref(),
+        a.insecure_plaintext,
+        vncdispatch_proto::roles::Role::Dispatcher,
+    )
+    .map_err(ConfigError)?;
     // The same identity (role dispatcher) is what the agents see; without it only agents on
     // loopback are called (in clear), or any with --insecure-plaintext.
     let agent_tls = match &tls_files {

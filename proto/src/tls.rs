@@ -26,10 +26,14 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::Stream;
 
 /// Longest a client may take to finish the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Handshakes under way at once; further connections wait in the kernel's backlog.
 const MAX_HANDSHAKES: usize = 256;
+
+/// Handshakes under way at once from one address: past it, a new connection from there is
+/// closed at once, so one peer opening silent connections cannot hold every slot.
+const MAX_HANDSHAKES_PER_IP: usize = 16;
 
 /// Where a service's TLS material is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,10 +232,15 @@ impl Credentials {
 /// given (None for plaintext), after refusing a plaintext listener on a non-loopback address
 /// without `--insecure-plaintext` ([`crate::serve::check_listen`]). Errors are for the
 /// operator, naming the flag.
+///
+/// The service's own certificate must name `own_role`: an agent started with the
+/// dispatcher's certificate would hand whoever is root on that blade the power to command
+/// every other agent.
 pub fn server_setup(
     listen: std::net::SocketAddr,
     files: Option<&TlsFiles>,
     insecure_plaintext: bool,
+    own_role: crate::roles::Role,
 ) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
     crate::serve::check_listen(listen, files.is_some(), insecure_plaintext)?;
     let Some(files) = files else {
@@ -239,8 +248,22 @@ pub fn server_setup(
     };
     let creds = Credentials::load(files).map_err(|e| e.to_string())?;
     match crate::roles::role_of(creds.leaf()) {
-        Ok(role) => tracing::info!(%role, %listen, "serving mutual TLS 1.3"),
-        Err(e) => tracing::warn!(%listen, "serving mutual TLS 1.3; own certificate: {e}"),
+        Ok(role) if role == own_role => {
+            tracing::info!(%role, %listen, "serving mutual TLS 1.3")
+        }
+        Ok(role) => {
+            return Err(format!(
+                "--cert {} names role {role}; this service needs a certificate of role \
+                 {own_role} (`dispatcher pki issue --role {own_role} …`)",
+                files.cert.display()
+            ));
+        }
+        Err(e) => {
+            return Err(format!(
+                "--cert {}: {e}; this service needs role {own_role}",
+                files.cert.display()
+            ));
+        }
     }
     creds.server_config().map(Some).map_err(|e| e.to_string())
 }
@@ -291,6 +314,42 @@ pub fn endpoint(
     }
 }
 
+/// One handshake's place in the per-address count, given back on drop.
+struct IpSlot {
+    map: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl IpSlot {
+    fn take(
+        map: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<IpSlot> {
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            map: map.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Connections from `listener` that completed a TLS handshake with `config`. Each handshake
 /// runs in its own task under [`HANDSHAKE_TIMEOUT`]; failures are logged and counted
 /// (`vncdispatch_auth_refusals_total{reason="tls_handshake"}`) and never end the stream.
@@ -301,6 +360,8 @@ pub fn tls_incoming(
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+        Arc::default();
     tokio::spawn(async move {
         loop {
             let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -315,10 +376,17 @@ pub fn tls_incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
+            let ip = peer.ip().to_canonical();
+            let Some(slot) = IpSlot::take(&per_ip, ip) else {
+                tracing::info!(%peer, "too many TLS handshakes under way from this address");
+                crate::metrics::auth_refusal("tls_handshakes_per_ip");
+                continue;
+            };
             let acceptor = acceptor.clone();
             let handed = tx.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                let _slot = slot;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let _ = handed.send(Ok(tls)).await;

@@ -162,3 +162,37 @@ fn expired_cert(dir: &Path) -> Credentials {
     })
     .expect("load")
 }
+
+#[tokio::test]
+async fn silent_connections_from_one_address_cannot_hold_every_handshake_slot() {
+    let dir = tempfile::tempdir().expect("dir");
+    pki::init_ca(dir.path(), "ca", pki::CA_VALIDITY).expect("ca");
+    let url = server(&issue(dir.path(), "srv", Role::Dispatcher)).await;
+    let addr = url.trim_start_matches("https://").to_owned();
+    // 300 connections that never say a word, from 127.0.0.1: more than all 256 slots.
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        if let Ok(s) = tokio::net::TcpStream::connect(&addr).await {
+            silent.push(s);
+        }
+    }
+    // A real client from another loopback address still gets through at once.
+    let admin = issue(dir.path(), "admin", Role::Admin);
+    let call = async {
+        let ch = tls::endpoint(&url, Some(&admin))
+            .expect("endpoint")
+            .local_address(Some("127.0.0.2".parse().expect("ip")))
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        HealthClient::new(ch)
+            .check(HealthCheckRequest::default())
+            .await
+            .map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(4), call)
+        .await
+        .expect("a client from elsewhere waited behind one address's silent connections")
+        .expect("health");
+    drop(silent);
+}
