@@ -198,22 +198,21 @@ impl Record {
             .filter(|l| !l.may_be_empty && l.text.trim().is_empty())
             .map(|l| l.name.as_str())
             .collect();
+        // Which logs were searched goes in the observed column: their names (users, how the
+        // wrappers capture stdout) may differ from run to run, what was done may not.
+        let names: Vec<&str> = logs.iter().map(|l| l.name.as_str()).collect();
         let observed = match (leaks.is_empty(), empty.is_empty()) {
-            (true, true) => "none found".to_owned(),
+            (true, true) => format!("none found in {}", names.join(", ")),
             (true, false) => format!("none found, but empty (not captured): {empty:?}"),
             (false, _) => leaks.join(", "),
         };
         self.case(
             "secrets scan",
             &format!(
-                "searched {} processes' argv and environment and {} logs ({} lines: {}) for the {} secrets issued or used in this group",
+                "searched {} processes' argv and environment and {} logs ({} lines) for the {} secrets issued or used in this group",
                 procs.len(),
                 logs.len(),
                 logs.iter().map(|l| l.text.lines().count()).sum::<usize>(),
-                logs.iter()
-                    .map(|l| l.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
                 secrets.len()
             ),
             "none found",
