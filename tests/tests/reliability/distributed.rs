@@ -3,6 +3,7 @@
 //! store's disk full. Afterwards the store and the agents must agree: no desktop orphaned,
 //! none doubled, no session lost.
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -164,6 +165,35 @@ async fn blades_and_dispatcher(rec: &Record, rig: &mut Rig) {
     ]);
 }
 
+/// A dispatcher on `store` (a `mongodb://` URI or a redb file) with `agent` as blade b1.
+async fn dispatcher_on(store: String, secret: &Path, agent: &AgentProc) -> DispatcherProc {
+    let d = DispatcherProc::start(DispatcherOptions {
+        // `mongo` is the --store value, whichever store it names.
+        mongo: Some(store),
+        agent_secret: secret.to_owned(),
+        ..Default::default()
+    })
+    .await;
+    d.add_agent("b1", agent).await;
+    d
+}
+
+/// Dispatches each user once (set-up: a failure fails the test) and keeps their tokens.
+async fn tokens_of(
+    rec: &Record,
+    d: &DispatcherProc,
+    users: &[TestUser],
+) -> HashMap<String, String> {
+    let mut tokens = HashMap::new();
+    for u in users {
+        let s = dispatch_as(rec, d, &u.name)
+            .await
+            .unwrap_or_else(|e| panic!("Dispatch for {} before the fault: {e}", u.name));
+        tokens.insert(u.name.clone(), s.token);
+    }
+    tokens
+}
+
 /// The phases of the store outage, in order, as the traffic loops tell their calls apart.
 const PHASES: [&str; 4] = ["before", "down", "restarting", "back"];
 
@@ -171,23 +201,11 @@ const PHASES: [&str; 4] = ["before", "down", "restarting", "back"];
 /// Dispatch traffic, then started again. Each call is counted by the phase it started in,
 /// so the case shows the outage was felt (calls failed while the store was down) and that
 /// everything recovered (every call after the restart settled succeeded).
-async fn store_outage(rec: &Record, secret: &std::path::Path, agent: &AgentProc) {
+async fn store_outage(rec: &Record, secret: &Path, agent: &AgentProc) {
     let mut db = FerretDb::start().await;
-    let dm = DispatcherProc::start(DispatcherOptions {
-        mongo: Some(db.uri("vncDispatch")),
-        agent_secret: secret.to_owned(),
-        ..Default::default()
-    })
-    .await;
-    dm.add_agent("b1", agent).await;
+    let dm = dispatcher_on(db.uri("vncDispatch"), secret, agent).await;
     let users: Vec<TestUser> = (0..8).map(|_| TestUser::create()).collect();
-    let mut first = HashMap::new();
-    for u in &users {
-        let s = dispatch_as(rec, &dm, &u.name)
-            .await
-            .expect("Dispatch before the outage");
-        first.insert(u.name.clone(), s.token);
-    }
+    let first = tokens_of(rec, &dm, &users).await;
     let stop = Arc::new(AtomicBool::new(false));
     let phase = Arc::new(AtomicU8::new(0));
     let addr = dm.addr;
@@ -278,7 +296,7 @@ async fn store_outage(rec: &Record, secret: &std::path::Path, agent: &AgentProc)
 }
 
 /// The embedded store's disk fills up under a dispatcher, then space returns.
-async fn disk_full(rec: &Record, secret: &std::path::Path, agent: &AgentProc) {
+async fn disk_full(rec: &Record, secret: &Path, agent: &AgentProc) {
     let mnt = tempfile::tempdir().expect("mount point");
     let mounted = Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
@@ -287,22 +305,9 @@ async fn disk_full(rec: &Record, secret: &std::path::Path, agent: &AgentProc) {
         .is_ok_and(|s| s.success());
     assert!(mounted, "mount tmpfs");
     let store = mnt.path().join("dispatcher.redb");
-    let mut df = DispatcherProc::start(DispatcherOptions {
-        // `mongo` is the --store value: here a file on the small tmpfs.
-        mongo: Some(store.display().to_string()),
-        agent_secret: secret.to_owned(),
-        ..Default::default()
-    })
-    .await;
-    df.add_agent("b1", agent).await;
+    let mut df = dispatcher_on(store.display().to_string(), secret, agent).await;
     let users: Vec<TestUser> = (0..4).map(|_| TestUser::create()).collect();
-    let mut tokens = HashMap::new();
-    for u in &users[..2] {
-        let s = dispatch_as(rec, &df, &u.name)
-            .await
-            .expect("Dispatch before the disk fills");
-        tokens.insert(u.name.clone(), s.token);
-    }
+    let mut tokens = tokens_of(rec, &df, &users[..2]).await;
     let filler = mnt.path().join("filler");
     let _ = Command::new("dd")
         .args(["if=/dev/zero", "bs=64k"])
