@@ -22,4 +22,7 @@ cargo build --workspace --quiet
 echo "== cargo test"
 cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"
 echo "== docs/reliability.md from the fault and bad-input suite's records"
-cargo run --quiet -p vncdispatch-tests --bin reliability-report
+# Refuses records that are not one complete run at this commit, and (--check) fails when the
+# cases, what they do, expect or yield differ from the committed report, run-to-run numbers
+# aside; the regenerated file is written either way, for `git diff`.
+cargo run --quiet -p vncdispatch-tests --bin reliability-report -- --check

@@ -1,0 +1,231 @@
+//! Display and process faults on a blade: a stale X lock and socket, every display taken, an
+//! Xvnc that fails or never listens, an Xvnc killed mid-session, and the agent stopped and
+//! restarted under running desktops.
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tonic::Code;
+use vncdispatch_proto::v1::{ResolveTokenRequest, StopSessionRequest};
+use vncdispatch_tests::agent::{AgentOptions, AgentProc};
+use vncdispatch_tests::reliability::attack::{
+    Script, agent_sessions, code, dispatch_as, start, wait_health,
+};
+use vncdispatch_tests::reliability::{Log, Record};
+use vncdispatch_tests::rig::{Rig, UserDesktop};
+use vncdispatch_tests::users::TestUser;
+use vncdispatch_tests::{eventually, procs, require_root_and_tigervnc};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn display_process() {
+    require_root_and_tigervnc();
+    let rec = Record::new("display_process");
+
+    // Stale X lock file and socket of a dead server on the first display of the range.
+    let first = 700 + (std::process::id() % 50) * 4;
+    let agent = AgentProc::start(AgentOptions {
+        displays: Some((first, 2)),
+        ..Default::default()
+    })
+    .await;
+    let lock = PathBuf::from(format!("/tmp/.X{first}-lock"));
+    let sock = PathBuf::from(format!("/tmp/.X11-unix/X{first}"));
+    std::fs::write(&lock, "    999999\n").expect("lock");
+    let _ = std::fs::remove_file(&sock);
+    drop(std::os::unix::net::UnixListener::bind(&sock).expect("socket"));
+    let user = TestUser::create();
+    let mut c = agent.client().await;
+    let r = c.start_session(start(&user.name)).await;
+    rec.faults(1);
+    let display = r.as_ref().map(|s| s.get_ref().display).unwrap_or(0);
+    rec.case(
+        "stale X lock file and socket",
+        &format!("/tmp/.X{first}-lock naming a dead pid and a dead /tmp/.X11-unix/X{first} socket, on a 2-display range"),
+        "the desktop starts (on the stale display or the next)",
+        &format!("{} on :{display}", code(&r)),
+        r.is_ok() && (display == first || display == first + 1),
+    );
+
+    // All displays taken: the next user gets a clear error, health says NOT_SERVING until a
+    // display is free again.
+    let second = TestUser::create();
+    let r2 = c.start_session(start(&second.name)).await;
+    let third = TestUser::create();
+    let r3 = c.start_session(start(&third.name)).await;
+    let full = wait_health(agent.addr, "NotServing", 10).await;
+    let _ = c
+        .stop_session(StopSessionRequest {
+            username: user.name.clone(),
+        })
+        .await;
+    let freed = wait_health(agent.addr, "Serving", 10).await;
+    rec.faults(1);
+    rec.case(
+        "all displays in the range taken",
+        "a third user on a blade with 2 displays, both in use; then one freed",
+        "ResourceExhausted with a message; health NOT_SERVING while full, SERVING once a display is free",
+        &format!(
+            "second {}, third {}: {}; health while full {full}, after {freed}",
+            code(&r2),
+            code(&r3),
+            r3.as_ref().err().map(|e| e.message()).unwrap_or_default()
+        ),
+        r2.is_ok()
+            && r3.as_ref().err().map(|e| e.code()) == Some(Code::ResourceExhausted)
+            && full == "NotServing"
+            && freed == "Serving",
+    );
+    let _ = c
+        .stop_session(StopSessionRequest {
+            username: second.name.clone(),
+        })
+        .await;
+    drop(agent);
+
+    // Xvnc that fails at once, and one that never listens.
+    for (what, body, expected_code) in [
+        (
+            "Xvnc that fails to start",
+            "echo 'no screens found' >&2; exit 1",
+            None,
+        ),
+        (
+            "Xvnc that never binds its port",
+            "exec sleep 600",
+            Some(Code::DeadlineExceeded),
+        ),
+    ] {
+        let fake = Script::new(
+            if expected_code.is_some() {
+                "hang"
+            } else {
+                "fail"
+            },
+            body,
+        );
+        let agent = AgentProc::start(AgentOptions {
+            extra: vec![
+                "--xvnc".into(),
+                fake.0.display().to_string(),
+                "--start-timeout".into(),
+                "2s".into(),
+            ],
+            ..Default::default()
+        })
+        .await;
+        let user = TestUser::create();
+        let started = Instant::now();
+        let r = agent.client().await.start_session(start(&user.name)).await;
+        let took = started.elapsed();
+        rec.faults(1);
+        let left = eventually(5, || procs::of_uid(user.uid).is_empty()).await;
+        let message = r
+            .as_ref()
+            .err()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_default();
+        rec.case(
+            what,
+            &format!(
+                "agent with --xvnc pointing at a script that does `{body}`, --start-timeout 2s"
+            ),
+            "a clear error within the timeout; nothing of the user's left running",
+            &format!(
+                "{} after {:.1} s: {message}; user's processes gone: {left}",
+                code(&r),
+                took.as_secs_f64()
+            ),
+            r.is_err()
+                && expected_code.is_none_or(|c| r.as_ref().err().map(|e| e.code()) == Some(c))
+                && took < Duration::from_secs(15)
+                && left,
+        );
+    }
+
+    // Xvnc crash mid-session: the next Dispatch notices and starts a new one.
+    let s = Rig::with_dispatcher_args(&[]).await;
+    let UserDesktop {
+        user,
+        client: mut d,
+        session: first,
+    } = s.user_with_desktop("192.0.2.1").await;
+    rec.session(&first);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.vnc_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    rec.faults(1);
+    let gone = eventually(5, || procs::xvnc_of(user.uid).is_empty()).await;
+    let second = dispatch_as(&rec, &s.dispatcher, &user.name)
+        .await
+        .expect("Dispatch");
+    let old = d
+        .resolve_token(ResolveTokenRequest {
+            token: first.token.clone(),
+        })
+        .await;
+    let xvnc = procs::xvnc_of(user.uid).len();
+    rec.duplicated(xvnc.saturating_sub(1) as u64);
+    rec.case(
+        "Xvnc killed mid-session",
+        "SIGKILL to the user's Xvnc, then Dispatch again",
+        "reaped; a new desktop (new pid, new token); the old token refused; one Xvnc",
+        &format!(
+            "reaped: {gone}; new pid {} (was {}), reused={}, old token {}; {xvnc} Xvnc",
+            second.vnc_pid,
+            first.vnc_pid,
+            second.reused,
+            code(&old)
+        ),
+        gone && second.vnc_pid != first.vnc_pid
+            && !second.reused
+            && second.token != first.token
+            && old.as_ref().err().map(|e| e.code()) == Some(Code::NotFound)
+            && xvnc == 1,
+    );
+
+    // Agent stopped (SIGTERM) with desktops running, then restarted: re-adopted, none doubled.
+    let mut s = s;
+    let other = TestUser::create();
+    let other_first = dispatch_as(&rec, &s.dispatcher, &other.name)
+        .await
+        .expect("Dispatch");
+    s.agents[0].stop();
+    rec.faults(1);
+    let survived = procs::xvnc_of(user.uid).len() == 1 && procs::xvnc_of(other.uid).len() == 1;
+    s.agents[0].restart().await;
+    // A listing that fails fails the case, with its error shown.
+    let adopted = agent_sessions(s.agent())
+        .await
+        .map(|v| v.into_iter().map(|v| v.vnc_pid).collect::<HashSet<u32>>());
+    let again = dispatch_as(&rec, &s.dispatcher, &user.name)
+        .await
+        .expect("Dispatch");
+    let dup = procs::xvnc_of(user.uid).len() + procs::xvnc_of(other.uid).len();
+    rec.duplicated(dup.saturating_sub(2) as u64);
+    rec.lost(u64::from(again.token != second.token));
+    rec.case(
+        "agent SIGTERM with desktops running, then restart",
+        "two users' desktops running; systemctl-style stop of the agent, start again, Dispatch again",
+        "desktops keep running while the agent is down; re-adopted after (same pids); Dispatch returns the same session; no duplicates",
+        &format!(
+            "survived: {survived}; adopted pids {} (expected {} and {}); same session again: {}; {dup} Xvnc for 2 users",
+            adopted
+                .as_ref()
+                .map_or_else(|e| format!("unknown (agent ListSessions failed: {e})"), |a| format!("{a:?}")),
+            second.vnc_pid,
+            other_first.vnc_pid,
+            again.token == second.token && again.reused
+        ),
+        survived
+            && adopted
+                .as_ref()
+                .is_ok_and(|a| a.contains(&second.vnc_pid) && a.contains(&other_first.vnc_pid))
+            && again.token == second.token
+            && dup == 2,
+    );
+    rec.scan_secrets(&[
+        Log::new("dispatcher log", s.dispatcher.log()),
+        Log::new("agent log", s.agent().log()),
+    ]);
+    rec.finish();
+}
