@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 /// The groups in the order the report shows them, with their headings.
-pub const GROUPS: [(&str, &str); 8] = [
+pub const GROUPS: [(&str, &str); 9] = [
     ("bad_input", "Bad input to every RPC and CLI"),
     ("filesystem", "Filesystem attacks on the agent"),
     ("display_process", "Display and process faults"),
@@ -26,6 +26,10 @@ pub const GROUPS: [(&str, &str); 8] = [
     ("websocket", "WebSocket abuse"),
     ("load", "Concurrency under load"),
     ("secrets", "Secrets"),
+    (
+        "attacks",
+        "Attacks on identities and encryption (mutual TLS, roles, VeNCrypt)",
+    ),
 ];
 
 /// One run's records, one per group in [`GROUPS`] order.
@@ -265,8 +269,12 @@ mod tests {
     fn one_current_run_is_accepted_and_counted() {
         let r = from_docs(docs("1-2", "abc", true, "x"), "abc").expect("records");
         let (md, passed, all) = render(&r);
-        assert_eq!((passed, all), (8, 8));
-        assert!(md.contains("| bad inputs tried | 24 |"), "{md}");
+        let n = GROUPS.len();
+        assert_eq!((passed, all), (n, n));
+        assert!(
+            md.contains(&format!("| bad inputs tried | {} |", 3 * n)),
+            "{md}"
+        );
         assert!(md.contains("Run `1-2` at commit `abc`"), "{md}");
     }
 

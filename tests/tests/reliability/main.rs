@@ -13,9 +13,11 @@
 //! - [`websocket`]: WebSocket and HTTP abuse of ws-proxy, and its restart under load.
 //! - [`load`]: many clients over many users with a dispatcher restart.
 //! - [`secrets`]: every path a secret travels, then a search for it everywhere.
+//! - [`attacks`]: identities and encryption: roles, certificates, plaintext, fake agents.
 //!
 //! Helpers more than one group uses live in `vncdispatch_tests::reliability::{attack, ws}`.
 //! `RELIABILITY_SOAK=1` makes the load case longer; its short form runs every time.
+mod attacks;
 mod bad_input;
 mod display_process;
 mod distributed;

@@ -1,8 +1,11 @@
-//! Every hop authenticated and encrypted, against the real programs: a dispatcher and agents
-//! serving mutual TLS with certificates from `dispatcher pki`, each role tried on every RPC,
-//! clients without the right certificate refused, a fake agent registered as a blade given
-//! nothing, an agent with a certificate for another host given no sessions, and plaintext on a
-//! non-loopback address refused unless named.
+//! Attacks on identities and encryption, against the real programs: a dispatcher and agents
+//! serving mutual TLS with certificates from `dispatcher pki`, each role tried on every RPC
+//! (the original attack: a caller without the right role registering a blade or starting a
+//! desktop), clients without the right certificate refused, a fake agent registered as a
+//! blade given nothing, an agent with a certificate for another host given no sessions,
+//! plaintext on a non-loopback address refused unless named, a service given another role's
+//! certificate, ws-proxy told to reach a remote dispatcher in clear. Each scenario runs in a
+//! task of its own: its assertions become the case's result.
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -21,6 +24,7 @@ use vncdispatch_proto::v1::{
 use vncdispatch_tests::agent::{AgentOptions, AgentProc, free_port, new_secret};
 use vncdispatch_tests::dispatcher::{DispatcherOptions, DispatcherProc};
 use vncdispatch_tests::pki::TestPki;
+use vncdispatch_tests::reliability::Record;
 use vncdispatch_tests::users::TestUser;
 use vncdispatch_tests::{require_root_and_tigervnc, workspace_bin};
 
@@ -76,8 +80,7 @@ fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn each_role_may_call_exactly_its_rpcs_on_the_dispatcher_and_the_agent() {
+async fn role_matrix() -> String {
     let rig = tls_rig(1).await;
     let user = TestUser::create();
     // A real session first, through TLS end to end (portal → dispatcher → agent).
@@ -232,6 +235,10 @@ async fn each_role_may_call_exactly_its_rpcs_on_the_dispatcher_and_the_agent() {
         logged.contains("needs role"),
         "refusals are logged:\n{logged}"
     );
+    format!(
+        "{} roles x 8 Dispatcher RPCs and 4 BladeAgent RPCs: allowed exactly as the table, PERMISSION_DENIED naming the role elsewhere; the desktop untouched",
+        Role::ALL.len()
+    )
 }
 
 async fn health(addr: SocketAddr, tls: Option<&Credentials>) -> Result<(), String> {
@@ -248,8 +255,7 @@ async fn health(addr: SocketAddr, tls: Option<&Credentials>) -> Result<(), Strin
         .map_err(|s| format!("{s:?}"))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn clients_without_a_good_certificate_are_refused() {
+async fn refused_clients() -> String {
     let rig = tls_rig(1).await;
     let addr = rig.dispatcher.addr;
     // Plaintext to the TLS port.
@@ -283,6 +289,7 @@ async fn clients_without_a_good_certificate_are_refused() {
     health(addr, Some(&rig.pki.creds(Role::Admin)))
         .await
         .expect("admin");
+    "plaintext HTTP/2, TLS without a client certificate and a certificate from another CA: all refused; the CA's admin certificate answered".to_owned()
 }
 
 /// A TCP listener that records what any client sends it (the fake agent).
@@ -312,8 +319,7 @@ async fn recorder() -> (SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>, Arc<AtomicBo
     (addr, seen, contacted)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_fake_agent_registered_as_a_blade_gets_no_secret_and_no_session() {
+async fn fake_agent() -> String {
     let rig = tls_rig(1).await;
     let (fake, seen, contacted) = recorder().await;
     let admin = rig.pki.creds(Role::Admin);
@@ -357,10 +363,14 @@ async fn a_fake_agent_registered_as_a_blade_gets_no_secret_and_no_session() {
     );
     // What it got is a TLS ClientHello (record type 22), nothing in clear.
     assert_eq!(bytes.first(), Some(&22), "first byte {:?}", bytes.first());
+    format!(
+        "{} users all on b1; the fake saw {} bytes starting with a TLS ClientHello, no secret, no gRPC request",
+        users.len(),
+        bytes.len()
+    )
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_agent_whose_certificate_names_another_host_gets_no_session() {
+async fn misnamed_agent() -> String {
     let rig = tls_rig(1).await;
     // The same real agent registered under another name for its address: IPv4-mapped IPv6
     // reaches the same socket, but the certificate names 127.0.0.2 only. To the dispatcher
@@ -407,10 +417,11 @@ async fn an_agent_whose_certificate_names_another_host_gets_no_session() {
         log.contains("NotValidForName") || log.contains("not valid for"),
         "the log does not say the certificate names another host:\n{log}"
     );
+    "UNAVAILABLE, no Xvnc started; the dispatcher log names the certificate error (NotValidForName)"
+        .to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn plaintext_on_a_non_loopback_address_is_refused_unless_named() {
+async fn plaintext_off_loopback() -> String {
     let dir = tempfile::tempdir().expect("dir");
     let secret = dir.path().join("secret");
     new_secret(&secret);
@@ -480,4 +491,134 @@ async fn plaintext_on_a_non_loopback_address_is_refused_unless_named() {
             "{bin} did not warn: {log}"
         );
     }
+    "dispatcher and blade-agent: exit 64 naming --ca/--cert/--key, loopback and --insecure-plaintext; with --insecure-plaintext both listen and log a WARN".to_owned()
+}
+
+/// A service handed a certificate of another role refuses to start: an agent holding the
+/// dispatcher's certificate would let root on that blade command every other agent.
+async fn wrong_own_role() -> String {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("dir");
+    let secret = dir.path().join("secret");
+    new_secret(&secret);
+    let files = pki.files(Role::Dispatcher, &["127.0.0.1"]);
+    let out = Command::new(workspace_bin("blade-agent"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--secret-file"])
+        .arg(&secret)
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .arg("--ca")
+        .arg(&files.ca)
+        .arg("--cert")
+        .arg(&files.cert)
+        .arg("--key")
+        .arg(&files.key)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("role dispatcher") && err.contains("role agent"),
+        "{err}"
+    );
+    "blade-agent with a dispatcher-role certificate: exit 64 naming both roles".to_owned()
+}
+
+/// ws-proxy told to resolve tokens at a dispatcher off loopback in clear, however the
+/// scheme is spelled, refuses to start.
+async fn proxy_to_a_remote_dispatcher_in_clear() -> String {
+    let mut seen = Vec::new();
+    for url in [
+        "http://192.0.2.10:7500",
+        "HTTP://192.0.2.10:7500",
+        "http://[2001:db8::1]:7500",
+    ] {
+        let out = Command::new(workspace_bin("ws-proxy"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--dispatcher", url])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{url}: {err}");
+        assert!(err.contains("in clear"), "{url}: {err}");
+        seen.push(url);
+    }
+    format!(
+        "{}: exit 64, naming --ca/--cert/--key and https://",
+        seen.join(", ")
+    )
+}
+
+/// The panic message of a scenario that failed.
+fn panic_text(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panicked".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
+type Scenario = std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attacks() {
+    require_root_and_tigervnc();
+    let rec = Record::new("attacks");
+    let cases: Vec<(&str, &str, &str, Scenario)> = vec![
+        (
+            "Role x RPC matrix",
+            "each role's certificate (portal, proxy, admin, dispatcher, agent) calls every Dispatcher and BladeAgent RPC over mutual TLS; a portal dispatches a real desktop first",
+            "portal: Dispatch, EndSession; proxy: ResolveToken; admin: every Dispatcher RPC; dispatcher: only BladeAgent; PERMISSION_DENIED naming the role elsewhere (so no AddBlade, no StartSession without the role)",
+            Box::pin(role_matrix()),
+        ),
+        (
+            "Clients without a good certificate",
+            "plaintext to the TLS port; TLS without a client certificate; an admin certificate from another CA",
+            "each refused; the real admin certificate answers",
+            Box::pin(refused_clients()),
+        ),
+        (
+            "A fake agent registered as a blade",
+            "an admin registers a blade whose address is a recorder; three users dispatch",
+            "no session on it; it receives a TLS ClientHello and nothing else (no agent secret, no request)",
+            Box::pin(fake_agent()),
+        ),
+        (
+            "An agent with another host's certificate",
+            "the only undrained blade is registered under an address its agent's certificate does not name",
+            "no session, no Xvnc; the dispatcher's log says why",
+            Box::pin(misnamed_agent()),
+        ),
+        (
+            "Plaintext off loopback",
+            "dispatcher and blade-agent on 0.0.0.0 without TLS, then with --insecure-plaintext",
+            "refused (64) naming the ways forward; with the flag, serving and warning",
+            Box::pin(plaintext_off_loopback()),
+        ),
+        (
+            "A certificate of another role",
+            "blade-agent started with the dispatcher's certificate",
+            "refused at start (64)",
+            Box::pin(wrong_own_role()),
+        ),
+        (
+            "ws-proxy to a remote dispatcher in clear",
+            "ws-proxy --dispatcher http://, HTTP:// and an IPv6 http:// URL off loopback, no TLS flags",
+            "refused at start (64)",
+            Box::pin(proxy_to_a_remote_dispatcher_in_clear()),
+        ),
+    ];
+    let tried = cases.len() as u64;
+    for (case, done, expected, scenario) in cases {
+        match tokio::spawn(scenario).await {
+            Ok(observed) => rec.case(case, done, expected, &observed, true),
+            Err(e) => rec.case(case, done, expected, &panic_text(e), false),
+        }
+    }
+    rec.bad_inputs(tried);
+    rec.finish();
 }
