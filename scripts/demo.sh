@@ -67,7 +67,7 @@ export DISPATCHER_CLIENT_CA="$PKI/ca.pem" DISPATCHER_CLIENT_CERT="$PKI/admin.pem
 # Browsers reach ws-proxy over plain HTTP in the demo; off loopback that must be said.
 insecure=()
 case "$DEMO_LISTEN_IP" in
-  127.*|::1|localhost) ;;
+  127.*) ;;
   *) insecure=(--insecure-plaintext); say "ws-proxy on $DEMO_LISTEN_IP serves plain HTTP (--insecure-plaintext); use --tls-cert/--tls-key beyond a demo" ;;
 esac
 
