@@ -13,6 +13,7 @@
 //! - [`seal`], [`secrets`]: sealing stored secrets; making tokens and passwords.
 //! - [`error`]: the dispatcher's errors and their gRPC statuses.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod clock;
 pub mod dispatch;

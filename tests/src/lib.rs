@@ -15,6 +15,8 @@
 //! - [`wsproxy`]: a `ws-proxy serve` process, and the demo desktop session.
 //! - [`pki`]: a throwaway CA (the product's own `pki`) and TLS settings for the wrappers.
 //! - [`procs`]: what /proc says about a user's processes.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 pub mod agent;
 pub mod browser;
 pub mod child;

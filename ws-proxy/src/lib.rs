@@ -9,6 +9,7 @@
 //! - [`token`]: where a token leads (the dispatcher, or websockify token files).
 //! - [`limits`]: per-token and per-IP connection limits.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 pub mod authproxy;
 pub mod http;
 pub mod limits;
