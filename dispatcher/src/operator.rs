@@ -8,6 +8,7 @@ use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use vncdispatch_proto::bearer::{BearerAuth, SharedSecret};
+use vncdispatch_proto::roles::Role;
 use vncdispatch_proto::tls::{self, Credentials, TlsFiles};
 use vncdispatch_proto::v1::dispatcher_client::DispatcherClient;
 use vncdispatch_proto::v1::{
@@ -33,18 +34,29 @@ async fn client(c: &ClientArgs) -> anyhow::Result<Client> {
         Some(files) => Some(Credentials::load(&files).map_err(|e| ConfigError(e.to_string()))?),
         None => None,
     };
-    let channel = tls::endpoint(&c.dispatcher, tls.as_ref())
-        .map_err(|e| ConfigError(format!("--dispatcher {}: {e}", c.dispatcher)))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the dispatcher at {}", c.dispatcher))?;
+    // With TLS the server must prove a certificate naming role dispatcher, not merely one
+    // for its host name.
+    let channel = tls::dial(&c.dispatcher, tls.as_ref(), Role::Dispatcher, |e| {
+        e.connect_timeout(Duration::from_secs(5))
+    })
+    .map_err(|e| ConfigError(format!("--dispatcher {}: {e}", c.dispatcher)))?
+    .connect()
+    .await
+    .with_context(|| format!("connecting to the dispatcher at {}", c.dispatcher))?;
     Ok(DispatcherClient::with_interceptor(channel, auth))
 }
 
-/// Turns a gRPC status into a one-line error for people.
+/// Turns a gRPC status into a one-line error for people, with the causes of a transport
+/// failure (an unreachable dispatcher, a certificate it would not accept, or one of ours).
 fn said(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    let mut causes = String::new();
+    let mut next = std::error::Error::source(&s);
+    while let Some(e) = next {
+        causes.push_str(": ");
+        causes.push_str(&e.to_string());
+        next = e.source();
+    }
+    anyhow::anyhow!("{:?}: {}{causes}", s.code(), s.message())
 }
 
 pub(crate) async fn dispatch(

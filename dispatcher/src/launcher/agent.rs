@@ -15,6 +15,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use vncdispatch_proto::bearer::BearerAuth;
 use vncdispatch_proto::refusal::{self, Scope};
+use vncdispatch_proto::roles::Role;
 use vncdispatch_proto::tls::{self, Credentials};
 use vncdispatch_proto::v1::blade_agent_client::BladeAgentClient;
 use vncdispatch_proto::v1::{
@@ -75,13 +76,16 @@ impl AgentLauncher {
         let channel = match channels.get(&addr) {
             Some(c) => c.clone(),
             None => {
-                let c = tls::endpoint(&addr, self.tls.as_ref())
-                    .map_err(|e| LaunchError::Blade(format!("bad agent address {addr}: {e}")))?
-                    .connect_timeout(Duration::from_secs(3))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(30))
-                    .keep_alive_while_idle(true)
-                    .connect_lazy();
+                // With TLS the agent must prove a certificate for the blade's registered host
+                // that names role agent: another role's key for that name is not an agent.
+                let c = tls::dial(&addr, self.tls.as_ref(), Role::Agent, |e| {
+                    e.connect_timeout(Duration::from_secs(3))
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(Duration::from_secs(30))
+                        .keep_alive_while_idle(true)
+                })
+                .map_err(|e| LaunchError::Blade(format!("bad agent address {addr}: {e}")))?
+                .lazy();
                 channels.insert(addr, c.clone());
                 c
             }

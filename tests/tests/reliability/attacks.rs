@@ -494,6 +494,67 @@ async fn plaintext_off_loopback() -> String {
     "dispatcher and blade-agent: exit 64 naming --ca/--cert/--key, loopback and --insecure-plaintext; with --insecure-plaintext both listen and log a WARN".to_owned()
 }
 
+/// A TLS server with a certificate from the CA, valid for the blade's host, but of role
+/// portal (someone else's key for that name), registered as a blade: the dispatcher checks the
+/// role too, so it gets no secret and no session.
+async fn agent_of_another_role() -> String {
+    let rig = tls_rig(1).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let impostor = rig.pki.creds(Role::Portal);
+    let (_health, health_service) = tonic_health::server::health_reporter();
+    let router = vncdispatch_proto::serve::server(std::time::Duration::from_secs(10), true)
+        .add_service(health_service);
+    let cfg = impostor.server_config().expect("server config");
+    tokio::spawn(vncdispatch_proto::serve::serve(
+        router,
+        listener,
+        Some(cfg),
+        std::future::pending(),
+    ));
+    let admin = rig.pki.creds(Role::Admin);
+    let mut d = rig.dispatcher.client_as(Some(&admin)).await;
+    d.drain_blade(DrainBladeRequest {
+        name: "b1".into(),
+        draining: true,
+    })
+    .await
+    .expect("drain b1");
+    d.add_blade(AddBladeRequest {
+        name: "impostor".into(),
+        host: addr.ip().to_string(),
+        port: u32::from(addr.port()),
+        method: 1,
+    })
+    .await
+    .expect("register");
+    let user = TestUser::create();
+    let portal = rig.pki.creds(Role::Portal);
+    let got = rig
+        .dispatcher
+        .client_as(Some(&portal))
+        .await
+        .dispatch(DispatchRequest {
+            username: user.name.clone(),
+            remote_ip: "192.0.2.9".into(),
+        })
+        .await;
+    assert_eq!(
+        code(got),
+        Code::Unavailable,
+        "a session landed on the impostor"
+    );
+    let log = rig.dispatcher.log();
+    assert!(
+        log.contains("role portal, not agent"),
+        "the log does not say why:\n{log}"
+    );
+    "UNAVAILABLE; the dispatcher's log: the server's certificate is role portal, not agent"
+        .to_owned()
+}
+
 /// A service handed a certificate of another role refuses to start: an agent holding the
 /// dispatcher's certificate would let root on that blade command every other agent.
 async fn wrong_own_role() -> String {
@@ -598,6 +659,12 @@ async fn attacks() {
             "dispatcher and blade-agent on 0.0.0.0 without TLS, then with --insecure-plaintext",
             "refused (64) naming the ways forward; with the flag, serving and warning",
             Box::pin(plaintext_off_loopback()),
+        ),
+        (
+            "A server of another role as a blade",
+            "a TLS server whose certificate is from the CA and valid for its address, but of role portal, registered as the only blade",
+            "no session; the dispatcher's log names the role it found",
+            Box::pin(agent_of_another_role()),
         ),
         (
             "A certificate of another role",

@@ -35,12 +35,19 @@ impl DispatcherTokens {
         positive_ttl: Duration,
         negative_ttl: Duration,
     ) -> Result<Self, String> {
-        let channel = vncdispatch_proto::tls::endpoint(url, tls)
-            .map_err(|e| format!("dispatcher URL {url}: {e}"))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        // With TLS the dispatcher must prove a certificate naming role dispatcher.
+        let channel = vncdispatch_proto::tls::dial(
+            url,
+            tls,
+            vncdispatch_proto::roles::Role::Dispatcher,
+            |e| {
+                e.connect_timeout(Duration::from_secs(3))
+                    .timeout(Duration::from_secs(5))
+                    .tcp_nodelay(true)
+            },
+        )
+        .map_err(|e| format!("dispatcher URL {url}: {e}"))?
+        .lazy();
         Ok(DispatcherTokens {
             client: DispatcherClient::with_interceptor(channel, auth),
             positive_ttl,
