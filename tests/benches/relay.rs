@@ -5,13 +5,11 @@
 //! Run: `cargo bench -p vncdispatch-tests --bench relay` (BENCH_MIB per throughput cell,
 //! default 64; BENCH_IDLE idle connections for ws-proxy, default 10000 or what the file
 //! descriptor limit allows).
-use futures_util::{SinkExt, StreamExt};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
 use vncdispatch_tests::agent::free_port;
+use vncdispatch_tests::bench::{self, Conn, wait_port};
 use vncdispatch_tests::workspace_bin;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -36,16 +34,6 @@ impl Drop for Setup {
             let _ = c.wait();
         }
     }
-}
-
-async fn wait_port(port: u16) {
-    for _ in 0..500 {
-        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("port {port} never opened");
 }
 
 async fn setup() -> Setup {
@@ -96,12 +84,6 @@ async fn setup() -> Setup {
     }
 }
 
-/// One connection, either raw TCP or WebSocket through a proxy.
-enum Conn {
-    Tcp(TcpStream),
-    Ws(Box<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>>),
-}
-
 async fn connect(s: &Setup, way: Way) -> Conn {
     let port = match way {
         Way::Raw => {
@@ -115,111 +97,7 @@ async fn connect(s: &Setup, way: Way) -> Conn {
         Way::Websockify => s.websockify,
     };
     let url = format!("ws://127.0.0.1:{port}/websockify?token=bench");
-    let mut req =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
-            .expect("req");
-    req.headers_mut()
-        .insert("sec-websocket-protocol", "binary".parse().expect("hv"));
-    let (ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("ws connect");
-    Conn::Ws(Box::new(ws))
-}
-
-/// Sends `total` bytes in `msg`-byte messages and reads the echo; returns bytes/s.
-async fn pump(conn: Conn, msg: usize, total: usize) -> usize {
-    let payload = vec![7u8; msg];
-    let n = total / msg;
-    match conn {
-        Conn::Tcp(t) => {
-            let (mut r, mut w) = t.into_split();
-            let writer = tokio::spawn(async move {
-                for _ in 0..n {
-                    w.write_all(&payload).await.expect("write");
-                }
-                w
-            });
-            let mut got = 0;
-            let mut buf = vec![0u8; 256 * 1024];
-            while got < n * msg {
-                got += r.read(&mut buf).await.expect("read");
-            }
-            let _ = writer.await;
-            got
-        }
-        Conn::Ws(ws) => {
-            let (mut sink, mut stream) = ws.split();
-            let writer = tokio::spawn(async move {
-                for _ in 0..n {
-                    sink.send(Message::Binary(payload.clone().into()))
-                        .await
-                        .expect("send");
-                }
-                sink
-            });
-            let mut got = 0;
-            while got < n * msg {
-                match stream.next().await {
-                    Some(Ok(Message::Binary(b))) => got += b.len(),
-                    Some(Ok(_)) => {}
-                    other => panic!("relay ended: {other:?}"),
-                }
-            }
-            let _ = writer.await;
-            got
-        }
-    }
-}
-
-async fn throughput(s: &Setup, way: Way, msg: usize, conns: usize, mib: usize) -> f64 {
-    let mut cs = Vec::new();
-    for _ in 0..conns {
-        cs.push(connect(s, way).await);
-    }
-    let per = mib * 1024 * 1024 / conns;
-    let t = Instant::now();
-    let tasks: Vec<_> = cs
-        .into_iter()
-        .map(|c| tokio::spawn(pump(c, msg, per)))
-        .collect();
-    let mut bytes = 0;
-    for task in tasks {
-        bytes += task.await.expect("pump");
-    }
-    bytes as f64 / t.elapsed().as_secs_f64() / (1024.0 * 1024.0)
-}
-
-async fn round_trips(s: &Setup, way: Way, n: usize) -> (f64, f64) {
-    let mut lat = Vec::with_capacity(n);
-    match connect(s, way).await {
-        Conn::Tcp(mut t) => {
-            let mut buf = [0u8; 64];
-            for _ in 0..n {
-                let start = Instant::now();
-                t.write_all(&[1u8; 64]).await.expect("write");
-                t.read_exact(&mut buf).await.expect("read");
-                lat.push(start.elapsed());
-            }
-        }
-        Conn::Ws(mut ws) => {
-            for _ in 0..n {
-                let start = Instant::now();
-                ws.send(Message::Binary(vec![1u8; 64].into()))
-                    .await
-                    .expect("send");
-                let mut got = 0;
-                while got < 64 {
-                    if let Some(Ok(Message::Binary(b))) = ws.next().await {
-                        got += b.len();
-                    }
-                }
-                lat.push(start.elapsed());
-            }
-        }
-    }
-    lat.sort();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
-    (us(lat[n / 2]), us(lat[n * 99 / 100]))
+    Conn::Ws(Box::new(bench::ws_connect(&url).await.expect("ws connect")))
 }
 
 fn rss_kib(pids: &[u32]) -> u64 {
@@ -267,22 +145,8 @@ async fn idle_kib_per_conn(s: &Setup, way: Way, pid: u32, n: usize) -> f64 {
     after.saturating_sub(before) as f64 / n as f64
 }
 
-async fn opens_per_sec(s: &Setup, way: Way, secs: f64) -> f64 {
-    let t = Instant::now();
-    let mut n = 0;
-    while t.elapsed().as_secs_f64() < secs {
-        let c = connect(s, way).await;
-        drop(c);
-        n += 1;
-    }
-    n as f64 / t.elapsed().as_secs_f64()
-}
-
 fn main() {
-    let mib: usize = std::env::var("BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
+    let mib = bench::mib_per_cell();
     // Each idle connection costs this process two descriptors (client and echo side): stay
     // within the hard limit (20,000 on these machines).
     let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
@@ -303,13 +167,13 @@ fn main() {
         for (msg, conns) in [(65536, 1), (65536, 8), (1024, 1), (1024, 8)] {
             let mut cells = Vec::new();
             for (_, w) in ways {
-                cells.push(throughput(&s, w, msg, conns, mib).await);
+                cells.push(bench::throughput(|| connect(&s, w), msg, conns, mib).await);
             }
             println!("{:<34} {:>12.0} {:>12.0} {:>12.0}", format!("MiB/s, {} KiB msgs, {conns} conn", msg / 1024), cells[0], cells[1], cells[2]);
         }
         let mut rt_cells = Vec::new();
         for (_, w) in ways {
-            rt_cells.push(round_trips(&s, w, 5000).await);
+            rt_cells.push(bench::round_trips(connect(&s, w).await, 5000).await);
         }
         println!("{:<34} {:>12.0} {:>12.0} {:>12.0}", "round trip p50 µs, 64 B", rt_cells[0].0, rt_cells[1].0, rt_cells[2].0);
         println!("{:<34} {:>12.0} {:>12.0} {:>12.0}", "round trip p99 µs, 64 B", rt_cells[0].1, rt_cells[1].1, rt_cells[2].1);
@@ -321,7 +185,7 @@ fn main() {
         // Last: it leaves tens of thousands of loopback ports in TIME_WAIT.
         let mut open_cells = Vec::new();
         for (_, w) in ways {
-            open_cells.push(opens_per_sec(&s, w, 2.0).await);
+            open_cells.push(bench::opens_per_sec(|| connect(&s, w), 2.0).await);
         }
         println!("{:<34} {:>12.0} {:>12.0} {:>12.0}", "connections opened per s", open_cells[0], open_cells[1], open_cells[2]);
     });

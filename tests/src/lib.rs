@@ -7,10 +7,15 @@
 //! - [`child`]: one child process (spawn, log, readiness, stop, kill, restart, kill on drop),
 //!   which every process wrapper below runs on.
 //! - [`agent`]: a `blade-agent serve` process with its own secret, display range and port.
+//! - [`bench`]: how the relay benches measure throughput, round trips and connection opens.
 //! - [`browser`]: headless Chromium over the DevTools protocol (page state, screenshots).
 //! - [`dispatcher`]: a `dispatcher serve` process on the embedded store or FerretDB.
+//! - [`front`]: a stand-in dispatcher answering every ResolveToken with one fixed target.
 //! - [`ferretdb`]: a real FerretDB (MongoDB wire protocol) on a 127.0.0.1 port, SQLite-backed.
-//! - [`rfb`]: a minimal RFB client: version, VNC authentication, SecurityResult, ServerInit.
+//! - [`rfb`]: a minimal RFB client: version, VNC authentication, SecurityResult, ServerInit;
+//!   and a browser's side of the "None" handshake ws-proxy presents in auth-proxy mode.
+//! - [`vnc_echo`]: a stand-in VNC server (VNC auth or VeNCrypt X509Vnc) that echoes after
+//!   the login.
 //! - [`sshd`]: a real OpenSSH sshd with generated keys, for the SSH launcher.
 //! - [`wsproxy`]: a `ws-proxy serve` process, and the demo desktop session.
 //! - [`pki`]: a throwaway CA (the product's own `pki`) and TLS settings for the wrappers.
@@ -18,10 +23,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 pub mod agent;
+pub mod bench;
 pub mod browser;
 pub mod child;
 pub mod dispatcher;
 pub mod ferretdb;
+pub mod front;
 pub mod pki;
 pub mod procs;
 pub mod reliability;
@@ -29,6 +36,7 @@ pub mod rfb;
 pub mod rig;
 pub mod sshd;
 pub mod users;
+pub mod vnc_echo;
 pub mod wsproxy;
 
 use std::path::PathBuf;

@@ -1,10 +1,16 @@
 //! A minimal RFB 3.8 client (RFC 6143): enough to prove a VNC server is real and checks its
 //! password — protocol version, VNC authentication with the DES challenge, SecurityResult, and
 //! ClientInit/ServerInit.
+//!
+//! Also a browser's side of what ws-proxy presents in auth-proxy mode ([`none_login`]), over
+//! a WebSocket: server `RFB 003.008\n` → the same back → types `[1, 1]` ("None") → `1` →
+//! SecurityResult `0` → ClientInit (shared) → ServerInit (24 bytes, then the name).
 use anyhow::{Context, bail};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::{self, Message};
 use vncdispatch_proto::vncauth::challenge_response;
 
 /// What a successful login saw.
@@ -38,6 +44,12 @@ async fn login_inner(addr: &str, password: &str) -> anyhow::Result<Login> {
     let mut s = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
+    login_on(&mut s, password).await
+}
+
+/// [`login`] on a connection already open (the caller bounds the time); when accepted, `s`
+/// is past ServerInit, where the session's messages begin.
+pub async fn login_on(s: &mut TcpStream, password: &str) -> anyhow::Result<Login> {
     let mut version = [0u8; 12];
     s.read_exact(&mut version)
         .await
@@ -48,10 +60,7 @@ async fn login_inner(addr: &str, password: &str) -> anyhow::Result<Login> {
     s.write_all(b"RFB 003.008\n").await?;
     let n = s.read_u8().await.context("reading security types")?;
     if n == 0 {
-        bail!(
-            "server refused the connection: {}",
-            read_reason(&mut s).await?
-        );
+        bail!("server refused the connection: {}", read_reason(s).await?);
     }
     let mut types = vec![0u8; n as usize];
     s.read_exact(&mut types).await?;
@@ -68,9 +77,7 @@ async fn login_inner(addr: &str, password: &str) -> anyhow::Result<Login> {
     match s.read_u32().await.context("reading SecurityResult")? {
         0 => {}
         _ => {
-            return Ok(Login::Refused(
-                read_reason(&mut s).await.unwrap_or_default(),
-            ));
+            return Ok(Login::Refused(read_reason(s).await.unwrap_or_default()));
         }
     }
     s.write_u8(1).await?; // ClientInit: shared
@@ -96,4 +103,69 @@ async fn read_reason(s: &mut TcpStream) -> anyhow::Result<String> {
     let mut reason = vec![0u8; len.min(4096) as usize];
     s.read_exact(&mut reason).await?;
     Ok(String::from_utf8_lossy(&reason).into_owned())
+}
+
+/// A browser's side of the "None" handshake ws-proxy presents in auth-proxy mode, on an open
+/// WebSocket `ws`, through ClientInit (shared) and ServerInit. Each step waits 10 s at most.
+/// Err says which step broke.
+pub async fn none_login<S>(ws: &mut S) -> Result<ServerInit, String>
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>>
+        + Sink<Message, Error = tungstenite::Error>
+        + Unpin,
+{
+    let bin = |b: &[u8]| Message::Binary(b.to_vec().into());
+    let mut got = Vec::new();
+    fill(ws, &mut got, 12).await?;
+    if &got[..12] != b"RFB 003.008\n" {
+        return Err(format!(
+            "the proxy speaks {:?}",
+            String::from_utf8_lossy(&got[..12])
+        ));
+    }
+    ws.send(bin(b"RFB 003.008\n"))
+        .await
+        .map_err(|e| e.to_string())?;
+    fill(ws, &mut got, 14).await?;
+    if got[12..14] != [1, 1] {
+        return Err(format!("offered {:?}, not None alone", &got[12..14]));
+    }
+    ws.send(bin(&[1])).await.map_err(|e| e.to_string())?;
+    fill(ws, &mut got, 18).await?;
+    if got[14..18] != [0; 4] {
+        return Err(format!("SecurityResult {:?}", &got[14..18]));
+    }
+    ws.send(bin(&[1])).await.map_err(|e| e.to_string())?; // ClientInit, shared
+    let at = 18;
+    fill(ws, &mut got, at + 24).await?;
+    let init = &got[at..at + 24];
+    let name_len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]) as usize;
+    if name_len > 4096 {
+        return Err(format!("desktop name of {name_len} bytes"));
+    }
+    let (width, height) = (
+        u16::from_be_bytes([init[0], init[1]]),
+        u16::from_be_bytes([init[2], init[3]]),
+    );
+    fill(ws, &mut got, at + 24 + name_len).await?;
+    Ok(ServerInit {
+        width,
+        height,
+        name: String::from_utf8_lossy(&got[at + 24..at + 24 + name_len]).into_owned(),
+    })
+}
+
+/// Reads binary messages from `ws` into `got` until it holds `n` bytes.
+async fn fill<S>(ws: &mut S, got: &mut Vec<u8>, n: usize) -> Result<(), String>
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    while got.len() < n {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => got.extend_from_slice(&b),
+            Ok(Some(Ok(_))) => {}
+            other => return Err(format!("handshake broke: {other:?}")),
+        }
+    }
+    Ok(())
 }

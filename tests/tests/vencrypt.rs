@@ -7,11 +7,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use vncdispatch_proto::pki::{self, IssueRequest};
-use vncdispatch_proto::roles::Role;
 use vncdispatch_proto::v1;
 use vncdispatch_proto::vencrypt::{self, CertPin};
 use vncdispatch_tests::agent::free_port;
+use vncdispatch_tests::front::{self, Front};
+use vncdispatch_tests::{rfb, vnc_echo};
 
 /// An Xtigervnc on a free display and port, killed on drop.
 struct Xvnc {
@@ -72,23 +72,8 @@ async fn xvnc(dir: &Path, security: &[&str]) -> Xvnc {
 
 /// A desktop's certificate as the agent makes it: (cert path, key path, pin).
 fn desktop_cert(dir: &Path) -> (String, String, CertPin) {
-    pki::init_ca(dir, "session", pki::CA_VALIDITY).expect("ca");
-    let (cert, key) = pki::issue(
-        dir,
-        &IssueRequest {
-            name: "desktop".into(),
-            role: Role::Agent,
-            hosts: vec!["127.0.0.1".into()],
-            valid_for: pki::CERT_VALIDITY,
-        },
-    )
-    .expect("issue");
-    let der = vncdispatch_proto::tls::load_certs("--cert", &cert).expect("load")[0].clone();
-    (
-        cert.display().to_string(),
-        key.display().to_string(),
-        CertPin::of(der.as_ref()),
-    )
+    let (cert, key, pin) = vnc_echo::desktop_cert(dir).expect("desktop certificate");
+    (cert.display().to_string(), key.display().to_string(), pin)
 }
 
 async fn login(port: u16, password: &str, pin: CertPin) -> Result<(), String> {
@@ -244,57 +229,11 @@ async fn a_tap_between_client_and_server_sees_no_challenge_and_no_keystrokes() {
     );
 }
 
-/// Stands in front of the real dispatcher for ws-proxy and answers ResolveToken with the real
-/// session's password and pin but the tap's address (or a wrong pin), so the test can sit
-/// between ws-proxy and the desktop. Only ResolveToken is needed.
-struct TapFront {
-    target: vncdispatch_proto::v1::Target,
-}
-
-type Res<T> = Result<tonic::Response<T>, tonic::Status>;
-type Req<T> = tonic::Request<T>;
-
-#[tonic::async_trait]
-impl vncdispatch_proto::v1::dispatcher_server::Dispatcher for TapFront {
-    async fn dispatch(&self, _: Req<v1::DispatchRequest>) -> Res<v1::Session> {
-        Err(tonic::Status::unimplemented("front"))
-    }
-    async fn resolve_token(&self, _: Req<v1::ResolveTokenRequest>) -> Res<v1::Target> {
-        Ok(tonic::Response::new(self.target.clone()))
-    }
-    async fn end_session(&self, _: Req<v1::EndSessionRequest>) -> Res<v1::EndSessionResponse> {
-        Err(tonic::Status::unimplemented("front"))
-    }
-    async fn list_sessions(
-        &self,
-        _: Req<v1::ListSessionsRequest>,
-    ) -> Res<v1::ListSessionsResponse> {
-        Err(tonic::Status::unimplemented("front"))
-    }
-    async fn add_blade(&self, _: Req<v1::AddBladeRequest>) -> Res<v1::Blade> {
-        Err(tonic::Status::unimplemented("front"))
-    }
-    async fn list_blades(&self, _: Req<v1::ListBladesRequest>) -> Res<v1::ListBladesResponse> {
-        Err(tonic::Status::unimplemented("front"))
-    }
-    async fn drain_blade(&self, _: Req<v1::DrainBladeRequest>) -> Res<v1::Blade> {
-        Err(tonic::Status::unimplemented("front"))
-    }
-    async fn remove_blade(&self, _: Req<v1::RemoveBladeRequest>) -> Res<v1::RemoveBladeResponse> {
-        Err(tonic::Status::unimplemented("front"))
-    }
-}
-
-/// Serves `front` on a loopback port; its URL.
-async fn serve_front(front: TapFront) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(vncdispatch_proto::v1::dispatcher_server::DispatcherServer::new(front))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
-    );
-    format!("http://{addr}")
+/// Serves a stand-in dispatcher answering every token with `target`; its URL.
+async fn serve_front(target: v1::Target) -> String {
+    front::serve(Front { target })
+        .await
+        .expect("stand-in dispatcher")
 }
 
 /// A relay to `server` that records every byte each way: (port, recording of (up, down)).
@@ -335,45 +274,20 @@ async fn browser_types(
     token: &str,
     typed: &[u8],
 ) -> Result<(), String> {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let url = format!("ws://{proxy}/websockify?token={token}");
     let (mut ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .map_err(|e| e.to_string())?;
-    let mut got = Vec::new();
-    async fn fill<S>(ws: &mut S, got: &mut Vec<u8>, n: usize) -> Result<(), String>
-    where
-        S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
-            + Unpin,
-    {
-        while got.len() < n {
-            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-                Ok(Some(Ok(Message::Binary(b)))) => got.extend_from_slice(&b),
-                Ok(Some(Ok(_))) => {}
-                other => return Err(format!("handshake broke: {other:?}")),
-            }
-        }
-        Ok(())
-    }
-    let bin = |b: &[u8]| Message::Binary(b.to_vec().into());
-    fill(&mut ws, &mut got, 12).await?;
-    ws.send(bin(b"RFB 003.008\n"))
-        .await
-        .map_err(|e| e.to_string())?;
-    fill(&mut ws, &mut got, 14).await?;
-    if got[12..14] != [1, 1] {
-        return Err(format!("offered {:?}", &got[12..14]));
-    }
-    ws.send(bin(&[1])).await.map_err(|e| e.to_string())?;
-    fill(&mut ws, &mut got, 18).await?;
-    ws.send(bin(&[1])).await.map_err(|e| e.to_string())?; // ClientInit, shared
-    fill(&mut ws, &mut got, 18 + 24).await?;
+    rfb::none_login(&mut ws).await?;
     for &k in typed {
         for down in [1u8, 0] {
             let mut ev = vec![4u8, down, 0, 0];
             ev.extend_from_slice(&(k as u32).to_be_bytes());
-            ws.send(bin(&ev)).await.map_err(|e| e.to_string())?;
+            ws.send(Message::Binary(ev.into()))
+                .await
+                .map_err(|e| e.to_string())?;
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -408,12 +322,10 @@ async fn through_ws_proxy_the_hop_to_the_desktop_shows_no_challenge_and_no_keyst
 
     // Through a tap: the desktop shows, and the tap sees TLS only.
     let (tap_port, recorded) = tap((real.host.clone(), real.port as u16)).await;
-    let front = serve_front(TapFront {
-        target: v1::Target {
-            host: "127.0.0.1".into(),
-            port: u32::from(tap_port),
-            ..real.clone()
-        },
+    let front = serve_front(v1::Target {
+        host: "127.0.0.1".into(),
+        port: u32::from(tap_port),
+        ..real.clone()
     })
     .await;
     let proxy = WsProxyProc::start(&["--dispatcher".into(), front, "--auth-proxy".into()]).await;
@@ -444,11 +356,9 @@ async fn through_ws_proxy_the_hop_to_the_desktop_shows_no_challenge_and_no_keyst
     );
 
     // The same desktop behind a pin that is not its certificate's: refused, nothing relayed.
-    let wrong = serve_front(TapFront {
-        target: v1::Target {
-            cert_sha256: "ab".repeat(32),
-            ..real.clone()
-        },
+    let wrong = serve_front(v1::Target {
+        cert_sha256: "ab".repeat(32),
+        ..real.clone()
     })
     .await;
     let proxy2 = WsProxyProc::start(&["--dispatcher".into(), wrong, "--auth-proxy".into()]).await;

@@ -1,0 +1,196 @@
+//! How the relay benches measure, shared so every bench's numbers mean the same thing.
+//!
+//! A bench gives a way to open one connection (raw TCP, or a WebSocket through a proxy, after
+//! whatever login that way needs) and these functions measure through it:
+//! - [`throughput`]: `conns` connections each send their share of `mib` MiB in `msg`-byte
+//!   messages while reading the echo back; MiB/s of echoed bytes over the wall time of all.
+//! - [`round_trips`]: 64-byte messages one at a time, each timed from send to its whole echo;
+//!   p50 and p99 in µs.
+//! - [`opens_per_sec`]: connections opened and dropped one after the other for a while.
+//!
+//! The target always echoes, so every byte sent is counted once, when it comes back.
+use futures_util::{SinkExt, StreamExt};
+use std::future::Future;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A client WebSocket over plain TCP, as `tokio_tungstenite::connect_async` returns it.
+pub type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// One connection, either raw TCP or WebSocket through a proxy, ready to carry echoed bytes.
+#[derive(Debug)]
+pub enum Conn {
+    /// Raw TCP to the echo (or a TCP relay in front of it).
+    Tcp(TcpStream),
+    /// A WebSocket whose binary messages a proxy relays to the echo.
+    Ws(Box<WsStream>),
+}
+
+/// MiB per throughput cell: `BENCH_MIB`, default 64.
+pub fn mib_per_cell() -> usize {
+    std::env::var("BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
+}
+
+/// Waits until something listens on 127.0.0.1:`port` (10 s at most, then panics).
+pub async fn wait_port(port: u16) {
+    for _ in 0..500 {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("port {port} never opened");
+}
+
+/// Opens a WebSocket to `url` offering the `binary` subprotocol, as noVNC does.
+pub async fn ws_connect(url: &str) -> Result<WsStream, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        tokio_tungstenite::tungstenite::http::HeaderValue::from_static("binary"),
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .map_err(|e| format!("WebSocket to {url}: {e}"))?;
+    Ok(ws)
+}
+
+/// Sends `total` bytes in `msg`-byte messages on `conn` and reads the echo; returns the bytes
+/// echoed. Panics if the connection breaks (a bench has no use for a partial number).
+pub async fn pump(conn: Conn, msg: usize, total: usize) -> usize {
+    let payload = vec![7u8; msg];
+    let n = total / msg;
+    match conn {
+        Conn::Tcp(t) => {
+            let (mut r, mut w) = t.into_split();
+            let writer = tokio::spawn(async move {
+                for _ in 0..n {
+                    w.write_all(&payload).await.expect("write");
+                }
+                w
+            });
+            let mut got = 0;
+            let mut buf = vec![0u8; 256 * 1024];
+            while got < n * msg {
+                match r.read(&mut buf).await.expect("read") {
+                    0 => panic!("the echo closed after {got} bytes"),
+                    k => got += k,
+                }
+            }
+            let _ = writer.await;
+            got
+        }
+        Conn::Ws(ws) => {
+            let (mut sink, mut stream) = ws.split();
+            let writer = tokio::spawn(async move {
+                for _ in 0..n {
+                    sink.send(Message::Binary(payload.clone().into()))
+                        .await
+                        .expect("send");
+                }
+                sink
+            });
+            let mut got = 0;
+            while got < n * msg {
+                match stream.next().await {
+                    Some(Ok(Message::Binary(b))) => got += b.len(),
+                    Some(Ok(_)) => {}
+                    other => panic!("relay ended: {other:?}"),
+                }
+            }
+            let _ = writer.await;
+            got
+        }
+    }
+}
+
+/// MiB/s of `mib` MiB in `msg`-byte messages over `conns` connections from `connect`, all
+/// opened before the clock starts.
+pub async fn throughput<F, Fut>(mut connect: F, msg: usize, conns: usize, mib: usize) -> f64
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Conn>,
+{
+    let mut cs = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        cs.push(connect().await);
+    }
+    let per = mib * 1024 * 1024 / conns;
+    let t = Instant::now();
+    let tasks: Vec<_> = cs
+        .into_iter()
+        .map(|c| tokio::spawn(pump(c, msg, per)))
+        .collect();
+    let mut bytes = 0;
+    for task in tasks {
+        bytes += task.await.expect("pump");
+    }
+    bytes as f64 / t.elapsed().as_secs_f64() / (1024.0 * 1024.0)
+}
+
+/// Round trips of 64-byte messages on `conn`, `n` times: (p50, p99) in µs.
+pub async fn round_trips(conn: Conn, n: usize) -> (f64, f64) {
+    let mut lat = Vec::with_capacity(n);
+    match conn {
+        Conn::Tcp(mut t) => {
+            let mut buf = [0u8; 64];
+            for _ in 0..n {
+                let start = Instant::now();
+                t.write_all(&[1u8; 64]).await.expect("write");
+                t.read_exact(&mut buf).await.expect("read");
+                lat.push(start.elapsed());
+            }
+        }
+        Conn::Ws(mut ws) => {
+            for _ in 0..n {
+                let start = Instant::now();
+                ws.send(Message::Binary(vec![1u8; 64].into()))
+                    .await
+                    .expect("send");
+                let mut got = 0;
+                while got < 64 {
+                    match ws.next().await {
+                        Some(Ok(Message::Binary(b))) => got += b.len(),
+                        Some(Ok(_)) => {}
+                        other => panic!("relay ended: {other:?}"),
+                    }
+                }
+                lat.push(start.elapsed());
+            }
+        }
+    }
+    lat.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    (us(lat[n / 2]), us(lat[n * 99 / 100]))
+}
+
+/// Connections from `connect` opened (and dropped) one after another for `secs` seconds; per s.
+pub async fn opens_per_sec<F, Fut>(mut connect: F, secs: f64) -> f64
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Conn>,
+{
+    let t = Instant::now();
+    let mut n = 0;
+    while t.elapsed().as_secs_f64() < secs {
+        drop(connect().await);
+        n += 1;
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// The median of `xs` (NaN for none): the cell a bench reports from several rounds.
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
