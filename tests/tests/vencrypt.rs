@@ -333,7 +333,7 @@ async fn through_ws_proxy_the_hop_to_the_desktop_shows_no_challenge_and_no_keyst
     browser_types(proxy.addr, &s.token, typed)
         .await
         .expect("the desktop through ws-proxy and the tap");
-    let (up, down) = tokio::time::timeout(Duration::from_secs(10), recorded)
+    let (up, _) = tokio::time::timeout(Duration::from_secs(10), recorded)
         .await
         .expect("tap ends")
         .expect("tap");
@@ -344,11 +344,9 @@ async fn through_ws_proxy_the_hop_to_the_desktop_shows_no_challenge_and_no_keyst
         assert!(!contains(&up, &ev), "KeyEvent {:?} in clear", k as char);
     }
     assert!(!contains(&up, typed), "typed text in clear");
-    // In clear, VNC auth would show: the server's one type `2` after the banner.
-    assert!(
-        !contains(&down[..down.len().min(64)], &[1, 2]),
-        "VNC auth in clear"
-    );
+    // The security type ws-proxy chose, right after its 12-byte version: 19 (VeNCrypt), not
+    // 2 (VNC authentication, whose challenge and response would follow in clear).
+    assert_eq!(up.get(12), Some(&19), "ws-proxy did not choose VeNCrypt");
     assert!(
         proxy.log().contains("logged in over VeNCrypt"),
         "{}",
@@ -367,4 +365,54 @@ async fn through_ws_proxy_the_hop_to_the_desktop_shows_no_challenge_and_no_keyst
         .expect_err("a desktop with another certificate was accepted");
     assert!(err.contains("502"), "{err}");
     assert!(proxy2.log().contains("does not match"), "{}", proxy2.log());
+
+    // A session without a pin (an agent before VeNCrypt): refused by default, since VNC
+    // authentication in clear would follow…
+    let unpinned = v1::Target {
+        cert_sha256: String::new(),
+        ..real.clone()
+    };
+    let strict = WsProxyProc::start(&[
+        "--dispatcher".into(),
+        serve_front(unpinned.clone()).await,
+        "--auth-proxy".into(),
+    ])
+    .await;
+    let err = browser_types(strict.addr, &s.token, b"x")
+        .await
+        .expect_err("an unpinned session was logged in to in clear");
+    assert!(err.contains("502"), "{err}");
+    assert!(
+        strict.log().contains("no certificate pin"),
+        "{}",
+        strict.log()
+    );
+    // …and with --allow-unpinned it is, and the tap does see it: the check above can fail.
+    let (tap_port, recorded) = tap((real.host.clone(), real.port as u16)).await;
+    let front_unpinned = serve_front(v1::Target {
+        host: "127.0.0.1".into(),
+        port: u32::from(tap_port),
+        ..unpinned
+    })
+    .await;
+    let lax = WsProxyProc::start(&[
+        "--dispatcher".into(),
+        front_unpinned,
+        "--auth-proxy".into(),
+        "--allow-unpinned".into(),
+    ])
+    .await;
+    browser_types(lax.addr, &s.token, typed)
+        .await
+        .expect("unpinned login with --allow-unpinned");
+    let (up, _) = tokio::time::timeout(Duration::from_secs(10), recorded)
+        .await
+        .expect("tap ends")
+        .expect("tap");
+    assert_eq!(up.get(12), Some(&2), "VNC authentication was not used");
+    let ev = [4u8, 1, 0, 0, 0, 0, 0, typed[0]];
+    assert!(
+        contains(&up, &ev),
+        "the tap cannot see keystrokes even in clear"
+    );
 }
