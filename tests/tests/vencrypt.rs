@@ -98,22 +98,25 @@ async fn login(port: u16, password: &str, pin: CertPin) -> Result<(), String> {
     Ok(())
 }
 
+/// An Xtigervnc offering X509Vnc only, with a desktop certificate made as the agent makes
+/// one; with its pin.
+async fn x509_xvnc(dir: &Path) -> (Xvnc, CertPin) {
+    let (cert, key, pin) = desktop_cert(dir);
+    let args = [
+        "-SecurityTypes",
+        "X509Vnc",
+        "-X509Cert",
+        &cert,
+        "-X509Key",
+        &key,
+    ];
+    (xvnc(dir, &args).await, pin)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pinned_x509vnc_login_reaches_server_init_and_refuses_the_wrong_pin_or_password() {
     let dir = tempfile::tempdir().expect("dir");
-    let (cert, key, pin) = desktop_cert(dir.path());
-    let x = xvnc(
-        dir.path(),
-        &[
-            "-SecurityTypes",
-            "X509Vnc",
-            "-X509Cert",
-            &cert,
-            "-X509Key",
-            &key,
-        ],
-    )
-    .await;
+    let (x, pin) = x509_xvnc(dir.path()).await;
     login(x.port, "secret12", pin).await.expect("pinned login");
 
     let other = CertPin::from_hex(&"ab".repeat(32)).expect("hex");
@@ -142,19 +145,7 @@ async fn a_server_without_vencrypt_is_refused_not_downgraded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tap_between_client_and_server_sees_no_challenge_and_no_keystrokes() {
     let dir = tempfile::tempdir().expect("dir");
-    let (cert, key, pin) = desktop_cert(dir.path());
-    let x = xvnc(
-        dir.path(),
-        &[
-            "-SecurityTypes",
-            "X509Vnc",
-            "-X509Cert",
-            &cert,
-            "-X509Key",
-            &key,
-        ],
-    )
-    .await;
+    let (x, pin) = x509_xvnc(dir.path()).await;
     // The tap: a relay that records every byte each way.
     let tap = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let tap_port = tap.local_addr().expect("addr").port();
