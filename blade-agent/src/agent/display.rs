@@ -10,7 +10,7 @@ use nix::unistd::Pid;
 use std::collections::HashSet;
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -69,48 +69,121 @@ impl Agent {
 /// a user who did create it (vncserver tries) owns every display's socket. Keep it as
 /// systemd-tmpfiles would: root's, mode 1777. Checked before every start since /tmp cleaners
 /// and users can remove it.
+///
+/// Never by path on something a user may own: a user-owned directory (or anything that is
+/// not a directory) is renamed away — rename acts on the entry itself, a symlink included —
+/// and a fresh one made; a mode is fixed through an `O_NOFOLLOW|O_DIRECTORY` descriptor of a
+/// directory root owns, which no user can swap in the sticky /tmp.
 fn ensure_x11_socket_dir() {
-    use std::os::unix::fs::MetadataExt;
-    let dir = Path::new("/tmp/.X11-unix");
-    let fixed = match fs::symlink_metadata(dir) {
-        Ok(m) if m.is_dir() && m.uid() == 0 && m.mode() & 0o7777 == 0o1777 => return,
-        Ok(m) if m.is_dir() => {
-            let mode = format!("{:o}", m.mode() & 0o7777);
-            tracing::warn!(
-                owner = m.uid(),
-                mode,
-                "fixing owner and mode of /tmp/.X11-unix"
-            );
-            std::os::unix::fs::chown(dir, Some(0), Some(0))
-                .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o1777)))
-        }
-        Ok(_) => {
-            tracing::warn!("/tmp/.X11-unix is not a directory; replacing it");
-            fs::remove_file(dir).and_then(|()| make_x11_dir(dir))
-        }
-        Err(_) => make_x11_dir(dir),
-    };
-    if let Err(e) = fixed {
+    if let Err(e) = fix_x11_socket_dir(Path::new("/tmp/.X11-unix")) {
         tracing::warn!(error = %e, "cannot set up /tmp/.X11-unix; X clients will use abstract sockets");
     }
 }
 
-fn make_x11_dir(dir: &Path) -> std::io::Result<()> {
-    fs::DirBuilder::new().mode(0o1777).create(dir)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o1777))
+fn fix_x11_socket_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for _ in 0..3 {
+        match fs::symlink_metadata(dir) {
+            Ok(m) if m.is_dir() && m.uid() == 0 => {
+                if m.mode() & 0o7777 != 0o1777 {
+                    tracing::warn!(
+                        mode = format!("{:o}", m.mode() & 0o7777),
+                        "fixing the mode of /tmp/.X11-unix"
+                    );
+                    chmod_root_dir(dir)?;
+                }
+                return Ok(());
+            }
+            Ok(m) => {
+                let away = dir.with_file_name(format!(
+                    ".X11-unix.foreign-{}-{}",
+                    m.uid(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos())
+                        .unwrap_or(0)
+                ));
+                tracing::warn!(owner = m.uid(), is_dir = m.is_dir(), moved_to = %away.display(),
+                    "/tmp/.X11-unix is not root's directory; moving it aside");
+                fs::rename(dir, &away)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match fs::DirBuilder::new().mode(0o700).create(dir) {
+                    // Made by root, 0700 until the mode is set through its descriptor.
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("/tmp/.X11-unix keeps being replaced"))
+}
+
+/// Sets mode 1777 on root's directory `dir` through a descriptor opened without following a
+/// link, after checking the descriptor's owner.
+fn chmod_root_dir(dir: &Path) -> std::io::Result<()> {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::{Mode, fchmod, fstat};
+    let fd = open(
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    if fstat(&fd)?.st_uid != 0 {
+        return Err(std::io::Error::other(
+            "/tmp/.X11-unix changed owner under us",
+        ));
+    }
+    fchmod(&fd, Mode::from_bits_truncate(0o1777))?;
+    Ok(())
+}
+
+/// The pid in an X lock file, read without blocking or following links: None when it is not
+/// a small regular file (a FIFO, a symlink to /dev/zero, a huge file — a user's trap for the
+/// root agent) or names no pid. Such a display is treated as taken, never read further.
+fn lock_file_pid(path: &Path) -> Result<Option<i32>, ()> {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::{Mode, SFlag, fstat};
+    use std::io::Read;
+    let fd = match open(
+        path,
+        OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_CLOEXEC
+            | OFlag::O_NOCTTY,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(None),
+        Err(_) => return Err(()),
+    };
+    let st = fstat(&fd).map_err(|_| ())?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG || st.st_size > 64 {
+        return Err(());
+    }
+    let mut text = String::new();
+    fs::File::from(fd)
+        .take(64)
+        .read_to_string(&mut text)
+        .map_err(|_| ())?;
+    Ok(Some(text.trim().parse::<i32>().unwrap_or(0)))
 }
 
 /// True unless a live X server holds the display's lock. A lock or socket left by a dead
-/// server is removed.
+/// server is removed; a lock file that is not a small regular file makes the display taken.
 fn x_display_free(n: u32) -> bool {
     let lock_path = PathBuf::from(format!("/tmp/.X{n}-lock"));
     let socket = PathBuf::from(format!("/tmp/.X11-unix/X{n}"));
-    match fs::read_to_string(&lock_path) {
-        Ok(text) => {
-            let alive = text
-                .trim()
-                .parse::<i32>()
-                .is_ok_and(|pid| pid > 0 && kill(Pid::from_raw(pid), None).is_ok());
+    match lock_file_pid(&lock_path) {
+        Err(()) => {
+            tracing::warn!("the X lock file of :{n} is not a small regular file; skipping :{n}");
+            false
+        }
+        Ok(Some(pid)) => {
+            let alive = pid > 0 && kill(Pid::from_raw(pid), None).is_ok();
             if alive {
                 return false;
             }
@@ -119,7 +192,7 @@ fn x_display_free(n: u32) -> bool {
             remove_stale(&socket);
             true
         }
-        Err(_) => {
+        Ok(None) => {
             if socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_err() {
                 remove_stale(&socket);
             }
