@@ -179,3 +179,76 @@ async fn fifo_and_dev_zero_lock_files_neither_hang_nor_bloat_the_agent() {
         asked.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifo_planted_as_the_password_file_is_refused_at_once() {
+    require_root_and_tigervnc();
+    let _serial = SERIAL.lock().await;
+    let agent = AgentProc::start(AgentOptions::default()).await;
+    let user = TestUser::create();
+    let fifo = user.home.join(".vncpasswd");
+    let mut trap = as_user(&user, &format!("mkfifo {}", fifo.display()));
+    assert!(trap.wait().expect("mkfifo").success());
+    let asked = Instant::now();
+    let got = tokio::time::timeout(
+        Duration::from_secs(8),
+        agent.client().await.start_session(start(&user.name)),
+    )
+    .await
+    .expect("StartSession waited on the FIFO");
+    let took = asked.elapsed();
+    let status = got.expect_err("a FIFO password file was accepted");
+    assert_eq!(
+        status.code(),
+        tonic::Code::PermissionDenied,
+        "{status:?} after {took:?}"
+    );
+    assert!(
+        vncdispatch_tests::procs::xvnc_of(user.uid).is_empty(),
+        "a desktop started"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_helper_that_floods_its_answer_is_cut_off_with_the_agent_memory_flat() {
+    require_root_and_tigervnc();
+    let _serial = SERIAL.lock().await;
+    // What a user who ptraces their own helper could make it say: 100 MiB, no newline.
+    let dir = tempfile::tempdir().expect("dir");
+    let helper = dir.path().join("flooding-helper");
+    std::fs::write(
+        &helper,
+        "#!/bin/sh\ncat >/dev/null\nhead -c 104857600 /dev/zero | tr '\\0' A\n",
+    )
+    .expect("helper");
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let agent = AgentProc::start(AgentOptions {
+        extra: vec!["--helper".into(), helper.display().to_string()],
+        ..Default::default()
+    })
+    .await;
+    let user = TestUser::create();
+    let got = tokio::time::timeout(
+        Duration::from_secs(30),
+        agent.client().await.start_session(start(&user.name)),
+    )
+    .await
+    .expect("StartSession hung on a flooding helper");
+    let err = got.expect_err("a flood was taken for an answer");
+    // The helper ran and its answer was cut off, not refused before it ran.
+    assert!(err.message().contains("unexpected answer"), "{err:?}");
+    let pid = agent.pid().expect("agent pid");
+    let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(u64::MAX);
+    assert!(
+        rss_kib < 64 * 1024,
+        "agent peak RSS {rss_kib} KiB during the flood (VmHWM: a flood read whole and freed leaves RSS low)"
+    );
+}

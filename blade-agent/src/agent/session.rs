@@ -11,8 +11,11 @@ use nix::unistd::Pid;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use vncdispatch_proto::vencrypt::CertPin;
+
+/// Longest answer line read from the helper (its real answers are under 200 bytes).
+const MAX_ANSWER: u64 = 4096;
 
 impl Agent {
     /// Runs the session helper as the user; for `Start`, the started Xvnc's pid and its
@@ -96,7 +99,9 @@ impl Agent {
         drop(stdin);
         let mut line = String::new();
         let limit = self.cfg.start_timeout + Duration::from_secs(5);
-        let read = tokio::time::timeout(limit, BufReader::new(stdout).read_line(&mut line)).await;
+        // The helper runs as the user: its answer is bounded, as anything from a user is.
+        let mut answer = BufReader::new(stdout.take(MAX_ANSWER));
+        let read = tokio::time::timeout(limit, answer.read_line(&mut line)).await;
         // The helper outlives this call when it supervises a desktop; reap it whenever it ends.
         tokio::spawn(async move {
             let _ = child.wait().await;

@@ -34,8 +34,11 @@ pub(super) fn open_home(home: &Path) -> Result<OwnedFd, Failure> {
 /// Opens (creating 0600) a file in `dir` without following a symlink, and checks it is a plain
 /// file of the user's with a single link — a hard link could point anywhere the user can write.
 pub(super) fn open_private(dir: &OwnedFd, name: &str, truncate: bool) -> Result<OwnedFd, String> {
-    let flags =
-        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY
+        // A FIFO planted under the name must fail (ENXIO without a reader) or be refused as
+        // not a regular file below, never block the helper until its start times out (which
+        // would count against the blade). On a regular file the flag changes nothing.
+        | OFlag::O_NONBLOCK;
     let fd = openat(dir, name, flags, Mode::from_bits_truncate(0o600)).map_err(|e| match e {
         Errno::ELOOP => format!("{name} is a symlink"),
         e => format!("{name}: {}", e.desc()),
