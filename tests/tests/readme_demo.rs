@@ -36,28 +36,48 @@ async fn the_demo_command_prints_a_url_that_shows_the_desktop() {
         .spawn()
         .expect("run scripts/demo.sh");
     let stdout = demo.stdout.take().expect("stdout");
-    let url = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .find_map(|l| l.trim().starts_with("http://").then(|| l.trim().to_owned()))
-    })
-    .await
-    .expect("reader")
-    .expect("the demo printed no URL");
+    // Read on to the end, as a terminal would: a reader that went away after the URL would
+    // make the demo's next line fail with SIGPIPE and end the demo.
+    let (found, url) = tokio::sync::oneshot::channel();
+    tokio::task::spawn_blocking(move || {
+        let mut found = Some(found);
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.trim().starts_with("http://")
+                && let Some(tx) = found.take()
+            {
+                let _ = tx.send(line.trim().to_owned());
+            }
+        }
+    });
+    let url = url.await.expect("the demo printed no URL");
     assert!(
         url.contains("vnc.html?autoconnect=1") && !url.contains("password="),
         "{url}"
     );
     let mut b = Browser::open(&url).await.expect("chromium");
-    assert!(
-        b.wait_for(
+    let connected = b
+        .wait_for(
             "document.documentElement.classList.contains('noVNC_connected')",
-            30
+            30,
         )
         .await
-        .expect("eval")
-    );
+        .expect("eval");
+    // On failure, what the demo's services said, for whoever reads the CI log.
+    let logs = || {
+        ["blade-agent.log", "dispatcher.log", "ws-proxy.log"]
+            .iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(state.path().join(f)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                format!(
+                    "--- {f}\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(connected, "noVNC did not connect to {url}\n{}", logs());
     assert!(
         b.wait_for(&format!("{CANVAS_COLOURS} >= 3"), 20)
             .await
