@@ -78,24 +78,41 @@ cleanup() {
   say "stopping"
   "$BIN_DIR/dispatcher" session end "$DEMO_USER" >/dev/null 2>&1 || true
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  # They need not be this shell's children (see start_service): wait until they are gone.
+  for _ in $(seq 100); do
+    alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# Starts NAME's COMMAND in a session of its own, logging to NAME.log, and records the pid the
+# service itself writes: setsid forks when this script leads its process group (under
+# `timeout`, from some shells), and $! would then name a process already gone.
+start_service() { # NAME COMMAND…
+  local name=$1; shift
+  rm -f "$DEMO_STATE/$name.pid"
+  # shellcheck disable=SC2016 # $$ and $0 belong to the inner sh
+  setsid sh -c 'echo $$ >"$0"; exec "$@"' "$DEMO_STATE/$name.pid" "$@" 2>>"$DEMO_STATE/$name.log" &
+}
 # shellcheck disable=SC2046 # tls prints three flag/path pairs, word-split on purpose
-setsid "$BIN_DIR/blade-agent" serve --listen "127.0.0.1:$AGENT_PORT" --secret-file "$DEMO_STATE/agent-secret" \
-  $(tls agent) --rfb-listen 127.0.0.1 --run-dir "$DEMO_STATE/agent-run" \
-  --session-command "$DEMO_STATE/demo-session" 2>>"$DEMO_STATE/blade-agent.log" &
-pids+=($!)
+start_service blade-agent "$BIN_DIR/blade-agent" serve --listen "127.0.0.1:$AGENT_PORT" \
+  --secret-file "$DEMO_STATE/agent-secret" $(tls agent) --rfb-listen 127.0.0.1 \
+  --run-dir "$DEMO_STATE/agent-run" --session-command "$DEMO_STATE/demo-session"
 # shellcheck disable=SC2046
-setsid "$BIN_DIR/dispatcher" serve --listen "127.0.0.1:$DISPATCHER_PORT" --store "$DEMO_STATE/dispatcher.redb" \
-  --agent-secret-file "$DEMO_STATE/agent-secret" $(tls dispatcher) 2>>"$DEMO_STATE/dispatcher.log" &
-pids+=($!)
+start_service dispatcher "$BIN_DIR/dispatcher" serve --listen "127.0.0.1:$DISPATCHER_PORT" \
+  --store "$DEMO_STATE/dispatcher.redb" --agent-secret-file "$DEMO_STATE/agent-secret" $(tls dispatcher)
 # shellcheck disable=SC2046
-setsid "$BIN_DIR/ws-proxy" serve --listen "$DEMO_LISTEN_IP:$DEMO_PORT" --dispatcher "$DISPATCHER_URL" $(tls proxy) \
-  --auth-proxy "${insecure[@]}" 2>>"$DEMO_STATE/ws-proxy.log" &
-pids+=($!)
+start_service ws-proxy "$BIN_DIR/ws-proxy" serve --listen "$DEMO_LISTEN_IP:$DEMO_PORT" \
+  --dispatcher "$DISPATCHER_URL" $(tls proxy) --auth-proxy "${insecure[@]}"
+for name in blade-agent dispatcher ws-proxy; do
+  for _ in $(seq 50); do [ -s "$DEMO_STATE/$name.pid" ] && break; sleep 0.05; done
+  # No pid file: a number no process has (never 0, which would signal this whole group).
+  pids+=("$(cat "$DEMO_STATE/$name.pid" 2>/dev/null || echo 999999999)")
+done
 
 for _ in $(seq 100); do
   "$BIN_DIR/dispatcher" blade list >/dev/null 2>&1 && (exec 3<>"/dev/tcp/127.0.0.1/$DEMO_PORT") 2>/dev/null && break
