@@ -49,14 +49,7 @@ async fn client(c: &ClientArgs) -> anyhow::Result<Client> {
 /// Turns a gRPC status into a one-line error for people, with the causes of a transport
 /// failure (an unreachable dispatcher, a certificate it would not accept, or one of ours).
 fn said(s: tonic::Status) -> anyhow::Error {
-    let mut causes = String::new();
-    let mut next = std::error::Error::source(&s);
-    while let Some(e) = next {
-        causes.push_str(": ");
-        causes.push_str(&e.to_string());
-        next = e.source();
-    }
-    anyhow::anyhow!("{:?}: {}{causes}", s.code(), s.message())
+    anyhow::anyhow!("{:?}: {}{}", s.code(), s.message(), tls::causes(&s))
 }
 
 pub(crate) async fn dispatch(

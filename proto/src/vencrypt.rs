@@ -125,8 +125,8 @@ fn io(what: &'static str) -> impl Fn(std::io::Error) -> String {
     move |e| format!("{what}: {e}")
 }
 
-/// Reads the reason string that follows a refusal (bounded).
-async fn reason<S: AsyncRead + Unpin>(s: &mut S) -> String {
+/// Reads the reason string that follows an RFB refusal (bounded to 1 KiB).
+pub async fn reason<S: AsyncRead + Unpin>(s: &mut S) -> String {
     let Ok(len) = s.read_u32().await else {
         return String::new();
     };

@@ -25,7 +25,10 @@ pub async fn login(tcp: &mut TcpStream, password: &str) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         let n = tcp.read_u8().await.map_err(|e| e.to_string())?;
         if n == 0 {
-            return Err(format!("the server refused: {}", reason(tcp).await));
+            return Err(format!(
+                "the server refused: {}",
+                vncdispatch_proto::vencrypt::reason(tcp).await
+            ));
         }
         let mut types = vec![0u8; n as usize];
         tcp.read_exact(&mut types)
@@ -48,22 +51,13 @@ pub async fn login(tcp: &mut TcpStream, password: &str) -> Result<(), String> {
             0 => Ok(()),
             _ => Err(format!(
                 "the VNC server refused the session's password: {}",
-                reason(tcp).await
+                vncdispatch_proto::vencrypt::reason(tcp).await
             )),
         }
     };
     tokio::time::timeout(Duration::from_secs(10), work)
         .await
         .map_err(|_| "VNC login timed out".to_owned())?
-}
-
-async fn reason(tcp: &mut TcpStream) -> String {
-    let Ok(len) = tcp.read_u32().await else {
-        return String::new();
-    };
-    let mut buf = vec![0u8; len.min(1024) as usize];
-    let _ = tcp.read_exact(&mut buf).await;
-    String::from_utf8_lossy(&buf).into_owned()
 }
 
 /// Plays the server's part of the handshake to the browser, offering only "None". Returns

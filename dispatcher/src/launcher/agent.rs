@@ -120,22 +120,9 @@ fn classify(blade: &BladeRecord, status: tonic::Status) -> LaunchError {
             blade.name,
             status.code(),
             status.message(),
-            causes(&status)
+            tls::causes(&status)
         )),
     }
-}
-
-/// The chain of causes under a transport error ("invalid peer certificate: NotValidForName"
-/// for an agent whose certificate names another host), so the log says why.
-fn causes(status: &tonic::Status) -> String {
-    let mut out = String::new();
-    let mut next = std::error::Error::source(status);
-    while let Some(e) = next {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        next = e.source();
-    }
-    out
 }
 
 fn with_deadline<T>(msg: T, timeout: Duration, request_id: &str) -> tonic::Request<T> {

@@ -28,6 +28,20 @@ pub fn scheme_and_host(url: &str) -> Option<(String, String)> {
     ))
 }
 
+/// The chain of causes under a failed call's status (": invalid peer certificate:
+/// NotValidForName" for a server whose certificate names another host), empty when there is
+/// none: tonic's own message for a transport failure does not say why.
+pub fn causes(status: &tonic::Status) -> String {
+    let mut out = String::new();
+    let mut next = std::error::Error::source(status);
+    while let Some(e) = next {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        next = e.source();
+    }
+    out
+}
+
 /// A gRPC endpoint for `url`. With `tls`, `url` must be `https://` and the connection is
 /// mutual TLS: the server's certificate must chain to the CA and name the URL's host (so a
 /// registered blade's agent is verified for the host it was registered with), and this

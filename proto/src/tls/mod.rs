@@ -23,7 +23,7 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 mod client;
 mod incoming;
 
-pub use client::{Dial, RoleConnector, dial, endpoint, is_loopback_host, scheme_and_host};
+pub use client::{Dial, RoleConnector, causes, dial, endpoint, is_loopback_host, scheme_and_host};
 pub use incoming::{HANDSHAKE_TIMEOUT, tls_incoming};
 
 /// Where a service's TLS material is.
@@ -205,18 +205,6 @@ impl Credentials {
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
     }
-
-    /// A TLS 1.3 client presenting this identity and trusting only the CA.
-    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_root_certificates(self.roots.clone())
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| TlsError::Config(format!("--cert/--key: {e}")))?;
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Arc::new(cfg))
-    }
 }
 
 /// What a server's TLS flags come to: the rustls server config when `--ca/--cert/--key` are
@@ -290,8 +278,11 @@ mod tests {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let acceptor =
             tokio_rustls::TlsAcceptor::from(server.server_config().map_err(|e| e.to_string())?);
-        let connector =
-            tokio_rustls::TlsConnector::from(client.client_config().map_err(|e| e.to_string())?);
+        let connector = tokio_rustls::TlsConnector::from(
+            client
+                .client_config_for(Role::Agent)
+                .map_err(|e| e.to_string())?,
+        );
         let name =
             rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
         let srv = tokio::spawn(async move {
