@@ -6,8 +6,11 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-# protoc comes vendored (protoc-bin-vendored); nothing else to install.
-RUN cargo build --release --locked -p dispatcher -p blade-agent -p ws-proxy \
+# protoc comes vendored (protoc-bin-vendored); blade-agent links libpam.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libpam0g-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && cargo build --release --locked -p dispatcher -p blade-agent -p ws-proxy \
  && mkdir /out \
  && cp target/release/dispatcher target/release/blade-agent target/release/ws-proxy /out/
 
@@ -45,6 +48,7 @@ RUN apt-get update \
 COPY --from=build /out/blade-agent /usr/local/bin/blade-agent
 COPY deploy/config/blade-agent.toml /etc/blade-agent/blade-agent.toml
 COPY deploy/demo-session /usr/local/bin/demo-session
+COPY deploy/pam/vncdispatch /etc/pam.d/vncdispatch
 EXPOSE 7501 9501 5901-6000
 ENTRYPOINT ["blade-agent"]
 CMD ["serve", "--config", "/etc/blade-agent/blade-agent.toml"]

@@ -14,9 +14,11 @@ need_root() {
 }
 
 # Debian packages: the real TigerVNC, noVNC, websockify (for comparison), sshd, a browser,
-# protoc for the proto crate, and a small window manager for demo desktops.
+# protoc for the proto crate, a small window manager for demo desktops, libpam's headers
+# (blade-agent links libpam) and chage (tests expire accounts).
 DEB_PKGS=(tigervnc-standalone-server tigervnc-tools novnc websockify openssh-server chromium
-          protobuf-compiler twm xfonts-base x11-utils x11-xserver-utils procps systemd curl)
+          protobuf-compiler twm xfonts-base x11-utils x11-xserver-utils procps systemd curl
+          libpam0g-dev passwd)
 
 missing=()
 for p in "${DEB_PKGS[@]}"; do
@@ -28,6 +30,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# blade-agent's PAM service: every desktop goes through its account and session stages.
+if ! cmp -s "$ROOT/deploy/pam/vncdispatch" /etc/pam.d/vncdispatch; then
+  need_root
+  install -m 0644 "$ROOT/deploy/pam/vncdispatch" /etc/pam.d/vncdispatch
 fi
 
 # FerretDB v1 speaks the MongoDB wire protocol; no MongoDB server package can be installed here.

@@ -20,6 +20,8 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo build"
 cargo build --workspace --quiet
 echo "== cargo test"
+# One id for every fault-suite group of this run, whichever test binary records it.
+export RELIABILITY_RUN="$(date +%s)-$$"
 cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"
 echo "== docs/reliability.md from the fault and bad-input suite's records"
 # Refuses records that are not one complete run at this commit, and (--check) fails when the

@@ -72,6 +72,17 @@ pub struct DesktopConfig {
     /// Directory for per-user lock files (root-only).
     #[arg(long, env = "BLADE_AGENT_RUN_DIR", default_value = "/run/blade-agent")]
     pub run_dir: PathBuf,
+    /// PAM service whose account and session stages every desktop goes through, as a login
+    /// would: an expired or locked account (`chage -E 0`) gets PERMISSION_DENIED, pam_limits
+    /// and pam_env apply to the desktop, and where systemd runs pam_systemd puts it in the
+    /// user's own slice. Install `deploy/pam/vncdispatch` as /etc/pam.d/vncdispatch (without it
+    /// PAM uses /etc/pam.d/other).
+    #[arg(long = "pam-service", env = "BLADE_AGENT_PAM_SERVICE", default_value = "vncdispatch", value_parser = parse_pam_service)]
+    pub pam_service_name: String,
+    /// Start desktops without PAM (no account expiry check, no limits): only for blades
+    /// without a PAM configuration.
+    #[arg(long, env = "BLADE_AGENT_NO_PAM")]
+    pub no_pam: bool,
     /// The blade-agent binary run as the per-session helper; this binary when unset. It must
     /// be executable by desktop users.
     #[arg(long, env = "BLADE_AGENT_HELPER")]
@@ -98,9 +109,28 @@ impl DesktopConfig {
         u16::try_from(u32::from(self.port_base) + display).ok()
     }
 
+    /// The PAM service desktops go through, unless PAM is off.
+    pub fn pam_service(&self) -> Option<&str> {
+        (!self.no_pam).then_some(self.pam_service_name.as_str())
+    }
+
     /// The last display in range.
     pub fn display_last(&self) -> u32 {
         self.display_first + self.display_count - 1
+    }
+}
+
+/// A PAM service is a file name in /etc/pam.d.
+fn parse_pam_service(s: &str) -> Result<String, String> {
+    if !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !s.starts_with('.')
+    {
+        Ok(s.to_owned())
+    } else {
+        Err("a PAM service is a file name in /etc/pam.d: letters, digits, - _ .".into())
     }
 }
 

@@ -68,26 +68,58 @@ pub fn scan(comm: &str) -> io::Result<Vec<RunningXvnc>> {
     Ok(found)
 }
 
-fn read_process(pid: u32) -> Option<RunningXvnc> {
-    let uid = fs::metadata(format!("/proc/{pid}")).ok()?.uid();
-    let (state, start_ticks) = stat(pid).ok()?;
-    if state == 'Z' || state == 'X' {
-        return None;
+/// A live process's owner, start time and arguments: enough to tell whether it is what a file
+/// in /tmp claims (an X lock naming it) and to signal it later without hitting a reused pid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    /// Process id.
+    pub pid: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Start time in clock ticks since boot.
+    pub start_ticks: u64,
+    /// Its command line.
+    pub args: Vec<String>,
+}
+
+impl Process {
+    /// The live, non-zombie process `pid`, if there is one.
+    pub fn read(pid: u32) -> Option<Process> {
+        let uid = fs::metadata(format!("/proc/{pid}")).ok()?.uid();
+        let (state, start_ticks) = stat(pid).ok()?;
+        if state == 'Z' || state == 'X' {
+            return None;
+        }
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args = cmdline
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        Some(Process {
+            pid,
+            uid,
+            start_ticks,
+            args,
+        })
     }
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<String> = cmdline
-        .split(|&b| b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    let parsed = parse_args(&args)?;
+
+    /// True while this very process (same pid and start time) is alive.
+    pub fn is_alive(&self) -> bool {
+        matches!(stat(self.pid), Ok((state, ticks)) if state != 'Z' && state != 'X' && ticks == self.start_ticks)
+    }
+}
+
+fn read_process(pid: u32) -> Option<RunningXvnc> {
+    let p = Process::read(pid)?;
+    let (display, port, rfbauth) = parse_args(&p.args)?;
     Some(RunningXvnc {
         pid,
-        uid,
-        display: parsed.0,
-        port: parsed.1,
-        rfbauth: parsed.2,
-        start_ticks,
+        uid: p.uid,
+        display,
+        port,
+        rfbauth,
+        start_ticks: p.start_ticks,
     })
 }
 

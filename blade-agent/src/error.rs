@@ -45,13 +45,23 @@ pub enum AgentError {
         /// What the helper found (symlinked ~/.vncpasswd, home owned by someone else, ...).
         why: String,
     },
+    /// PAM's account or session stage refused the user (expired, locked, not allowed here).
+    #[error("no desktop for {user:?}: {message}")]
+    AccountDenied {
+        /// The account.
+        user: String,
+        /// What PAM said.
+        message: String,
+    },
     /// Every display in the configured range is taken.
-    #[error("no free display in :{first}..:{last} on this blade")]
+    #[error("no free display in :{first}..:{last} on this blade{detail}")]
     NoFreeDisplay {
         /// First display of the range.
         first: u32,
         /// Last display of the range.
         last: u32,
+        /// What else holds displays, when not only desktops (empty, or `" (…)"`).
+        detail: String,
     },
     /// Xvnc started but never accepted connections on its port.
     #[error(
@@ -111,6 +121,7 @@ impl AgentError {
             AgentError::UnknownUser(_) => RefusalKind::UnknownAccount,
             AgentError::SystemAccount { .. } => RefusalKind::SystemAccount,
             AgentError::UnsafeHome { .. } => RefusalKind::UnsafeHome,
+            AgentError::AccountDenied { .. } => RefusalKind::AccountDenied,
             AgentError::NoFreeDisplay { .. } => RefusalKind::NoFreeDisplay,
             AgentError::StartTimeout { .. } => RefusalKind::StartTimeout,
             AgentError::StartFailed { .. } => RefusalKind::StartFailed,
@@ -176,7 +187,19 @@ mod tests {
                 Code::PermissionDenied,
             ),
             (
-                AgentError::NoFreeDisplay { first: 1, last: 2 },
+                AgentError::AccountDenied {
+                    user: user(),
+                    message: "PAM account: Your account has expired".into(),
+                },
+                RefusalKind::AccountDenied,
+                Code::PermissionDenied,
+            ),
+            (
+                AgentError::NoFreeDisplay {
+                    first: 1,
+                    last: 2,
+                    detail: String::new(),
+                },
                 RefusalKind::NoFreeDisplay,
                 Code::ResourceExhausted,
             ),
@@ -243,9 +266,13 @@ mod tests {
             Scope::Request
         );
         assert_eq!(
-            AgentError::NoFreeDisplay { first: 1, last: 1 }
-                .kind()
-                .scope(),
+            AgentError::NoFreeDisplay {
+                first: 1,
+                last: 1,
+                detail: String::new(),
+            }
+            .kind()
+            .scope(),
             Scope::Blade
         );
     }

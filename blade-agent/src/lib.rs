@@ -5,8 +5,8 @@
 //!   display choice and the agent's side of the helper protocol in submodules.
 //! - [`helper`]: the per-session helper process that runs as the user, writes `~/.vncpasswd`
 //!   and starts and supervises Xvnc and the session (files, start, supervise submodules).
-//! - [`privdrop`]: running a program as a user (the crate's only `unsafe`: the crate denies
-//!   `unsafe_code` everywhere else).
+//! - [`privdrop`]: running a program as a user; [`pam`]: the PAM account and session stages
+//!   (the crate's only `unsafe`, FFI and fork: the crate denies `unsafe_code` elsewhere).
 //! - [`discover`]: finding running Xvnc servers in /proc (the agent's source of truth).
 //! - [`account`]: which accounts may have a desktop.
 //! - [`service`], [`server`]: the gRPC face, behind shared-secret authentication.
@@ -20,6 +20,8 @@ pub mod config;
 pub mod discover;
 pub mod error;
 pub mod helper;
+#[allow(unsafe_code)] // libpam FFI: see the module doc and its SAFETY comments.
+pub mod pam;
 #[allow(unsafe_code)] // pre_exec: see the module doc and its SAFETY comment.
 pub mod privdrop;
 pub mod server;

@@ -4,7 +4,7 @@
 //! `cloudvnc`, `status` and `stop` are what the dispatcher runs over SSH. Their exit code is
 //! the refusal contract of [`vncdispatch_proto::refusal`]: 0 success; 10-19 the request is
 //! refused on every blade (10 invalid request, 11 unknown account, 12 system account, 13 unsafe
-//! home); 20-29 only this blade failed (20 no free display, 21 start timeout, 22 start failed,
+//! home, 14 account denied by PAM); 20-29 only this blade failed (20 no free display, 21 start timeout, 22 start failed,
 //! 23 agent failed); 1 any other failure; 2 bad arguments. stderr carries the message, for
 //! people only.
 #![forbid(unsafe_code)]
@@ -84,7 +84,8 @@ enum Command {
     /// found.
     ///
     /// 10-19 the request is refused on every blade: 10 invalid username, password or
-    /// geometry, 11 unknown account, 12 root or system account, 13 unsafe home.
+    /// geometry, 11 unknown account, 12 root or system account, 13 unsafe home, 14 account
+    /// denied by PAM (expired, locked).
     ///
     /// 20-29 only this blade failed, another may succeed: 20 no free display, 21 Xvnc start
     /// timed out, 22 Xvnc failed to start, 23 the agent failed (helper, OS error).

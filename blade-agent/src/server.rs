@@ -34,7 +34,7 @@ pub async fn run(
                         agent.config().xvnc.display()
                     ))
                 } else {
-                    match agent.health() {
+                    match agent.health().await {
                         Ok(h) if h.free_displays == 0 => Some("no free display".to_owned()),
                         Ok(_) => None,
                         Err(e) => Some(e.to_string()),

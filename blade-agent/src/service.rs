@@ -112,7 +112,7 @@ impl BladeAgent for AgentService {
     ) -> Result<Response<ListVncServersResponse>, Status> {
         let only = req.into_inner().username;
         let servers = if only.is_empty() {
-            log_err(self.agent.list())?
+            log_err(self.agent.list().await)?
         } else {
             let mut found = log_err(self.agent.find(&only).await)?;
             found.iter_mut().for_each(|s| s.reused = false);
@@ -135,7 +135,7 @@ impl BladeAgent for AgentService {
         &self,
         _req: Request<AgentHealthRequest>,
     ) -> Result<Response<AgentHealth>, Status> {
-        let health = log_err(self.agent.health())?;
+        let health = log_err(self.agent.health().await)?;
         metrics::gauge!("vncdispatch_agent_sessions_live").set(f64::from(health.sessions));
         Ok(Response::new(health))
     }

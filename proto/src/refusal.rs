@@ -17,6 +17,7 @@
 //! | unknown account | request | NOT_FOUND | 11 |
 //! | system account (root, uid out of range) | request | INVALID_ARGUMENT | 12 |
 //! | unsafe home (symlinked `~/.vncpasswd`, foreign home, member of group 0) | request | PERMISSION_DENIED | 13 |
+//! | account denied by PAM (expired, locked, `pam_access`, limits) | request | PERMISSION_DENIED | 14 |
 //! | no free display | blade | RESOURCE_EXHAUSTED | 20 |
 //! | start timeout (Xvnc never accepted connections) | blade | DEADLINE_EXCEEDED | 21 |
 //! | start failed (Xvnc or vncserver exited) | blade | INTERNAL | 22 |
@@ -58,6 +59,8 @@ pub enum RefusalKind {
     /// The account's home or VNC files are set up so that writing them could go astray, or
     /// the account is in group 0.
     UnsafeHome,
+    /// PAM's account or session stage refused the user (expired, locked, not allowed).
+    AccountDenied,
     /// Every display in the blade's range is taken.
     NoFreeDisplay,
     /// Xvnc started but never accepted connections in time.
@@ -70,11 +73,12 @@ pub enum RefusalKind {
 
 impl RefusalKind {
     /// Every kind, for tables and for tests that must cover each one.
-    pub const ALL: [RefusalKind; 8] = [
+    pub const ALL: [RefusalKind; 9] = [
         RefusalKind::InvalidRequest,
         RefusalKind::UnknownAccount,
         RefusalKind::SystemAccount,
         RefusalKind::UnsafeHome,
+        RefusalKind::AccountDenied,
         RefusalKind::NoFreeDisplay,
         RefusalKind::StartTimeout,
         RefusalKind::StartFailed,
@@ -87,7 +91,8 @@ impl RefusalKind {
             RefusalKind::InvalidRequest
             | RefusalKind::UnknownAccount
             | RefusalKind::SystemAccount
-            | RefusalKind::UnsafeHome => Scope::Request,
+            | RefusalKind::UnsafeHome
+            | RefusalKind::AccountDenied => Scope::Request,
             RefusalKind::NoFreeDisplay
             | RefusalKind::StartTimeout
             | RefusalKind::StartFailed
@@ -102,7 +107,7 @@ impl RefusalKind {
             // question of the caller's rights.
             RefusalKind::InvalidRequest | RefusalKind::SystemAccount => Code::InvalidArgument,
             RefusalKind::UnknownAccount => Code::NotFound,
-            RefusalKind::UnsafeHome => Code::PermissionDenied,
+            RefusalKind::UnsafeHome | RefusalKind::AccountDenied => Code::PermissionDenied,
             RefusalKind::NoFreeDisplay => Code::ResourceExhausted,
             RefusalKind::StartTimeout => Code::DeadlineExceeded,
             RefusalKind::StartFailed | RefusalKind::AgentFailed => Code::Internal,
@@ -116,6 +121,7 @@ impl RefusalKind {
             RefusalKind::UnknownAccount => "UNKNOWN_ACCOUNT",
             RefusalKind::SystemAccount => "SYSTEM_ACCOUNT",
             RefusalKind::UnsafeHome => "UNSAFE_HOME",
+            RefusalKind::AccountDenied => "ACCOUNT_DENIED",
             RefusalKind::NoFreeDisplay => "NO_FREE_DISPLAY",
             RefusalKind::StartTimeout => "START_TIMEOUT",
             RefusalKind::StartFailed => "START_FAILED",
@@ -131,6 +137,7 @@ impl RefusalKind {
             RefusalKind::UnknownAccount => 11,
             RefusalKind::SystemAccount => 12,
             RefusalKind::UnsafeHome => 13,
+            RefusalKind::AccountDenied => 14,
             RefusalKind::NoFreeDisplay => 20,
             RefusalKind::StartTimeout => 21,
             RefusalKind::StartFailed => 22,
@@ -282,7 +289,7 @@ mod tests {
 
     #[test]
     fn exit_codes_outside_the_table_fail_only_the_blade() {
-        for code in [1, 2, 9, 14, 19, 24, 64, 126, 127, 255] {
+        for code in [1, 2, 9, 15, 19, 24, 64, 126, 127, 255] {
             assert_eq!(scope_of_exit(code), (Scope::Blade, None), "{code}");
         }
     }

@@ -35,6 +35,9 @@ pub struct AgentOptions {
     pub displays: Option<(u32, u32)>,
     /// Serve mutual TLS with these settings (the client identity should be role dispatcher).
     pub tls: Option<crate::pki::ServiceTls>,
+    /// Where Xvnc listens for RFB; `ip` when None (`0.0.0.0`, the production default, makes
+    /// Xvnc listen on IPv4 and IPv6 both).
+    pub rfb_listen: Option<IpAddr>,
 }
 
 impl Default for AgentOptions {
@@ -47,6 +50,7 @@ impl Default for AgentOptions {
             session_command: None,
             displays: None,
             tls: None,
+            rfb_listen: None,
         }
     }
 }
@@ -92,7 +96,7 @@ impl AgentProc {
             "--secret-file".into(),
             secret_file.display().to_string(),
             "--rfb-listen".into(),
-            opts.ip.to_string(),
+            opts.rfb_listen.unwrap_or(opts.ip).to_string(),
             "--mode".into(),
             opts.mode.into(),
             "--display-first".into(),

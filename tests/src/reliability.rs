@@ -32,11 +32,18 @@ pub const COUNTERS: [&str; 6] = [
     "secrets leaked",
 ];
 
-/// This run of the test binary: every group of one run shares it, so the report can tell a
-/// complete set of records from one mixed with an older run's.
+/// This run: every group of one run shares it, so the report can tell a complete set of
+/// records from one mixed with an older run's. `RELIABILITY_RUN` (set by scripts/test.sh)
+/// spans the test binaries of one `cargo test`; without it, one binary's run.
 pub fn run_id() -> &'static str {
     static RUN: OnceLock<String> = OnceLock::new();
     RUN.get_or_init(|| {
+        if let Some(run) = std::env::var("RELIABILITY_RUN")
+            .ok()
+            .filter(|r| !r.is_empty() && r.len() <= 64)
+        {
+            return run;
+        }
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

@@ -44,6 +44,45 @@ impl TestUser {
     }
 }
 
+impl TestUser {
+    /// Expires the account (`chage -E 0`), as an administrator would to lock someone out.
+    pub fn expire(&self) {
+        let status = Command::new("chage")
+            .args(["-E", "0", &self.name])
+            .status()
+            .expect("run chage");
+        assert!(status.success(), "chage -E 0 {} failed", self.name);
+    }
+
+    /// Sets a pam_limits limit (soft and hard) for this user in /etc/security/limits.d, as an
+    /// administrator would; removed when the returned guard drops.
+    pub fn limit(&self, item: &str, value: u64) -> LimitFile {
+        let path = std::path::PathBuf::from(format!(
+            "/etc/security/limits.d/vncdispatch-test-{}.conf",
+            self.name
+        ));
+        std::fs::write(
+            &path,
+            format!(
+                "{u} soft {item} {value}\n{u} hard {item} {value}\n",
+                u = self.name
+            ),
+        )
+        .expect("write limits.d file");
+        LimitFile(path)
+    }
+}
+
+/// A limits.d file, removed on drop.
+#[derive(Debug)]
+pub struct LimitFile(std::path::PathBuf);
+
+impl Drop for LimitFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 impl Drop for TestUser {
     fn drop(&mut self) {
         let _g = ACCOUNTS.lock().unwrap_or_else(|p| p.into_inner());

@@ -261,6 +261,8 @@ async fn every_refusal_kind_gets_the_same_decision_over_grpc_and_ssh() {
     let dir = tempfile::tempdir().expect("dir");
     let user = TestUser::create();
     let unsafe_user = TestUser::create();
+    let expired = TestUser::create();
+    expired.expire();
     let target = dir.path().join("not-the-users");
     std::fs::write(&target, b"keep me\n").expect("write");
     symlink(&target, unsafe_user.home.join(".vncpasswd")).expect("symlink");
@@ -286,6 +288,7 @@ async fn every_refusal_kind_gets_the_same_decision_over_grpc_and_ssh() {
         ),
         case(RefusalKind::SystemAccount, "daemon", "secret12", &[]),
         case(RefusalKind::UnsafeHome, &unsafe_user.name, "secret12", &[]),
+        case(RefusalKind::AccountDenied, &expired.name, "secret12", &[]),
         Case {
             displays: Some((full_display, 1)),
             ..case(RefusalKind::NoFreeDisplay, &user.name, "secret12", &[])

@@ -1,15 +1,22 @@
-//! Choosing a display for a new desktop: the lowest one that no live Xvnc serves, that no
-//! other start has reserved, whose X lock file is not held and whose RFB port is free. Stale
-//! X lock files and sockets of dead servers are removed here, and /tmp/.X11-unix is kept
-//! root's with mode 1777, since users' X servers cannot fix either themselves.
-use super::{Agent, lock};
-use crate::discover;
+//! Choosing a display for a new desktop: the lowest one that no live X server holds, that no
+//! other start has reserved and whose RFB port is free on every address family. The display
+//! range is the agent's: what desktop users leave or plant there is cleared, as root, since
+//! the next user's Xvnc could not remove another user's files from the sticky /tmp:
+//! - X lock files of dead servers, and lock files no X server wrote (a FIFO, a symlink, a
+//!   huge file, one naming a process that is not an X server of that display run by the
+//!   file's owner, such as pid 1), and sockets in /tmp/.X11-unix with no live lock;
+//! - a user's second X server in the range (the agent gives each user one desktop): the
+//!   youngest are stopped, so no one user can hold every display with fake `Xtigervnc`s.
+//!
+//! /tmp/.X11-unix is kept root's with mode 1777. All of it is blocking /proc and /tmp work,
+//! run off the async runtime, and the reservation lock is held only to claim a display.
+use super::{Agent, blocking, lock, ports};
+use crate::discover::{self, Process};
 use crate::error::AgentError;
-use nix::sys::signal::kill;
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
-use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -27,42 +34,162 @@ impl Drop for Reservation {
     }
 }
 
+/// What a display search needs, owned, so it can run on a blocking thread.
+struct Search {
+    displays: std::ops::RangeInclusive<u32>,
+    port_base: u16,
+    comm: String,
+    /// Users whose extra X servers in the range are stopped (desktop users; never root).
+    users: std::ops::RangeInclusive<u32>,
+    reserved: Arc<Mutex<HashSet<u32>>>,
+    skip: HashSet<u32>,
+}
+
 impl Agent {
-    /// Picks the lowest free display: not reserved, not served by a live Xvnc, no live X lock
-    /// file, and its RFB port bindable. Stale lock files and sockets left by a dead server are
-    /// removed here, as root, because the next user's Xvnc could not remove another user's
-    /// files from the sticky /tmp.
-    pub(super) fn reserve_display(&self, skip: &HashSet<u32>) -> Result<Reservation, AgentError> {
-        let live: HashSet<u32> = discover::scan(&self.xvnc_comm())
-            .map_err(|e| AgentError::io("reading /proc", e))?
-            .into_iter()
-            .map(|r| r.display)
-            .collect();
+    /// Reserves the lowest free display (see the module documentation).
+    pub(super) async fn reserve_display(
+        &self,
+        skip: &HashSet<u32>,
+    ) -> Result<Reservation, AgentError> {
+        let search = Search {
+            displays: self.cfg.display_first..=self.cfg.display_last(),
+            port_base: self.cfg.port_base,
+            comm: self.xvnc_comm(),
+            users: self.cfg.min_uid.max(1)..=self.cfg.max_uid,
+            reserved: self.reserved.clone(),
+            skip: skip.clone(),
+        };
+        blocking(move || search.run()).await
+    }
+}
+
+impl Search {
+    fn run(self) -> Result<Reservation, AgentError> {
         ensure_x11_socket_dir();
-        let mut reserved = lock(&self.reserved);
-        for display in self.cfg.display_first..=self.cfg.display_last() {
-            if skip.contains(&display) || live.contains(&display) || reserved.contains(&display) {
-                continue;
-            }
-            let Some(port) = self.cfg.port_of(display) else {
-                break;
-            };
-            if !x_display_free(display)
-                || TcpListener::bind(SocketAddr::new(self.cfg.rfb_listen, port)).is_err()
+        let mut held = self.holders()?;
+        self.stop_extra_servers(&mut held);
+        // Ports held with no X server on the display, by the owners' uids: a squatting user
+        // is named in the refusal and the log.
+        let mut port_holders: BTreeMap<u32, usize> = BTreeMap::new();
+        for display in self.displays.clone() {
+            if self.skip.contains(&display)
+                || held.contains_key(&display)
+                || lock(&self.reserved).contains(&display)
             {
                 continue;
             }
-            reserved.insert(display);
-            return Ok(Reservation {
-                display,
-                reserved: self.reserved.clone(),
-            });
+            let Some(port) = u16::try_from(u32::from(self.port_base) + display).ok() else {
+                break;
+            };
+            if !ports::port_free(port) {
+                for l in ports::listeners_on(port).unwrap_or_default() {
+                    *port_holders.entry(l.uid).or_default() += 1;
+                }
+                continue;
+            }
+            // Claimed only now, so a search never holds the lock while it reads /proc or /tmp.
+            if lock(&self.reserved).insert(display) {
+                return Ok(Reservation {
+                    display,
+                    reserved: self.reserved.clone(),
+                });
+            }
         }
+        let detail = if port_holders.is_empty() {
+            String::new()
+        } else {
+            let who: Vec<String> = port_holders
+                .iter()
+                .map(|(uid, n)| format!("uid {uid} ({n} listening sockets)"))
+                .collect();
+            tracing::warn!(holders = %who.join(", "), "RFB ports of free displays are held by other programs");
+            format!(
+                " (RFB ports of otherwise free displays are held by other programs: {})",
+                who.join(", ")
+            )
+        };
         Err(AgentError::NoFreeDisplay {
-            first: self.cfg.display_first,
-            last: self.cfg.display_last(),
+            first: *self.displays.start(),
+            last: *self.displays.end(),
+            detail,
         })
     }
+
+    /// The displays in range an X server holds, with its process: live Xvnc desktops, and
+    /// X lock files naming a live X server of that display run by the file's owner. Every
+    /// other lock file in range, and sockets without a held lock, are removed.
+    fn holders(&self) -> Result<BTreeMap<u32, Process>, AgentError> {
+        let mut held = BTreeMap::new();
+        for x in discover::scan(&self.comm).map_err(|e| AgentError::io("reading /proc", e))? {
+            if self.displays.contains(&x.display)
+                && let Some(p) = Process::read(x.pid)
+            {
+                held.insert(x.display, p);
+            }
+        }
+        for display in self.displays.clone() {
+            if held.contains_key(&display) {
+                continue;
+            }
+            if let Some(p) = x_server_holding(display) {
+                held.insert(display, p);
+            }
+        }
+        Ok(held)
+    }
+
+    /// Each desktop user holds at most one display of the range: the oldest X server a user
+    /// runs there stays, the others are killed and their files cleared.
+    fn stop_extra_servers(&self, held: &mut BTreeMap<u32, Process>) {
+        let mut by_user: HashMap<u32, Vec<(u32, Process)>> = HashMap::new();
+        for (display, p) in held.iter() {
+            if self.users.contains(&p.uid) {
+                by_user
+                    .entry(p.uid)
+                    .or_default()
+                    .push((*display, p.clone()));
+            }
+        }
+        for (uid, mut servers) in by_user {
+            if servers.len() < 2 {
+                continue;
+            }
+            servers.sort_by_key(|(_, p)| (p.start_ticks, p.pid));
+            for (n, p) in servers.into_iter().skip(1) {
+                tracing::warn!(
+                    uid,
+                    display = n,
+                    pid = p.pid,
+                    program = p.args.first().map(String::as_str).unwrap_or(""),
+                    "a user's second X server in the agent's display range: stopping it"
+                );
+                // Checked again right before the signal: the pid must still be this process.
+                if p.is_alive() {
+                    let _ = kill(Pid::from_raw(p.pid as i32), Signal::SIGKILL);
+                }
+                let gone = (0..100).any(|_| {
+                    let alive = p.is_alive();
+                    if alive {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    !alive
+                });
+                if gone {
+                    remove_stale(&lock_path(n));
+                    remove_stale(&socket_path(n));
+                    held.remove(&n);
+                }
+            }
+        }
+    }
+}
+
+fn lock_path(n: u32) -> PathBuf {
+    PathBuf::from(format!("/tmp/.X{n}-lock"))
+}
+
+fn socket_path(n: u32) -> PathBuf {
+    PathBuf::from(format!("/tmp/.X11-unix/X{n}"))
 }
 
 /// X servers put their sockets in /tmp/.X11-unix but, running as a user, cannot create it, and
@@ -140,10 +267,19 @@ fn chmod_root_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The pid in an X lock file, read without blocking or following links: None when it is not
-/// a small regular file (a FIFO, a symlink to /dev/zero, a huge file — a user's trap for the
-/// root agent) or names no pid. Such a display is treated as taken, never read further.
-fn lock_file_pid(path: &Path) -> Result<Option<i32>, ()> {
+/// What an X lock file says, read without blocking or following links.
+#[derive(Debug, PartialEq, Eq)]
+enum LockFile {
+    /// None there.
+    Absent,
+    /// A small regular file: its owner and the pid it names (0 when unreadable).
+    Names { owner: u32, pid: u32 },
+    /// Not something an X server writes: a FIFO, a symlink (to /dev/zero…), a directory, a
+    /// huge file. A user's trap for the root agent; never read further.
+    Trap,
+}
+
+fn read_lock_file(path: &Path) -> LockFile {
     use nix::fcntl::{OFlag, open};
     use nix::sys::stat::{Mode, SFlag, fstat};
     use std::io::Read;
@@ -157,48 +293,57 @@ fn lock_file_pid(path: &Path) -> Result<Option<i32>, ()> {
         Mode::empty(),
     ) {
         Ok(fd) => fd,
-        Err(nix::errno::Errno::ENOENT) => return Ok(None),
-        Err(_) => return Err(()),
+        Err(nix::errno::Errno::ENOENT) => return LockFile::Absent,
+        Err(_) => return LockFile::Trap,
     };
-    let st = fstat(&fd).map_err(|_| ())?;
+    let Ok(st) = fstat(&fd) else {
+        return LockFile::Trap;
+    };
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG || st.st_size > 64 {
-        return Err(());
+        return LockFile::Trap;
     }
     let mut text = String::new();
-    fs::File::from(fd)
+    if fs::File::from(fd)
         .take(64)
         .read_to_string(&mut text)
-        .map_err(|_| ())?;
-    Ok(Some(text.trim().parse::<i32>().unwrap_or(0)))
+        .is_err()
+    {
+        return LockFile::Trap;
+    }
+    LockFile::Names {
+        owner: st.st_uid,
+        pid: text.trim().parse().unwrap_or(0),
+    }
 }
 
-/// True unless a live X server holds the display's lock. A lock or socket left by a dead
-/// server is removed; a lock file that is not a small regular file makes the display taken.
-fn x_display_free(n: u32) -> bool {
-    let lock_path = PathBuf::from(format!("/tmp/.X{n}-lock"));
-    let socket = PathBuf::from(format!("/tmp/.X11-unix/X{n}"));
-    match lock_file_pid(&lock_path) {
-        Err(()) => {
-            tracing::warn!("the X lock file of :{n} is not a small regular file; skipping :{n}");
-            false
-        }
-        Ok(Some(pid)) => {
-            let alive = pid > 0 && kill(Pid::from_raw(pid), None).is_ok();
-            if alive {
-                return false;
+/// The live X server holding display `n`, if any: its lock file names a process of the
+/// file's owner whose arguments name `:n`. Anything else in the display's lock file or
+/// socket is left over or planted, and removed.
+fn x_server_holding(n: u32) -> Option<Process> {
+    let (lock_file, socket) = (lock_path(n), socket_path(n));
+    match read_lock_file(&lock_file) {
+        LockFile::Names { owner, pid } => {
+            let name = format!(":{n}");
+            if let Some(p) = Process::read(pid)
+                .filter(|p| p.uid == owner && p.args.iter().skip(1).any(|a| *a == name))
+            {
+                return Some(p);
             }
-            tracing::info!("removing stale X lock file and socket of :{n}");
-            remove_stale(&lock_path);
-            remove_stale(&socket);
-            true
+            tracing::info!(
+                owner,
+                pid,
+                "removing the X lock file of :{n}: it names no X server of :{n} run by its owner"
+            );
         }
-        Ok(None) => {
-            if socket.exists() && std::os::unix::net::UnixStream::connect(&socket).is_err() {
-                remove_stale(&socket);
-            }
-            !socket.exists()
+        LockFile::Trap => {
+            tracing::warn!("removing the X lock file of :{n}: not a small regular file (a trap)");
         }
+        LockFile::Absent => {}
     }
+    remove_stale(&lock_file);
+    // An X server always holds its lock: a socket without one is left over or a decoy.
+    remove_stale(&socket);
+    None
 }
 
 fn remove_stale(path: &Path) {

@@ -27,6 +27,7 @@ use vncdispatch_proto::v1::{AgentHealth, Geometry, VncServer};
 use vncdispatch_proto::vencrypt::CertPin;
 
 mod display;
+mod ports;
 mod session;
 
 use session::HelperError::{Busy, Other};
@@ -113,7 +114,7 @@ impl Agent {
         };
         let account = self.account(username).await?;
         let _guard = self.lock_user(&account.name).await?;
-        if let Some(running) = self.running_for(&account)? {
+        if let Some(running) = self.running_for(&account).await? {
             let rfbauth = running.rfbauth.clone();
             self.run_helper(
                 &account,
@@ -133,7 +134,7 @@ impl Agent {
         }
         let mut skip = HashSet::new();
         for attempt in 1..=START_ATTEMPTS {
-            let slot = self.reserve_display(&skip)?;
+            let slot = self.reserve_display(&skip).await?;
             match self
                 .run_helper(
                     &account,
@@ -146,13 +147,31 @@ impl Agent {
             {
                 Ok(Some((pid, pin))) => {
                     let running = self
-                        .running_for(&account)?
+                        .running_for(&account)
+                        .await?
                         .filter(|r| r.pid == pid)
                         .ok_or_else(|| AgentError::StartFailed {
                             user: account.name.clone(),
                             display: slot.display,
                             detail: format!("Xvnc (pid {pid}) exited right after starting"),
                         })?;
+                    // READY only if every listener on the port is this Xvnc's: a user may
+                    // have bound it first, or beside it on the other address family.
+                    let port = running.port;
+                    let squatted = blocking(move || Ok(ports::foreign_listener(pid, port))).await?;
+                    if let Some(why) = squatted {
+                        tracing::warn!(display = slot.display, port, %why, "RFB port not the desktop's alone; stopping it");
+                        terminate(&running).await;
+                        if attempt == START_ATTEMPTS {
+                            return Err(AgentError::StartFailed {
+                                user: account.name,
+                                display: slot.display,
+                                detail: why,
+                            });
+                        }
+                        skip.insert(slot.display);
+                        continue;
+                    }
                     tracing::info!(
                         display = running.display,
                         pid,
@@ -191,6 +210,7 @@ impl Agent {
         Err(AgentError::NoFreeDisplay {
             first: self.cfg.display_first,
             last: self.cfg.display_last(),
+            detail: format!(" (the last {START_ATTEMPTS} tried were taken while starting)"),
         })
     }
 
@@ -198,7 +218,7 @@ impl Agent {
     pub async fn stop_session(&self, username: &str) -> Result<bool, AgentError> {
         let account = self.account(username).await?;
         let _guard = self.lock_user(&account.name).await?;
-        let Some(running) = self.running_for(&account)? else {
+        let Some(running) = self.running_for(&account).await? else {
             return Ok(false);
         };
         terminate(&running).await;
@@ -220,7 +240,7 @@ impl Agent {
             return Ok(Some(self.describe(username, &running, true)));
         }
         let account = self.account(username).await?;
-        let running = self.running_for(&account)?;
+        let running = self.running_for(&account).await?;
         let mut seen = lock(&self.seen);
         match &running {
             Some(r) => seen.insert(account.name.clone(), r.clone()),
@@ -230,17 +250,28 @@ impl Agent {
     }
 
     /// The live desktops, ordered by display.
-    pub fn list(&self) -> Result<Vec<VncServer>, AgentError> {
+    pub async fn list(&self) -> Result<Vec<VncServer>, AgentError> {
         let mut out = Vec::new();
-        for (account, running) in self.desktops()? {
+        for (account, running) in self.desktops().await? {
             out.push(self.describe(&account.name, &running, false));
         }
         Ok(out)
     }
 
     /// Session count, free displays, load and memory.
-    pub fn health(&self) -> Result<AgentHealth, AgentError> {
-        let live = self.desktops()?;
+    pub async fn health(&self) -> Result<AgentHealth, AgentError> {
+        let live = self.desktops().await?;
+        let (load1, meminfo) = blocking(|| {
+            let load1 = fs::read_to_string("/proc/loadavg")
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0.0);
+            Ok((
+                load1,
+                fs::read_to_string("/proc/meminfo").unwrap_or_default(),
+            ))
+        })
+        .await?;
         let used: HashSet<u32> = live
             .iter()
             .map(|(_, r)| r.display)
@@ -250,11 +281,6 @@ impl Agent {
             .iter()
             .filter(|d| (self.cfg.display_first..=self.cfg.display_last()).contains(d))
             .count();
-        let load1 = fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0.0);
-        let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
         let mem = |key: &str| -> u64 {
             meminfo
                 .lines()
@@ -282,28 +308,32 @@ impl Agent {
     /// Every Xvnc on the blade that is a desktop of a desktop user: owned by an account in the
     /// allowed uid range and checking a VNC password file (the fast path passes `~/.vncpasswd`;
     /// the vncserver wrapper a private copy of it).
-    fn desktops(&self) -> Result<Vec<(Account, RunningXvnc)>, AgentError> {
-        let mut accounts: HashMap<u32, Option<Account>> = HashMap::new();
-        let mut out = Vec::new();
-        for running in
-            discover::scan(&self.xvnc_comm()).map_err(|e| AgentError::io("reading /proc", e))?
-        {
-            let account = accounts
-                .entry(running.uid)
-                .or_insert_with(|| account::lookup_uid(running.uid, self.uids()).ok())
-                .clone();
-            if let Some(account) = account
-                && running.rfbauth.is_some()
-            {
-                out.push((account, running));
+    /// A /proc scan and NSS lookups: run on a blocking thread.
+    async fn desktops(&self) -> Result<Vec<(Account, RunningXvnc)>, AgentError> {
+        let (comm, uids) = (self.xvnc_comm(), self.uids());
+        blocking(move || {
+            let mut accounts: HashMap<u32, Option<Account>> = HashMap::new();
+            let mut out = Vec::new();
+            for running in discover::scan(&comm).map_err(|e| AgentError::io("reading /proc", e))? {
+                let account = accounts
+                    .entry(running.uid)
+                    .or_insert_with(|| account::lookup_uid(running.uid, uids).ok())
+                    .clone();
+                if let Some(account) = account
+                    && running.rfbauth.is_some()
+                {
+                    out.push((account, running));
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await
     }
 
-    fn running_for(&self, account: &Account) -> Result<Option<RunningXvnc>, AgentError> {
+    async fn running_for(&self, account: &Account) -> Result<Option<RunningXvnc>, AgentError> {
         Ok(self
-            .desktops()?
+            .desktops()
+            .await?
             .into_iter()
             .find(|(a, _)| a.uid == account.uid)
             .map(|(_, r)| r))

@@ -63,10 +63,20 @@ impl Agent {
                 &self.cfg.start_timeout.as_millis().to_string(),
             ])
             .args(["--rfb-security", self.cfg.rfb_security.xvnc_name()]);
-        privdrop::as_user(&mut cmd, account);
+        match self.cfg.pam_service() {
+            // The helper starts as root, runs PAM, and drops to the user itself.
+            Some(service) => {
+                cmd.args(["--pam-service", service, "--user", &account.name])
+                    .args(["--uid", &account.uid.to_string()]);
+                privdrop::as_root_for(&mut cmd, account);
+            }
+            None => privdrop::as_user(&mut cmd, account),
+        }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            // A process the user controls must not write into root's log: the helper logs
+            // into the desktop's own log, and its answer comes on stdout, bounded.
+            .stderr(Stdio::null());
         let user = account.name.clone();
         let helper_err = |detail: String| {
             Other(AgentError::Helper {
@@ -133,6 +143,10 @@ impl Agent {
                 .ok_or_else(|| helper_err(format!("bad answer {line:?}"))),
             (_, Some(FailKind::Refused)) => Err(Other(AgentError::UnsafeHome { user, why: rest })),
             (_, Some(FailKind::Busy)) => Err(Busy(rest)),
+            (_, Some(FailKind::Denied)) => Err(Other(AgentError::AccountDenied {
+                user,
+                message: rest,
+            })),
             (_, Some(FailKind::Timeout)) => Err(Other(AgentError::StartTimeout {
                 user,
                 display,
@@ -144,7 +158,7 @@ impl Agent {
                 detail: rest,
             })),
             ("", None) => Err(helper_err(
-                "exited without an answer (see the agent's log)".into(),
+                "exited without an answer (see the desktop's log ~/.vnc/*.log)".into(),
             )),
             (_, None) => Err(helper_err(format!(
                 "unexpected answer {:?}",

@@ -13,7 +13,9 @@
 //!    port answers with an RFB banner, starts the session command, and answers one line on
 //!    stdout: `READY <xvnc pid> [<certificate SHA-256, hex>]`, or `<KIND> <message>` with KIND one of REFUSED (unsafe home),
 //!    BUSY (display taken, try another), TIMEOUT, FAILED (`FailKind`, shared with the agent).
-//! 4. after READY (fast path) it stays as the session's supervisor: when the session command
+//! 4. its stderr is the desktop's log `~/.vnc/HOST:N.log` (before that, none: the agent
+//!    reads only the bounded answer line from a process the user controls).
+//! 5. after READY (fast path) it stays as the session's supervisor: when the session command
 //!    exits it stops Xvnc (vncserver's `-autokill`), and when Xvnc dies it ends the session's
 //!    process group. It keeps doing so across agent restarts, as it is not the agent's.
 //!
@@ -30,6 +32,7 @@ use std::process::ExitCode;
 use vncdispatch_proto::vencrypt::CertPin;
 
 mod files;
+mod login;
 mod start;
 mod supervise;
 mod x509;
@@ -97,6 +100,19 @@ pub struct HelperArgs {
     /// RFB security types the desktop offers (a fresh certificate for the TLS ones).
     #[arg(long, value_enum, default_value = "vnc")]
     pub rfb_security: RfbSecurity,
+    /// Run this PAM service's account and session stages first (the helper then starts as
+    /// root and drops to --user itself).
+    #[arg(long)]
+    pub pam_service: Option<String>,
+    /// The user to become after PAM.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// That user's uid, as the agent checked it.
+    #[arg(long)]
+    pub uid: Option<u32>,
+    /// Environment the PAM session set, for the desktop's programs.
+    #[arg(skip)]
+    pub pam_env: Vec<(String, String)>,
 }
 
 /// `~/.vnc/HOST:N.log`, the name vncserver uses, so admins find logs where they expect them.
@@ -118,15 +134,18 @@ pub(crate) enum FailKind {
     Timeout,
     /// FAILED: Xvnc, the wrapper or the session could not be started.
     Failed,
+    /// DENIED: PAM refused the account or the session (expired, locked, limits).
+    Denied,
 }
 
 impl FailKind {
     /// Every kind, for parsing.
-    const ALL: [FailKind; 4] = [
+    const ALL: [FailKind; 5] = [
         FailKind::Refused,
         FailKind::Busy,
         FailKind::Timeout,
         FailKind::Failed,
+        FailKind::Denied,
     ];
 
     /// The word on the answer line.
@@ -136,6 +155,7 @@ impl FailKind {
             FailKind::Busy => "BUSY",
             FailKind::Timeout => "TIMEOUT",
             FailKind::Failed => "FAILED",
+            FailKind::Denied => "DENIED",
         }
     }
 
@@ -185,7 +205,14 @@ fn ready(pid: u32, pin: Option<CertPin>) -> String {
 }
 
 /// Runs the helper; the exit code is for humans, the agent reads stdout.
-pub fn main(args: HelperArgs) -> ExitCode {
+pub fn main(mut args: HelperArgs) -> ExitCode {
+    if let Some(service) = args.pam_service.clone() {
+        match login::begin(&mut args, &service) {
+            Ok(login::After::AsUser) => {}
+            Ok(login::After::Done(code)) => return code,
+            Err(f) => return fail(f),
+        }
+    }
     match run(&args) {
         Ok(Outcome::Supervise(mut desktop, pin)) => {
             answer(&ready(desktop.xvnc_pid, pin));
@@ -200,15 +227,17 @@ pub fn main(args: HelperArgs) -> ExitCode {
             answer("OK");
             ExitCode::SUCCESS
         }
-        Err(f) => {
-            answer(&format!(
-                "{} {}",
-                f.kind.word(),
-                f.message.replace('\n', " ")
-            ));
-            ExitCode::FAILURE
-        }
+        Err(f) => fail(f),
     }
+}
+
+fn fail(f: Failure) -> ExitCode {
+    answer(&format!(
+        "{} {}",
+        f.kind.word(),
+        f.message.replace('\n', " ")
+    ));
+    ExitCode::FAILURE
 }
 
 fn answer(line: &str) {
@@ -238,6 +267,9 @@ fn run(args: &HelperArgs) -> Result<Outcome, Failure> {
     let log = open_private(&vnc_dir, &log_name(args.display), true)
         .map_err(|e| refused(format!("cannot open ~/.vnc log: {e}")))?;
     let log = File::from(log);
+    // The helper's own messages (a panic, a supervisor's notes) go to the desktop's log: the
+    // agent gives it no stderr, so nothing a user's process writes reaches root's log.
+    let _ = nix::unistd::dup2_stderr(&log);
     let cert = if args.rfb_security.uses_tls() {
         Some(x509::make(&home, &vnc_dir, args.display)?)
     } else {

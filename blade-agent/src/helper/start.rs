@@ -53,6 +53,7 @@ pub(super) fn start_fast(
     let user = std::env::var("USER").unwrap_or_default();
     let log_err = log.try_clone().map_err(|e| failed(format!("log: {e}")))?;
     let mut xvnc = Command::new(&args.xvnc)
+        .envs(args.pam_env.iter().map(|(k, v)| (k, v)))
         .arg(format!(":{}", args.display))
         .arg("-auth")
         .arg(&xauth)
@@ -60,8 +61,7 @@ pub(super) fn start_fast(
         .arg(&rfbauth)
         .arg("-rfbport")
         .arg(args.port.to_string())
-        .arg("-interface")
-        .arg(args.interface.to_string())
+        .args(interface_args(args))
         .args(security_args(args, cert))
         .arg("-geometry")
         .arg(&args.geometry)
@@ -82,6 +82,7 @@ pub(super) fn start_fast(
         return Err(f);
     }
     let session = Command::new(&args.session)
+        .envs(args.pam_env.iter().map(|(k, v)| (k, v)))
         .env("DISPLAY", format!(":{}", args.display))
         .env("XAUTHORITY", &xauth)
         .process_group(0)
@@ -114,6 +115,7 @@ pub(super) fn start_wrapper(
     log: File,
 ) -> Result<(), Failure> {
     let out = Command::new(&args.vncserver)
+        .envs(args.pam_env.iter().map(|(k, v)| (k, v)))
         .arg(format!(":{}", args.display))
         .arg("-rfbport")
         .arg(args.port.to_string())
@@ -123,8 +125,7 @@ pub(super) fn start_wrapper(
         .arg("-geometry")
         .arg(&args.geometry)
         .arg("-localhost=no")
-        .arg("-interface")
-        .arg(args.interface.to_string())
+        .args(interface_args(args))
         .arg("-xstartup")
         .arg(&args.session)
         .arg("-autokill")
@@ -153,6 +154,17 @@ pub(super) fn start_wrapper(
         });
     }
     wait_ready(args, None, home)
+}
+
+/// `-interface ADDR` for a specific address; none for "any", so that Xvnc listens on IPv4
+/// and IPv6 both: with only `0.0.0.0` a local user could hold `[::]:PORT` beside it and
+/// answer every client that reaches the blade over IPv6.
+fn interface_args(args: &HelperArgs) -> Vec<String> {
+    if args.interface.is_unspecified() {
+        Vec::new()
+    } else {
+        vec!["-interface".into(), args.interface.to_string()]
+    }
 }
 
 pub(super) fn find_xvnc(args: &HelperArgs) -> Result<u32, Failure> {

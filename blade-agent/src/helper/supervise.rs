@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 impl Desktop {
     /// Detaches from the agent's pipes and ties the session's life to Xvnc's and back.
     pub(super) fn supervise(&mut self) {
-        // The agent reads until READY; from here on stdout and stderr go nowhere so a vanished
-        // agent (or SSH channel) cannot stall or kill us.
+        // The agent reads until READY; from here on stdout goes nowhere so a vanished agent
+        // (or SSH channel) cannot stall or kill us. Stderr is already the desktop's log.
         if let Ok(null) = File::options().write(true).open("/dev/null") {
             let _ = nix::unistd::dup2_stdout(null.as_fd());
-            let _ = nix::unistd::dup2_stderr(null.as_fd());
         }
         let xvnc = Pid::from_raw(self.xvnc_pid as i32);
         let session = self.session.as_ref().map(|s| Pid::from_raw(s.id() as i32));

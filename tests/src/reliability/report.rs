@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 /// The groups in the order the report shows them, with their headings.
-pub const GROUPS: [(&str, &str); 9] = [
+pub const GROUPS: [(&str, &str); 10] = [
     ("bad_input", "Bad input to every RPC and CLI"),
     ("filesystem", "Filesystem attacks on the agent"),
     ("display_process", "Display and process faults"),
@@ -29,6 +29,10 @@ pub const GROUPS: [(&str, &str); 9] = [
     (
         "attacks",
         "Attacks on identities and encryption (mutual TLS, roles, VeNCrypt)",
+    ),
+    (
+        "local_user",
+        "A local desktop user against the root agent (traps, squatting, PAM)",
     ),
 ];
 

@@ -14,6 +14,8 @@
 //! - [`load`]: many clients over many users with a dispatcher restart.
 //! - [`secrets`]: every path a secret travels, then a search for it everywhere.
 //! - [`attacks`]: identities and encryption: roles, certificates, plaintext, fake agents.
+//! - `local_user` (its own binary, `tests/local_user.rs`, as one of its cases takes
+//!   /tmp/.X11-unix from root for a while): a desktop user against the root agent.
 //!
 //! Helpers more than one group uses live in `vncdispatch_tests::reliability::{attack, ws}`.
 //! `RELIABILITY_SOAK=1` makes the load case longer; its short form runs every time.

@@ -1,0 +1,148 @@
+//! Whose sockets listen on an RFB port, read from /proc: the agent reports a desktop READY only
+//! when every listener on its port belongs to the Xvnc it started. A desktop user can bind a
+//! free port before Xvnc does (the port is visible in the helper's arguments), or hold
+//! `[::]:PORT` with `IPV6_V6ONLY` beside Xvnc's `0.0.0.0:PORT`; either would put the browser in
+//! front of the user's fake desktop.
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+
+/// A listening TCP socket as /proc/net lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Listener {
+    /// Socket inode, as `/proc/PID/fd/*` names it (`socket:[N]`).
+    pub(super) inode: u64,
+    /// Owner of the socket.
+    pub(super) uid: u32,
+}
+
+/// True when `port` can be bound on every address family: a dual-stack bind of `[::]:PORT`
+/// fails if anyone holds it on IPv4 or IPv6; without IPv6, `0.0.0.0:PORT` alone.
+pub(super) fn port_free(port: u16) -> bool {
+    match TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+        Ok(_) => true,
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => false,
+        // No IPv6 on this host (EAFNOSUPPORT, EADDRNOTAVAIL): IPv4 is all there is.
+        Err(_) => TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))).is_ok(),
+    }
+}
+
+/// Every listening TCP socket on `port`, IPv4 and IPv6, in this network namespace.
+pub(super) fn listeners_on(port: u16) -> io::Result<Vec<Listener>> {
+    let mut out = parse_listeners(&fs::read_to_string("/proc/net/tcp")?, port);
+    // A kernel without IPv6 has no tcp6 table, and nothing can listen there.
+    if let Ok(text) = fs::read_to_string("/proc/net/tcp6") {
+        out.extend(parse_listeners(&text, port));
+    }
+    Ok(out)
+}
+
+/// The socket inodes process `pid` holds open.
+pub(super) fn socket_inodes(pid: u32) -> io::Result<HashSet<u64>> {
+    let mut out = HashSet::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(link) = entry.and_then(|e| fs::read_link(e.path())) else {
+            continue;
+        };
+        if let Some(inode) = link
+            .to_str()
+            .and_then(|l| l.strip_prefix("socket:["))
+            .and_then(|l| l.strip_suffix(']'))
+            .and_then(|n| n.parse().ok())
+        {
+            out.insert(inode);
+        }
+    }
+    Ok(out)
+}
+
+/// Why the listeners on `port` do not all belong to `pid`, if they do not.
+pub(super) fn foreign_listener(pid: u32, port: u16) -> Option<String> {
+    let listeners = match listeners_on(port) {
+        Ok(l) => l,
+        Err(e) => return Some(format!("cannot read /proc/net/tcp: {e}")),
+    };
+    let own = match socket_inodes(pid) {
+        Ok(s) => s,
+        Err(e) => return Some(format!("cannot read the sockets of Xvnc (pid {pid}): {e}")),
+    };
+    if !listeners.iter().any(|l| own.contains(&l.inode)) {
+        return Some(format!("Xvnc (pid {pid}) does not listen on port {port}"));
+    }
+    let strangers: Vec<u32> = listeners
+        .iter()
+        .filter(|l| !own.contains(&l.inode))
+        .map(|l| l.uid)
+        .collect();
+    (!strangers.is_empty()).then(|| {
+        format!(
+            "another program (uid {}) also listens on port {port}",
+            strangers
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
+/// The LISTEN rows for `port` of a /proc/net/tcp or tcp6 table: `sl local_address
+/// rem_address st tx:rx tr:when retrnsmt uid timeout inode …`, the port in hex after the colon.
+fn parse_listeners(table: &str, port: u16) -> Vec<Listener> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f.get(1)?.rsplit_once(':')?.1;
+            if u16::from_str_radix(local_port, 16).ok()? != port || *f.get(3)? != "0A" {
+                return None;
+            }
+            Some(Listener {
+                uid: f.get(7)?.parse().ok()?,
+                inode: f.get(9)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_listen_rows_of_both_tables() {
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 00000000:170C 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1001        0 4242 1 0000000000000000 100 0 0 10 0\n\
+   1: 0100007F:170C 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000  1001        0 4243 1 0000000000000000 20 4 30 10 -1\n\
+   2: 00000000:170D 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99 1 0000000000000000 100 0 0 10 0\n";
+        assert_eq!(
+            parse_listeners(v4, 5900),
+            vec![Listener {
+                inode: 4242,
+                uid: 1001
+            }]
+        );
+        let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 00000000000000000000000000000000:170C 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1002        0 777 1 0000000000000000 100 0 0 10 0\n";
+        assert_eq!(
+            parse_listeners(v6, 5900),
+            vec![Listener {
+                inode: 777,
+                uid: 1002
+            }]
+        );
+        assert!(parse_listeners("header\ngarbage line\n", 5900).is_empty());
+    }
+
+    #[test]
+    fn a_listener_of_this_process_is_found_and_owned() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert_eq!(foreign_listener(std::process::id(), port), None);
+        assert!(!port_free(port));
+        // Another process's view: pid 1 holds none of our sockets.
+        assert!(foreign_listener(1, port).is_some());
+    }
+}

@@ -1,0 +1,97 @@
+//! The helper's root prologue when PAM is on: what `su` or `login` would do before the user's
+//! programs run. The agent starts the helper as root (in a session of its own); here it runs
+//! the PAM account stage and, for a start, opens the PAM session, then:
+//! - for a password change it drops to the user in place and goes on;
+//! - for a start it forks: the child drops to the user and goes on as the helper (its rlimits
+//!   from pam_limits, its environment from the session modules); the parent stays root,
+//!   holding the session, waits for the child — the desktop's supervisor, which lives as long
+//!   as the desktop — and then closes the session, as TigerVNC's `vncsession` does.
+//!
+//! In wrapper mode vncserver daemonizes Xvnc and the helper ends at READY, so the session
+//! closes at once; the limits and environment still apply to the desktop.
+use super::{Action, FailKind, Failure, HelperArgs, failed};
+use crate::account::{self, UidRange};
+use crate::pam::{Pam, PamError};
+use crate::privdrop;
+use nix::sys::wait::{WaitStatus, waitpid};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::process::ExitCode;
+
+/// Where the caller goes on after the prologue.
+pub(super) enum After {
+    /// This process is now the user's: go on as the helper.
+    AsUser,
+    /// This process is the session's root parent, and the desktop's helper has ended.
+    Done(ExitCode),
+}
+
+/// Runs the PAM stages for `args.user` and drops to the user (see the module doc).
+pub(super) fn begin(args: &mut HelperArgs, service: &str) -> Result<After, Failure> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(failed("the helper must start as root to run PAM"));
+    }
+    let (Some(name), Some(uid)) = (args.user.clone(), args.uid) else {
+        return Err(failed("--user and --uid are required with --pam-service"));
+    };
+    // Looked up again as root, and held to the uid the agent checked.
+    let account = account::lookup(&name, UidRange { min: uid, max: uid })
+        .map_err(|e| failed(format!("looking up {name:?}: {e}")))?;
+    let tty = format!(":{}", args.display);
+    let mut pam = Pam::start(service, &account.name, &tty).map_err(pam_failure)?;
+    pam.account().map_err(pam_failure)?;
+    let drop_to_user = || {
+        privdrop::become_user(&account).map_err(|e| failed(format!("dropping to the user: {e}")))
+    };
+    if args.action == Action::Passwd {
+        drop(pam);
+        drop_to_user()?;
+        return Ok(After::AsUser);
+    }
+    pam.open_session().map_err(pam_failure)?;
+    args.pam_env = pam
+        .env()
+        .into_iter()
+        // Who the user is comes from the passwd entry, as the agent set it.
+        .filter(|(k, _)| !matches!(k.as_str(), "HOME" | "USER" | "LOGNAME" | "SHELL"))
+        .collect();
+    match privdrop::fork_single_threaded().map_err(|e| failed(format!("fork: {e}")))? {
+        None => {
+            pam.forget();
+            drop_to_user()?;
+            Ok(After::AsUser)
+        }
+        Some(child) => {
+            // The agent's pipes belong to the child: the answer comes from it alone.
+            if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+                let _ = nix::unistd::dup2_stdin(null.as_fd());
+                let _ = nix::unistd::dup2_stdout(null.as_fd());
+                let _ = nix::unistd::dup2_stderr(null.as_fd());
+            }
+            let code = loop {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, c)) => break c,
+                    Ok(WaitStatus::Signaled(..)) => break 1,
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => break 1,
+                }
+            };
+            // Dropping the transaction closes the session and deletes the credentials.
+            drop(pam);
+            Ok(After::Done(ExitCode::from(u8::try_from(code).unwrap_or(1))))
+        }
+    }
+}
+
+/// A refusal by the account or session stage is the user's (DENIED); PAM failing to start
+/// at all is the blade's.
+fn pam_failure(e: PamError) -> Failure {
+    Failure {
+        kind: if e.stage == "start" {
+            FailKind::Failed
+        } else {
+            FailKind::Denied
+        },
+        message: format!("PAM {e}"),
+    }
+}

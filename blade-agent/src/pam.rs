@@ -1,0 +1,240 @@
+//! PAM for a desktop, as a login runs it: the account stage (expired or locked accounts, nologin)
+//! and the session stage (pam_limits, pam_env, pam_systemd…), for a service of our own,
+//! `/etc/pam.d/vncdispatch` (shipped in `deploy/pam/`), as TigerVNC's `vncsession` does with
+//! `/etc/pam.d/tigervnc`. There is no auth stage: the dispatcher decided who gets a desktop.
+//!
+//! A thin safe wrapper over the raw libpam bindings of `pam-sys` (the higher-level PAM crates
+//! either want an auth stage or generate their bindings with libclang at build time). No
+//! prompt is ever answered; what modules say (pam_unix's "Your account has expired…") is
+//! collected and becomes the error's message.
+use pam_sys::raw;
+use pam_sys::{PamConversation, PamHandle, PamMessage, PamResponse};
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+
+const PAM_SUCCESS: c_int = 0;
+const PAM_BUF_ERR: c_int = 5;
+const PAM_CONV_ERR: c_int = 19;
+const PAM_ERROR_MSG: c_int = 3;
+const PAM_TEXT_INFO: c_int = 4;
+const PAM_TTY: c_int = 3;
+const PAM_XDISPLAY: c_int = 11;
+const PAM_SILENT: c_int = 0x8000;
+const PAM_ESTABLISH_CRED: c_int = 0x0002;
+const PAM_DELETE_CRED: c_int = 0x0004;
+/// Longest module message kept, and how many.
+const MAX_MESSAGE: usize = 256;
+const MAX_MESSAGES: usize = 8;
+
+/// A PAM stage refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{stage}: {message}")]
+pub struct PamError {
+    /// Which call: "account", "session", "start".
+    pub stage: &'static str,
+    /// PAM's return code (PAM_ACCT_EXPIRED is 13, PAM_PERM_DENIED 6…).
+    pub code: i32,
+    /// What the modules said, else `pam_strerror`.
+    pub message: String,
+}
+
+/// One PAM transaction for one user; ended (`pam_end`) on drop.
+pub struct Pam {
+    handle: *mut PamHandle,
+    /// Kept alive for the transaction: libpam holds pointers to both.
+    _conv: Box<PamConversation>,
+    /// What modules said. Boxed so its address, which libpam holds, survives moves of `Pam`.
+    #[allow(clippy::box_collection)]
+    said: Box<Vec<String>>,
+    session_open: bool,
+}
+
+impl Pam {
+    /// Starts a transaction of `service` for `user`; `tty` names the desktop (`:N`), as
+    /// vncsession does, so session modules see an X session.
+    pub fn start(service: &str, user: &str, tty: &str) -> Result<Pam, PamError> {
+        let err = |message: String| PamError {
+            stage: "start",
+            code: -1,
+            message,
+        };
+        let c_service = CString::new(service).map_err(|_| err("bad service name".into()))?;
+        let c_user = CString::new(user).map_err(|_| err("bad user name".into()))?;
+        let c_tty = CString::new(tty).map_err(|_| err("bad tty".into()))?;
+        let mut said = Box::new(Vec::new());
+        let conv = Box::new(PamConversation {
+            conv: Some(converse),
+            data_ptr: (&mut *said as *mut Vec<String>).cast(),
+        });
+        let mut handle: *const PamHandle = std::ptr::null();
+        // SAFETY: every pointer is to a NUL-terminated string or to the boxed conversation,
+        // which outlive the call; libpam copies the strings and keeps the conversation
+        // pointer, which `Pam` keeps alive until pam_end.
+        let rc = unsafe {
+            raw::pam_start(
+                c_service.as_ptr(),
+                c_user.as_ptr(),
+                &*conv as *const PamConversation,
+                &mut handle,
+            )
+        };
+        if rc != PAM_SUCCESS || handle.is_null() {
+            return Err(err(format!("pam_start failed ({rc})")));
+        }
+        let mut pam = Pam {
+            handle: handle as *mut PamHandle,
+            _conv: conv,
+            said,
+            session_open: false,
+        };
+        for item in [PAM_TTY, PAM_XDISPLAY] {
+            // SAFETY: the handle is live; libpam copies the string item.
+            let rc = unsafe { raw::pam_set_item(pam.handle, item, c_tty.as_ptr().cast()) };
+            pam.check("start", rc)?;
+        }
+        Ok(pam)
+    }
+
+    /// The account stage: may this user log in now (expiry, lock, nologin, access rules)?
+    pub fn account(&mut self) -> Result<(), PamError> {
+        // SAFETY: the handle is live until drop.
+        let rc = unsafe { raw::pam_acct_mgmt(self.handle, 0) };
+        self.check("account", rc)
+    }
+
+    /// Establishes credentials and opens the session (limits, environment, cgroup).
+    pub fn open_session(&mut self) -> Result<(), PamError> {
+        // SAFETY: the handle is live until drop.
+        let rc = unsafe { raw::pam_setcred(self.handle, PAM_ESTABLISH_CRED | PAM_SILENT) };
+        self.check("session", rc)?;
+        // SAFETY: as above.
+        let rc = unsafe { raw::pam_open_session(self.handle, PAM_SILENT) };
+        self.check("session", rc)?;
+        self.session_open = true;
+        Ok(())
+    }
+
+    /// The environment the modules set (pam_env, pam_systemd's XDG_RUNTIME_DIR…).
+    pub fn env(&mut self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        // SAFETY: pam_getenvlist returns a NULL-terminated array of malloc'd strings that the
+        // caller owns; each is read, then freed, then the array.
+        unsafe {
+            let list = raw::pam_getenvlist(self.handle);
+            if list.is_null() {
+                return out;
+            }
+            let mut i = 0;
+            loop {
+                let entry = *list.add(i);
+                if entry.is_null() {
+                    break;
+                }
+                let text = CStr::from_ptr(entry).to_string_lossy().into_owned();
+                if let Some((k, v)) = text.split_once('=') {
+                    out.push((k.to_owned(), v.to_owned()));
+                }
+                libc::free(entry as *mut c_void);
+                i += 1;
+            }
+            libc::free(list as *mut c_void);
+        }
+        out
+    }
+
+    /// For a forked child that goes on as the user: leaves the transaction to the parent,
+    /// which closes the session; ending it here too would run the modules' clean-up twice.
+    pub fn forget(self) {
+        std::mem::forget(self);
+    }
+
+    fn check(&mut self, stage: &'static str, rc: c_int) -> Result<(), PamError> {
+        if rc == PAM_SUCCESS {
+            return Ok(());
+        }
+        let message = if self.said.is_empty() {
+            // SAFETY: pam_strerror returns a static string (or NULL) for any code.
+            let s = unsafe { raw::pam_strerror(self.handle, rc) };
+            if s.is_null() {
+                format!("PAM error {rc}")
+            } else {
+                // SAFETY: non-NULL, NUL-terminated, static.
+                unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
+            }
+        } else {
+            self.said.join(" ")
+        };
+        Err(PamError {
+            stage,
+            code: rc,
+            message,
+        })
+    }
+}
+
+impl std::fmt::Debug for Pam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pam")
+            .field("session_open", &self.session_open)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Pam {
+    fn drop(&mut self) {
+        // SAFETY: the handle is live; pam_end is its last use.
+        unsafe {
+            if self.session_open {
+                raw::pam_close_session(self.handle, PAM_SILENT);
+                raw::pam_setcred(self.handle, PAM_DELETE_CRED | PAM_SILENT);
+            }
+            raw::pam_end(self.handle, PAM_SUCCESS);
+        }
+    }
+}
+
+/// The conversation: keeps what modules say (errors and notices), answers no prompt.
+extern "C" fn converse(
+    num_msg: c_int,
+    msg: *mut *mut PamMessage,
+    resp: *mut *mut PamResponse,
+    data: *mut c_void,
+) -> c_int {
+    let Ok(n) = usize::try_from(num_msg) else {
+        return PAM_CONV_ERR;
+    };
+    if msg.is_null() || resp.is_null() || data.is_null() {
+        return PAM_CONV_ERR;
+    }
+    // SAFETY: `data` is the `Vec<String>` boxed in `Pam`, alive for the transaction; `msg`
+    // points to `num_msg` message pointers (Linux-PAM's layout), each valid for this call.
+    let said = unsafe { &mut *(data as *mut Vec<String>) };
+    for i in 0..n {
+        // SAFETY: as above.
+        let m = unsafe { *msg.add(i) };
+        if m.is_null() {
+            return PAM_CONV_ERR;
+        }
+        // SAFETY: a valid message for this call.
+        let (style, text) = unsafe { ((*m).msg_style, (*m).msg) };
+        match style {
+            PAM_ERROR_MSG | PAM_TEXT_INFO => {
+                if !text.is_null() && said.len() < MAX_MESSAGES {
+                    // SAFETY: a NUL-terminated string valid for this call.
+                    let t = unsafe { CStr::from_ptr(text as *const c_char) }.to_string_lossy();
+                    said.push(t.chars().take(MAX_MESSAGE).collect());
+                }
+            }
+            // A prompt: nobody is there to answer it.
+            _ => return PAM_CONV_ERR,
+        }
+    }
+    // The caller frees the responses: allocate them as libpam expects, zeroed (no text).
+    // SAFETY: calloc of n response structs; NULL is handled.
+    let r = unsafe { libc::calloc(n.max(1), std::mem::size_of::<PamResponse>()) };
+    if r.is_null() {
+        return PAM_BUF_ERR;
+    }
+    // SAFETY: `resp` is a valid out-pointer for this call.
+    unsafe { *resp = r.cast() };
+    PAM_SUCCESS
+}
