@@ -495,7 +495,7 @@ while True:
         ready
             && fooled == 0
             && ready_real + refused == 5
-            && (refused == 0 || why.contains(&format!("uid {} (", attacker.uid))),
+            && (refused == 0 || why.contains(&format!("uid {}", attacker.uid))),
     );
 }
 

@@ -146,32 +146,21 @@ impl Agent {
                 .await
             {
                 Ok(Some((pid, pin))) => {
-                    let running = self
-                        .running_for(&account)
-                        .await?
-                        .filter(|r| r.pid == pid)
-                        .ok_or_else(|| AgentError::StartFailed {
-                            user: account.name.clone(),
-                            display: slot.display,
-                            detail: format!("Xvnc (pid {pid}) exited right after starting"),
-                        })?;
-                    // READY only if every listener on the port is this Xvnc's: a user may
-                    // have bound it first, or beside it on the other address family.
-                    let port = running.port;
-                    let squatted = blocking(move || Ok(ports::foreign_listener(pid, port))).await?;
-                    if let Some(why) = squatted {
-                        tracing::warn!(display = slot.display, port, %why, "RFB port not the desktop's alone; stopping it");
-                        terminate(&running).await;
-                        if attempt == START_ATTEMPTS {
+                    let running = match self.check_ready(&account, pid, slot.display).await? {
+                        Ok(running) => running,
+                        Err(why) if attempt < START_ATTEMPTS => {
+                            skip.insert(slot.display);
+                            tracing::warn!(display = slot.display, %why, "trying another display");
+                            continue;
+                        }
+                        Err(why) => {
                             return Err(AgentError::StartFailed {
                                 user: account.name,
                                 display: slot.display,
                                 detail: why,
                             });
                         }
-                        skip.insert(slot.display);
-                        continue;
-                    }
+                    };
                     tracing::info!(
                         display = running.display,
                         pid,
@@ -212,6 +201,37 @@ impl Agent {
             last: self.cfg.display_last(),
             detail: format!(" (the last {START_ATTEMPTS} tried were taken while starting)"),
         })
+    }
+
+    /// Takes a desktop the helper reported READY only if its Xvnc runs and every listener on
+    /// its port is that Xvnc's own: a user may have bound the port first (then Xvnc exits, and
+    /// the helper may have seen the squatter's banner), or beside it on the other address
+    /// family. Otherwise the Xvnc is stopped and the reason returned, to try another display.
+    async fn check_ready(
+        &self,
+        account: &Account,
+        pid: u32,
+        n: u32,
+    ) -> Result<Result<RunningXvnc, String>, AgentError> {
+        let port = self.cfg.port_of(n).unwrap_or(0);
+        let Some(running) = self.running_for(account).await?.filter(|r| r.pid == pid) else {
+            let holders =
+                blocking(move || Ok(ports::listeners_on(port).unwrap_or_default())).await?;
+            return Ok(Err(match holders.first() {
+                Some(l) => format!(
+                    "port {port} was taken by another program (uid {}) as Xvnc started",
+                    l.uid
+                ),
+                None => format!("Xvnc (pid {pid}) exited right after starting"),
+            }));
+        };
+        let port = running.port;
+        if let Some(why) = blocking(move || Ok(ports::foreign_listener(pid, port))).await? {
+            tracing::warn!(display = n, port, %why, "RFB port not the desktop's alone; stopping it");
+            terminate(&running).await;
+            return Ok(Err(why));
+        }
+        Ok(Ok(running))
     }
 
     /// Stops `username`'s desktop; false if none was running.
