@@ -15,7 +15,10 @@ pub struct DesktopConfig {
     /// ids (Debian's UID_MAX is 60000).
     #[arg(long, env = "BLADE_AGENT_MAX_UID", default_value_t = 60000)]
     pub max_uid: u32,
-    /// First X display number handed out.
+    /// First X display number handed out. The range belongs to the agent: pick one no other X
+    /// server uses (console X, Xwayland and xrdp often take the low numbers). Lock files and
+    /// sockets no live X server holds are removed there, and a desktop user keeps at most one
+    /// X server in it (others are stopped).
     #[arg(long, env = "BLADE_AGENT_DISPLAY_FIRST", default_value_t = 1)]
     pub display_first: u32,
     /// How many displays (and so desktops) this blade offers.
@@ -79,12 +82,13 @@ pub struct DesktopConfig {
     /// PAM uses /etc/pam.d/other).
     #[arg(long = "pam-service", env = "BLADE_AGENT_PAM_SERVICE", default_value = "vncdispatch", value_parser = parse_pam_service)]
     pub pam_service_name: String,
-    /// Start desktops without PAM (no account expiry check, no limits): only for blades
-    /// without a PAM configuration.
+    /// Start desktops without PAM (no account expiry check, no limits; the helper then starts
+    /// as the user): only for blades without a PAM configuration.
     #[arg(long, env = "BLADE_AGENT_NO_PAM")]
     pub no_pam: bool,
-    /// The blade-agent binary run as the per-session helper; this binary when unset. It must
-    /// be executable by desktop users.
+    /// The blade-agent binary run as the per-session helper; this binary when unset. With PAM
+    /// it starts as root: it and every directory above it must be root's and not writable by
+    /// others (checked at start). It must be executable by desktop users.
     #[arg(long, env = "BLADE_AGENT_HELPER")]
     pub helper: Option<PathBuf>,
 }

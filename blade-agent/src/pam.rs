@@ -17,7 +17,6 @@ const PAM_CONV_ERR: c_int = 19;
 const PAM_ERROR_MSG: c_int = 3;
 const PAM_TEXT_INFO: c_int = 4;
 const PAM_TTY: c_int = 3;
-const PAM_XDISPLAY: c_int = 11;
 const PAM_SILENT: c_int = 0x8000;
 const PAM_ESTABLISH_CRED: c_int = 0x0002;
 const PAM_DELETE_CRED: c_int = 0x0004;
@@ -37,20 +36,31 @@ pub struct PamError {
     pub message: String,
 }
 
+impl PamError {
+    /// True when PAM refused this user (expired, locked, unknown, not allowed here), as
+    /// opposed to PAM or a module failing (a misconfiguration, logind not answering): the
+    /// first is the user's answer on every blade, the second this blade's failure.
+    pub fn is_denial(&self) -> bool {
+        // PERM_DENIED, AUTH_ERR (Debian's common-account turns an expired account into
+        // pam_deny's), USER_UNKNOWN, NEW_AUTHTOK_REQD, ACCT_EXPIRED.
+        matches!(self.code, 6 | 7 | 10 | 12 | 13)
+    }
+}
+
 /// One PAM transaction for one user; ended (`pam_end`) on drop.
 pub struct Pam {
     handle: *mut PamHandle,
-    /// Kept alive for the transaction: libpam holds pointers to both.
-    _conv: Box<PamConversation>,
-    /// What modules said. Boxed so its address, which libpam holds, survives moves of `Pam`.
-    #[allow(clippy::box_collection)]
-    said: Box<Vec<String>>,
+    /// The conversation and what modules said: libpam holds raw pointers to both for the
+    /// whole transaction, so they are leaked into raw pointers here and freed in `Drop`.
+    conv: *mut PamConversation,
+    said: *mut Vec<String>,
     session_open: bool,
 }
 
 impl Pam {
-    /// Starts a transaction of `service` for `user`; `tty` names the desktop (`:N`), as
-    /// vncsession does, so session modules see an X session.
+    /// Starts a transaction of `service` for `user`. The tty item is `tty`, never an X display
+    /// (`:N`): pam_systemd would connect to that display's socket as root, and a user can plant
+    /// one that never answers; the session type goes in the PAM environment instead.
     pub fn start(service: &str, user: &str, tty: &str) -> Result<Pam, PamError> {
         let err = |message: String| PamError {
             stage: "start",
@@ -60,35 +70,37 @@ impl Pam {
         let c_service = CString::new(service).map_err(|_| err("bad service name".into()))?;
         let c_user = CString::new(user).map_err(|_| err("bad user name".into()))?;
         let c_tty = CString::new(tty).map_err(|_| err("bad tty".into()))?;
-        let mut said = Box::new(Vec::new());
-        let conv = Box::new(PamConversation {
+        let said = Box::into_raw(Box::new(Vec::<String>::new()));
+        let conv = Box::into_raw(Box::new(PamConversation {
             conv: Some(converse),
-            data_ptr: (&mut *said as *mut Vec<String>).cast(),
-        });
+            data_ptr: said.cast(),
+        }));
         let mut handle: *const PamHandle = std::ptr::null();
-        // SAFETY: every pointer is to a NUL-terminated string or to the boxed conversation,
-        // which outlive the call; libpam copies the strings and keeps the conversation
-        // pointer, which `Pam` keeps alive until pam_end.
-        let rc = unsafe {
-            raw::pam_start(
-                c_service.as_ptr(),
-                c_user.as_ptr(),
-                &*conv as *const PamConversation,
-                &mut handle,
-            )
-        };
+        // SAFETY: the strings are NUL-terminated and outlive the call (libpam copies them);
+        // `conv` and `said` are leaked boxes that stay valid until `Drop` frees them after
+        // pam_end, or right below if pam_start fails.
+        let rc = unsafe { raw::pam_start(c_service.as_ptr(), c_user.as_ptr(), conv, &mut handle) };
         if rc != PAM_SUCCESS || handle.is_null() {
+            // SAFETY: libpam kept nothing; these are the boxes leaked above, freed once.
+            unsafe {
+                drop(Box::from_raw(conv));
+                drop(Box::from_raw(said));
+            }
             return Err(err(format!("pam_start failed ({rc})")));
         }
         let mut pam = Pam {
             handle: handle as *mut PamHandle,
-            _conv: conv,
+            conv,
             said,
             session_open: false,
         };
-        for item in [PAM_TTY, PAM_XDISPLAY] {
-            // SAFETY: the handle is live; libpam copies the string item.
-            let rc = unsafe { raw::pam_set_item(pam.handle, item, c_tty.as_ptr().cast()) };
+        // SAFETY: the handle is live; libpam copies the string item.
+        let rc = unsafe { raw::pam_set_item(pam.handle, PAM_TTY, c_tty.as_ptr().cast()) };
+        pam.check("start", rc)?;
+        for var in ["XDG_SESSION_TYPE=x11", "XDG_SESSION_CLASS=user"] {
+            let v = CString::new(var).map_err(|_| err("bad variable".into()))?;
+            // SAFETY: the handle is live; libpam copies the string.
+            let rc = unsafe { raw::pam_putenv(pam.handle, v.as_ptr()) };
             pam.check("start", rc)?;
         }
         Ok(pam)
@@ -143,6 +155,7 @@ impl Pam {
 
     /// For a forked child that goes on as the user: leaves the transaction to the parent,
     /// which closes the session; ending it here too would run the modules' clean-up twice.
+    /// (The child's copies of the boxes are not freed: it execs or exits soon.)
     pub fn forget(self) {
         std::mem::forget(self);
     }
@@ -151,7 +164,10 @@ impl Pam {
         if rc == PAM_SUCCESS {
             return Ok(());
         }
-        let message = if self.said.is_empty() {
+        // SAFETY: `said` is valid until Drop; libpam writes it only inside calls on this
+        // handle, and none is running while this one reads it.
+        let said = unsafe { &*self.said };
+        let message = if said.is_empty() {
             // SAFETY: pam_strerror returns a static string (or NULL) for any code.
             let s = unsafe { raw::pam_strerror(self.handle, rc) };
             if s.is_null() {
@@ -161,7 +177,7 @@ impl Pam {
                 unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
             }
         } else {
-            self.said.join(" ")
+            said.join(" ")
         };
         Err(PamError {
             stage,
@@ -188,6 +204,9 @@ impl Drop for Pam {
                 raw::pam_setcred(self.handle, PAM_DELETE_CRED | PAM_SILENT);
             }
             raw::pam_end(self.handle, PAM_SUCCESS);
+            // libpam holds no pointer to these after pam_end.
+            drop(Box::from_raw(self.conv));
+            drop(Box::from_raw(self.said));
         }
     }
 }

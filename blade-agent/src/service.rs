@@ -2,8 +2,10 @@
 //! in a span (`#[tracing::instrument]`) and maps errors to statuses — with their refusal kind,
 //! see [`crate::error`].
 use crate::agent::Agent;
+use crate::error::AgentError;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use vncdispatch_proto::v1::blade_agent_server::BladeAgent;
 use vncdispatch_proto::v1::{
     AgentHealth, AgentHealthRequest, ListVncServersRequest, ListVncServersResponse,
@@ -64,10 +66,26 @@ impl BladeAgent for AgentService {
     ) -> Result<Response<VncServer>, Status> {
         let r = req.into_inner();
         let started = std::time::Instant::now();
-        let result = self
-            .agent
-            .start_session(&r.username, &r.password, r.geometry)
-            .await;
+        // A start runs to its end in a task of its own: a caller that gives up (deadline,
+        // a dispatcher killed mid-call) must not cut it between starting Xvnc and recording
+        // it, which would let the next call for the user start a second desktop.
+        let agent = self.agent.clone();
+        let span = tracing::Span::current();
+        let result = tokio::spawn(
+            async move {
+                agent
+                    .start_session(&r.username, &r.password, r.geometry)
+                    .await
+            }
+            .instrument(span),
+        )
+        .await
+        .unwrap_or_else(|e| {
+            Err(AgentError::io(
+                "start task",
+                std::io::Error::other(e.to_string()),
+            ))
+        });
         vncdispatch_proto::metrics::record_start(
             "vncdispatch_agent_session_starts_total",
             "vncdispatch_agent_session_start_duration_seconds",
@@ -92,8 +110,18 @@ impl BladeAgent for AgentService {
         req: Request<StopSessionRequest>,
     ) -> Result<Response<StopSessionResponse>, Status> {
         let r = req.into_inner();
-        log_err(self.agent.stop_session(&r.username).await)
-            .map(|stopped| Response::new(StopSessionResponse { stopped }))
+        let agent = self.agent.clone();
+        let span = tracing::Span::current();
+        let result =
+            tokio::spawn(async move { agent.stop_session(&r.username).await }.instrument(span))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(AgentError::io(
+                        "stop task",
+                        std::io::Error::other(e.to_string()),
+                    ))
+                });
+        log_err(result).map(|stopped| Response::new(StopSessionResponse { stopped }))
     }
 
     #[tracing::instrument(

@@ -43,6 +43,8 @@ struct Search {
     users: std::ops::RangeInclusive<u32>,
     reserved: Arc<Mutex<HashSet<u32>>>,
     skip: HashSet<u32>,
+    /// Desktops this agent started (pid, start time): never the ones stopped as extras.
+    ours: HashSet<(u32, u64)>,
 }
 
 impl Agent {
@@ -58,6 +60,7 @@ impl Agent {
             users: self.cfg.min_uid.max(1)..=self.cfg.max_uid,
             reserved: self.reserved.clone(),
             skip: skip.clone(),
+            ours: lock(&self.started).clone(),
         };
         blocking(move || search.run()).await
     }
@@ -65,8 +68,8 @@ impl Agent {
 
 impl Search {
     fn run(self) -> Result<Reservation, AgentError> {
-        ensure_x11_socket_dir();
-        let mut held = self.holders()?;
+        let sockets_ours = ensure_x11_socket_dir();
+        let mut held = self.holders(sockets_ours)?;
         self.stop_extra_servers(&mut held);
         // Ports held with no X server on the display, by the owners' uids: a squatting user
         // is named in the refusal and the log.
@@ -118,44 +121,53 @@ impl Search {
     /// The displays in range an X server holds, with its process: live Xvnc desktops, and
     /// X lock files naming a live X server of that display run by the file's owner. Every
     /// other lock file in range, and sockets without a held lock, are removed.
-    fn holders(&self) -> Result<BTreeMap<u32, Process>, AgentError> {
+    ///
+    /// A display another start has reserved is left alone: its Xvnc may be creating the very
+    /// files that would look left over here. Sockets are touched only while /tmp/.X11-unix is
+    /// root's (`sockets_ours`), so no unlink goes through a directory a user controls.
+    fn holders(&self, sockets_ours: bool) -> Result<BTreeMap<u32, Held>, AgentError> {
         let mut held = BTreeMap::new();
         for x in discover::scan(&self.comm).map_err(|e| AgentError::io("reading /proc", e))? {
             if self.displays.contains(&x.display)
                 && let Some(p) = Process::read(x.pid)
             {
-                held.insert(x.display, p);
+                let desktop = x.rfbauth.is_some();
+                held.insert(x.display, Held { p, desktop });
             }
         }
         for display in self.displays.clone() {
-            if held.contains_key(&display) {
+            if held.contains_key(&display) || lock(&self.reserved).contains(&display) {
                 continue;
             }
-            if let Some(p) = x_server_holding(display) {
-                held.insert(display, p);
+            if let Some(p) = x_server_holding(display, sockets_ours) {
+                held.insert(display, Held { p, desktop: false });
             }
         }
         Ok(held)
     }
 
-    /// Each desktop user holds at most one display of the range: the oldest X server a user
-    /// runs there stays, the others are killed and their files cleared.
-    fn stop_extra_servers(&self, held: &mut BTreeMap<u32, Process>) {
-        let mut by_user: HashMap<u32, Vec<(u32, Process)>> = HashMap::new();
-        for (display, p) in held.iter() {
-            if self.users.contains(&p.uid) {
+    /// Each desktop user holds at most one display of the range. The one kept is, in order:
+    /// a desktop this agent started, a desktop (an Xvnc with a password file), the oldest;
+    /// the others get SIGTERM, then SIGKILL, and their files are cleared.
+    fn stop_extra_servers(&self, held: &mut BTreeMap<u32, Held>) {
+        let mut by_user: HashMap<u32, Vec<(u32, Held)>> = HashMap::new();
+        for (display, h) in held.iter() {
+            if self.users.contains(&h.p.uid) {
                 by_user
-                    .entry(p.uid)
+                    .entry(h.p.uid)
                     .or_default()
-                    .push((*display, p.clone()));
+                    .push((*display, h.clone()));
             }
         }
         for (uid, mut servers) in by_user {
             if servers.len() < 2 {
                 continue;
             }
-            servers.sort_by_key(|(_, p)| (p.start_ticks, p.pid));
-            for (n, p) in servers.into_iter().skip(1) {
+            servers.sort_by_key(|(_, h)| {
+                let ours = self.ours.contains(&(h.p.pid, h.p.start_ticks));
+                (!ours, !h.desktop, h.p.start_ticks, h.p.pid)
+            });
+            for (n, Held { p, .. }) in servers.into_iter().skip(1) {
                 tracing::warn!(
                     uid,
                     display = n,
@@ -163,17 +175,7 @@ impl Search {
                     program = p.args.first().map(String::as_str).unwrap_or(""),
                     "a user's second X server in the agent's display range: stopping it"
                 );
-                // Checked again right before the signal: the pid must still be this process.
-                if p.is_alive() {
-                    let _ = kill(Pid::from_raw(p.pid as i32), Signal::SIGKILL);
-                }
-                let gone = (0..100).any(|_| {
-                    let alive = p.is_alive();
-                    if alive {
-                        std::thread::sleep(std::time::Duration::from_millis(10));
-                    }
-                    !alive
-                });
+                let gone = stop_process(&p);
                 if gone {
                     remove_stale(&lock_path(n));
                     remove_stale(&socket_path(n));
@@ -182,6 +184,38 @@ impl Search {
             }
         }
     }
+}
+
+/// An X server holding a display of the range.
+#[derive(Debug, Clone)]
+struct Held {
+    p: Process,
+    /// An Xvnc with a password file, as the agent starts them (not a bare lock holder).
+    desktop: bool,
+}
+
+/// SIGTERM, up to 2 s, then SIGKILL; true once the process is gone. The pid is checked to
+/// still be this process (same start time) right before each signal.
+fn stop_process(p: &Process) -> bool {
+    let wait_gone = |tries: u32| {
+        (0..tries).any(|_| {
+            let alive = p.is_alive();
+            if alive {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            !alive
+        })
+    };
+    for (signal, tries) in [(Signal::SIGTERM, 200), (Signal::SIGKILL, 100)] {
+        if !p.is_alive() {
+            return true;
+        }
+        let _ = kill(Pid::from_raw(p.pid as i32), signal);
+        if wait_gone(tries) {
+            return true;
+        }
+    }
+    false
 }
 
 fn lock_path(n: u32) -> PathBuf {
@@ -201,9 +235,14 @@ fn socket_path(n: u32) -> PathBuf {
 /// not a directory) is renamed away — rename acts on the entry itself, a symlink included —
 /// and a fresh one made; a mode is fixed through an `O_NOFOLLOW|O_DIRECTORY` descriptor of a
 /// directory root owns, which no user can swap in the sticky /tmp.
-fn ensure_x11_socket_dir() {
-    if let Err(e) = fix_x11_socket_dir(Path::new("/tmp/.X11-unix")) {
-        tracing::warn!(error = %e, "cannot set up /tmp/.X11-unix; X clients will use abstract sockets");
+/// True when /tmp/.X11-unix is root's directory with mode 1777 afterwards.
+fn ensure_x11_socket_dir() -> bool {
+    match fix_x11_socket_dir(Path::new("/tmp/.X11-unix")) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot set up /tmp/.X11-unix; X clients will use abstract sockets");
+            false
+        }
     }
 }
 
@@ -319,7 +358,7 @@ fn read_lock_file(path: &Path) -> LockFile {
 /// The live X server holding display `n`, if any: its lock file names a process of the
 /// file's owner whose arguments name `:n`. Anything else in the display's lock file or
 /// socket is left over or planted, and removed.
-fn x_server_holding(n: u32) -> Option<Process> {
+fn x_server_holding(n: u32, sockets_ours: bool) -> Option<Process> {
     let (lock_file, socket) = (lock_path(n), socket_path(n));
     match read_lock_file(&lock_file) {
         LockFile::Names { owner, pid } => {
@@ -342,7 +381,9 @@ fn x_server_holding(n: u32) -> Option<Process> {
     }
     remove_stale(&lock_file);
     // An X server always holds its lock: a socket without one is left over or a decoy.
-    remove_stale(&socket);
+    if sockets_ours {
+        remove_stale(&socket);
+    }
     None
 }
 

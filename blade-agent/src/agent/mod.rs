@@ -56,6 +56,9 @@ pub struct Agent {
     /// restarts: a desktop adopted after one is reported without a pin (the dispatcher keeps
     /// the pin it stored at the start).
     pins: Mutex<HashMap<u32, CertPin>>,
+    /// Desktops this process started (pid, start time), which a display search never stops
+    /// as a user's extra X server.
+    started: Mutex<HashSet<(u32, u64)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -79,6 +82,12 @@ impl Agent {
             None => std::env::current_exe()
                 .map_err(|e| AgentError::io("finding own binary for the session helper", e))?,
         };
+        // With PAM the helper starts as root: a file a user could change would be theirs to
+        // run as root.
+        check_root_owned(&helper)?;
+        if let Some(service) = cfg.pam_service() {
+            check_pam_service(service)?;
+        }
         let host = cfg.host();
         Ok(Agent {
             cfg,
@@ -88,6 +97,7 @@ impl Agent {
             reserved: Arc::default(),
             seen: Mutex::default(),
             pins: Mutex::default(),
+            started: Mutex::default(),
         })
     }
 
@@ -167,6 +177,13 @@ impl Agent {
                         tls = pin.is_some(),
                         "started desktop"
                     );
+                    {
+                        let mut started = lock(&self.started);
+                        started.retain(|(p, t)| {
+                            discover::Process::read(*p).is_some_and(|x| x.start_ticks == *t)
+                        });
+                        started.insert((pid, running.start_ticks));
+                    }
                     if let Some(pin) = pin {
                         let mut pins = lock(&self.pins);
                         // Pids are reused: forget pins of desktops that are gone.
@@ -214,7 +231,14 @@ impl Agent {
         n: u32,
     ) -> Result<Result<RunningXvnc, String>, AgentError> {
         let port = self.cfg.port_of(n).unwrap_or(0);
-        let Some(running) = self.running_for(account).await?.filter(|r| r.pid == pid) else {
+        // By pid: should the user have another Xvnc too, the first found is not this one.
+        let Some(running) = self
+            .desktops()
+            .await?
+            .into_iter()
+            .find(|(a, r)| a.uid == account.uid && r.pid == pid)
+            .map(|(_, r)| r)
+        else {
             let holders =
                 blocking(move || Ok(ports::listeners_on(port).unwrap_or_default())).await?;
             return Ok(Err(match holders.first() {
@@ -420,6 +444,57 @@ impl Agent {
             _file: file,
             _inproc: inproc,
         })
+    }
+}
+
+/// Refuses a helper that anyone but root could replace: the file and every directory above
+/// it must be root's and not writable by others (a sticky directory such as /tmp is fine:
+/// no one else can replace root's entries in it).
+fn check_root_owned(path: &std::path::Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::MetadataExt;
+    let bad = |why: String| AgentError::Helper {
+        user: String::new(),
+        detail: format!(
+            "refusing the session helper {}: {why}; it runs as root before it drops to the user",
+            path.display()
+        ),
+    };
+    let real = fs::canonicalize(path).map_err(|e| bad(e.to_string()))?;
+    let mut at = Some(real.as_path());
+    let mut first = true;
+    while let Some(p) = at {
+        let m = fs::metadata(p).map_err(|e| bad(format!("{}: {e}", p.display())))?;
+        let writable_by_others = m.mode() & 0o022 != 0;
+        let sticky_dir = m.is_dir() && m.mode() & 0o1000 != 0;
+        if m.uid() != 0 || (writable_by_others && (first || !sticky_dir)) {
+            return Err(bad(format!(
+                "{} is owned by uid {} with mode {:o}",
+                p.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            )));
+        }
+        first = false;
+        at = p.parent();
+    }
+    Ok(())
+}
+
+/// PAM falls back to /etc/pam.d/other for a service without a file, which is a different
+/// policy on every distribution (pam_deny on some): refuse to guess.
+fn check_pam_service(service: &str) -> Result<(), AgentError> {
+    let found = ["/etc/pam.d", "/usr/lib/pam.d"]
+        .iter()
+        .any(|d| std::path::Path::new(d).join(service).is_file());
+    if found {
+        Ok(())
+    } else {
+        Err(AgentError::io(
+            format!(
+                "PAM service {service:?} has no /etc/pam.d/{service}: install deploy/pam/vncdispatch there (Debian; on other distributions write one with their account and session stacks), name another with --pam-service, or run without PAM (--no-pam)"
+            ),
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ))
     }
 }
 

@@ -18,14 +18,23 @@ pub(super) struct Listener {
 }
 
 /// True when `port` can be bound on every address family: a dual-stack bind of `[::]:PORT`
-/// fails if anyone holds it on IPv4 or IPv6; without IPv6, `0.0.0.0:PORT` alone.
+/// (IPV6_V6ONLY cleared explicitly, whatever `net.ipv6.bindv6only` says) fails if anyone
+/// holds it on IPv4 or IPv6; without IPv6, `0.0.0.0:PORT` alone.
 pub(super) fn port_free(port: u16) -> bool {
-    match TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
-        Ok(_) => true,
+    match bind_dual_stack(port) {
+        Ok(()) => true,
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => false,
         // No IPv6 on this host (EAFNOSUPPORT, EADDRNOTAVAIL): IPv4 is all there is.
         Err(_) => TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))).is_ok(),
     }
+}
+
+fn bind_dual_stack(port: u16) -> io::Result<()> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    s.set_only_v6(false)?;
+    s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    s.listen(1)
 }
 
 /// Every listening TCP socket on `port`, IPv4 and IPv6, in this network namespace.

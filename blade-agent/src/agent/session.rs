@@ -112,16 +112,20 @@ impl Agent {
         // The helper runs as the user: its answer is bounded, as anything from a user is.
         let mut answer = BufReader::new(stdout.take(MAX_ANSWER));
         let read = tokio::time::timeout(limit, answer.read_line(&mut line)).await;
+        if read.is_err()
+            && let Some(pid) = helper_pid
+        {
+            // The helper leads its own session and process group, with Xvnc in it. Signalled
+            // before it is reaped: an unreaped leader keeps its pid, so the group id cannot
+            // have passed to someone else's processes.
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
         // The helper outlives this call when it supervises a desktop; reap it whenever it ends.
         tokio::spawn(async move {
             let _ = child.wait().await;
         });
         match read {
             Err(_) => {
-                if let Some(pid) = helper_pid {
-                    // The helper leads its own session and process group, with Xvnc in it.
-                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                }
                 return Err(Other(AgentError::StartTimeout {
                     user,
                     display,
@@ -158,7 +162,7 @@ impl Agent {
                 detail: rest,
             })),
             ("", None) => Err(helper_err(
-                "exited without an answer (see the desktop's log ~/.vnc/*.log)".into(),
+                "exited without an answer (once it runs as the user it logs into ~/.vnc/HOST:N.log)".into(),
             )),
             (_, None) => Err(helper_err(format!(
                 "unexpected answer {:?}",

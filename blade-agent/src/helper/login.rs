@@ -37,7 +37,7 @@ pub(super) fn begin(args: &mut HelperArgs, service: &str) -> Result<After, Failu
     // Looked up again as root, and held to the uid the agent checked.
     let account = account::lookup(&name, UidRange { min: uid, max: uid })
         .map_err(|e| failed(format!("looking up {name:?}: {e}")))?;
-    let tty = format!(":{}", args.display);
+    let tty = format!("vncdispatch{}", args.display);
     let mut pam = Pam::start(service, &account.name, &tty).map_err(pam_failure)?;
     pam.account().map_err(pam_failure)?;
     let drop_to_user = || {
@@ -83,14 +83,14 @@ pub(super) fn begin(args: &mut HelperArgs, service: &str) -> Result<After, Failu
     }
 }
 
-/// A refusal by the account or session stage is the user's (DENIED); PAM failing to start
-/// at all is the blade's.
+/// PAM refusing the user is the user's answer on every blade (DENIED); PAM or a module
+/// failing is this blade's (FAILED), so the dispatcher tries another.
 fn pam_failure(e: PamError) -> Failure {
     Failure {
-        kind: if e.stage == "start" {
-            FailKind::Failed
-        } else {
+        kind: if e.is_denial() {
             FailKind::Denied
+        } else {
+            FailKind::Failed
         },
         message: format!("PAM {e}"),
     }
