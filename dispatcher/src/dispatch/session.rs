@@ -276,7 +276,18 @@ impl Dispatcher {
                     Ok(Some(rec)) if rec.is_ready() && rec.blade == blade.name => return,
                     // Another Dispatch is under way and may pick that blade; look again later.
                     Ok(Some(rec)) if !rec.is_ready() => continue,
-                    Ok(_) => {}
+                    // The session is elsewhere — but if this blade sees its very desktop (two
+                    // agents on one host), a stop by user here would end it: leave it.
+                    Ok(Some(rec)) => {
+                        if launcher
+                            .is_alive(&blade, &username, rec.vnc_pid)
+                            .await
+                            .unwrap_or(true)
+                        {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
                     Err(_) => continue,
                 }
                 match launcher.stop(&blade, &username).await {
