@@ -95,6 +95,7 @@ async fn local_user() {
     fifo_as_the_password_file(&rec).await;
     flooding_helper(&rec).await;
     helper_writing_to_stderr(&rec).await;
+    helper_a_user_could_replace(&rec).await;
     expired_account(&rec).await;
     limits_from_pam(&rec).await;
     rec.finish();
@@ -616,6 +617,37 @@ async fn helper_writing_to_stderr(rec: &Record) {
             if got.is_ok() { "started" } else { "refused" }
         ),
         got.is_ok() && !forged,
+    );
+}
+
+async fn helper_a_user_could_replace(rec: &Record) {
+    // The helper starts as root: one in a user's home would be that user's root shell.
+    let user = TestUser::create();
+    let helper = user.home.join("blade-agent");
+    std::fs::copy(vncdispatch_tests::workspace_bin("blade-agent"), &helper).expect("copy");
+    let set = as_user_done(
+        &user,
+        &format!("true > /dev/null; test -w {}", user.home.display()),
+    );
+    let out = Command::new(vncdispatch_tests::workspace_bin("blade-agent"))
+        .args(["cloudvnc", "--user", &user.name, "--helper"])
+        .arg(&helper)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cloudvnc");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let refused = out.status.code() == Some(23) && err.contains("refusing the session helper");
+    rec.bad_inputs(1);
+    rec.case(
+        "a session helper in a directory a user can write",
+        "the agent is configured with --helper pointing into a desktop user's home",
+        "the agent refuses to run (exit 23) naming the path: the helper starts as root",
+        &format!(
+            "exit {:?}: {}; user can write there: {set}",
+            out.status.code(),
+            err.trim()
+        ),
+        set && refused,
     );
 }
 

@@ -309,7 +309,8 @@ async fn every_refusal_kind_gets_the_same_decision_over_grpc_and_ssh() {
             RefusalKind::AgentFailed,
             &user.name,
             "secret12",
-            &["--helper", "/nonexistent/blade-agent"],
+            // Root's and runnable, but no helper: it answers nothing.
+            &["--helper", "/bin/false"],
         ),
     ];
     let covered: HashSet<RefusalKind> = cases.iter().map(|c| c.kind).collect();

@@ -452,12 +452,14 @@ impl Agent {
 /// no one else can replace root's entries in it).
 fn check_root_owned(path: &std::path::Path) -> Result<(), AgentError> {
     use std::os::unix::fs::MetadataExt;
-    let bad = |why: String| AgentError::Helper {
-        user: String::new(),
-        detail: format!(
-            "refusing the session helper {}: {why}; it runs as root before it drops to the user",
-            path.display()
-        ),
+    let bad = |why: String| {
+        AgentError::io(
+            format!(
+                "refusing the session helper {}: {why}; it runs as root before it drops to the user, so it and every directory above it must be root's and not writable by others",
+                path.display()
+            ),
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        )
     };
     let real = fs::canonicalize(path).map_err(|e| bad(e.to_string()))?;
     let mut at = Some(real.as_path());
