@@ -135,7 +135,7 @@ say "blade-agent, dispatcher and ws-proxy are up (logs in $DEMO_STATE)"
 echo
 echo "Open this URL in a browser to see $DEMO_USER's desktop:"
 echo
-echo "  http://$host:$DEMO_PORT/vnc.html?autoconnect=1&path=websockify?token=$token"
+echo "  http://$host:$DEMO_PORT/vnc.html?autoconnect=1&reconnect=true&reconnect_delay=2000&path=websockify?token=$token"
 echo
 say "ws-proxy logs in to the desktop for the browser (auth-proxy mode), so the URL holds no password,"
 say "over TLS pinned to the desktop's own certificate; every gRPC hop is mutual TLS (certificates in $PKI)."

@@ -113,6 +113,9 @@ enum Command {
         /// The account.
         #[arg(long)]
         user: String,
+        /// Stop only if the user's Xvnc has this pid (prints `none` otherwise).
+        #[arg(long)]
+        pid: Option<u32>,
         #[command(flatten)]
         desktop: DesktopConfig,
     },
@@ -181,9 +184,9 @@ fn main() -> ExitCode {
             vncdispatch_proto::serve::init_logging(false, "warn");
             report(runtime().and_then(|rt| rt.block_on(status(user, desktop))))
         }
-        Command::Stop { user, desktop } => {
+        Command::Stop { user, pid, desktop } => {
             vncdispatch_proto::serve::init_logging(false, "warn");
-            report(runtime().and_then(|rt| rt.block_on(stop(user, desktop))))
+            report(runtime().and_then(|rt| rt.block_on(stop(user, pid, desktop))))
         }
         Command::InitSecret { path } => report(init_secret(&path)),
     }
@@ -265,11 +268,11 @@ async fn status(user: String, desktop: DesktopConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn stop(user: String, desktop: DesktopConfig) -> anyhow::Result<()> {
+async fn stop(user: String, pid: Option<u32>, desktop: DesktopConfig) -> anyhow::Result<()> {
     let agent = Agent::new(desktop)?;
     println!(
         "{}",
-        if agent.stop_session(&user).await? {
+        if agent.stop_session(&user, pid).await? {
             "stopped"
         } else {
             "none"

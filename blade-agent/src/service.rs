@@ -112,15 +112,20 @@ impl BladeAgent for AgentService {
         let r = req.into_inner();
         let agent = self.agent.clone();
         let span = tracing::Span::current();
-        let result =
-            tokio::spawn(async move { agent.stop_session(&r.username).await }.instrument(span))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(AgentError::io(
-                        "stop task",
-                        std::io::Error::other(e.to_string()),
-                    ))
-                });
+        let result = tokio::spawn(
+            async move {
+                let expect = (r.vnc_pid != 0).then_some(r.vnc_pid);
+                agent.stop_session(&r.username, expect).await
+            }
+            .instrument(span),
+        )
+        .await
+        .unwrap_or_else(|e| {
+            Err(AgentError::io(
+                "stop task",
+                std::io::Error::other(e.to_string()),
+            ))
+        });
         log_err(result).map(|stopped| Response::new(StopSessionResponse { stopped }))
     }
 

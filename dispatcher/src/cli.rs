@@ -142,6 +142,16 @@ pub(crate) enum SessionCommand {
         /// The user.
         username: String,
     },
+    /// Ended sessions, newest first, and why each ended: portal, operator, token_expired
+    /// (no client came), no_client (idle grace passed), max_age, blade_removed, xvnc_died,
+    /// start_failed.
+    History {
+        /// Only this user's.
+        username: Option<String>,
+        /// At most this many (up to 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -226,9 +236,22 @@ pub(crate) struct ServeArgs {
     /// you trust; logged as a warning.
     #[arg(long, env = "DISPATCHER_INSECURE_PLAINTEXT")]
     pub(crate) insecure_plaintext: bool,
-    /// How long a token resolves after the user's latest Dispatch.
+    /// How long a token resolves for a new connection after the user's latest Dispatch. A
+    /// desktop in use is never cut at this time: see --idle-grace.
     #[arg(long, env = "DISPATCHER_TOKEN_TTL", default_value = "12h", value_parser = humantime::parse_duration)]
     pub(crate) token_ttl: Duration,
+    /// How long a desktop lives after its last client (browser through ws-proxy) left, before
+    /// the sweeper stops it (reason no_client). While a client is attached a desktop is never
+    /// stopped; a desktop no client ever reached is stopped when its token expires.
+    #[arg(long, env = "DISPATCHER_IDLE_GRACE", default_value = "4h", value_parser = humantime::parse_duration)]
+    pub(crate) idle_grace: Duration,
+    /// Stop desktops this old even with a client attached (reason max_age); unset: never.
+    #[arg(long, env = "DISPATCHER_MAX_AGE", value_parser = humantime::parse_duration)]
+    pub(crate) max_age: Option<Duration>,
+    /// How long one renewal of a client's lease holds. ws-proxy renews at its
+    /// --recheck-interval (default 30s), which must be comfortably shorter.
+    #[arg(long, env = "DISPATCHER_LEASE", default_value = "90s", value_parser = humantime::parse_duration)]
+    pub(crate) lease: Duration,
     /// Blade choice for new sessions.
     #[arg(
         long,

@@ -198,6 +198,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         policy: a.policy,
         launch_timeout: a.launch_timeout,
         agent_port: a.agent_port,
+        idle_grace: a.idle_grace,
+        max_age: a.max_age,
+        lease: a.lease,
     };
     let d = Arc::new(Dispatcher::new(store, launchers, seal, cfg));
     let listener = tokio::net::TcpListener::bind(a.listen)

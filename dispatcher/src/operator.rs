@@ -13,7 +13,7 @@ use vncdispatch_proto::tls::{self, Credentials, TlsFiles};
 use vncdispatch_proto::v1::dispatcher_client::DispatcherClient;
 use vncdispatch_proto::v1::{
     AddBladeRequest, DispatchRequest, DrainBladeRequest, EndSessionRequest, LaunchMethod,
-    ListBladesRequest, ListSessionsRequest, RemoveBladeRequest,
+    ListBladesRequest, ListSessionsRequest, RemoveBladeRequest, SessionHistoryRequest,
 };
 
 /// A dispatcher client carrying the API secret, if one was given.
@@ -164,6 +164,18 @@ pub(crate) async fn blade(c: ClientArgs, command: BladeCommand) -> anyhow::Resul
     Ok(())
 }
 
+/// A timestamp in RFC 3339 (UTC, seconds), or `-`.
+fn when(t: Option<&prost_types::Timestamp>) -> String {
+    t.and_then(|t| u64::try_from(t.seconds).ok())
+        .map(|s| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+            )
+            .to_string()
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
 pub(crate) async fn session(c: ClientArgs, command: SessionCommand) -> anyhow::Result<()> {
     let mut client = client(&c).await?;
     match command {
@@ -175,13 +187,47 @@ pub(crate) async fn session(c: ClientArgs, command: SessionCommand) -> anyhow::R
                 .into_inner()
                 .sessions;
             println!(
-                "{:<24} {:<20} {:>7} {:>6} {:>8} {:<40}",
-                "USER", "BLADE", "DISPLAY", "PORT", "PID", "REMOTE IP"
+                "{:<24} {:<20} {:>7} {:>6} {:>8} {:<8} {:<20} {:<40}",
+                "USER", "BLADE", "DISPLAY", "PORT", "PID", "CLIENT", "STOPS AT", "REMOTE IP"
             );
             for s in sessions {
                 println!(
-                    "{:<24} {:<20} {:>7} {:>6} {:>8} {:<40}",
-                    s.username, s.blade, s.display, s.port, s.vnc_pid, s.remote_ip
+                    "{:<24} {:<20} {:>7} {:>6} {:>8} {:<8} {:<20} {:<40}",
+                    s.username,
+                    s.blade,
+                    s.display,
+                    s.port,
+                    s.vnc_pid,
+                    if s.attached { "attached" } else { "-" },
+                    when(s.stops_at.as_ref()),
+                    s.remote_ip
+                );
+            }
+        }
+        SessionCommand::History { username, limit } => {
+            let ended = client
+                .session_history(SessionHistoryRequest {
+                    username: username.unwrap_or_default(),
+                    limit,
+                })
+                .await
+                .map_err(said)?
+                .into_inner()
+                .sessions;
+            println!(
+                "{:<20} {:<24} {:<20} {:>7} {:>8} {:<14} DETAIL",
+                "ENDED", "USER", "BLADE", "DISPLAY", "PID", "REASON"
+            );
+            for e in ended {
+                println!(
+                    "{:<20} {:<24} {:<20} {:>7} {:>8} {:<14} {}",
+                    when(e.ended_at.as_ref()),
+                    e.username,
+                    e.blade,
+                    e.display,
+                    e.vnc_pid,
+                    e.reason,
+                    e.detail
                 );
             }
         }

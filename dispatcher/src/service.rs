@@ -6,16 +6,17 @@
 //! prefix, never the whole token or a password (`skip_all` keeps the request out of spans).
 use crate::dispatch::Dispatcher;
 use crate::error::DispatchError;
-use crate::store::Method;
+use crate::store::{EndReason, Method};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use vncdispatch_proto::redact::token_prefix;
+use vncdispatch_proto::v1::EndedSession as EndedSessionMsg;
 use vncdispatch_proto::v1::dispatcher_server::Dispatcher as DispatcherRpc;
 use vncdispatch_proto::v1::{
     AddBladeRequest, Blade, DispatchRequest, DrainBladeRequest, EndSessionRequest,
     EndSessionResponse, LaunchMethod, ListBladesRequest, ListBladesResponse, ListSessionsRequest,
     ListSessionsResponse, RemoveBladeRequest, RemoveBladeResponse, ResolveTokenRequest, Session,
-    Target,
+    SessionHistoryRequest, SessionHistoryResponse, Target,
 };
 
 /// The service handed to tonic.
@@ -53,6 +54,19 @@ fn status(e: DispatchError) -> Status {
         tracing::info!(code = ?s.code(), error = s.message(), "request refused");
     }
     s
+}
+
+fn ended_msg(e: crate::store::EndedSession) -> EndedSessionMsg {
+    EndedSessionMsg {
+        username: e.username,
+        blade: e.blade,
+        display: e.display,
+        vnc_pid: e.vnc_pid,
+        started_at: (e.created_at_ms > 0).then(|| crate::dispatch::timestamp(e.created_at_ms)),
+        ended_at: Some(crate::dispatch::timestamp(e.ended_at_ms)),
+        reason: e.reason.as_str().to_owned(),
+        detail: e.detail,
+    }
 }
 
 fn method_of(m: i32) -> Result<Method, Status> {
@@ -130,8 +144,8 @@ impl DispatcherRpc for DispatcherService {
         &self,
         req: Request<ResolveTokenRequest>,
     ) -> Result<Response<Target>, Status> {
-        let token = req.into_inner().token;
-        let result = self.inner.resolve(&token).await;
+        let r = req.into_inner();
+        let result = self.inner.resolve(&r.token, r.attached).await;
         if let Err(crate::error::DispatchError::UnknownToken) = &result {
             metrics::counter!("vncdispatch_auth_refusals_total", "reason" => "unknown_token")
                 .increment(1);
@@ -144,9 +158,31 @@ impl DispatcherRpc for DispatcherService {
         &self,
         req: Request<EndSessionRequest>,
     ) -> Result<Response<EndSessionResponse>, Status> {
+        // Who asked, from the certificate's role: an operator's CLI, or the portal (also on a
+        // plaintext loopback server, which has no roles).
+        let reason = match req.extensions().get::<vncdispatch_proto::roles::Role>() {
+            Some(vncdispatch_proto::roles::Role::Admin) => EndReason::Operator,
+            _ => EndReason::Portal,
+        };
         let user = req.into_inner().username;
-        let ended = self.inner.end(&user).await.map_err(status)?;
+        let ended = self.inner.end(&user, reason).await.map_err(status)?;
         Ok(Response::new(EndSessionResponse { ended }))
+    }
+
+    async fn session_history(
+        &self,
+        req: Request<SessionHistoryRequest>,
+    ) -> Result<Response<SessionHistoryResponse>, Status> {
+        let r = req.into_inner();
+        let user = (!r.username.is_empty()).then_some(r.username.as_str());
+        let ended = self
+            .inner
+            .history(user, r.limit as usize)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(SessionHistoryResponse {
+            sessions: ended.into_iter().map(ended_msg).collect(),
+        }))
     }
 
     // Listings get no span of their own (as before): they are frequent and carry no subject.

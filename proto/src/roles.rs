@@ -140,7 +140,8 @@ pub fn allowed(path: &str) -> Option<Allowed> {
         ("vncdispatch.v1.Dispatcher", "ResolveToken") => Allowed::Roles(&[Proxy, Admin]),
         (
             "vncdispatch.v1.Dispatcher",
-            "ListSessions" | "AddBlade" | "ListBlades" | "DrainBlade" | "RemoveBlade",
+            "ListSessions" | "SessionHistory" | "AddBlade" | "ListBlades" | "DrainBlade"
+            | "RemoveBlade",
         ) => Allowed::Roles(&[Admin]),
         ("vncdispatch.v1.BladeAgent", _) => Allowed::Roles(&[Dispatcher]),
         ("grpc.health.v1.Health", _)
@@ -245,6 +246,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        // Authorized calls carry the caller's [`Role`] in their extensions.
         if !self.enforce {
             return Box::pin(self.inner.call(req));
         }
@@ -256,6 +258,9 @@ where
         match authorize(req.uri().path(), cert.as_ref()) {
             Ok(role) => {
                 tracing::debug!(%role, method = req.uri().path(), "call authorized");
+                // The handler may want to know who asked (an operator or the portal).
+                let mut req = req;
+                req.extensions_mut().insert(role);
                 Box::pin(self.inner.call(req))
             }
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
@@ -274,6 +279,7 @@ mod tests {
             "ResolveToken",
             "EndSession",
             "ListSessions",
+            "SessionHistory",
             "AddBlade",
             "ListBlades",
             "DrainBlade",

@@ -105,7 +105,10 @@ async fn measure(
         p99: pct(&lat, 0.99),
         per_sec: Some(tput),
     });
-    let resolve = ResolveTokenRequest { token };
+    let resolve = ResolveTokenRequest {
+        token,
+        attached: false,
+    };
     let (cc, r) = (c.clone(), resolve.clone());
     let lat = sequential(calls, || {
         let (mut c, r) = (cc.clone(), r.clone());

@@ -199,6 +199,7 @@ async fn agent_starts(
         client
             .stop_session(StopSessionRequest {
                 username: user.name.clone(),
+                vnc_pid: 0,
             })
             .await?;
         kill_all(user);

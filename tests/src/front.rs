@@ -38,6 +38,12 @@ impl v1::dispatcher_server::Dispatcher for Front {
     ) -> Res<v1::ListSessionsResponse> {
         unimplemented()
     }
+    async fn session_history(
+        &self,
+        _: Req<v1::SessionHistoryRequest>,
+    ) -> Res<v1::SessionHistoryResponse> {
+        unimplemented()
+    }
     async fn add_blade(&self, _: Req<v1::AddBladeRequest>) -> Res<v1::Blade> {
         unimplemented()
     }

@@ -203,6 +203,7 @@ async fn bad_usernames_and_passwords_are_refused_and_start_nothing() {
         let err = client
             .stop_session(StopSessionRequest {
                 username: name.to_string(),
+                vnc_pid: 0,
             })
             .await
             .unwrap_err();
@@ -367,9 +368,20 @@ async fn stop_ends_xvnc_and_the_session() {
             .any(|p| p.comm == "twm"))
         .await
     );
+    // A stop that names another Xvnc (a stale record's) leaves this desktop alone.
+    let stale = client
+        .stop_session(StopSessionRequest {
+            username: user.name.clone(),
+            vnc_pid: server.vnc_pid + 1,
+        })
+        .await
+        .expect("stop");
+    assert!(!stale.into_inner().stopped, "stopped another pid's desktop");
+    assert_eq!(procs::xvnc_of(user.uid).len(), 1);
     let stop = client
         .stop_session(StopSessionRequest {
             username: user.name.clone(),
+            vnc_pid: server.vnc_pid,
         })
         .await
         .expect("stop");
@@ -391,6 +403,7 @@ async fn stop_ends_xvnc_and_the_session() {
     let again = client
         .stop_session(StopSessionRequest {
             username: user.name.clone(),
+            vnc_pid: 0,
         })
         .await
         .expect("stop");

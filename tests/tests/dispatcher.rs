@@ -77,6 +77,7 @@ async fn dispatch_starts_a_real_desktop_and_a_reconnect_gets_it_back() {
     let t = c
         .resolve_token(ResolveTokenRequest {
             token: s.token.clone(),
+            attached: false,
         })
         .await
         .expect("resolve")
@@ -128,6 +129,7 @@ async fn dispatch_starts_a_real_desktop_and_a_reconnect_gets_it_back() {
     let gone = c
         .resolve_token(ResolveTokenRequest {
             token: s.token.clone(),
+            attached: false,
         })
         .await
         .unwrap_err();
@@ -188,6 +190,7 @@ async fn two_dispatchers_on_one_ferretdb_yield_one_session() {
     for mut c in clients {
         c.resolve_token(ResolveTokenRequest {
             token: token.clone(),
+            attached: false,
         })
         .await
         .expect("resolve on both");
@@ -285,7 +288,10 @@ async fn a_dead_xvnc_is_replaced_on_the_next_dispatch() {
     assert_ne!(second.token, first.token);
     assert_ne!(second.vnc_pid, first.vnc_pid);
     let old = c
-        .resolve_token(ResolveTokenRequest { token: first.token })
+        .resolve_token(ResolveTokenRequest {
+            token: first.token,
+            attached: false,
+        })
         .await
         .unwrap_err();
     assert_eq!(old.code(), Code::NotFound);
@@ -310,6 +316,7 @@ async fn an_expired_token_is_not_found() {
     let err = c
         .resolve_token(ResolveTokenRequest {
             token: s.token.clone(),
+            attached: false,
         })
         .await
         .unwrap_err();
@@ -338,6 +345,7 @@ async fn restart_keeps_sessions(mongo: Option<String>) {
     let mut c = rig.dispatcher.client().await;
     c.resolve_token(ResolveTokenRequest {
         token: s.token.clone(),
+        attached: false,
     })
     .await
     .expect("resolve after restart");
@@ -398,6 +406,7 @@ async fn bad_input_to_every_rpc_gets_a_clear_status_and_changes_nothing() {
         let err = c
             .resolve_token(ResolveTokenRequest {
                 token: token.into(),
+                attached: false,
             })
             .await
             .unwrap_err();
@@ -527,10 +536,13 @@ async fn removing_a_busy_blade_needs_force() {
         .removed
     );
     assert_eq!(
-        c.resolve_token(ResolveTokenRequest { token: s.token })
-            .await
-            .unwrap_err()
-            .code(),
+        c.resolve_token(ResolveTokenRequest {
+            token: s.token,
+            attached: false
+        })
+        .await
+        .unwrap_err()
+        .code(),
         Code::NotFound
     );
     let err = c.dispatch(req(&user.name, "192.0.2.1")).await.unwrap_err();
@@ -561,6 +573,7 @@ async fn health_follows_the_store_and_the_original_data_is_served() {
     let t = c
         .resolve_token(ResolveTokenRequest {
             token: legacy_token,
+            attached: false,
         })
         .await
         .expect("legacy token")

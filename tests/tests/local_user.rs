@@ -56,6 +56,7 @@ fn start(user: &str) -> StartSessionRequest {
 fn stop(user: &str) -> StopSessionRequest {
     StopSessionRequest {
         username: user.into(),
+        vnc_pid: 0,
     }
 }
 

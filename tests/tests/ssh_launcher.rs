@@ -103,6 +103,7 @@ async fn ssh_launcher_starts_checks_and_stops_a_real_desktop() {
     assert!(again.reused && again.token == s.token);
     c.resolve_token(ResolveTokenRequest {
         token: s.token.clone(),
+        attached: false,
     })
     .await
     .expect("resolve");

@@ -92,7 +92,7 @@ async fn original_schema_is_read_without_migration() {
     assert_eq!(rec.password, StoredSecret::Plain("pw123456".into()));
     // Touching it records the hash, after which it is found by hash.
     store
-        .touch("legacyuser", "newhash", "198.51.100.1", i64::MAX)
+        .touch("legacyuser", "newhash", "198.51.100.1", i64::MAX, i64::MAX)
         .await
         .expect("touch")
         .expect("touched");

@@ -305,6 +305,7 @@ async fn through_ws_proxy_the_hop_to_the_desktop_shows_no_challenge_and_no_keyst
     let real = d
         .resolve_token(v1::ResolveTokenRequest {
             token: s.token.clone(),
+            attached: false,
         })
         .await
         .expect("resolve")

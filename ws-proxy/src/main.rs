@@ -111,7 +111,9 @@ struct ServeArgs {
     /// Close connections that send nothing, not even a pong, for this long.
     #[arg(long, env = "WS_PROXY_IDLE_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
-    /// Re-check open connections' tokens this often (ended sessions are closed).
+    /// Re-check open connections' tokens this often: ended sessions are closed, and with
+    /// --dispatcher each re-check renews the session's client lease, which keeps a desktop in
+    /// use alive past its token's expiry. Keep it well under the dispatcher's --lease (90s).
     #[arg(long, env = "WS_PROXY_RECHECK_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     recheck_interval: Duration,
     /// Log in to the VNC server for the browser and offer it "None" (the VNC password never

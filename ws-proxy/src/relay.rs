@@ -3,13 +3,15 @@
 //! Backpressure, not buffering: each direction awaits its write before reading more, so a slow
 //! browser slows the VNC server down instead of growing memory. Pings every `ping_interval`
 //! keep middleboxes from dropping idle connections; a client that neither sends nor answers
-//! for `idle_timeout` is closed. The connection is also closed when its token expires, when a
-//! periodic re-check finds the session ended, and on forced shutdown.
+//! for `idle_timeout` is closed. Every `recheck_interval` the token is re-checked with the
+//! dispatcher as *attached*, which renews the session's lease: a desktop in use is never cut
+//! at its token's expiry. The connection closes when a re-check finds the session ended, and
+//! on forced shutdown.
 use crate::token::TokenSource;
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
@@ -105,7 +107,6 @@ pub async fn relay<S>(
     upstream: Upstream,
     pending: Vec<u8>,
     limits: RelayLimits,
-    expires_at: Option<SystemTime>,
     token: String,
     tokens: Arc<dyn TokenSource>,
     cancel: CancellationToken,
@@ -113,7 +114,7 @@ pub async fn relay<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let ends = (pending, limits, expires_at, token, tokens, cancel);
+    let ends = (pending, limits, token, tokens, cancel);
     match upstream {
         Upstream::Plain(tcp) => {
             let (r, w) = tcp.into_split();
@@ -130,7 +131,6 @@ where
 type Ends = (
     Vec<u8>,
     RelayLimits,
-    Option<SystemTime>,
     String,
     Arc<dyn TokenSource>,
     CancellationToken,
@@ -140,7 +140,7 @@ async fn relay_halves<S, R, W>(
     ws: WebSocketStream<S>,
     mut tcp_r: R,
     mut tcp_w: W,
-    (pending, limits, expires_at, token, tokens, cancel): Ends,
+    (pending, limits, token, tokens, cancel): Ends,
 ) -> Relayed
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -232,7 +232,7 @@ where
         }
     };
 
-    // Limits: idle browser, token expiry, session ended, shutdown.
+    // Limits: idle browser, session ended (the re-check also renews the lease), shutdown.
     let idle = async {
         loop {
             let quiet_for = started
@@ -243,13 +243,6 @@ where
             }
             tokio::time::sleep(limits.idle_timeout - quiet_for).await;
         }
-    };
-    let expiry = async {
-        if let Some(e) = expires_at {
-            tokio::time::sleep(e.duration_since(SystemTime::now()).unwrap_or_default()).await;
-            return close(CloseCode::Policy, "session expired");
-        }
-        std::future::pending().await
     };
     let revoked = async {
         let mut recheck = tokio::time::interval(limits.recheck_interval);
@@ -268,7 +261,6 @@ where
         r = up => r,
         r = down => r,
         r = idle => r,
-        r = expiry => r,
         r = revoked => r,
         _ = cancel.cancelled() => close(CloseCode::Away, "proxy shutting down"),
     };

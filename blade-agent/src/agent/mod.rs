@@ -258,13 +258,26 @@ impl Agent {
         Ok(Ok(running))
     }
 
-    /// Stops `username`'s desktop; false if none was running.
-    pub async fn stop_session(&self, username: &str) -> Result<bool, AgentError> {
+    /// Stops `username`'s desktop — only if its Xvnc has pid `expect`, when given; false if
+    /// none (or another) was running.
+    pub async fn stop_session(
+        &self,
+        username: &str,
+        expect: Option<u32>,
+    ) -> Result<bool, AgentError> {
         let account = self.account(username).await?;
         let _guard = self.lock_user(&account.name).await?;
         let Some(running) = self.running_for(&account).await? else {
             return Ok(false);
         };
+        if expect.is_some_and(|pid| pid != running.pid) {
+            tracing::info!(
+                running = running.pid,
+                asked = expect,
+                "not stopping: the user's desktop is another one"
+            );
+            return Ok(false);
+        }
         terminate(&running).await;
         tracing::info!(
             display = running.display,

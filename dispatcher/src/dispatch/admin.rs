@@ -3,7 +3,7 @@
 //! [`vncdispatch_proto::rules`] before anything reaches the store.
 use super::{BladeHealth, Dispatcher, timestamp};
 use crate::error::DispatchError;
-use crate::store::{BladeRecord, Method, SessionRecord};
+use crate::store::{BladeRecord, EndReason, Method, SessionRecord};
 use vncdispatch_proto::rules::{validate_blade_host, validate_blade_name};
 
 impl Dispatcher {
@@ -15,6 +15,7 @@ impl Dispatcher {
         if !blade.is_empty() {
             validate_blade_name(blade)?;
         }
+        let now = self.now_ms();
         let mut out: Vec<_> = self
             .store
             .list_sessions()
@@ -22,6 +23,8 @@ impl Dispatcher {
             .into_iter()
             .filter(|s| blade.is_empty() || s.blade == blade)
             .map(|s| vncdispatch_proto::v1::SessionInfo {
+                attached: s.is_attached(now),
+                stops_at: s.stop_deadline().map(timestamp),
                 username: s.username,
                 blade: s.blade,
                 display: s.display,
@@ -127,6 +130,8 @@ impl Dispatcher {
                 .await?
                 .is_some()
             {
+                self.ended(rec, EndReason::BladeRemoved, String::new())
+                    .await;
                 self.stop_desktop(rec).await;
             }
         }

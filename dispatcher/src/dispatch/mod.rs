@@ -13,7 +13,19 @@
 //! - `session.rs`: a session's life — dispatch (claim, reuse or launch), clean-up after a
 //!   start that answered too late, and the end of a session.
 //! - `placement.rs`: which blades to try, in what order, and the health poller behind it.
-//! - `tokens.rs`: resolving a token for ws-proxy, and sweeping expired sessions.
+//! - `tokens.rs`: resolving a token for ws-proxy, which renews a client's lease.
+//! - `lifecycle.rs`: when a desktop is stopped (the policy below), the sweeper, and why each
+//!   session ended (the history).
+//!
+//! The lifecycle policy, in one place: a token resolves for `token_ttl` after the user's
+//! latest Dispatch — that governs *connecting*. While ws-proxy relays a client it renews a
+//! lease on the session (every re-check, `lease` long); an attached session's token keeps
+//! resolving (a browser reconnects after a network blip or a ws-proxy restart without the
+//! portal) and the desktop is never stopped. Once no client is attached the desktop lives
+//! `idle_grace` more (or until the token expires, if later), then the sweeper stops it —
+//! "no client". A session never attached ends when its token expires — "token expired". With
+//! `max_age`, a desktop is stopped at that age whatever else holds — "max age". The portal
+//! sees the time in `Session.stops_at`.
 //! - `admin.rs`: registering, listing, draining and removing blades; listing sessions.
 //!
 //! Time comes from the injected [`Clock`]: the wall clock in production, a test clock under
@@ -28,6 +40,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 mod admin;
+mod lifecycle;
 mod placement;
 mod session;
 mod tokens;
@@ -55,6 +68,28 @@ pub struct DispatchConfig {
     pub launch_timeout: Duration,
     /// Default agent port for blades added without one.
     pub agent_port: u16,
+    /// How long a desktop lives after its last client left (see the module doc).
+    pub idle_grace: Duration,
+    /// Desktops this old are stopped even with a client attached; None: no limit.
+    pub max_age: Option<Duration>,
+    /// How long one lease renewal holds; ws-proxy renews at its re-check interval, which
+    /// must be shorter.
+    pub lease: Duration,
+}
+
+impl DispatchConfig {
+    /// Settings with the documented lifecycle defaults around the given token TTL.
+    pub fn with_defaults(token_ttl: Duration, policy: Policy, launch_timeout: Duration) -> Self {
+        DispatchConfig {
+            token_ttl,
+            policy,
+            launch_timeout,
+            agent_port: 7501,
+            idle_grace: Duration::from_secs(4 * 3600),
+            max_age: None,
+            lease: Duration::from_secs(90),
+        }
+    }
 }
 
 /// What the dispatcher knows about a blade's health (from the poller and from failures).
@@ -110,7 +145,7 @@ pub struct Dispatcher {
 }
 
 /// A Unix-milliseconds time as a protobuf timestamp.
-fn timestamp(ms: i64) -> prost_types::Timestamp {
+pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: ms.div_euclid(1000),
         nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
@@ -194,6 +229,7 @@ impl Dispatcher {
             host: rec.host.clone(),
             expires_at: rec.expires_at_ms.map(timestamp),
             reused,
+            stops_at: rec.stop_deadline().map(timestamp),
         }
     }
 }

@@ -10,15 +10,16 @@ use super::{Dispatcher, Session};
 use crate::error::DispatchError;
 use crate::launcher::{LaunchError, Launcher};
 use crate::secrets;
-use crate::store::{BladeRecord, Claim, ClaimOutcome, SessionRecord, StoredSecret};
+use crate::store::{BladeRecord, Claim, ClaimOutcome, EndReason, SessionRecord, StoredSecret};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 use vncdispatch_proto::rules::{parse_remote_ip, validate_username};
 
 impl Dispatcher {
     /// Returns the user's live session or starts one.
     pub async fn dispatch(
-        &self,
+        self: &Arc<Self>,
         username: &str,
         remote_ip: &str,
         request_id: &str,
@@ -37,9 +38,23 @@ impl Dispatcher {
             };
             match self.store.claim(username, &claim, now).await? {
                 ClaimOutcome::Won => {
-                    return self
-                        .start_new(username, &remote_ip, &claim, request_id)
-                        .await;
+                    // The launch runs to its end in a task of its own: a caller that goes
+                    // away (deadline, disconnect) must not strand the claim or a desktop.
+                    let (me, user, ip, id) = (
+                        self.clone(),
+                        username.to_owned(),
+                        remote_ip.clone(),
+                        request_id.to_owned(),
+                    );
+                    let launch = tokio::spawn(
+                        async move { me.start_new(&user, &ip, &claim, &id).await }
+                            .instrument(tracing::Span::current()),
+                    );
+                    return launch.await.unwrap_or_else(|e| {
+                        Err(DispatchError::NoBlade(format!(
+                            "the launch task failed: {e}"
+                        )))
+                    });
                 }
                 ClaimOutcome::Existing(rec) => {
                     if let Some(session) = self.reuse(*rec, &remote_ip, now).await? {
@@ -67,18 +82,34 @@ impl Dispatcher {
         self.fill_host(&mut rec).await?;
         let (token, password) = self.reveal(&rec)?;
         let hash = secrets::token_hash(&token);
-        if rec.is_expired(now) {
-            tracing::info!(user = %rec.username, "session expired; starting a new one");
-            self.store
+        if rec.is_due(now) {
+            // Past its stop deadline, not yet swept: end it as the sweeper would.
+            if let Some(gone) = self
+                .store
                 .delete_session(&rec.username, Some(&rec_hash(&rec, &hash)))
-                .await?;
+                .await?
+            {
+                let reason = self.due_reason(&gone, now);
+                self.ended(&gone, reason, "found due at a Dispatch".into())
+                    .await;
+                self.stop_desktop(&gone).await;
+            }
             return Ok(None);
         }
         if !self.alive(&rec).await {
             tracing::warn!(user = %rec.username, blade = %rec.blade, pid = rec.vnc_pid, "desktop is gone; starting a new one");
-            self.store
+            if let Some(gone) = self
+                .store
                 .delete_session(&rec.username, Some(&rec_hash(&rec, &hash)))
-                .await?;
+                .await?
+            {
+                self.ended(
+                    &gone,
+                    EndReason::XvncDied,
+                    "found gone at a Dispatch".into(),
+                )
+                .await;
+            }
             return Ok(None);
         }
         // Write only when something changed enough to matter: reconnects stay read-only.
@@ -87,9 +118,10 @@ impl Dispatcher {
             .expires_at_ms
             .is_none_or(|e| expires - e > self.ttl_ms() / 20);
         let rec = if rec.remote_ip != remote_ip || stale_expiry || rec.token_hash.is_empty() {
+            let stops = self.stops_at(rec.created_at_ms, expires, rec.lease_until_ms);
             match self
                 .store
-                .touch(&rec.username, &hash, remote_ip, expires)
+                .touch(&rec.username, &hash, remote_ip, expires, stops)
                 .await?
             {
                 Some(mut updated) => {
@@ -121,7 +153,7 @@ impl Dispatcher {
 
     /// Whether the record's Xvnc still runs, as its blade says; when the blade cannot tell,
     /// yes (see below).
-    async fn alive(&self, rec: &SessionRecord) -> bool {
+    pub(super) async fn alive(&self, rec: &SessionRecord) -> bool {
         let blades = match self.store.list_blades().await {
             Ok(b) => b,
             Err(_) => return true, // cannot tell; the store error surfaces elsewhere
@@ -153,11 +185,43 @@ impl Dispatcher {
         claim: &Claim,
         request_id: &str,
     ) -> Result<Session, DispatchError> {
+        // The claim is renewed while the launch runs (blades tried one after another may
+        // take longer than one claim), so no waiting Dispatch takes it over meanwhile.
+        let renewal = {
+            let (store, user, id, every, ttl, clock) = (
+                self.store.clone(),
+                username.to_owned(),
+                claim.id.clone(),
+                self.claim_ttl() / 3,
+                self.claim_ttl().as_millis() as i64,
+                self.clock.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match store.renew_claim(&user, &id, clock.now_ms() + ttl).await {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        Err(e) => tracing::warn!(error = %e, "could not renew the claim"),
+                    }
+                }
+            })
+        };
         let result = self.launch(username, remote_ip, claim, request_id).await;
-        if result.is_err()
-            && let Err(e) = self.store.abandon(username, &claim.id).await
-        {
-            tracing::warn!(error = %e, "could not release the claim; it expires by itself");
+        renewal.abort();
+        if let Err(e) = &result {
+            if let Err(e) = self.store.abandon(username, &claim.id).await {
+                tracing::warn!(error = %e, "could not release the claim; it expires by itself");
+            }
+            if matches!(e, DispatchError::NoBlade(_)) {
+                let failed = SessionRecord {
+                    username: username.to_owned(),
+                    created_at_ms: 0,
+                    ..Default::default()
+                };
+                self.ended(&failed, EndReason::StartFailed, e.to_string())
+                    .await;
+            }
         }
         result
     }
@@ -240,11 +304,16 @@ impl Dispatcher {
                 created_at_ms: now,
                 expires_at_ms: Some(now + self.ttl_ms()),
                 cert_sha256: launched.cert_sha256,
+                lease_until_ms: None,
+                stops_at_ms: Some(self.stops_at(now, now + self.ttl_ms(), None)),
             };
             if let Err(e) = self.store.complete(&rec, &claim.id).await {
                 // A desktop no session points at would run on unseen: stop it.
                 tracing::error!(blade = %blade.name, error = %e, "could not store the session; stopping the desktop just started");
-                if let Err(stop) = launcher.stop(&blade, username).await {
+                if let Err(stop) = launcher
+                    .stop(&blade, username, Some(launched.vnc_pid))
+                    .await
+                {
                     tracing::warn!(blade = %blade.name, error = %stop, "could not stop it either; the blade's sweep will");
                 }
                 return Err(e.into());
@@ -290,7 +359,7 @@ impl Dispatcher {
                     Ok(None) => {}
                     Err(_) => continue,
                 }
-                match launcher.stop(&blade, &username).await {
+                match launcher.stop(&blade, &username, None).await {
                     Ok(stopped) => {
                         if stopped {
                             tracing::info!(blade = %blade.name, user = %username, "stopped a desktop started after its Dispatch had given up on the blade");
@@ -306,11 +375,13 @@ impl Dispatcher {
     }
 
     /// Revokes the user's token and stops the desktop; false if there was no session.
-    pub async fn end(&self, username: &str) -> Result<bool, DispatchError> {
+    /// `reason` says who asked (the portal or an operator).
+    pub async fn end(&self, username: &str, reason: EndReason) -> Result<bool, DispatchError> {
         validate_username(username)?;
         let Some(rec) = self.store.delete_session(username, None).await? else {
             return Ok(false);
         };
+        self.ended(&rec, reason, String::new()).await;
         self.stop_desktop(&rec).await;
         Ok(true)
     }
@@ -325,14 +396,16 @@ impl Dispatcher {
         let Ok(launcher) = self.launchers.get(blade.method) else {
             return;
         };
-        if let Err(e) = launcher.stop(&blade, &rec.username).await {
+        // By pid: the stop is for this record's desktop, never a newer one of the user's.
+        let pid = (rec.vnc_pid != 0).then_some(rec.vnc_pid);
+        if let Err(e) = launcher.stop(&blade, &rec.username, pid).await {
             tracing::warn!(blade = %blade.name, user = %rec.username, error = %e, "could not stop the desktop; the token is revoked anyway");
         }
     }
 }
 
 /// The stored hash, or for a legacy row (no hash yet) the one computed from its token.
-fn rec_hash(rec: &SessionRecord, computed: &str) -> String {
+pub(super) fn rec_hash(rec: &SessionRecord, computed: &str) -> String {
     if rec.token_hash.is_empty() {
         computed.to_owned()
     } else {
@@ -395,10 +468,10 @@ mod tests {
         assert!(!new.reused);
         assert_ne!(new.token, old.token, "an expired session gets a new token");
         assert!(matches!(
-            d.resolve(&old.token).await,
+            d.resolve(&old.token, false).await,
             Err(DispatchError::UnknownToken)
         ));
-        assert!(d.resolve(&new.token).await.is_ok());
+        assert!(d.resolve(&new.token, false).await.is_ok());
         assert_eq!(rec.starts.lock().unwrap().get("b1"), Some(&2));
     }
 
@@ -453,6 +526,53 @@ mod tests {
         assert!(rec.starts.lock().unwrap().is_empty());
     }
 
+    // Three hung blades take 15 s of launch timeouts, as long as a claim lives: the claim is
+    // renewed meanwhile, so a second Dispatch waits instead of taking over and starting a
+    // second desktop; both get the one desktop the fourth blade started.
+    #[tokio::test(start_paused = true)]
+    async fn a_long_launch_keeps_its_claim_and_a_concurrent_dispatch_waits_for_it() {
+        let (d, rec, _dir) = setup(&["slow1", "slow2", "slow3", "b4"], HOUR).await;
+        let first = {
+            let d = d.clone();
+            tokio::spawn(async move { d.dispatch("u", "192.0.2.1", "t").await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let second = d.dispatch("u", "192.0.2.1", "t").await.unwrap();
+        let first = first.await.unwrap().unwrap();
+        assert_eq!((first.blade.as_str(), second.blade.as_str()), ("b4", "b4"));
+        assert_eq!(first.token, second.token);
+        assert!(second.reused);
+        assert_eq!(rec.starts.lock().unwrap().get("b4"), Some(&1));
+        assert!(
+            rec.alive
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(b, u, _)| b == "b4" && u == "u")
+        );
+    }
+
+    // A caller that goes away mid-launch strands nothing: the launch finishes in its own task
+    // and stores the session, which the next Dispatch gets at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_dispatch_leaves_a_session_not_a_stuck_claim() {
+        // Round-robin starts at the second blade here: a hung one.
+        let (d, rec, _dir) = setup(&["b1", "slow2", "b3"], HOUR).await;
+        let cancelled =
+            tokio::time::timeout(Duration::from_secs(1), d.dispatch("u", "192.0.2.1", "t")).await;
+        assert!(cancelled.is_err(), "the first caller gave up");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let started = Instant::now();
+        let s = d.dispatch("u", "192.0.2.1", "t").await.unwrap();
+        assert!(s.reused, "the abandoned launch's session was stored");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "waited {:?}",
+            started.elapsed()
+        );
+        assert_eq!(rec.starts.lock().unwrap().get("b3"), Some(&1));
+    }
+
     // A blade that does not answer a start in time is left for the next one; once the grace
     // period (the launch timeout) has passed, the dispatcher asks it to stop whatever desktop
     // it may have started late for that user — and not before.
@@ -485,7 +605,7 @@ mod tests {
         // The session on b2 was left alone.
         let user = &stops[0].1;
         assert!(
-            d.resolve(if user == "ua" { &a.token } else { &b.token })
+            d.resolve(if user == "ua" { &a.token } else { &b.token }, false)
                 .await
                 .is_ok()
         );

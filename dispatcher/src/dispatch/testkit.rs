@@ -65,14 +65,21 @@ impl Launcher for Recording {
             cert_sha256: format!("{pid:064x}"),
         })
     }
-    async fn stop(&self, blade: &BladeRecord, username: &str) -> Result<bool, LaunchError> {
+    async fn stop(
+        &self,
+        blade: &BladeRecord,
+        username: &str,
+        vnc_pid: Option<u32>,
+    ) -> Result<bool, LaunchError> {
         self.stops
             .lock()
             .unwrap()
             .push((blade.name.clone(), username.to_owned()));
         let mut alive = self.alive.lock().unwrap();
         let before = alive.len();
-        alive.retain(|(b, u, _)| !(b == &blade.name && u == username));
+        alive.retain(|(b, u, p)| {
+            !(b == &blade.name && u == username && vnc_pid.is_none_or(|v| v == *p))
+        });
         Ok(alive.len() < before)
     }
     async fn is_alive(
@@ -98,15 +105,21 @@ pub(super) async fn setup(
     blades: &[&str],
     ttl: Duration,
 ) -> (Arc<Dispatcher>, Arc<Recording>, tempfile::TempDir) {
+    setup_with(
+        blades,
+        DispatchConfig::with_defaults(ttl, Policy::RoundRobin, Duration::from_secs(5)),
+    )
+    .await
+}
+
+/// Like [`setup`], with the settings given.
+pub(super) async fn setup_with(
+    blades: &[&str],
+    cfg: DispatchConfig,
+) -> (Arc<Dispatcher>, Arc<Recording>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
     let rec = Arc::new(Recording::default());
-    let cfg = DispatchConfig {
-        token_ttl: ttl,
-        policy: Policy::RoundRobin,
-        launch_timeout: Duration::from_secs(5),
-        agent_port: 7501,
-    };
     let d = Arc::new(
         Dispatcher::new(
             store,

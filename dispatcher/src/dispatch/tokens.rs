@@ -1,47 +1,75 @@
-//! Tokens: resolving one for ws-proxy, and sweeping sessions whose tokens expired.
+//! Resolving a token for ws-proxy, which renews a client's lease when it relays one.
 //!
 //! A token is looked up by its SHA-256 (legacy rows, written before hashes, by the token
 //! itself); an unknown, malformed, expired or revoked token is one answer, NOT_FOUND, so a
-//! caller learns nothing about which. Expiry is measured on the injected clock.
+//! caller learns nothing about which. A token resolves before its expiry or while a client
+//! is attached (see the lifecycle in [`crate::dispatch`]), and only while the recorded Xvnc
+//! still runs: displays are reused, and a stale token must never lead to another user's
+//! desktop. A desktop found gone ends its session ("Xvnc died").
+use super::session::rec_hash;
 use super::{Dispatcher, Target, timestamp};
 use crate::error::DispatchError;
 use crate::secrets;
+use crate::store::EndReason;
 use vncdispatch_proto::rules::validate_token;
 
 impl Dispatcher {
-    /// Where a token's desktop is.
-    pub async fn resolve(&self, token: &str) -> Result<Target, DispatchError> {
+    /// Where a token's desktop is. With `attached` (ws-proxy relays, or is about to relay, a
+    /// client) the session's lease is renewed, which keeps the desktop and its token alive.
+    pub async fn resolve(&self, token: &str, attached: bool) -> Result<Target, DispatchError> {
         validate_token(token).map_err(|_| DispatchError::UnknownToken)?;
+        let hash = secrets::token_hash(token);
         let mut rec = self
             .store
-            .find_by_token(&secrets::token_hash(token), token)
+            .find_by_token(&hash, token)
             .await?
             .ok_or(DispatchError::UnknownToken)?;
-        self.fill_host(&mut rec).await?;
-        if rec.is_expired(self.now_ms()) {
+        let now = self.now_ms();
+        if !rec.resolves(now) {
             return Err(DispatchError::UnknownToken);
         }
+        if !self.alive(&rec).await {
+            if let Some(gone) = self
+                .store
+                .delete_session(&rec.username, Some(&rec_hash(&rec, &hash)))
+                .await?
+            {
+                self.ended(
+                    &gone,
+                    EndReason::XvncDied,
+                    "found gone when its token was used".into(),
+                )
+                .await;
+            }
+            return Err(DispatchError::UnknownToken);
+        }
+        if attached {
+            let lease = now + self.cfg.lease.as_millis() as i64;
+            let expires = rec.expires_at_ms.unwrap_or(now + self.ttl_ms());
+            let stops = self.stops_at(rec.created_at_ms, expires, Some(lease));
+            match self
+                .store
+                .renew_lease(&rec.username, &rec_hash(&rec, &hash), lease, stops)
+                .await?
+            {
+                Some(updated) => rec = updated,
+                None => return Err(DispatchError::UnknownToken), // ended meanwhile
+            }
+        }
+        self.fill_host(&mut rec).await?;
         let (_, password) = self.reveal(&rec)?;
+        // Until when the token resolves: its expiry, or the lease's end if later.
+        let until = rec.expires_at_ms.max(rec.lease_until_ms).map(timestamp);
         Ok(Target {
             host: rec.host,
             port: rec.port,
             username: rec.username,
             remote_ip: rec.remote_ip,
-            expires_at: rec.expires_at_ms.map(timestamp),
+            expires_at: until,
             blade: rec.blade,
             password,
             cert_sha256: rec.cert_sha256,
         })
-    }
-
-    /// Removes expired sessions and stops their desktops (run periodically).
-    pub async fn sweep(&self) -> Result<usize, DispatchError> {
-        let swept = self.store.sweep_expired(self.now_ms()).await?;
-        for rec in &swept {
-            tracing::info!(user = %rec.username, blade = %rec.blade, "session expired; stopping its desktop");
-            self.stop_desktop(rec).await;
-        }
-        Ok(swept.len())
     }
 }
 
@@ -57,7 +85,10 @@ mod tests {
         let (d, rec, _dir) = setup(&["b1"], Duration::from_secs(300)).await;
         let s = d.dispatch("u", "192.0.2.1", "t").await.unwrap();
         tokio::time::advance(Duration::from_secs(299)).await;
-        let target = d.resolve(&s.token).await.expect("resolves until its TTL");
+        let target = d
+            .resolve(&s.token, false)
+            .await
+            .expect("resolves until its TTL");
         // The registered blade's host, never the agent's report; the pin the start reported.
         let blade = d.store().list_blades().await.unwrap().remove(0);
         assert_eq!(target.host, blade.host);
@@ -65,7 +96,7 @@ mod tests {
         assert_eq!(d.sweep().await.unwrap(), 0, "nothing to sweep yet");
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(matches!(
-            d.resolve(&s.token).await,
+            d.resolve(&s.token, false).await,
             Err(DispatchError::UnknownToken)
         ));
         assert_eq!(d.sweep().await.unwrap(), 1);

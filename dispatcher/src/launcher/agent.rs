@@ -163,9 +163,15 @@ impl Launcher for AgentLauncher {
         })
     }
 
-    async fn stop(&self, blade: &BladeRecord, username: &str) -> Result<bool, LaunchError> {
+    async fn stop(
+        &self,
+        blade: &BladeRecord,
+        username: &str,
+        vnc_pid: Option<u32>,
+    ) -> Result<bool, LaunchError> {
         let msg = StopSessionRequest {
             username: username.into(),
+            vnc_pid: vnc_pid.unwrap_or(0),
         };
         let r = self
             .client(blade)?

@@ -66,8 +66,14 @@ pub trait Launcher: Send + Sync + std::fmt::Debug + 'static {
         password: &str,
         request_id: &str,
     ) -> Result<Launched, LaunchError>;
-    /// Stops the user's desktop; false if none ran.
-    async fn stop(&self, blade: &BladeRecord, username: &str) -> Result<bool, LaunchError>;
+    /// Stops the user's desktop — only the Xvnc with pid `vnc_pid`, when given, so a stale
+    /// or late stop never ends a newer desktop; false if none (or another) ran.
+    async fn stop(
+        &self,
+        blade: &BladeRecord,
+        username: &str,
+        vnc_pid: Option<u32>,
+    ) -> Result<bool, LaunchError>;
     /// Whether the user's Xvnc with this pid still runs there.
     async fn is_alive(
         &self,

@@ -248,8 +248,22 @@ impl Launcher for SshLauncher {
         })
     }
 
-    async fn stop(&self, blade: &BladeRecord, username: &str) -> Result<bool, LaunchError> {
-        let (status, out, err) = self.run(blade, &["stop", "--user", username], b"").await?;
+    async fn stop(
+        &self,
+        blade: &BladeRecord,
+        username: &str,
+        vnc_pid: Option<u32>,
+    ) -> Result<bool, LaunchError> {
+        let pid = vnc_pid.map(|p| p.to_string());
+        let mut args = vec!["stop", "--user", username];
+        if let Some(p) = &pid {
+            args.extend(["--pid", p]);
+        }
+        let (mut status, mut out, mut err) = self.run(blade, &args, b"").await?;
+        if status == 2 && pid.is_some() {
+            // A blade-agent from before `--pid` (a usage error): stop by user, as it knows how.
+            (status, out, err) = self.run(blade, &["stop", "--user", username], b"").await?;
+        }
         if status != 0 {
             return Err(classify(blade, status, &err));
         }

@@ -6,7 +6,8 @@
 // A test suite: panicking on the first violation is how it reports.
 #![allow(clippy::unwrap_used)]
 use super::{
-    BladeRecord, Claim, ClaimOutcome, Method, SessionRecord, Store, StoreError, StoredSecret,
+    BladeRecord, Claim, ClaimOutcome, EndReason, EndedSession, Method, SessionRecord, Store,
+    StoreError, StoredSecret,
 };
 use std::sync::Arc;
 
@@ -33,6 +34,8 @@ fn session(username: &str, hash: &str, expires_at_ms: i64) -> SessionRecord {
         created_at_ms: 1_000,
         expires_at_ms: Some(expires_at_ms),
         cert_sha256: "c0ffee".repeat(10) + "abcd",
+        lease_until_ms: None,
+        stops_at_ms: Some(expires_at_ms),
     }
 }
 
@@ -42,6 +45,9 @@ pub async fn run(store: Arc<dyn Store>, prefix: &str) {
     sessions(&*store, prefix).await;
     concurrent_claims(store.clone(), prefix).await;
     expiry(&*store, prefix).await;
+    leases(&*store, prefix).await;
+    legacy_and_claims(&*store, prefix).await;
+    history(&*store, prefix).await;
     blades(&*store, prefix).await;
     round_robin(store.clone()).await;
 }
@@ -116,19 +122,23 @@ async fn sessions(store: &dyn Store, prefix: &str) {
     // touch needs the current token hash.
     assert_eq!(
         store
-            .touch(&alice, "stale", "198.51.100.9", 99)
+            .touch(&alice, "stale", "198.51.100.9", 99, 99)
             .await
             .unwrap(),
         None
     );
     let touched = store
-        .touch(&alice, &hash, "2001:db8::7", i64::MAX - 1)
+        .touch(&alice, &hash, "2001:db8::7", i64::MAX - 1, i64::MAX - 2)
         .await
         .unwrap()
         .expect("touched");
     assert_eq!(
-        (touched.remote_ip.as_str(), touched.expires_at_ms),
-        ("2001:db8::7", Some(i64::MAX - 1))
+        (
+            touched.remote_ip.as_str(),
+            touched.expires_at_ms,
+            touched.stops_at_ms
+        ),
+        ("2001:db8::7", Some(i64::MAX - 1), Some(i64::MAX - 2))
     );
     assert_eq!(
         store.get_session(&alice).await.unwrap().unwrap().remote_ip,
@@ -243,6 +253,130 @@ async fn expiry(store: &dyn Store, prefix: &str) {
             .is_some()
     );
     store.delete_session(&new, None).await.unwrap();
+}
+
+/// A lease moves the stop deadline: the sweep keeps a session whose token expired while its
+/// lease (plus grace) runs, and takes it once that passes; a lease needs the current hash.
+async fn leases(store: &dyn Store, prefix: &str) {
+    let user = format!("{prefix}leased");
+    let hash = format!("{user}-hash");
+    store.claim(&user, &claim("l", i64::MAX), 0).await.unwrap();
+    store
+        .complete(&session(&user, &hash, 5_000), "l")
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .renew_lease(&user, "stale", 9_000, 20_000)
+            .await
+            .unwrap(),
+        None,
+        "a lease needs the current token hash"
+    );
+    let leased = store
+        .renew_lease(&user, &hash, 9_000, 20_000)
+        .await
+        .unwrap()
+        .expect("leased");
+    assert_eq!(
+        (leased.lease_until_ms, leased.stops_at_ms),
+        (Some(9_000), Some(20_000))
+    );
+    assert!(leased.resolves(8_000) && !leased.resolves(9_000));
+    let swept = store.sweep_expired(10_000).await.unwrap();
+    assert!(
+        !swept.iter().any(|s| s.username == user),
+        "swept while its stop deadline was ahead"
+    );
+    assert!(store.get_session(&user).await.unwrap().is_some());
+    let swept = store.sweep_expired(20_000).await.unwrap();
+    assert!(
+        swept
+            .iter()
+            .any(|s| s.username == user && s.lease_until_ms == Some(9_000)),
+        "not swept at its stop deadline: {swept:?}"
+    );
+}
+
+/// Rows without an expiry (the original's) get one; a claim is renewed only by its owner.
+async fn legacy_and_claims(store: &dyn Store, prefix: &str) {
+    let user = format!("{prefix}legacy");
+    store.claim(&user, &claim("g", i64::MAX), 0).await.unwrap();
+    let mut rec = session(&user, &format!("{user}-hash"), 0);
+    rec.expires_at_ms = None;
+    rec.stops_at_ms = None;
+    store.complete(&rec, "g").await.unwrap();
+    assert!(store.date_legacy(77_000).await.unwrap() >= 1);
+    let dated = store
+        .get_session(&user)
+        .await
+        .unwrap()
+        .expect("still there");
+    assert_eq!(
+        (dated.expires_at_ms, dated.stops_at_ms),
+        (Some(77_000), Some(77_000))
+    );
+    store.delete_session(&user, None).await.unwrap();
+
+    let starting = format!("{prefix}renewed");
+    store
+        .claim(&starting, &claim("mine", 1_000), 0)
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .renew_claim(&starting, "theirs", 50_000)
+            .await
+            .unwrap()
+    );
+    assert!(store.renew_claim(&starting, "mine", 50_000).await.unwrap());
+    assert_eq!(
+        store
+            .claim(&starting, &claim("late", 60_000), 2_000)
+            .await
+            .unwrap(),
+        ClaimOutcome::Pending,
+        "a renewed claim still holds past its first deadline"
+    );
+    store.abandon(&starting, "mine").await.unwrap();
+}
+
+/// The history keeps ends newest first, per user or for all.
+async fn history(store: &dyn Store, prefix: &str) {
+    let (a, b) = (format!("{prefix}hist-a"), format!("{prefix}hist-b"));
+    let base = 1_900_000_000_000;
+    for (i, (user, reason)) in [
+        (&a, EndReason::TokenExpired),
+        (&b, EndReason::Portal),
+        (&a, EndReason::NoClient),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let rec = session(user, "h", 0);
+        store
+            .record_end(&EndedSession::of(
+                &rec,
+                base + i as i64,
+                reason,
+                format!("#{i}"),
+            ))
+            .await
+            .unwrap();
+    }
+    let mine = store.history(Some(&a), 10).await.unwrap();
+    assert_eq!(
+        mine.iter().map(|e| e.reason).collect::<Vec<_>>(),
+        [EndReason::NoClient, EndReason::TokenExpired],
+        "newest first, one user's"
+    );
+    assert_eq!(mine[0].ended_at_ms, base + 2);
+    assert_eq!(mine[0].display, 7);
+    assert_eq!(
+        store.history(None, 2).await.unwrap().len(),
+        2,
+        "the limit holds"
+    );
 }
 
 async fn blades(store: &dyn Store, prefix: &str) {

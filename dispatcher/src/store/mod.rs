@@ -9,6 +9,12 @@
 //! feature: it is test support, not part of the shipped library), which the integration
 //! tests (`tests/tests/store_conformance.rs`) run against each.
 //!
+//! A session's life (the policy is [`crate::dispatch`]'s): its token resolves until
+//! `expires_at` (set by Dispatch) or while a ws-proxy holds a lease on it (`lease_until`,
+//! renewed while a client is relayed); the sweeper stops the desktop at `stops_at`, which the
+//! dispatcher recomputes on every write. Every end is kept in a bounded history with its
+//! [`EndReason`].
+//!
 //! One session per user across processes rests on [`Store::claim`]: the first caller stores a
 //! placeholder holding a claim with a deadline; others see it and wait; the claimant replaces
 //! it with the session ([`Store::complete`]) or removes it ([`Store::abandon`]). A claimant that
@@ -97,6 +103,14 @@ pub struct SessionRecord {
     /// the desktop offers no VeNCrypt (or for rows written before it).
     #[serde(default)]
     pub cert_sha256: String,
+    /// Unix milliseconds until which a ws-proxy holds a client on the session (renewed while
+    /// it relays); None if no client was ever relayed.
+    #[serde(default)]
+    pub lease_until_ms: Option<i64>,
+    /// Unix milliseconds when the sweeper stops the desktop unless a Dispatch or a client's
+    /// lease moves it; None for rows written before it (then `expires_at_ms` is used).
+    #[serde(default)]
+    pub stops_at_ms: Option<i64>,
 }
 
 impl SessionRecord {
@@ -109,7 +123,123 @@ impl SessionRecord {
     pub fn is_expired(&self, now_ms: i64) -> bool {
         self.expires_at_ms.is_some_and(|e| e <= now_ms)
     }
+
+    /// True while a ws-proxy holds a client on the session.
+    pub fn is_attached(&self, now_ms: i64) -> bool {
+        self.lease_until_ms.is_some_and(|l| l > now_ms)
+    }
+
+    /// True while the token resolves: before its expiry, or while a client is attached (so a
+    /// browser reconnecting to a desktop in use gets back in after the token's TTL).
+    pub fn resolves(&self, now_ms: i64) -> bool {
+        !self.is_expired(now_ms) || self.is_attached(now_ms)
+    }
+
+    /// When the sweeper stops the desktop (None: never, a legacy row not yet dated).
+    pub fn stop_deadline(&self) -> Option<i64> {
+        self.stops_at_ms.or(self.expires_at_ms)
+    }
+
+    /// True once the stop deadline has passed.
+    pub fn is_due(&self, now_ms: i64) -> bool {
+        self.stop_deadline().is_some_and(|s| s <= now_ms)
+    }
 }
+
+/// Why a session ended: every end has one, in the history, the log and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The portal ended it (EndSession by a portal identity).
+    Portal,
+    /// An operator ended it (EndSession by an admin identity: the CLI).
+    Operator,
+    /// Its token expired and no client was ever relayed.
+    TokenExpired,
+    /// No client for the idle grace period after the last one left.
+    NoClient,
+    /// It reached the configured maximum age.
+    MaxAge,
+    /// Its blade was removed.
+    BladeRemoved,
+    /// Its Xvnc was found gone (killed, crashed, the blade rebooted).
+    XvncDied,
+    /// No blade could start it.
+    StartFailed,
+}
+
+impl EndReason {
+    /// Every reason, for metrics and tests.
+    pub const ALL: [EndReason; 8] = [
+        EndReason::Portal,
+        EndReason::Operator,
+        EndReason::TokenExpired,
+        EndReason::NoClient,
+        EndReason::MaxAge,
+        EndReason::BladeRemoved,
+        EndReason::XvncDied,
+        EndReason::StartFailed,
+    ];
+
+    /// The name used in logs, metrics, the store and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Portal => "portal",
+            EndReason::Operator => "operator",
+            EndReason::TokenExpired => "token_expired",
+            EndReason::NoClient => "no_client",
+            EndReason::MaxAge => "max_age",
+            EndReason::BladeRemoved => "blade_removed",
+            EndReason::XvncDied => "xvnc_died",
+            EndReason::StartFailed => "start_failed",
+        }
+    }
+
+    /// The reason a name stands for.
+    pub fn from_name(name: &str) -> Option<EndReason> {
+        Self::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+}
+
+/// A session that ended, as the history keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndedSession {
+    /// The account.
+    pub username: String,
+    /// The blade (empty when no blade started it).
+    pub blade: String,
+    /// X display on the blade.
+    pub display: u32,
+    /// Xvnc pid on the blade.
+    pub vnc_pid: u32,
+    /// Unix milliseconds when it started (0 when it never did).
+    pub created_at_ms: i64,
+    /// Unix milliseconds when it ended.
+    pub ended_at_ms: i64,
+    /// Why.
+    pub reason: EndReason,
+    /// Details for people (which blades failed, what the agent said).
+    pub detail: String,
+}
+
+impl EndedSession {
+    /// The end of `rec` at `now_ms`, for `reason`.
+    pub fn of(rec: &SessionRecord, now_ms: i64, reason: EndReason, detail: String) -> Self {
+        EndedSession {
+            username: rec.username.clone(),
+            blade: rec.blade.clone(),
+            display: rec.display,
+            vnc_pid: rec.vnc_pid,
+            created_at_ms: rec.created_at_ms,
+            ended_at_ms: now_ms,
+            reason,
+            detail,
+        }
+    }
+}
+
+/// How many ended sessions the history keeps (the oldest go first).
+pub const HISTORY_MAX: usize = 10_000;
 
 /// What [`Store::claim`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,15 +298,35 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         token_hash: &str,
         token: &str,
     ) -> StoreResult<Option<SessionRecord>>;
-    /// Records a reconnect: new remote IP and expiry, if the stored session still has
-    /// `token_hash`. Returns the updated record.
+    /// Records a reconnect: new remote IP, expiry and stop deadline, if the stored session
+    /// still has `token_hash`. Returns the updated record.
     async fn touch(
         &self,
         username: &str,
         token_hash: &str,
         remote_ip: &str,
         expires_at_ms: i64,
+        stops_at_ms: i64,
     ) -> StoreResult<Option<SessionRecord>>;
+    /// Renews a client's lease: sets `lease_until` and the stop deadline, if the stored
+    /// session still has `token_hash`. Returns the updated record.
+    async fn renew_lease(
+        &self,
+        username: &str,
+        token_hash: &str,
+        lease_until_ms: i64,
+        stops_at_ms: i64,
+    ) -> StoreResult<Option<SessionRecord>>;
+    /// Gives ready rows without an expiry (written by the original service) one, and a stop
+    /// deadline; returns how many.
+    async fn date_legacy(&self, expires_at_ms: i64) -> StoreResult<u64>;
+    /// Moves our claim's deadline while its launch runs; false if the claim is not ours.
+    async fn renew_claim(
+        &self,
+        username: &str,
+        claim_id: &str,
+        expires_at_ms: i64,
+    ) -> StoreResult<bool>;
     /// Deletes the user's ready session (only if its token hash is `token_hash`, when given).
     async fn delete_session(
         &self,
@@ -185,9 +335,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> StoreResult<Option<SessionRecord>>;
     /// Every ready session, by username.
     async fn list_sessions(&self) -> StoreResult<Vec<SessionRecord>>;
-    /// Deletes ready sessions that expired before `now_ms`, and claims that did; returns the
-    /// deleted ready sessions.
+    /// Deletes ready sessions whose stop deadline ([`SessionRecord::stop_deadline`]) is not
+    /// after `now_ms`, and claims that expired; returns the deleted ready sessions.
     async fn sweep_expired(&self, now_ms: i64) -> StoreResult<Vec<SessionRecord>>;
+    /// Adds an ended session to the history, dropping the oldest beyond [`HISTORY_MAX`].
+    async fn record_end(&self, ended: &EndedSession) -> StoreResult<()>;
+    /// The history, newest first: everyone's, or one user's; at most `limit` entries.
+    async fn history(&self, username: Option<&str>, limit: usize)
+    -> StoreResult<Vec<EndedSession>>;
 
     /// Registers a blade, or updates the one of that name.
     async fn put_blade(&self, blade: &BladeRecord) -> StoreResult<()>;

@@ -1,7 +1,7 @@
 //! A [`Store`] decorator that times every call for the
 //! `vncdispatch_dispatcher_store_duration_seconds{op}` histogram and counts failures in
 //! `vncdispatch_dispatcher_store_errors_total{op}`, whichever store is underneath.
-use super::{BladeRecord, Claim, ClaimOutcome, SessionRecord, Store, StoreResult};
+use super::{BladeRecord, Claim, ClaimOutcome, EndedSession, SessionRecord, Store, StoreResult};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -50,12 +50,53 @@ impl Store for Timed {
         token_hash: &str,
         remote_ip: &str,
         expires_at_ms: i64,
+        stops_at_ms: i64,
     ) -> StoreResult<Option<SessionRecord>> {
         timed(
             "touch",
-            self.0.touch(username, token_hash, remote_ip, expires_at_ms),
+            self.0
+                .touch(username, token_hash, remote_ip, expires_at_ms, stops_at_ms),
         )
         .await
+    }
+    async fn renew_lease(
+        &self,
+        username: &str,
+        token_hash: &str,
+        lease_until_ms: i64,
+        stops_at_ms: i64,
+    ) -> StoreResult<Option<SessionRecord>> {
+        timed(
+            "renew_lease",
+            self.0
+                .renew_lease(username, token_hash, lease_until_ms, stops_at_ms),
+        )
+        .await
+    }
+    async fn date_legacy(&self, expires_at_ms: i64) -> StoreResult<u64> {
+        timed("date_legacy", self.0.date_legacy(expires_at_ms)).await
+    }
+    async fn renew_claim(
+        &self,
+        username: &str,
+        claim_id: &str,
+        expires_at_ms: i64,
+    ) -> StoreResult<bool> {
+        timed(
+            "renew_claim",
+            self.0.renew_claim(username, claim_id, expires_at_ms),
+        )
+        .await
+    }
+    async fn record_end(&self, ended: &EndedSession) -> StoreResult<()> {
+        timed("record_end", self.0.record_end(ended)).await
+    }
+    async fn history(
+        &self,
+        username: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<EndedSession>> {
+        timed("history", self.0.history(username, limit)).await
     }
     async fn delete_session(
         &self,

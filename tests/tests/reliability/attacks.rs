@@ -118,6 +118,7 @@ async fn role_matrix() -> String {
                 code(
                     d.resolve_token(ResolveTokenRequest {
                         token: session.token.clone(),
+                        attached: false,
                     })
                     .await,
                 ),
@@ -201,6 +202,7 @@ async fn role_matrix() -> String {
             code(
                 a.stop_session(StopSessionRequest {
                     username: user.name.clone(),
+                    vnc_pid: 0,
                 })
                 .await,
             ),
@@ -225,6 +227,7 @@ async fn role_matrix() -> String {
         .await
         .resolve_token(ResolveTokenRequest {
             token: session.token.clone(),
+            attached: false,
         })
         .await
         .expect("still resolves")

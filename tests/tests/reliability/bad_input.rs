@@ -106,6 +106,7 @@ async fn bad_input() {
         let r = agent
             .stop_session(StopSessionRequest {
                 username: name.clone(),
+                vnc_pid: 0,
             })
             .await;
         *observed
@@ -169,7 +170,10 @@ async fn bad_input() {
     let mut observed = BTreeMap::<String, usize>::new();
     for t in &tokens {
         let r = c
-            .resolve_token(ResolveTokenRequest { token: t.clone() })
+            .resolve_token(ResolveTokenRequest {
+                token: t.clone(),
+                attached: false,
+            })
             .await;
         *observed.entry(code(&r)).or_default() += 1;
     }

@@ -55,6 +55,7 @@ async fn display_process() {
     let _ = c
         .stop_session(StopSessionRequest {
             username: user.name.clone(),
+            vnc_pid: 0,
         })
         .await;
     let freed = wait_health(agent.addr, "Serving", 10).await;
@@ -77,6 +78,7 @@ async fn display_process() {
     let _ = c
         .stop_session(StopSessionRequest {
             username: second.name.clone(),
+            vnc_pid: 0,
         })
         .await;
     drop(agent);
@@ -161,6 +163,7 @@ async fn display_process() {
     let old = d
         .resolve_token(ResolveTokenRequest {
             token: first.token.clone(),
+            attached: false,
         })
         .await;
     let xvnc = procs::xvnc_of(user.uid).len();

@@ -194,6 +194,7 @@ async fn filesystem() {
         let _ = c
             .stop_session(StopSessionRequest {
                 username: user.name.clone(),
+                vnc_pid: 0,
             })
             .await;
     }

@@ -79,6 +79,7 @@ async fn secrets() {
             match c
                 .resolve_token(ResolveTokenRequest {
                     token: session.token.clone(),
+                    attached: false,
                 })
                 .await
                 .map(|r| r.into_inner())

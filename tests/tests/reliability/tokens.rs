@@ -1,7 +1,7 @@
 //! Tokens: guessing them at the dispatcher and through ws-proxy, a near miss, more
 //! connections per token than allowed, and a token used after EndSession and after expiry.
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tonic::Code;
 use vncdispatch_proto::v1::{EndSessionRequest, ResolveTokenRequest};
 use vncdispatch_tests::reliability::attack::code;
@@ -15,7 +15,18 @@ use vncdispatch_tests::wsproxy::WsProxyProc;
 async fn tokens() {
     require_root_and_tigervnc();
     let rec = Record::new("tokens");
-    let s = Rig::with_dispatcher_args(&["--token-ttl", "4s"]).await;
+    // Short lifecycle: tokens 4 s, leases 3 s (ws-proxy renews every 1 s), grace 2 s.
+    let s = Rig::with_dispatcher_args(&[
+        "--token-ttl",
+        "4s",
+        "--lease",
+        "3s",
+        "--idle-grace",
+        "2s",
+        "--sweep-interval",
+        "1s",
+    ])
+    .await;
     let mut c = s.client().await;
 
     // 100,000 guesses straight at the dispatcher.
@@ -31,7 +42,12 @@ async fn tokens() {
                     rand::Rng::fill(&mut rand::rng(), &mut b[..]);
                     b[0] = w as u8;
                     let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
-                    let r = c.resolve_token(ResolveTokenRequest { token }).await;
+                    let r = c
+                        .resolve_token(ResolveTokenRequest {
+                            token,
+                            attached: false,
+                        })
+                        .await;
                     if r.as_ref().err().map(|e| e.code()) != Some(Code::NotFound) {
                         found += 1;
                     }
@@ -99,7 +115,12 @@ async fn tokens() {
     let last = near.len() - 1;
     near[last] = if near[last] == b'0' { b'1' } else { b'0' };
     let near = String::from_utf8(near).expect("hex");
-    let r = c.resolve_token(ResolveTokenRequest { token: near }).await;
+    let r = c
+        .resolve_token(ResolveTokenRequest {
+            token: near,
+            attached: false,
+        })
+        .await;
     rec.bad_inputs(1);
     rec.case(
         "a near miss",
@@ -141,6 +162,7 @@ async fn tokens() {
     let resolved = c
         .resolve_token(ResolveTokenRequest {
             token: session.token.clone(),
+            attached: false,
         })
         .await;
     rec.bad_inputs(2);
@@ -161,7 +183,8 @@ async fn tokens() {
             && resolved.is_err(),
     );
 
-    // Expiry (TTL 4 s): the open connection is closed and the token refused.
+    // Expiry (TTL 4 s): a connection open across it keeps relaying (its lease keeps the
+    // session); once it left and the lease lapsed, the token is refused.
     // The user must outlive the case: dropping it would end the desktop early.
     let UserDesktop {
         user: _user2,
@@ -172,24 +195,29 @@ async fn tokens() {
     let mut open = ws_from(proxy.addr, [127, 0, 0, 2], &s2.token)
         .await
         .expect("connect before expiry");
-    let closed = close_code(&mut open, 10).await;
+    // Twice the token's TTL: still open.
+    let closed = close_code(&mut open, 8).await;
+    drop(open);
+    // The lease (3 s) lapses without renewals.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let after = ws_from(proxy.addr, [127, 0, 0, 2], &s2.token).await;
     let resolved = c
         .resolve_token(ResolveTokenRequest {
             token: s2.token.clone(),
+            attached: false,
         })
         .await;
     rec.bad_inputs(2);
     rec.case(
         "a token used after it expired",
-        "token TTL 4 s; a connection open across the expiry, then a new one",
-        "the open connection closed at expiry (1008); the token refused (403, NotFound)",
+        "token TTL 4 s, lease 3 s; a connection open across the expiry for twice the TTL, then closed; a new one 5 s later",
+        "the open connection keeps relaying past the expiry (a desktop in use is never cut); once it left and its lease lapsed, the token is refused (403, NotFound)",
         &format!(
-            "close code {closed:?}; after expiry {}; ResolveToken {}",
+            "open connection closed: {closed:?} after 8 s; later connection {}; ResolveToken {}",
             after.as_ref().err().copied().unwrap_or(101),
             code(&resolved)
         ),
-        closed == Some(1008) && after.err() == Some(403) && resolved.is_err(),
+        closed.is_none() && after.err() == Some(403) && resolved.is_err(),
     );
     rec.scan_secrets(&[
         Log::new("dispatcher log", s.dispatcher.log()),

@@ -56,12 +56,13 @@ impl DispatcherTokens {
         })
     }
 
-    async fn ask(&self, token: &str) -> Result<Target, TokenError> {
+    async fn ask(&self, token: &str, attached: bool) -> Result<Target, TokenError> {
         let reply = self
             .client
             .clone()
             .resolve_token(ResolveTokenRequest {
                 token: token.to_owned(),
+                attached,
             })
             .await;
         let outcome = match reply {
@@ -130,11 +131,13 @@ impl TokenSource for DispatcherTokens {
                 return Ok(target);
             }
         }
-        self.ask(token).await
+        self.ask(token, false).await
     }
 
+    /// Asked as attached: ws-proxy re-checks only for a client it relays (or is about to),
+    /// and the answer renews the session's lease.
     async fn recheck(&self, token: &str) -> Result<Target, TokenError> {
         validate_token(token).map_err(|_| TokenError::Unknown)?;
-        self.ask(token).await
+        self.ask(token, true).await
     }
 }

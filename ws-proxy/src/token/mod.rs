@@ -56,8 +56,9 @@ pub enum TokenError {
 pub trait TokenSource: Send + Sync + std::fmt::Debug + 'static {
     /// The target of `token`.
     async fn resolve(&self, token: &str) -> Result<Target, TokenError>;
-    /// Like [`TokenSource::resolve`] but never from a cache: used to notice revocation of
-    /// tokens whose connections are open.
+    /// Like [`TokenSource::resolve`] but never from a cache, for a client being relayed: used
+    /// right before connecting and then periodically, to notice the session ending and (for
+    /// the dispatcher) to renew the session's client lease.
     async fn recheck(&self, token: &str) -> Result<Target, TokenError> {
         self.resolve(token).await
     }

@@ -271,7 +271,6 @@ pub(super) fn spawn_relay(
                 upstream,
                 pending,
                 limits,
-                target.expires_at,
                 token,
                 tokens,
                 cancel,

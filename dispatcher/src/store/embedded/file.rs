@@ -15,6 +15,8 @@ pub(super) const SESSIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::n
 pub(super) const TOKENS: TableDefinition<'_, &str, &str> = TableDefinition::new("tokens");
 pub(super) const BLADES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("blades");
 pub(super) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+/// Ended sessions by a rising sequence number (the oldest first), bounded by HISTORY_MAX.
+pub(super) const HISTORY: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("history");
 
 /// A blade with its registration order.
 #[derive(Serialize, Deserialize)]
@@ -54,6 +56,7 @@ impl EmbeddedStore {
             tx.open_table(TOKENS).map_err(err)?;
             tx.open_table(BLADES).map_err(err)?;
             tx.open_table(META).map_err(err)?;
+            tx.open_table(HISTORY).map_err(err)?;
             Ok(())
         })?;
         Ok(store)

@@ -5,11 +5,16 @@
 //! costs nothing that matters.
 //!
 //! Tables: `sessions` (username → JSON record), `tokens` (token hash → username),
-//! `blades` (name → JSON), `meta` (`last_blade`, `blade_seq` counters). redb allows one writer
+//! `blades` (name → JSON), `meta` (`last_blade`, `blade_seq`, `history_seq` counters),
+//! `history` (ended sessions, `history.rs`). Lease renewals, like reconnects, are committed
+//! without fsync: a crash loses at most one renewal, which the next one (seconds later)
+//! restores, long before an idle grace runs out. redb allows one writer
 //! at a time, which makes each method atomic; all calls run on tokio's blocking pool.
 //!
 //! `file.rs` holds the file and transaction handling; this file, the [`Store`] methods.
-use super::{BladeRecord, Claim, ClaimOutcome, SessionRecord, Store, StoreError, StoreResult};
+use super::{
+    BladeRecord, Claim, ClaimOutcome, EndedSession, SessionRecord, Store, StoreError, StoreResult,
+};
 use file::{
     BLADES, META, SESSIONS, StoredBlade, TOKENS, blades_sorted, decode, encode, err, get_session,
     put_session, remove_session,
@@ -19,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 mod file;
+mod history;
 
 /// The redb-backed store.
 #[derive(Clone)]
@@ -131,24 +137,93 @@ impl Store for EmbeddedStore {
         token_hash: &str,
         remote_ip: &str,
         expires_at_ms: i64,
+        stops_at_ms: i64,
     ) -> StoreResult<Option<SessionRecord>> {
-        let (username, token_hash, remote_ip) = (
-            username.to_owned(),
-            token_hash.to_owned(),
-            remote_ip.to_owned(),
-        );
+        let remote_ip = remote_ip.to_owned();
+        self.update_ready(username, token_hash, move |rec| {
+            rec.remote_ip = remote_ip;
+            rec.expires_at_ms = Some(expires_at_ms);
+            rec.stops_at_ms = Some(stops_at_ms);
+        })
+        .await
+    }
+
+    async fn renew_lease(
+        &self,
+        username: &str,
+        token_hash: &str,
+        lease_until_ms: i64,
+        stops_at_ms: i64,
+    ) -> StoreResult<Option<SessionRecord>> {
+        self.update_ready(username, token_hash, move |rec| {
+            rec.lease_until_ms = Some(lease_until_ms);
+            rec.stops_at_ms = Some(stops_at_ms);
+        })
+        .await
+    }
+
+    async fn date_legacy(&self, expires_at_ms: i64) -> StoreResult<u64> {
         self.blocking(move |s| {
-            s.write(Durability::None, |tx| match get_session(tx, &username)? {
-                Some(mut rec) if rec.is_ready() && rec.token_hash == token_hash => {
-                    rec.remote_ip = remote_ip;
-                    rec.expires_at_ms = Some(expires_at_ms);
-                    put_session(tx, &rec)?;
-                    Ok(Some(rec))
+            s.write(Durability::Immediate, |tx| {
+                let mut undated = Vec::new();
+                {
+                    let table = tx.open_table(SESSIONS).map_err(err)?;
+                    for row in table.iter().map_err(err)? {
+                        let rec: SessionRecord = decode(row.map_err(err)?.1.value())?;
+                        if rec.is_ready() && rec.expires_at_ms.is_none() {
+                            undated.push(rec);
+                        }
+                    }
                 }
-                _ => Ok(None),
+                for mut rec in undated.iter().cloned() {
+                    rec.expires_at_ms = Some(expires_at_ms);
+                    rec.stops_at_ms = Some(expires_at_ms);
+                    put_session(tx, &rec)?;
+                }
+                Ok(undated.len() as u64)
             })
         })
         .await
+    }
+
+    async fn renew_claim(
+        &self,
+        username: &str,
+        claim_id: &str,
+        expires_at_ms: i64,
+    ) -> StoreResult<bool> {
+        let (username, claim_id) = (username.to_owned(), claim_id.to_owned());
+        self.blocking(move |s| {
+            s.write(Durability::Immediate, |tx| {
+                match get_session(tx, &username)? {
+                    Some(mut rec) if rec.claim.as_ref().is_some_and(|c| c.id == claim_id) => {
+                        if let Some(c) = rec.claim.as_mut() {
+                            c.expires_at_ms = expires_at_ms;
+                        }
+                        put_session(tx, &rec)?;
+                        Ok(true)
+                    }
+                    _ => Ok(false),
+                }
+            })
+        })
+        .await
+    }
+
+    async fn record_end(&self, ended: &EndedSession) -> StoreResult<()> {
+        let ended = ended.clone();
+        self.blocking(move |s| s.write(Durability::Immediate, |tx| history::append(tx, &ended)))
+            .await
+    }
+
+    async fn history(
+        &self,
+        username: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<EndedSession>> {
+        let username = username.map(str::to_owned);
+        self.blocking(move |s| history::newest(&s.read_tx()?, username.as_deref(), limit))
+            .await
     }
 
     async fn delete_session(
@@ -202,7 +277,7 @@ impl Store for EmbeddedStore {
                             .claim
                             .as_ref()
                             .is_some_and(|c| c.expires_at_ms <= now_ms);
-                        if stale_claim || (rec.is_ready() && rec.is_expired(now_ms)) {
+                        if stale_claim || (rec.is_ready() && rec.is_due(now_ms)) {
                             doomed.push(rec);
                         }
                     }
@@ -313,6 +388,30 @@ impl Store for EmbeddedStore {
                     + 1;
                 meta.insert("last_blade", next).map_err(err)?;
                 Ok(next)
+            })
+        })
+        .await
+    }
+}
+
+impl EmbeddedStore {
+    /// Changes the user's ready session with `token_hash` (no fsync: reconnect and lease
+    /// bookkeeping); the updated record, or None if it is gone or replaced.
+    async fn update_ready(
+        &self,
+        username: &str,
+        token_hash: &str,
+        change: impl FnOnce(&mut SessionRecord) + Send + 'static,
+    ) -> StoreResult<Option<SessionRecord>> {
+        let (username, token_hash) = (username.to_owned(), token_hash.to_owned());
+        self.blocking(move |s| {
+            s.write(Durability::None, |tx| match get_session(tx, &username)? {
+                Some(mut rec) if rec.is_ready() && rec.token_hash == token_hash => {
+                    change(&mut rec);
+                    put_session(tx, &rec)?;
+                    Ok(Some(rec))
+                }
+                _ => Ok(None),
             })
         })
         .await

@@ -7,8 +7,8 @@
 //!   one `$inc` in `findOneAndUpdate` — never read-then-write.
 //! - `tokenizer`: one document per user with `username`, `password`, `token`, `blade`,
 //!   `display`, `vncpid`, `remoteip`; we add `token_hash`, `host`, `port`, `created_at`,
-//!   `expires_at`, `claim_id`/`claim_expires` (while starting) and `token_sealed`/
-//!   `password_sealed`. Rows we write carry the secrets sealed, not in `token`/`password`;
+//!   `expires_at`, `lease_until`, `stops_at`, `claim_id`/`claim_expires` (while starting)
+//!   and `token_sealed`/`password_sealed`. Rows we write carry the secrets sealed, not in `token`/`password`;
 //!   rows the original wrote are read as they are (and found by their plain token).
 //!
 //! A unique index on `tokenizer.username` makes one session per user hold across dispatchers:
@@ -17,9 +17,12 @@
 //! write), so every decision that must have one winner is an insert. No TTL index (FerretDB has
 //! none): expiry is checked on every read and a sweeper deletes expired rows.
 //!
+//! - `session_history`: ended sessions (`history.rs`), bounded.
+//!
 //! `schema.rs` maps these documents to and from records; this file holds the queries.
 use super::{
-    BladeRecord, Claim, ClaimOutcome, Method, SessionRecord, Store, StoreError, StoreResult,
+    BladeRecord, Claim, ClaimOutcome, EndedSession, Method, SessionRecord, Store, StoreError,
+    StoreResult,
 };
 use mongodb::bson::{Bson, DateTime, Document, doc};
 use mongodb::options::{IndexOptions, ReturnDocument};
@@ -28,6 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+mod history;
 mod schema;
 use schema::{blade_to_doc, blades_of, int_of, ready_with_hash, record_from_doc, record_to_doc};
 
@@ -52,6 +56,8 @@ pub struct MongoStore {
     tokenizer: Collection<Document>,
     /// Round-robin tickets (see `next_round_robin`).
     tickets: Collection<Document>,
+    /// Ended sessions.
+    history: Collection<Document>,
     /// Highest ticket this process won: where the next search starts.
     last_ticket: Arc<AtomicU64>,
     legacy: LegacyBlades,
@@ -90,6 +96,7 @@ impl MongoStore {
             config: db.collection("config"),
             tokenizer: db.collection("tokenizer"),
             tickets: db.collection("round_robin_tickets"),
+            history: db.collection("session_history"),
             last_ticket: Arc::default(),
             legacy,
         };
@@ -125,7 +132,24 @@ impl MongoStore {
             )
             .await
             .map_err(unavailable)?;
+        history::create_index(&store.history).await?;
         Ok(store)
+    }
+
+    /// Applies `update` to the user's ready row with `token_hash`; the row after, if any.
+    async fn update_ready(
+        &self,
+        username: &str,
+        token_hash: &str,
+        update: Document,
+    ) -> StoreResult<Option<SessionRecord>> {
+        let updated = self
+            .tokenizer
+            .find_one_and_update(ready_with_hash(username, token_hash), update)
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(unavailable)?;
+        Ok(updated.as_ref().map(record_from_doc))
     }
 
     /// The config document, created if the database has none yet.
@@ -308,19 +332,72 @@ impl Store for MongoStore {
         token_hash: &str,
         remote_ip: &str,
         expires_at_ms: i64,
+        stops_at_ms: i64,
     ) -> StoreResult<Option<SessionRecord>> {
         let update = doc! { "$set": {
             "remoteip": remote_ip,
             "expires_at": DateTime::from_millis(expires_at_ms),
+            "stops_at": DateTime::from_millis(stops_at_ms),
             "token_hash": token_hash,
         } };
-        let updated = self
+        self.update_ready(username, token_hash, update).await
+    }
+
+    async fn renew_lease(
+        &self,
+        username: &str,
+        token_hash: &str,
+        lease_until_ms: i64,
+        stops_at_ms: i64,
+    ) -> StoreResult<Option<SessionRecord>> {
+        let update = doc! { "$set": {
+            "lease_until": DateTime::from_millis(lease_until_ms),
+            "stops_at": DateTime::from_millis(stops_at_ms),
+        } };
+        self.update_ready(username, token_hash, update).await
+    }
+
+    async fn date_legacy(&self, expires_at_ms: i64) -> StoreResult<u64> {
+        let at = DateTime::from_millis(expires_at_ms);
+        let undated = doc! { "claim_id": { "$exists": false }, "expires_at": { "$exists": false } };
+        let r = self
             .tokenizer
-            .find_one_and_update(ready_with_hash(username, token_hash), update)
-            .return_document(ReturnDocument::After)
+            .update_many(
+                undated,
+                doc! { "$set": { "expires_at": at, "stops_at": at } },
+            )
             .await
             .map_err(unavailable)?;
-        Ok(updated.as_ref().map(record_from_doc))
+        Ok(r.modified_count)
+    }
+
+    async fn renew_claim(
+        &self,
+        username: &str,
+        claim_id: &str,
+        expires_at_ms: i64,
+    ) -> StoreResult<bool> {
+        let r = self
+            .tokenizer
+            .update_one(
+                doc! { "username": username, "claim_id": claim_id },
+                doc! { "$set": { "claim_expires": DateTime::from_millis(expires_at_ms) } },
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(r.matched_count == 1)
+    }
+
+    async fn record_end(&self, ended: &EndedSession) -> StoreResult<()> {
+        history::append(&self.history, ended).await
+    }
+
+    async fn history(
+        &self,
+        username: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<EndedSession>> {
+        history::newest(&self.history, username, limit).await
     }
 
     async fn delete_session(
@@ -357,7 +434,15 @@ impl Store for MongoStore {
 
     async fn sweep_expired(&self, now_ms: i64) -> StoreResult<Vec<SessionRecord>> {
         let now = DateTime::from_millis(now_ms);
-        let expired = doc! { "expires_at": { "$lte": now }, "claim_id": { "$exists": false } };
+        // The stop deadline, or for rows from before it the expiry.
+        let due = || {
+            doc! { "$or": [
+                { "stops_at": { "$lte": now } },
+                { "stops_at": { "$exists": false }, "expires_at": { "$lte": now } },
+            ] }
+        };
+        let mut expired = due();
+        expired.insert("claim_id", doc! { "$exists": false });
         let mut cursor = self.tokenizer.find(expired).await.map_err(unavailable)?;
         let mut candidates = Vec::new();
         while cursor.advance().await.map_err(unavailable)? {
@@ -365,11 +450,12 @@ impl Store for MongoStore {
         }
         let mut swept = Vec::new();
         for d in candidates {
-            // Delete only if still expired: a concurrent Dispatch may have just extended it.
+            // Delete only if still due: a concurrent Dispatch or lease may have just moved it.
             let Some(id) = d.get("_id").cloned() else {
                 continue;
             };
-            let filter = doc! { "_id": id, "expires_at": { "$lte": now } };
+            let mut filter = due();
+            filter.insert("_id", id);
             if let Some(gone) = self
                 .tokenizer
                 .find_one_and_delete(filter)

@@ -136,6 +136,8 @@ pub(super) fn record_from_doc(d: &Document) -> SessionRecord {
         created_at_ms: time_of(d.get("created_at")).unwrap_or(0),
         expires_at_ms: time_of(d.get("expires_at")),
         cert_sha256: str_of(d, "cert_sha256"),
+        lease_until_ms: time_of(d.get("lease_until")),
+        stops_at_ms: time_of(d.get("stops_at")),
     }
 }
 
@@ -162,8 +164,14 @@ pub(super) fn record_to_doc(r: &SessionRecord) -> Document {
             StoredSecret::Plain(s) => d.insert(plain, s),
         };
     }
-    if let Some(e) = r.expires_at_ms {
-        d.insert("expires_at", DateTime::from_millis(e));
+    for (key, at) in [
+        ("expires_at", r.expires_at_ms),
+        ("lease_until", r.lease_until_ms),
+        ("stops_at", r.stops_at_ms),
+    ] {
+        if let Some(t) = at {
+            d.insert(key, DateTime::from_millis(t));
+        }
     }
     if let Some(c) = &r.claim {
         d.insert("claim_id", &c.id);
@@ -215,6 +223,8 @@ mod tests {
             expires_at_ms: Some(10),
             claim: None,
             cert_sha256: "ab".repeat(32),
+            lease_until_ms: Some(8),
+            stops_at_ms: Some(12),
         };
         assert_eq!(record_from_doc(&record_to_doc(&r)), r);
     }
