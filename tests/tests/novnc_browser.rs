@@ -84,6 +84,68 @@ async fn auth_proxy_mode_shows_the_desktop_without_the_password_in_the_browser()
     full_stack(&["--auth-proxy"], false, "novnc-auth-proxy.png").await;
 }
 
+// A browser whose connection drops (here: ws-proxy killed and started again on its port)
+// comes back by itself: the URL carries noVNC's reconnect options, and in auth-proxy mode no
+// password is needed to get back in.
+#[tokio::test(flavor = "multi_thread")]
+async fn novnc_reconnects_by_itself_after_ws_proxy_restarts() {
+    require_root_and_tigervnc();
+    let rig = Rig::start(RigOptions {
+        session_command: Some(demo_session()),
+        ..Default::default()
+    })
+    .await;
+    let d = &rig.dispatcher;
+    let args = vec![
+        "--dispatcher".to_string(),
+        format!("http://{}", d.addr),
+        "--auth-proxy".into(),
+    ];
+    let mut proxy = WsProxyProc::start(&args).await;
+    let user = TestUser::create();
+    let s = d
+        .client()
+        .await
+        .dispatch(DispatchRequest {
+            username: user.name.clone(),
+            remote_ip: "127.0.0.1".into(),
+        })
+        .await
+        .expect("Dispatch")
+        .into_inner();
+    let url = format!(
+        "http://{}/vnc.html?autoconnect=1&reconnect=true&reconnect_delay=1000&path=websockify?token={}",
+        proxy.addr, s.token
+    );
+    let connected = "document.documentElement.classList.contains('noVNC_connected')";
+    let mut b = vncdispatch_tests::browser::Browser::open(&url)
+        .await
+        .expect("chromium");
+    assert!(
+        b.wait_for(connected, 30).await.expect("eval"),
+        "never connected"
+    );
+    let addr = proxy.addr;
+    proxy.kill();
+    assert!(
+        b.wait_for(&format!("!{connected}"), 10)
+            .await
+            .expect("eval"),
+        "noVNC did not notice ws-proxy going away"
+    );
+    let restarted = std::time::Instant::now();
+    proxy = WsProxyProc::start_at(addr, &args).await;
+    assert!(
+        b.wait_for(connected, 10).await.expect("eval"),
+        "noVNC did not reconnect within 10 s of the restart; log:\n{}",
+        proxy.log()
+    );
+    b.screenshot(&artifact("novnc-reconnected.png"))
+        .await
+        .expect("screenshot");
+    assert!(restarted.elapsed() < std::time::Duration::from_secs(12));
+}
+
 /// A desktop started through a real agent (no dispatcher) and a websockify token file
 /// naming it. Fields drop in order: the user's processes go before the agent.
 struct TokenFileDesktop {
