@@ -237,7 +237,9 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "DISPATCHER_INSECURE_PLAINTEXT")]
     pub(crate) insecure_plaintext: bool,
     /// How long a token resolves for a new connection after the user's latest Dispatch. A
-    /// desktop in use is never cut at this time: see --idle-grace.
+    /// relay already open is not cut at this time (ws-proxy's re-checks renew a lease), and
+    /// while a client is attached the token keeps resolving for new connections too — so a
+    /// dropped browser can come back; see --lease, --idle-grace, --max-age.
     #[arg(long, env = "DISPATCHER_TOKEN_TTL", default_value = "12h", value_parser = humantime::parse_duration)]
     pub(crate) token_ttl: Duration,
     /// How long a desktop lives after its last client (browser through ws-proxy) left, before
@@ -245,11 +247,15 @@ pub(crate) struct ServeArgs {
     /// stopped; a desktop no client ever reached is stopped when its token expires.
     #[arg(long, env = "DISPATCHER_IDLE_GRACE", default_value = "4h", value_parser = humantime::parse_duration)]
     pub(crate) idle_grace: Duration,
-    /// Stop desktops this old even with a client attached (reason max_age); unset: never.
+    /// Stop desktops this old even with a client attached (reason max_age); unset: never —
+    /// then an open browser tab (or anyone holding the URL while it is open) keeps a desktop
+    /// for as long as it stays connected.
     #[arg(long, env = "DISPATCHER_MAX_AGE", value_parser = humantime::parse_duration)]
     pub(crate) max_age: Option<Duration>,
     /// How long one renewal of a client's lease holds. ws-proxy renews at its
-    /// --recheck-interval (default 30s), which must be comfortably shorter.
+    /// --recheck-interval (default 30s), which must be comfortably shorter (ws-proxy warns
+    /// when it is not). A desktop is stopped about last renewal + lease + --idle-grace (+ up
+    /// to --sweep-interval) after its last client left.
     #[arg(long, env = "DISPATCHER_LEASE", default_value = "90s", value_parser = humantime::parse_duration)]
     pub(crate) lease: Duration,
     /// Blade choice for new sessions.

@@ -11,7 +11,7 @@ use crate::token::TokenSource;
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
@@ -245,15 +245,32 @@ where
         }
     };
     let revoked = async {
+        // The first tick is at once: the session's lease starts when the relay does, not one
+        // interval later (a token near its expiry would lapse meanwhile).
         let mut recheck = tokio::time::interval(limits.recheck_interval);
-        recheck.tick().await;
+        let mut warned = false;
         loop {
             recheck.tick().await;
-            if matches!(
-                tokens.recheck(&token).await,
-                Err(crate::token::TokenError::Unknown)
-            ) {
-                return close(CloseCode::Policy, "session ended");
+            match tokens.recheck(&token).await {
+                Err(crate::token::TokenError::Unknown) => {
+                    return close(CloseCode::Policy, "session ended");
+                }
+                Ok(t) if !warned => {
+                    // Less lease left than until our next renewal: the dispatcher's --lease is
+                    // too short for --recheck-interval, and a desktop in use could lapse.
+                    let left = t
+                        .lease_until
+                        .and_then(|l| l.duration_since(SystemTime::now()).ok());
+                    if left.is_some_and(|left| left < limits.recheck_interval) {
+                        warned = true;
+                        tracing::warn!(
+                            lease_left = ?left,
+                            recheck_interval = ?limits.recheck_interval,
+                            "the dispatcher's --lease is shorter than this proxy's --recheck-interval: desktops in use may be stopped; shorten --recheck-interval or lengthen --lease"
+                        );
+                    }
+                }
+                _ => {}
             }
         }
     };

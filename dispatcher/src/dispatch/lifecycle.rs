@@ -15,7 +15,10 @@ impl Dispatcher {
     pub(super) fn stops_at(&self, created_ms: i64, expires_ms: i64, lease_ms: Option<i64>) -> i64 {
         let grace = self.cfg.idle_grace.as_millis() as i64;
         let mut at = expires_ms.max(lease_ms.map_or(i64::MIN, |l| l.saturating_add(grace)));
-        if let Some(max) = self.cfg.max_age {
+        // Rows of the original service have no creation time (0): no age to cap.
+        if let Some(max) = self.cfg.max_age
+            && created_ms > 0
+        {
             at = at.min(created_ms.saturating_add(max.as_millis() as i64));
         }
         at
@@ -23,10 +26,11 @@ impl Dispatcher {
 
     /// Why a session whose stop deadline has passed ends.
     pub(super) fn due_reason(&self, rec: &SessionRecord, now_ms: i64) -> EndReason {
-        let aged = self
-            .cfg
-            .max_age
-            .is_some_and(|m| rec.created_at_ms.saturating_add(m.as_millis() as i64) <= now_ms);
+        let aged = rec.created_at_ms > 0
+            && self
+                .cfg
+                .max_age
+                .is_some_and(|m| rec.created_at_ms.saturating_add(m.as_millis() as i64) <= now_ms);
         if aged {
             EndReason::MaxAge
         } else if rec.lease_until_ms.is_some() {

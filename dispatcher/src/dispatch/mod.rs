@@ -142,6 +142,9 @@ pub struct Dispatcher {
     health: RwLock<HashMap<String, BladeHealth>>,
     /// The time stored expiries and claim deadlines are measured against.
     clock: Arc<dyn Clock>,
+    /// Desktops a blade recently confirmed alive, (blade, user, pid) → when: every open
+    /// relay's re-check asks, and the blade need not answer each of them.
+    alive_seen: std::sync::Mutex<HashMap<(String, String, u32), i64>>,
 }
 
 /// A Unix-milliseconds time as a protobuf timestamp.
@@ -167,6 +170,7 @@ impl Dispatcher {
             cfg,
             health: RwLock::default(),
             clock: Arc::new(WallClock),
+            alive_seen: std::sync::Mutex::default(),
         }
     }
 

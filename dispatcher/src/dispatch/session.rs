@@ -161,8 +161,10 @@ impl Dispatcher {
         let Some(blade) = blades.into_iter().find(|b| b.name == rec.blade) else {
             return false;
         };
+        // No launcher for the blade's method here (an SSH blade without --ssh-key): cannot
+        // tell, so keep it, as below.
         let Ok(launcher) = self.launchers.get(blade.method) else {
-            return false;
+            return true;
         };
         match launcher.is_alive(&blade, &rec.username, rec.vnc_pid).await {
             Ok(alive) => alive,
@@ -308,6 +310,15 @@ impl Dispatcher {
                 stops_at_ms: Some(self.stops_at(now, now + self.ttl_ms(), None)),
             };
             if let Err(e) = self.store.complete(&rec, &claim.id).await {
+                // The claim was taken over and the winner adopted this very desktop (same
+                // blade, same Xvnc): it is in use, leave it.
+                if let Ok(Some(stored)) = self.store.get_session(username).await
+                    && stored.is_ready()
+                    && stored.blade == blade.name
+                    && stored.vnc_pid == launched.vnc_pid
+                {
+                    return Err(e.into());
+                }
                 // A desktop no session points at would run on unseen: stop it.
                 tracing::error!(blade = %blade.name, error = %e, "could not store the session; stopping the desktop just started");
                 if let Err(stop) = launcher

@@ -13,7 +13,40 @@ use crate::secrets;
 use crate::store::EndReason;
 use vncdispatch_proto::rules::validate_token;
 
+/// How long a blade's "alive" answer for a desktop is taken as still true.
+const ALIVE_FOR_MS: i64 = 10_000;
+/// Most desktops remembered; beyond it the memory is cleared (it refills from the blades).
+const ALIVE_MAX: usize = 100_000;
+
 impl Dispatcher {
+    /// Whether the record's Xvnc runs, the blade's positive answer remembered for
+    /// [`ALIVE_FOR_MS`]: each open relay re-checks its token, and a dead desktop is still
+    /// noticed within seconds.
+    async fn alive_cached(&self, rec: &crate::store::SessionRecord) -> bool {
+        let key = (rec.blade.clone(), rec.username.clone(), rec.vnc_pid);
+        let now = self.now_ms();
+        let seen = |m: &std::sync::Mutex<std::collections::HashMap<_, i64>>| {
+            m.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .is_some_and(|at| now - at < ALIVE_FOR_MS)
+        };
+        if seen(&self.alive_seen) {
+            return true;
+        }
+        let alive = self.alive(rec).await;
+        let mut memo = self.alive_seen.lock().unwrap_or_else(|p| p.into_inner());
+        if alive {
+            if memo.len() >= ALIVE_MAX {
+                memo.clear();
+            }
+            memo.insert(key, now);
+        } else {
+            memo.remove(&key);
+        }
+        alive
+    }
+
     /// Where a token's desktop is. With `attached` (ws-proxy relays, or is about to relay, a
     /// client) the session's lease is renewed, which keeps the desktop and its token alive.
     pub async fn resolve(&self, token: &str, attached: bool) -> Result<Target, DispatchError> {
@@ -25,10 +58,18 @@ impl Dispatcher {
             .await?
             .ok_or(DispatchError::UnknownToken)?;
         let now = self.now_ms();
-        if !rec.resolves(now) {
+        // A new connection needs a valid token or a client already attached. A relay already
+        // open (attached) keeps its session as long as it is not due: a dispatcher or store
+        // outage longer than the lease must not cut a desktop in use.
+        let open = if attached {
+            !rec.is_due(now)
+        } else {
+            rec.resolves(now)
+        };
+        if !open {
             return Err(DispatchError::UnknownToken);
         }
-        if !self.alive(&rec).await {
+        if !self.alive_cached(&rec).await {
             if let Some(gone) = self
                 .store
                 .delete_session(&rec.username, Some(&rec_hash(&rec, &hash)))
@@ -43,8 +84,10 @@ impl Dispatcher {
             }
             return Err(DispatchError::UnknownToken);
         }
-        if attached {
-            let lease = now + self.cfg.lease.as_millis() as i64;
+        // Renewed when less than half the lease remains: a write per lease, not per re-check.
+        let lease_ms = self.cfg.lease.as_millis() as i64;
+        if attached && rec.lease_until_ms.is_none_or(|l| l - now < lease_ms / 2) {
+            let lease = now + lease_ms;
             let expires = rec.expires_at_ms.unwrap_or(now + self.ttl_ms());
             let stops = self.stops_at(rec.created_at_ms, expires, Some(lease));
             match self
@@ -69,6 +112,7 @@ impl Dispatcher {
             blade: rec.blade,
             password,
             cert_sha256: rec.cert_sha256,
+            lease_until: rec.lease_until_ms.map(timestamp),
         })
     }
 }

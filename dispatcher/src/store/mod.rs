@@ -298,8 +298,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         token_hash: &str,
         token: &str,
     ) -> StoreResult<Option<SessionRecord>>;
-    /// Records a reconnect: new remote IP, expiry and stop deadline, if the stored session
-    /// still has `token_hash`. Returns the updated record.
+    /// Records a reconnect: new remote IP and expiry, and the stop deadline if later than
+    /// the stored one, if the stored session still has `token_hash`. Returns the updated record.
     async fn touch(
         &self,
         username: &str,
@@ -308,8 +308,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         expires_at_ms: i64,
         stops_at_ms: i64,
     ) -> StoreResult<Option<SessionRecord>>;
-    /// Renews a client's lease: sets `lease_until` and the stop deadline, if the stored
-    /// session still has `token_hash`. Returns the updated record.
+    /// Renews a client's lease: moves `lease_until` and the stop deadline later (never
+    /// earlier: renewals race), if the stored session still has `token_hash`. Returns the
+    /// updated record.
     async fn renew_lease(
         &self,
         username: &str,

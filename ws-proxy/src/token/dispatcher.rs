@@ -74,14 +74,10 @@ impl DispatcherTokens {
                         .map_err(|_| TokenError::Unavailable(format!("bad port {}", t.port)))?,
                     username: t.username,
                     remote_ip: t.remote_ip,
-                    expires_at: t.expires_at.and_then(|e| {
-                        UNIX_EPOCH.checked_add(Duration::new(
-                            u64::try_from(e.seconds).ok()?,
-                            u32::try_from(e.nanos).ok()?,
-                        ))
-                    }),
+                    expires_at: t.expires_at.as_ref().and_then(system_time),
                     password: t.password,
                     cert_sha256: t.cert_sha256,
+                    lease_until: t.lease_until.as_ref().and_then(system_time),
                 })
             }
             Err(s) if s.code() == Code::NotFound || s.code() == Code::InvalidArgument => {
@@ -105,6 +101,14 @@ impl DispatcherTokens {
         );
         outcome
     }
+}
+
+/// A protobuf timestamp as a system time (None if out of range).
+fn system_time(t: &prost_types::Timestamp) -> Option<SystemTime> {
+    UNIX_EPOCH.checked_add(Duration::new(
+        u64::try_from(t.seconds).ok()?,
+        u32::try_from(t.nanos).ok()?,
+    ))
 }
 
 #[async_trait::async_trait]

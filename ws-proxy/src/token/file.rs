@@ -129,6 +129,7 @@ impl TokenSource for FileTokens {
             expires_at: None,
             password: String::new(),
             cert_sha256: String::new(),
+            lease_until: None,
         })
     }
 }

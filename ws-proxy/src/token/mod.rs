@@ -26,6 +26,8 @@ pub struct Target {
     /// SHA-256 (hex) of the desktop's VeNCrypt certificate: auth-proxy logs in over TLS
     /// accepting only it. Empty: VNC authentication in clear.
     pub cert_sha256: String,
+    /// When the session's client lease ends unless renewed (None: not leased, or unknown).
+    pub lease_until: Option<SystemTime>,
 }
 
 impl std::fmt::Debug for Target {

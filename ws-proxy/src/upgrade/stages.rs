@@ -334,6 +334,7 @@ mod tests {
             expires_at: None,
             password: String::new(),
             cert_sha256: String::new(),
+            lease_until: None,
         }
     }
 

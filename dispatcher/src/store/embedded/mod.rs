@@ -143,7 +143,8 @@ impl Store for EmbeddedStore {
         self.update_ready(username, token_hash, move |rec| {
             rec.remote_ip = remote_ip;
             rec.expires_at_ms = Some(expires_at_ms);
-            rec.stops_at_ms = Some(stops_at_ms);
+            // The stop deadline only moves later (a lease may have moved it further).
+            rec.stops_at_ms = rec.stops_at_ms.max(Some(stops_at_ms));
         })
         .await
     }
@@ -156,8 +157,9 @@ impl Store for EmbeddedStore {
         stops_at_ms: i64,
     ) -> StoreResult<Option<SessionRecord>> {
         self.update_ready(username, token_hash, move |rec| {
-            rec.lease_until_ms = Some(lease_until_ms);
-            rec.stops_at_ms = Some(stops_at_ms);
+            // Both only move later: renewals from several ws-proxies and a Dispatch may race.
+            rec.lease_until_ms = rec.lease_until_ms.max(Some(lease_until_ms));
+            rec.stops_at_ms = rec.stops_at_ms.max(Some(stops_at_ms));
         })
         .await
     }

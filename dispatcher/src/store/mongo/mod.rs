@@ -267,7 +267,12 @@ impl Store for MongoStore {
             }
             // The claimant died: remove its placeholder and race for the slot again; the
             // unique index lets exactly one insert win (an update could not promise that).
-            let filter = doc! { "username": username, "claim_id": &theirs.id };
+            // Only while it is still expired: a renewal since our read keeps it.
+            let filter = doc! {
+                "username": username,
+                "claim_id": &theirs.id,
+                "claim_expires": { "$lte": DateTime::from_millis(now_ms) },
+            };
             self.tokenizer
                 .delete_one(filter)
                 .await
@@ -334,12 +339,16 @@ impl Store for MongoStore {
         expires_at_ms: i64,
         stops_at_ms: i64,
     ) -> StoreResult<Option<SessionRecord>> {
-        let update = doc! { "$set": {
-            "remoteip": remote_ip,
-            "expires_at": DateTime::from_millis(expires_at_ms),
-            "stops_at": DateTime::from_millis(stops_at_ms),
-            "token_hash": token_hash,
-        } };
+        // The stop deadline only moves later: a lease renewed since our read may have moved
+        // it further than this Dispatch would.
+        let update = doc! {
+            "$set": {
+                "remoteip": remote_ip,
+                "expires_at": DateTime::from_millis(expires_at_ms),
+                "token_hash": token_hash,
+            },
+            "$max": { "stops_at": DateTime::from_millis(stops_at_ms) },
+        };
         self.update_ready(username, token_hash, update).await
     }
 
@@ -350,7 +359,8 @@ impl Store for MongoStore {
         lease_until_ms: i64,
         stops_at_ms: i64,
     ) -> StoreResult<Option<SessionRecord>> {
-        let update = doc! { "$set": {
+        // Both only move later: renewals from several ws-proxies and a Dispatch may race.
+        let update = doc! { "$max": {
             "lease_until": DateTime::from_millis(lease_until_ms),
             "stops_at": DateTime::from_millis(stops_at_ms),
         } };
