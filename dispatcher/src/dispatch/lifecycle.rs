@@ -142,8 +142,22 @@ mod tests {
             assert_eq!(d.sweep().await.unwrap(), 0, "swept while attached");
         }
         assert_eq!(rec.alive.lock().unwrap().len(), 1);
-        // The client leaves: the lease (90 s) runs out, then the grace (10 min).
-        tokio::time::advance(Duration::from_secs(90)).await;
+        // The client leaves: the lease runs out (renewed when half of its 90 s remained, so
+        // the last renewal may be up to 45 s before the last re-check), then the grace.
+        let lease_until = d
+            .store()
+            .get_session("u")
+            .await
+            .unwrap()
+            .unwrap()
+            .lease_until_ms
+            .expect("leased");
+        let now = d.now_ms();
+        assert!(
+            lease_until - now > 0,
+            "the lease outlived the last re-check"
+        );
+        tokio::time::advance(Duration::from_millis((lease_until - now) as u64 + 1_000)).await;
         assert!(
             matches!(
                 d.resolve(&s.token, false).await,
@@ -151,7 +165,7 @@ mod tests {
             ),
             "a token past its TTL with no client attached does not resolve"
         );
-        tokio::time::advance(10 * MIN - Duration::from_secs(31)).await;
+        tokio::time::advance(10 * MIN - Duration::from_secs(2)).await;
         assert_eq!(
             d.sweep().await.unwrap(),
             0,

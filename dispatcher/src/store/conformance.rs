@@ -138,7 +138,8 @@ async fn sessions(store: &dyn Store, prefix: &str) {
             touched.expires_at_ms,
             touched.stops_at_ms
         ),
-        ("2001:db8::7", Some(i64::MAX - 1), Some(i64::MAX - 2))
+        // The stop deadline never moves earlier (it was i64::MAX).
+        ("2001:db8::7", Some(i64::MAX - 1), Some(i64::MAX))
     );
     assert_eq!(
         store.get_session(&alice).await.unwrap().unwrap().remote_ip,
@@ -283,6 +284,16 @@ async fn leases(store: &dyn Store, prefix: &str) {
         (Some(9_000), Some(20_000))
     );
     assert!(leased.resolves(8_000) && !leased.resolves(9_000));
+    let again = store
+        .renew_lease(&user, &hash, 7_000, 15_000)
+        .await
+        .unwrap()
+        .expect("leased");
+    assert_eq!(
+        (again.lease_until_ms, again.stops_at_ms),
+        (Some(9_000), Some(20_000)),
+        "a late renewal never moves the lease or the deadline earlier"
+    );
     let swept = store.sweep_expired(10_000).await.unwrap();
     assert!(
         !swept.iter().any(|s| s.username == user),
