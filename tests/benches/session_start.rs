@@ -3,8 +3,9 @@
 //! - bare Xtigervnc: the floor — the server alone, started as the user, no session.
 //!
 //! "Port-ready" is the RFB banner arriving, for all four.
-//! - agent fast path: StartSession over gRPC to a real `blade-agent serve` (helper, password
-//!   file, X cookie, Xtigervnc, session command), timed until the call returns.
+//! - agent fast path: StartSession over gRPC to a real `blade-agent serve` (PAM account and
+//!   session stages, helper, password file, X cookie, Xtigervnc, session command), timed
+//!   until the call returns; and the same with `--no-pam`, to show what PAM costs.
 //! - agent wrapper mode: the same through TigerVNC's `vncserver` Perl wrapper.
 //! - the original way: `su - USER -c "vncserver ..."`, as the original cloudvnc script did,
 //!   timed until the RFB port answers.
@@ -33,12 +34,16 @@ fn main() -> anyhow::Result<()> {
     let rows = vec![
         ("bare Xtigervnc (floor)", measure(n, || bare_xvnc(&user))?),
         (
-            "agent fast path",
-            rt.block_on(agent_starts(&user, "fast", n))?,
+            "agent fast path (PAM)",
+            rt.block_on(agent_starts(&user, "fast", &[], n))?,
+        ),
+        (
+            "agent fast path, --no-pam",
+            rt.block_on(agent_starts(&user, "fast", &["--no-pam"], n))?,
         ),
         (
             "agent vncserver wrapper",
-            rt.block_on(agent_starts(&user, "wrapper", n))?,
+            rt.block_on(agent_starts(&user, "wrapper", &[], n))?,
         ),
         (
             "original: su - USER -c vncserver",
@@ -176,11 +181,13 @@ fn original(user: &TestUser) -> anyhow::Result<Duration> {
 async fn agent_starts(
     user: &TestUser,
     mode: &'static str,
+    extra: &[&str],
     n: usize,
 ) -> anyhow::Result<Vec<Duration>> {
     kill_all(user);
     let agent = AgentProc::start(AgentOptions {
         mode,
+        extra: extra.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     })
     .await;

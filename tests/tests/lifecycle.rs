@@ -95,6 +95,21 @@ async fn busy(clients: &mut [&mut Ws], secs: u64) -> bool {
     true
 }
 
+/// The user's ended sessions, newest first, as an operator's SessionHistory shows them.
+async fn history(
+    c: &mut vncdispatch_proto::v1::dispatcher_client::DispatcherClient<tonic::transport::Channel>,
+    user: &str,
+) -> Vec<vncdispatch_proto::v1::EndedSession> {
+    c.session_history(SessionHistoryRequest {
+        username: user.to_owned(),
+        limit: 10,
+    })
+    .await
+    .expect("history")
+    .into_inner()
+    .sessions
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_desktop_in_use_outlives_its_token_and_stops_after_the_last_client_left() {
     require_root_and_tigervnc();
@@ -156,15 +171,7 @@ async fn a_desktop_in_use_outlives_its_token_and_stops_after_the_last_client_lef
         after >= Duration::from_secs(6),
         "stopped {after:?} after the last client left"
     );
-    let history = c
-        .session_history(SessionHistoryRequest {
-            username: user.name.clone(),
-            limit: 10,
-        })
-        .await
-        .expect("history")
-        .into_inner()
-        .sessions;
+    let history = history(&mut c, &user.name).await;
     assert_eq!(
         history.first().map(|e| e.reason.as_str()),
         Some("no_client"),
@@ -232,15 +239,7 @@ async fn a_token_whose_xvnc_died_never_reaches_the_next_desktop_on_its_display()
             rfb_through_auth_proxy(&mut ws, 5).await
         ),
     }
-    let history = c
-        .session_history(SessionHistoryRequest {
-            username: alice.name.clone(),
-            limit: 10,
-        })
-        .await
-        .expect("history")
-        .into_inner()
-        .sessions;
+    let history = history(&mut c, &alice.name).await;
     assert_eq!(
         history.first().map(|e| e.reason.as_str()),
         Some("xvnc_died"),

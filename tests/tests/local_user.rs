@@ -362,6 +362,24 @@ threading.Event().wait()
     )
 }
 
+/// Waits (up to 5 s) for the attacker's script to drop its `marker` file: it is listening.
+fn marked(attacker: &TestUser, marker: &str) -> bool {
+    (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        attacker.home.join(marker).exists()
+    })
+}
+
+/// An agent whose desktops listen on any address, IPv4 and IPv6: the production default.
+async fn any_address_agent(displays: (u32, u32)) -> AgentProc {
+    AgentProc::start(AgentOptions {
+        displays: Some(displays),
+        rfb_listen: Some([0, 0, 0, 0].into()),
+        ..Default::default()
+    })
+    .await
+}
+
 /// Whether the desktop at `port` is the real one on both families (Xvnc's banner is
 /// `RFB 003.008`; the squatters say `RFB 003.003`).
 fn real_banners(port: u16) -> (Option<String>, Option<String>) {
@@ -376,16 +394,8 @@ async fn squatted_ports(rec: &Record) {
     let attacker = TestUser::create();
     let (p0, p1) = ((5900 + first) as u16, (5901 + first) as u16);
     let mut squat = squatter(&attacker, &[p0], &[p1]);
-    let ready = (0..100).any(|_| {
-        std::thread::sleep(Duration::from_millis(50));
-        attacker.home.join("squatting").exists()
-    });
-    let agent = AgentProc::start(AgentOptions {
-        displays: Some((first, count)),
-        rfb_listen: Some([0, 0, 0, 0].into()),
-        ..Default::default()
-    })
-    .await;
+    let ready = marked(&attacker, "squatting");
+    let agent = any_address_agent((first, count)).await;
     let user = TestUser::create();
     let mut client = agent.client().await;
     let got = client.start_session(start(&user.name)).await;
@@ -453,16 +463,8 @@ while True:
     )
     .expect("racer");
     let mut racer = as_user(&attacker, &format!("exec python3 {}", script.display()));
-    let ready = (0..100).any(|_| {
-        std::thread::sleep(Duration::from_millis(50));
-        attacker.home.join("racing").exists()
-    });
-    let agent = AgentProc::start(AgentOptions {
-        displays: Some((first, count)),
-        rfb_listen: Some([0, 0, 0, 0].into()),
-        ..Default::default()
-    })
-    .await;
+    let ready = marked(&attacker, "racing");
+    let agent = any_address_agent((first, count)).await;
     let user = TestUser::create();
     let mut client = agent.client().await;
     let (mut ready_real, mut refused, mut fooled) = (0, 0, 0);

@@ -28,7 +28,19 @@ async fn shows_desktop_with(url: &str, shot: &str, proxy: &WsProxyProc, flags: &
     assert_shows_desktop(url, &artifact(shot), flags, &|| proxy.log()).await
 }
 
-async fn full_stack(extra_proxy_args: &[&str], password_in_url: bool, shot: &str) {
+/// The whole stack with the demo desktop: a rig, ws-proxy before its dispatcher with
+/// `extra_proxy_args`, and a fresh user's desktop dispatched. Also ws-proxy's arguments, to
+/// start it again.
+struct Stack {
+    proxy: WsProxyProc,
+    args: Vec<String>,
+    s: vncdispatch_proto::v1::Session,
+    // Dropped after the proxy: the user's processes, then the rig.
+    _user: TestUser,
+    _rig: Rig,
+}
+
+async fn stack(extra_proxy_args: &[&str]) -> Stack {
     let rig = Rig::start(RigOptions {
         session_command: Some(demo_session()),
         ..Default::default()
@@ -49,6 +61,17 @@ async fn full_stack(extra_proxy_args: &[&str], password_in_url: bool, shot: &str
         .await
         .expect("Dispatch")
         .into_inner();
+    Stack {
+        proxy,
+        args,
+        s,
+        _user: user,
+        _rig: rig,
+    }
+}
+
+async fn full_stack(extra_proxy_args: &[&str], password_in_url: bool, shot: &str) {
+    let Stack { proxy, s, .. } = &stack(extra_proxy_args).await;
     let password = if password_in_url {
         format!("&password={}", s.password)
     } else {
@@ -90,32 +113,11 @@ async fn auth_proxy_mode_shows_the_desktop_without_the_password_in_the_browser()
 #[tokio::test(flavor = "multi_thread")]
 async fn novnc_reconnects_by_itself_after_ws_proxy_restarts() {
     require_root_and_tigervnc();
-    let rig = Rig::start(RigOptions {
-        session_command: Some(demo_session()),
-        ..Default::default()
-    })
-    .await;
-    let d = &rig.dispatcher;
-    let args = vec![
-        "--dispatcher".to_string(),
-        format!("http://{}", d.addr),
-        "--auth-proxy".into(),
-    ];
-    let mut proxy = WsProxyProc::start(&args).await;
-    let user = TestUser::create();
-    let s = d
-        .client()
-        .await
-        .dispatch(DispatchRequest {
-            username: user.name.clone(),
-            remote_ip: "127.0.0.1".into(),
-        })
-        .await
-        .expect("Dispatch")
-        .into_inner();
+    // Held whole: the rig and the user live to the end.
+    let mut st = stack(&["--auth-proxy"]).await;
     let url = format!(
         "http://{}/vnc.html?autoconnect=1&reconnect=true&reconnect_delay=1000&path=websockify?token={}",
-        proxy.addr, s.token
+        st.proxy.addr, st.s.token
     );
     let connected = "document.documentElement.classList.contains('noVNC_connected')";
     let mut b = vncdispatch_tests::browser::Browser::open(&url)
@@ -125,8 +127,8 @@ async fn novnc_reconnects_by_itself_after_ws_proxy_restarts() {
         b.wait_for(connected, 30).await.expect("eval"),
         "never connected"
     );
-    let addr = proxy.addr;
-    proxy.kill();
+    let addr = st.proxy.addr;
+    st.proxy.kill();
     assert!(
         b.wait_for(&format!("!{connected}"), 10)
             .await
@@ -134,11 +136,11 @@ async fn novnc_reconnects_by_itself_after_ws_proxy_restarts() {
         "noVNC did not notice ws-proxy going away"
     );
     let restarted = std::time::Instant::now();
-    proxy = WsProxyProc::start_at(addr, &args).await;
+    st.proxy = WsProxyProc::start_at(addr, &st.args).await;
     assert!(
         b.wait_for(connected, 10).await.expect("eval"),
         "noVNC did not reconnect within 10 s of the restart; log:\n{}",
-        proxy.log()
+        st.proxy.log()
     );
     b.screenshot(&artifact("novnc-reconnected.png"))
         .await

@@ -62,6 +62,27 @@ impl Dispatcher {
         Ok(swept.len())
     }
 
+    /// Ends `rec` for `reason` if the store still holds it (same token; `hash` is its
+    /// token's, for legacy rows without one stored): the record is removed and the end
+    /// recorded; the removed record is returned. The desktop is not stopped (it is gone,
+    /// or the caller stops it).
+    pub(super) async fn end_if_current(
+        &self,
+        rec: &SessionRecord,
+        hash: &str,
+        reason: EndReason,
+        detail: &str,
+    ) -> Result<Option<SessionRecord>, DispatchError> {
+        let gone = self
+            .store
+            .delete_session(&rec.username, Some(&super::session::rec_hash(rec, hash)))
+            .await?;
+        if let Some(gone) = &gone {
+            self.ended(gone, reason, detail.to_owned()).await;
+        }
+        Ok(gone)
+    }
+
     /// Records that `rec` ended for `reason`: history, metric, log. A history write that
     /// fails is logged, not returned: the session is over either way.
     pub(super) async fn ended(&self, rec: &SessionRecord, reason: EndReason, detail: String) {

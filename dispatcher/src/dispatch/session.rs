@@ -84,32 +84,19 @@ impl Dispatcher {
         let hash = secrets::token_hash(&token);
         if rec.is_due(now) {
             // Past its stop deadline, not yet swept: end it as the sweeper would.
+            let reason = self.due_reason(&rec, now);
             if let Some(gone) = self
-                .store
-                .delete_session(&rec.username, Some(&rec_hash(&rec, &hash)))
+                .end_if_current(&rec, &hash, reason, "found due at a Dispatch")
                 .await?
             {
-                let reason = self.due_reason(&gone, now);
-                self.ended(&gone, reason, "found due at a Dispatch".into())
-                    .await;
                 self.stop_desktop(&gone).await;
             }
             return Ok(None);
         }
         if !self.alive(&rec).await {
             tracing::warn!(user = %rec.username, blade = %rec.blade, pid = rec.vnc_pid, "desktop is gone; starting a new one");
-            if let Some(gone) = self
-                .store
-                .delete_session(&rec.username, Some(&rec_hash(&rec, &hash)))
-                .await?
-            {
-                self.ended(
-                    &gone,
-                    EndReason::XvncDied,
-                    "found gone at a Dispatch".into(),
-                )
-                .await;
-            }
+            self.end_if_current(&rec, &hash, EndReason::XvncDied, "found gone at a Dispatch")
+                .await?;
             return Ok(None);
         }
         // Write only when something changed enough to matter: reconnects stay read-only.

@@ -70,18 +70,13 @@ impl Dispatcher {
             return Err(DispatchError::UnknownToken);
         }
         if !self.alive_cached(&rec).await {
-            if let Some(gone) = self
-                .store
-                .delete_session(&rec.username, Some(&rec_hash(&rec, &hash)))
-                .await?
-            {
-                self.ended(
-                    &gone,
-                    EndReason::XvncDied,
-                    "found gone when its token was used".into(),
-                )
-                .await;
-            }
+            self.end_if_current(
+                &rec,
+                &hash,
+                EndReason::XvncDied,
+                "found gone when its token was used",
+            )
+            .await?;
             return Err(DispatchError::UnknownToken);
         }
         // Renewed when less than half the lease remains: a write per lease, not per re-check.

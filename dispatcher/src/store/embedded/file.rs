@@ -35,6 +35,14 @@ pub(super) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> StoreResul
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// Advances the `meta` counter `key` by one and returns its new value (1 the first time).
+pub(super) fn bump(tx: &WriteTransaction, key: &str) -> StoreResult<u64> {
+    let mut meta = tx.open_table(META).map_err(err)?;
+    let next = meta.get(key).map_err(err)?.map(|v| v.value()).unwrap_or(0) + 1;
+    meta.insert(key, next).map_err(err)?;
+    Ok(next)
+}
+
 pub(super) fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| StoreError::Corrupt(e.to_string()))
 }

@@ -1,19 +1,12 @@
 //! The embedded store's session history: a table keyed by a rising sequence number, so the
 //! oldest entries are the first keys and pruning takes them from the front.
-use super::file::{HISTORY, META, decode, encode, err};
+use super::file::{HISTORY, bump, decode, encode, err};
 use crate::store::{EndedSession, HISTORY_MAX, StoreResult};
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 /// Appends `ended`, then drops the oldest entries beyond [`HISTORY_MAX`].
 pub(super) fn append(tx: &WriteTransaction, ended: &EndedSession) -> StoreResult<()> {
-    let mut meta = tx.open_table(META).map_err(err)?;
-    let seq = meta
-        .get("history_seq")
-        .map_err(err)?
-        .map(|v| v.value())
-        .unwrap_or(0)
-        + 1;
-    meta.insert("history_seq", seq).map_err(err)?;
+    let seq = bump(tx, "history_seq")?;
     let mut table = tx.open_table(HISTORY).map_err(err)?;
     table.insert(seq, encode(ended)?.as_slice()).map_err(err)?;
     let len = table.len().map_err(err)? as usize;

@@ -16,7 +16,7 @@ use super::{
     BladeRecord, Claim, ClaimOutcome, EndedSession, SessionRecord, Store, StoreError, StoreResult,
 };
 use file::{
-    BLADES, META, SESSIONS, StoredBlade, TOKENS, blades_sorted, decode, encode, err, get_session,
+    BLADES, SESSIONS, StoredBlade, TOKENS, blades_sorted, bump, decode, encode, err, get_session,
     put_session, remove_session,
 };
 use redb::{Database, Durability, ReadableTable};
@@ -305,17 +305,7 @@ impl Store for EmbeddedStore {
                     .transpose()?;
                 let seq = match existing {
                     Some(b) => b.seq,
-                    None => {
-                        let mut meta = tx.open_table(META).map_err(err)?;
-                        let next = meta
-                            .get("blade_seq")
-                            .map_err(err)?
-                            .map(|v| v.value())
-                            .unwrap_or(0)
-                            + 1;
-                        meta.insert("blade_seq", next).map_err(err)?;
-                        next
-                    }
+                    None => bump(tx, "blade_seq")?,
                 };
                 table
                     .insert(
@@ -379,20 +369,8 @@ impl Store for EmbeddedStore {
     }
 
     async fn next_round_robin(&self) -> StoreResult<u64> {
-        self.blocking(|s| {
-            s.write(Durability::Immediate, |tx| {
-                let mut meta = tx.open_table(META).map_err(err)?;
-                let next = meta
-                    .get("last_blade")
-                    .map_err(err)?
-                    .map(|v| v.value())
-                    .unwrap_or(0)
-                    + 1;
-                meta.insert("last_blade", next).map_err(err)?;
-                Ok(next)
-            })
-        })
-        .await
+        self.blocking(|s| s.write(Durability::Immediate, |tx| bump(tx, "last_blade")))
+            .await
     }
 }
 
