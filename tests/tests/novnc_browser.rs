@@ -81,7 +81,7 @@ async fn full_stack(extra_proxy_args: &[&str], password_in_url: bool, shot: &str
         "http://{}/vnc.html?autoconnect=1{password}&path=websockify?token={}",
         proxy.addr, s.token
     );
-    shows_desktop(&url, shot, &proxy).await;
+    shows_desktop(&url, shot, proxy).await;
     let log = proxy.log();
     assert!(
         !log.contains(&s.token) && !log.contains(&s.password),
