@@ -66,26 +66,13 @@ impl BladeAgent for AgentService {
     ) -> Result<Response<VncServer>, Status> {
         let r = req.into_inner();
         let started = std::time::Instant::now();
-        // A start runs to its end in a task of its own: a caller that gives up (deadline,
-        // a dispatcher killed mid-call) must not cut it between starting Xvnc and recording
-        // it, which would let the next call for the user start a second desktop.
-        let agent = self.agent.clone();
-        let span = tracing::Span::current();
-        let result = tokio::spawn(
-            async move {
-                agent
-                    .start_session(&r.username, &r.password, r.geometry)
-                    .await
-            }
-            .instrument(span),
-        )
-        .await
-        .unwrap_or_else(|e| {
-            Err(AgentError::io(
-                "start task",
-                std::io::Error::other(e.to_string()),
-            ))
-        });
+        // A caller that gives up (deadline, a dispatcher killed mid-call) cancels the start
+        // at its next await: usually before Xvnc runs, so the next Dispatch, which may pick
+        // another blade, does not find a second desktop of the user's here.
+        let result = self
+            .agent
+            .start_session(&r.username, &r.password, r.geometry)
+            .await;
         vncdispatch_proto::metrics::record_start(
             "vncdispatch_agent_session_starts_total",
             "vncdispatch_agent_session_start_duration_seconds",
