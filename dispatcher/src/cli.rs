@@ -102,9 +102,10 @@ pub(crate) enum BladeCommand {
         name: String,
         /// Host or address of the blade.
         host: String,
-        /// Agent gRPC port (default 7501) or SSH port (default 22).
-        #[arg(long, default_value_t = 0)]
-        port: u32,
+        /// Agent gRPC port, or SSH port with --method ssh [default: the dispatcher's
+        /// --agent-port (7501), or 22 for SSH].
+        #[arg(long)]
+        port: Option<u32>,
         /// How to start sessions there.
         #[arg(long, value_enum, default_value = "agent")]
         method: MethodArg,
@@ -154,6 +155,74 @@ pub(crate) enum SessionCommand {
     },
 }
 
+/// Where sessions are stored, as `--store` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StoreArg {
+    /// The embedded store's file.
+    File(PathBuf),
+    /// A MongoDB (or FerretDB) URI.
+    Mongo(String),
+}
+
+/// A file path, or a `mongodb://` / `mongodb+srv://` URI; anything that looks like a URI of
+/// another kind (a typo such as `mongo://` or `mongodb:/`) is refused rather than taken for a
+/// file name.
+pub(crate) fn parse_store(s: &str) -> Result<StoreArg, String> {
+    if s.starts_with("mongodb://") || s.starts_with("mongodb+srv://") {
+        return Ok(StoreArg::Mongo(s.to_owned()));
+    }
+    let scheme_like = s.split_once(':').is_some_and(|(scheme, _)| {
+        !scheme.is_empty()
+            && !scheme.contains('/')
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+    });
+    if s.is_empty() || scheme_like {
+        return Err(format!(
+            "{s:?} is neither a file path nor a MongoDB URI: give a path for the embedded store (e.g. /var/lib/vncdispatch/dispatcher.redb) or mongodb://HOST[:PORT]/vncDispatch"
+        ));
+    }
+    Ok(StoreArg::File(PathBuf::from(s)))
+}
+
+/// The client options (`ClientArgs`), which the subcommands take, may also come before the
+/// subcommand (`dispatcher --dispatcher URL blade list`): they are moved after it, where
+/// clap expects them. Everything else stays where it is.
+pub(crate) fn hoist_client_options(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    const WITH_VALUE: [&str; 5] = ["--dispatcher", "--secret-file", "--ca", "--cert", "--key"];
+    let mut out: Vec<std::ffi::OsString> = Vec::with_capacity(args.len());
+    let mut hoisted = Vec::new();
+    let mut it = args.into_iter();
+    if let Some(program) = it.next() {
+        out.push(program);
+    }
+    while let Some(a) = it.next() {
+        let text = a.to_string_lossy().into_owned();
+        let name = text.split_once('=').map_or(text.as_str(), |(n, _)| n);
+        if WITH_VALUE.contains(&name) {
+            let inline = text.contains('=');
+            hoisted.push(a);
+            if !inline && let Some(v) = it.next() {
+                hoisted.push(v);
+            }
+            continue;
+        }
+        // The first word that is not an option is the subcommand: the rest follows it.
+        out.push(a);
+        if !text.starts_with('-') {
+            if text == "help" {
+                break;
+            }
+            out.extend(hoisted.drain(..));
+            break;
+        }
+    }
+    out.extend(hoisted);
+    out.extend(it);
+    out
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub(crate) enum MethodArg {
     Agent,
@@ -195,13 +264,22 @@ pub(crate) struct ServeArgs {
     /// Address to listen on for gRPC.
     #[arg(long, env = "DISPATCHER_LISTEN", default_value = "0.0.0.0:7500")]
     pub(crate) listen: SocketAddr,
-    /// Session store: a file path for the embedded store, or mongodb://HOST[:PORT]/vncDispatch.
+    /// Also serve the original deployment's HTTP route, `GET /vncdispatch/USER/REMOTE_IP`
+    /// (answering the original's JSON document), on this address: for portals written for
+    /// the original. The same rules as Dispatch: mutual TLS with role portal or admin when
+    /// --ca/--cert/--key are given (else loopback only), and --api-secret-file's secret as
+    /// `Authorization: Bearer` when set. Off unless given.
+    #[arg(long, env = "DISPATCHER_HTTP_LISTEN")]
+    pub(crate) http_listen: Option<SocketAddr>,
+    /// Session store: a file path for the embedded store (one dispatcher), or
+    /// mongodb://HOST[:PORT]/vncDispatch (or mongodb+srv://…) for several.
     #[arg(
         long,
         env = "DISPATCHER_STORE",
-        default_value = "/var/lib/vncdispatch/dispatcher.redb"
+        default_value = "/var/lib/vncdispatch/dispatcher.redb",
+        value_parser = parse_store
     )]
-    pub(crate) store: String,
+    pub(crate) store: StoreArg,
     /// Key sealing stored tokens and passwords (64 hex chars, 0600). Created when missing;
     /// dispatchers sharing a MongoDB store must share it. Default: next to the embedded store,
     /// or /var/lib/vncdispatch/seal.key.
@@ -321,5 +399,65 @@ pub(crate) fn method(m: MethodArg) -> Method {
     match m {
         MethodArg::Agent => Method::Agent,
         MethodArg::Ssh => Method::Ssh,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn args(s: &str) -> Vec<OsString> {
+        s.split(' ').map(OsString::from).collect()
+    }
+
+    #[test]
+    fn client_options_before_the_subcommand_move_after_it() {
+        assert_eq!(
+            hoist_client_options(args("dispatcher --dispatcher https://d:7500 blade list")),
+            args("dispatcher blade --dispatcher https://d:7500 list")
+        );
+        assert_eq!(
+            hoist_client_options(args("dispatcher --ca=ca.pem --key k session history alice")),
+            args("dispatcher session --ca=ca.pem --key k history alice")
+        );
+        // Already after it, or no client options: unchanged.
+        for unchanged in [
+            "dispatcher blade list --dispatcher http://x",
+            "dispatcher serve --listen 127.0.0.1:1",
+            "dispatcher --version",
+        ] {
+            assert_eq!(hoist_client_options(args(unchanged)), args(unchanged));
+        }
+        let parsed = Cli::try_parse_from(hoist_client_options(args(
+            "dispatcher --dispatcher https://d:7500 blade list",
+        )))
+        .expect("parses");
+        match parsed.command {
+            Command::Blade { client, .. } => assert_eq!(client.dispatcher, "https://d:7500"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn store_is_a_path_or_a_mongodb_uri_and_nothing_else() {
+        assert_eq!(
+            parse_store("/var/lib/x.redb"),
+            Ok(StoreArg::File("/var/lib/x.redb".into()))
+        );
+        assert_eq!(parse_store("x.redb"), Ok(StoreArg::File("x.redb".into())));
+        assert_eq!(
+            parse_store("mongodb://db:27017/vncDispatch"),
+            Ok(StoreArg::Mongo("mongodb://db:27017/vncDispatch".into()))
+        );
+        for typo in [
+            "mongo://db/x",
+            "mongodb:/db/x",
+            "mongodb:db",
+            "redis://x",
+            "",
+        ] {
+            assert!(parse_store(typo).is_err(), "{typo:?} was accepted");
+        }
     }
 }

@@ -7,7 +7,8 @@
 //!   session lifecycle, blade placement and health, tokens and expiry, blade admin.
 //! - [`clock`]: where the domain gets the time (the wall clock; a pausable one in tests).
 //! - [`service`]: the thin gRPC layer over the domain; [`server`]: serving it with its
-//!   background loops (store health, blade health, expiry sweep).
+//!   background loops (store health, blade health, expiry sweep); [`http_route`]: the
+//!   original deployment's `GET /vncdispatch/:username/:remoteip`, optional.
 //! - [`store`]: the `Store` trait and its embedded (redb) and MongoDB implementations.
 //! - [`launcher`]: starting desktops on blades, through blade-agent's gRPC or over SSH.
 //! - [`seal`], [`secrets`]: sealing stored secrets; making tokens and passwords.
@@ -18,6 +19,7 @@
 pub mod clock;
 pub mod dispatch;
 pub mod error;
+pub mod http_route;
 pub mod launcher;
 pub mod seal;
 pub mod secrets;

@@ -10,7 +10,7 @@ mod cli;
 mod operator;
 
 use anyhow::Context;
-use cli::{Cli, Command, MethodArg, PkiCommand, ServeArgs, method};
+use cli::{Cli, Command, MethodArg, PkiCommand, ServeArgs, StoreArg, method};
 use dispatcher::dispatch::{DispatchConfig, Dispatcher, Launchers};
 use dispatcher::launcher::agent::AgentLauncher;
 use dispatcher::launcher::ssh::{SshConfig, SshLauncher};
@@ -27,7 +27,11 @@ use vncdispatch_proto::bearer::SharedSecret;
 use vncdispatch_proto::tls::{self, Credentials, TlsFiles};
 
 fn main() -> ExitCode {
-    let cli: Cli = vncdispatch_proto::config::parse();
+    // Client options may come before the subcommand too.
+    let cli: Cli = vncdispatch_proto::config::try_parse_from(cli::hoist_client_options(
+        std::env::args_os().collect(),
+    ))
+    .unwrap_or_else(|e| e.exit());
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -116,27 +120,23 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         Some(p) => Some(SharedSecret::from_file(p).map_err(|e| config("--api-secret-file", e))?),
         None => None,
     };
-    let mongo = a.store.starts_with("mongodb://") || a.store.starts_with("mongodb+srv://");
-    let seal_path = a.seal_key_file.clone().unwrap_or_else(|| match mongo {
-        true => PathBuf::from("/var/lib/vncdispatch/seal.key"),
-        false => PathBuf::from(&a.store).with_file_name("seal.key"),
+    let seal_path = a.seal_key_file.clone().unwrap_or_else(|| match &a.store {
+        StoreArg::Mongo(_) => PathBuf::from("/var/lib/vncdispatch/seal.key"),
+        StoreArg::File(path) => path.with_file_name("seal.key"),
     });
     let seal = SealKey::load(&seal_path, true).map_err(|e| config("--seal-key-file", e))?;
-    let store: Arc<dyn Store> = if mongo {
-        let legacy = LegacyBlades {
-            method: method(a.legacy_blade_method),
-            port: match a.legacy_blade_method {
-                MethodArg::Agent => a.agent_port,
-                MethodArg::Ssh => 22,
-            },
-        };
-        Arc::new(
-            MongoStore::connect(&a.store, legacy)
-                .await
-                .context("--store")?,
-        )
-    } else {
-        Arc::new(EmbeddedStore::open(std::path::Path::new(&a.store)).context("--store")?)
+    let store: Arc<dyn Store> = match &a.store {
+        StoreArg::Mongo(uri) => {
+            let legacy = LegacyBlades {
+                method: method(a.legacy_blade_method),
+                port: match a.legacy_blade_method {
+                    MethodArg::Agent => a.agent_port,
+                    MethodArg::Ssh => 22,
+                },
+            };
+            Arc::new(MongoStore::connect(uri, legacy).await.context("--store")?)
+        }
+        StoreArg::File(path) => Arc::new(EmbeddedStore::open(path).context("--store")?),
     };
     let store: Arc<dyn Store> = Arc::new(dispatcher::store::timed::Timed(store));
     let ssh = match (&a.ssh_key, &a.ssh_known_hosts) {
@@ -206,6 +206,41 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;
+    // The original's HTTP route, when asked for: the same TLS rules as the gRPC listener.
+    let http = match a.http_listen {
+        Some(addr) => {
+            let tls = tls::server_setup(
+                addr,
+                tls_files.as_ref(),
+                a.insecure_plaintext,
+                vncdispatch_proto::roles::Role::Dispatcher,
+            )
+            .map_err(|e| config("--http-listen", e))?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            Some((l, tls))
+        }
+        None => None,
+    };
+    // One shutdown signal for both listeners.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        vncdispatch_proto::serve::shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if let Some((l, tls)) = http {
+        let (d, secret, rx) = (d.clone(), api_secret.clone(), stopped.clone());
+        tokio::spawn(async move {
+            if let Err(e) = dispatcher::http_route::run(l, d, secret, tls, until_stopped(rx)).await
+            {
+                tracing::error!(error = %e, "the HTTP route stopped");
+            }
+        });
+    }
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "sd_notify READY failed");
     }
@@ -219,7 +254,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         api_secret,
         server_tls,
         intervals,
-        vncdispatch_proto::serve::shutdown_signal(),
+        until_stopped(stopped),
     )
     .await
 }

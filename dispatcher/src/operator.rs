@@ -99,7 +99,8 @@ pub(crate) async fn blade(c: ClientArgs, command: BladeCommand) -> anyhow::Resul
                 .add_blade(AddBladeRequest {
                     name,
                     host,
-                    port,
+                    // 0 asks the dispatcher for the method's default port.
+                    port: port.unwrap_or(0),
                     method,
                 })
                 .await

@@ -34,9 +34,16 @@ impl DispatcherService {
 
 /// The caller's request id (`x-request-id`), or a fresh one; it follows the call to the agent.
 fn request_id<T>(req: &Request<T>) -> String {
-    req.metadata()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
+    request_id_of(
+        req.metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
+/// A caller's request id if it is a sane one (≤ 64 printable ASCII), else a fresh one.
+pub(crate) fn request_id_of(given: Option<&str>) -> String {
+    given
         .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned)
         .unwrap_or_else(|| {

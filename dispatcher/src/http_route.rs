@@ -1,0 +1,256 @@
+//! The original deployment's HTTP route, for portals written against it: `GET
+//! /vncdispatch/:username/:remoteip` answers the original's tokenizer document as JSON —
+//! `username`, `password`, `token`, `blade`, `display`, `vncpid`, `remoteip` — so such a
+//! portal moves over by changing only its base URL.
+//!
+//! Optional (`--http-listen`), on a listener of its own, and never a way around Dispatch's
+//! rules: the request goes through the same domain call (the same validation), over the same
+//! TLS with the same role check (portal or admin, from the client certificate), and with the
+//! same API secret (`Authorization: Bearer`) when one is configured. Errors are HTTP statuses
+//! with a JSON body `{"error": "…", "code": "INVALID_ARGUMENT"}`.
+use crate::dispatch::Dispatcher;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use vncdispatch_proto::bearer::SharedSecret;
+use vncdispatch_proto::tls::rustls::ServerConfig;
+use vncdispatch_proto::tls::rustls::pki_types::CertificateDer;
+
+/// The gRPC method whose rules (role table, secret) this route follows.
+const AS_RPC: &str = "/vncdispatch.v1.Dispatcher/Dispatch";
+/// Longest request head read.
+const MAX_HEAD: usize = 8 * 1024;
+
+/// What every request is checked and served with.
+#[derive(Debug)]
+struct Route {
+    dispatcher: Arc<Dispatcher>,
+    api_secret: Option<SharedSecret>,
+    tls: bool,
+}
+
+/// Serves the route on `listener` until `shutdown`: over mutual TLS with `tls` (the
+/// dispatcher's own server configuration), else plaintext (loopback, or the operator's
+/// `--insecure-plaintext`).
+pub async fn run(
+    listener: TcpListener,
+    dispatcher: Arc<Dispatcher>,
+    api_secret: Option<SharedSecret>,
+    tls: Option<Arc<ServerConfig>>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "original HTTP route serving");
+    let route = Arc::new(Route {
+        dispatcher,
+        api_secret,
+        tls: tls.is_some(),
+    });
+    let accept = async {
+        match tls {
+            Some(cfg) => {
+                let mut incoming =
+                    std::pin::pin!(vncdispatch_proto::tls::tls_incoming(listener, cfg));
+                while let Some(conn) = incoming.next().await {
+                    let Ok(stream) = conn else { continue };
+                    let cert = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first().cloned());
+                    spawn_connection(stream, cert, route.clone());
+                }
+            }
+            None => loop {
+                match listener.accept().await {
+                    Ok((tcp, _)) => spawn_connection(tcp, None, route.clone()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed; pausing 100 ms");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            },
+        }
+    };
+    tokio::select! {
+        () = accept => {}
+        () = shutdown => {}
+    }
+    Ok(())
+}
+
+fn spawn_connection<S>(stream: S, cert: Option<CertificateDer<'static>>, route: Arc<Route>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let service = hyper::service::service_fn(move |req| {
+            let (route, cert) = (route.clone(), cert.clone());
+            async move { Ok::<_, std::convert::Infallible>(route.serve(req, cert.as_ref()).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .max_buf_size(MAX_HEAD)
+            .header_read_timeout(std::time::Duration::from_secs(10))
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(TokioIo::new(stream), service);
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "HTTP connection ended");
+        }
+    });
+}
+
+impl Route {
+    async fn serve(
+        &self,
+        req: Request<Incoming>,
+        cert: Option<&CertificateDer<'static>>,
+    ) -> Response<Full<Bytes>> {
+        let answer = self.answer(&req, cert).await;
+        let code = match &answer {
+            Ok(_) => "OK".to_owned(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        metrics::counter!("vncdispatch_dispatcher_http_requests_total", "code" => code)
+            .increment(1);
+        match answer {
+            Ok(doc) => json(StatusCode::OK, doc),
+            Err(s) => json(
+                http_status(s.code()),
+                serde_json::json!({
+                    "error": s.message(),
+                    "code": grpc_name(s.code()),
+                }),
+            ),
+        }
+    }
+
+    async fn answer(
+        &self,
+        req: &Request<Incoming>,
+        cert: Option<&CertificateDer<'static>>,
+    ) -> Result<serde_json::Value, tonic::Status> {
+        if req.method() != Method::GET {
+            return Err(tonic::Status::invalid_argument(
+                "only GET /vncdispatch/USERNAME/REMOTE_IP is served here",
+            ));
+        }
+        let Some((username, remote_ip)) = req
+            .uri()
+            .path()
+            .strip_prefix("/vncdispatch/")
+            .and_then(|rest| rest.split_once('/'))
+            .filter(|(u, ip)| !u.is_empty() && !ip.is_empty() && !ip.contains('/'))
+        else {
+            return Err(tonic::Status::not_found(
+                "no such route: use GET /vncdispatch/USERNAME/REMOTE_IP",
+            ));
+        };
+        // The same rules as the Dispatch RPC: the role table, then the API secret.
+        if self.tls {
+            vncdispatch_proto::roles::authorize(AS_RPC, cert)?;
+        }
+        if let Some(secret) = &self.api_secret {
+            let mut probe = tonic::Request::new(());
+            if let Some(v) = req
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| tonic::metadata::MetadataValue::try_from(v.as_bytes()).ok())
+            {
+                probe.metadata_mut().insert("authorization", v);
+            }
+            secret.check(probe)?;
+        }
+        let id = crate::service::request_id_of(
+            req.headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok()),
+        );
+        let span = tracing::info_span!("http Dispatch", user = %username, request_id = %id);
+        let s = tracing::Instrument::instrument(
+            self.dispatcher.dispatch(username, remote_ip, &id),
+            span,
+        )
+        .await
+        .map_err(tonic::Status::from)?;
+        Ok(serde_json::json!({
+            "username": s.username,
+            "password": s.password,
+            "token": s.token,
+            "blade": s.blade,
+            "display": s.display,
+            "vncpid": s.vnc_pid,
+            "remoteip": s.remote_ip,
+        }))
+    }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+/// The HTTP status a portal can act on for a gRPC code.
+fn http_status(code: tonic::Code) -> StatusCode {
+    use tonic::Code::*;
+    match code {
+        InvalidArgument | OutOfRange => StatusCode::BAD_REQUEST,
+        Unauthenticated => StatusCode::UNAUTHORIZED,
+        PermissionDenied => StatusCode::FORBIDDEN,
+        NotFound => StatusCode::NOT_FOUND,
+        AlreadyExists | Aborted | FailedPrecondition => StatusCode::CONFLICT,
+        ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The code's name as gRPC spells it (`INVALID_ARGUMENT`).
+fn grpc_name(code: tonic::Code) -> String {
+    let camel = format!("{code:?}");
+    let mut out = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_map_to_statuses_a_portal_understands() {
+        assert_eq!(
+            http_status(tonic::Code::InvalidArgument),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            http_status(tonic::Code::PermissionDenied),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            http_status(tonic::Code::Unavailable),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(grpc_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(grpc_name(tonic::Code::NotFound), "NOT_FOUND");
+    }
+}
