@@ -214,7 +214,7 @@ pub(crate) fn hoist_client_options(args: Vec<std::ffi::OsString>) -> Vec<std::ff
             if text == "help" {
                 break;
             }
-            out.extend(hoisted.drain(..));
+            out.append(&mut hoisted);
             break;
         }
     }
