@@ -6,13 +6,20 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-# protoc comes vendored (protoc-bin-vendored); blade-agent links libpam.
+# protoc comes vendored (protoc-bin-vendored); blade-agent links libpam. The images get stripped
+# binaries (dispatcher 136 → 23 MB, blade-agent 61 → 9, ws-proxy 56 → 9); their debug info stays
+# in the build stage's /out/debug (`docker build --target build`, then copy it out) for
+# symbolizing backtraces.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libpam0g-dev \
  && rm -rf /var/lib/apt/lists/* \
  && cargo build --release --locked -p dispatcher -p blade-agent -p ws-proxy \
- && mkdir /out \
- && cp target/release/dispatcher target/release/blade-agent target/release/ws-proxy /out/
+ && mkdir -p /out/debug \
+ && for b in dispatcher blade-agent ws-proxy; do \
+      objcopy --only-keep-debug "target/release/$b" "/out/debug/$b.debug" \
+      && strip --strip-debug --strip-unneeded -o "/out/$b" "target/release/$b" \
+      && objcopy --add-gnu-debuglink="/out/debug/$b.debug" "/out/$b"; \
+    done
 
 FROM debian:bookworm-slim AS dispatcher
 RUN useradd --system --uid 10001 --home-dir /var/lib/vncdispatch --create-home vncdispatch

@@ -69,6 +69,16 @@ if [ "$(cat "$GRPCURL_BIN.version" 2>/dev/null)" != "$GRPCURL_VERSION" ]; then
   echo "$GRPCURL_VERSION" > "$GRPCURL_BIN.version"
 fi
 
+# promtool, to check deploy/prometheus's alert rules (tests/tests/monitoring.rs).
+PROMTOOL_VERSION=v0.316.0
+PROMTOOL_BIN="${PROMTOOL_BIN:-/usr/local/bin/promtool}"
+if [ "$(cat "$PROMTOOL_BIN.version" 2>/dev/null)" != "$PROMTOOL_VERSION" ]; then
+  log "building promtool $PROMTOOL_VERSION (a few minutes, once)"
+  GOBIN="$(dirname "$PROMTOOL_BIN")" GOFLAGS=-mod=mod \
+    go install "github.com/prometheus/prometheus/cmd/promtool@$PROMTOOL_VERSION"
+  echo "$PROMTOOL_VERSION" > "$PROMTOOL_BIN.version"
+fi
+
 # Python tools for the tests (tests/requirements.txt): grpcio for the portal client in
 # tests/portal_client.py, hadolint for the Dockerfile.
 TEST_VENV="${TEST_VENV:-/opt/vncdispatch/test-venv}"

@@ -45,8 +45,49 @@ pub fn install(listen: Option<SocketAddr>) -> Result<(), String> {
         "vncdispatch_auth_refusals_total",
         "Calls or connections refused before reaching the service, by reason"
     );
+    metrics::describe_gauge!(
+        "vncdispatch_tls_certificate_not_after_seconds",
+        "When this service's TLS certificate expires (Unix seconds), by file"
+    );
+    // Certificates loaded before the exporter existed.
+    for (file, not_after) in certificates()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        certificate_gauge(file, *not_after);
+    }
     tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     Ok(())
+}
+
+/// The certificates this process loaded: file → not-after (Unix seconds).
+fn certificates() -> &'static std::sync::Mutex<Vec<(String, i64)>> {
+    static CERTS: std::sync::OnceLock<std::sync::Mutex<Vec<(String, i64)>>> =
+        std::sync::OnceLock::new();
+    CERTS.get_or_init(Default::default)
+}
+
+fn certificate_gauge(file: &str, not_after: i64) {
+    metrics::gauge!("vncdispatch_tls_certificate_not_after_seconds", "file" => file.to_owned())
+        .set(not_after as f64);
+}
+
+/// Records when the certificate loaded from `file` expires, for
+/// `vncdispatch_tls_certificate_not_after_seconds` (an alert can warn weeks ahead).
+pub fn note_certificate(
+    file: &std::path::Path,
+    cert: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+) {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return;
+    };
+    let not_after = parsed.validity().not_after.timestamp();
+    let file = file.display().to_string();
+    certificate_gauge(&file, not_after);
+    let mut known = certificates().lock().unwrap_or_else(|p| p.into_inner());
+    known.retain(|(f, _)| *f != file);
+    known.push((file, not_after));
 }
 
 /// Counts a call or connection refused before it reached the service.

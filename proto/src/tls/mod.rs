@@ -180,6 +180,7 @@ impl Credentials {
         // Building a server config checks that key and certificate belong together, so a
         // mismatch is refused at start, not at the first handshake.
         creds.server_config()?;
+        crate::metrics::note_certificate(&files.cert, creds.leaf());
         Ok(creds)
     }
 
