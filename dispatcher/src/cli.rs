@@ -190,6 +190,7 @@ pub(crate) fn parse_store(s: &str) -> Result<StoreArg, String> {
 /// subcommand (`dispatcher --dispatcher URL blade list`): they are moved after it, where
 /// clap expects them. Everything else stays where it is.
 pub(crate) fn hoist_client_options(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let original = args.clone();
     const WITH_VALUE: [&str; 5] = ["--dispatcher", "--secret-file", "--ca", "--cert", "--key"];
     let mut out: Vec<std::ffi::OsString> = Vec::with_capacity(args.len());
     let mut hoisted = Vec::new();
@@ -211,8 +212,10 @@ pub(crate) fn hoist_client_options(args: Vec<std::ffi::OsString>) -> Vec<std::ff
         // The first word that is not an option is the subcommand: the rest follows it.
         out.push(a);
         if !text.starts_with('-') {
-            if text == "help" {
-                break;
+            // Only the client commands take these; anything else (serve, pki, help, or a
+            // value mistaken for a command) gets the arguments as they were, for clap to judge.
+            if !["dispatch", "blade", "session"].contains(&text.as_str()) {
+                return original;
             }
             out.append(&mut hoisted);
             break;
@@ -426,6 +429,10 @@ mod tests {
             "dispatcher blade list --dispatcher http://x",
             "dispatcher serve --listen 127.0.0.1:1",
             "dispatcher --version",
+            // Not a client command: left for clap (serve's own --ca, help, a missing value).
+            "dispatcher --ca ca.pem serve",
+            "dispatcher --dispatcher http://x help blade",
+            "dispatcher --dispatcher blade list",
         ] {
             assert_eq!(hoist_client_options(args(unchanged)), args(unchanged));
         }

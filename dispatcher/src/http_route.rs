@@ -25,6 +25,12 @@ use vncdispatch_proto::tls::rustls::pki_types::CertificateDer;
 const AS_RPC: &str = "/vncdispatch.v1.Dispatcher/Dispatch";
 /// Longest request head read.
 const MAX_HEAD: usize = 8 * 1024;
+/// Most connections open at once; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 512;
+/// Longest one request may take (as the gRPC server's timeout).
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long a shutdown waits for requests under way.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What every request is checked and served with.
 #[derive(Debug)]
@@ -32,11 +38,13 @@ struct Route {
     dispatcher: Arc<Dispatcher>,
     api_secret: Option<SharedSecret>,
     tls: bool,
+    /// Requests under way, which a shutdown waits for.
+    busy: tokio::sync::watch::Sender<usize>,
 }
 
-/// Serves the route on `listener` until `shutdown`: over mutual TLS with `tls` (the
-/// dispatcher's own server configuration), else plaintext (loopback, or the operator's
-/// `--insecure-plaintext`).
+/// Serves the route on `listener` until `shutdown`, then waits (up to 30 s) for requests
+/// under way: over mutual TLS with `tls` (the dispatcher's own server configuration, speaking
+/// HTTP/1.1), else plaintext (loopback, or the operator's `--insecure-plaintext`).
 pub async fn run(
     listener: TcpListener,
     dispatcher: Arc<Dispatcher>,
@@ -49,7 +57,9 @@ pub async fn run(
         dispatcher,
         api_secret,
         tls: tls.is_some(),
+        busy: tokio::sync::watch::Sender::new(0),
     });
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let accept = async {
         match tls {
             Some(cfg) => {
@@ -62,12 +72,18 @@ pub async fn run(
                         .1
                         .peer_certificates()
                         .and_then(|c| c.first().cloned());
-                    spawn_connection(stream, cert, route.clone());
+                    let Ok(slot) = slots.clone().acquire_owned().await else {
+                        return;
+                    };
+                    spawn_connection(stream, cert, route.clone(), slot);
                 }
             }
             None => loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
                 match listener.accept().await {
-                    Ok((tcp, _)) => spawn_connection(tcp, None, route.clone()),
+                    Ok((tcp, _)) => spawn_connection(tcp, None, route.clone(), slot),
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed; pausing 100 ms");
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -80,14 +96,26 @@ pub async fn run(
         () = accept => {}
         () = shutdown => {}
     }
+    // No new connections; requests under way get to finish (their launches would go on
+    // anyway, in tasks of their own) so their callers get an answer.
+    let mut busy = route.busy.subscribe();
+    let drained = tokio::time::timeout(DRAIN, busy.wait_for(|n| *n == 0)).await;
+    if drained.is_err() {
+        tracing::warn!("the HTTP route stopped with requests still under way");
+    }
     Ok(())
 }
 
-fn spawn_connection<S>(stream: S, cert: Option<CertificateDer<'static>>, route: Arc<Route>)
-where
+fn spawn_connection<S>(
+    stream: S,
+    cert: Option<CertificateDer<'static>>,
+    route: Arc<Route>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
+        let _slot = slot;
         let service = hyper::service::service_fn(move |req| {
             let (route, cert) = (route.clone(), cert.clone());
             async move { Ok::<_, std::convert::Infallible>(route.serve(req, cert.as_ref()).await) }
@@ -109,13 +137,30 @@ impl Route {
         req: Request<Incoming>,
         cert: Option<&CertificateDer<'static>>,
     ) -> Response<Full<Bytes>> {
-        let answer = self.answer(&req, cert).await;
+        let _busy = Busy::new(&self.busy);
+        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, self.answer(&req, cert)).await {
+            Ok(a) => a,
+            Err(_) => Err(tonic::Status::deadline_exceeded(
+                "the request took too long",
+            )),
+        };
         let code = match &answer {
             Ok(_) => "OK".to_owned(),
             Err(s) => format!("{:?}", s.code()),
         };
         metrics::counter!("vncdispatch_dispatcher_http_requests_total", "code" => code)
             .increment(1);
+        if req.method() != Method::GET {
+            let mut r = json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                serde_json::json!({ "error": "only GET is served here", "code": "INVALID_ARGUMENT" }),
+            );
+            r.headers_mut().insert(
+                hyper::header::ALLOW,
+                hyper::header::HeaderValue::from_static("GET"),
+            );
+            return r;
+        }
         match answer {
             Ok(doc) => json(StatusCode::OK, doc),
             Err(s) => json(
@@ -170,12 +215,20 @@ impl Route {
                 .and_then(|v| v.to_str().ok()),
         );
         let span = tracing::info_span!("http Dispatch", user = %username, request_id = %id);
-        let s = tracing::Instrument::instrument(
+        let started = std::time::Instant::now();
+        let result = tracing::Instrument::instrument(
             self.dispatcher.dispatch(username, remote_ip, &id),
             span,
         )
-        .await
-        .map_err(tonic::Status::from)?;
+        .await;
+        // Counted and logged as the gRPC Dispatch is, so dashboards and alerts see both.
+        vncdispatch_proto::metrics::record_start(
+            "vncdispatch_dispatcher_dispatches_total",
+            "vncdispatch_dispatcher_dispatch_duration_seconds",
+            result.as_ref().ok().map(|s| s.reused),
+            started,
+        );
+        let s = result.map_err(crate::service::status)?;
         Ok(serde_json::json!({
             "username": s.username,
             "password": s.password,
@@ -185,6 +238,22 @@ impl Route {
             "vncpid": s.vnc_pid,
             "remoteip": s.remote_ip,
         }))
+    }
+}
+
+/// Counts a request under way until dropped (also when its client goes away mid-request).
+struct Busy<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl<'a> Busy<'a> {
+    fn new(count: &'a tokio::sync::watch::Sender<usize>) -> Self {
+        count.send_modify(|n| *n += 1);
+        Busy(count)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

@@ -216,6 +216,21 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 vncdispatch_proto::roles::Role::Dispatcher,
             )
             .map_err(|e| config("--http-listen", e))?;
+            // A GET that hands out a password must not be reachable by any page a browser on
+            // this host loads (SSRF, DNS rebinding): without TLS it needs the API secret.
+            if tls.is_none() && api_secret.is_none() {
+                return Err(config(
+                    "--http-listen",
+                    "without --ca/--cert/--key the HTTP route needs --api-secret-file (portals then send Authorization: Bearer SECRET)".into(),
+                )
+                .into());
+            }
+            // The route speaks HTTP/1.1: offer that, not gRPC's h2, in the TLS handshake.
+            let tls = tls.map(|cfg| {
+                let mut cfg = (*cfg).clone();
+                cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Arc::new(cfg)
+            });
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding {addr}"))?;
@@ -232,15 +247,15 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    if let Some((l, tls)) = http {
+    let http_task = http.map(|(l, tls)| {
         let (d, secret, rx) = (d.clone(), api_secret.clone(), stopped.clone());
         tokio::spawn(async move {
             if let Err(e) = dispatcher::http_route::run(l, d, secret, tls, until_stopped(rx)).await
             {
                 tracing::error!(error = %e, "the HTTP route stopped");
             }
-        });
-    }
+        })
+    });
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "sd_notify READY failed");
     }
@@ -248,7 +263,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         health: a.health_interval,
         sweep: a.sweep_interval,
     };
-    dispatcher::server::run(
+    let served = dispatcher::server::run(
         listener,
         d,
         api_secret,
@@ -256,5 +271,10 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         intervals,
         until_stopped(stopped),
     )
-    .await
+    .await;
+    // The HTTP route drains its requests too before the process ends.
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
+    served
 }

@@ -53,7 +53,8 @@ pub(crate) fn request_id_of(given: Option<&str>) -> String {
         })
 }
 
-fn status(e: DispatchError) -> Status {
+/// The status for a failed call, logged: failures as warnings, refusals as information.
+pub(crate) fn status(e: DispatchError) -> Status {
     let s = Status::from(e);
     if s.code() == tonic::Code::Internal || s.code() == tonic::Code::Unavailable {
         tracing::warn!(code = ?s.code(), error = s.message(), "request failed");
