@@ -59,25 +59,20 @@ if [ -z "${SKIP_FERRETDB:-}" ] && [ "$(cat "$FERRETDB_BIN.version" 2>/dev/null)"
   echo "$FERRETDB_VERSION" > "$FERRETDB_BIN.version"
 fi
 
+# Go tools built from the module proxy, each stamped with its version: NAME VERSION MODULE/PATH.
+go_tool() {
+  local bin="/usr/local/bin/$1"
+  if [ "$(cat "$bin.version" 2>/dev/null)" != "$2" ]; then
+    log "building $1 $2"
+    GOBIN="$(dirname "$bin")" GOFLAGS=-mod=mod go install "$3@$2"
+    echo "$2" > "$bin.version"
+  fi
+}
 # grpcurl, to show (and test) that the services answer reflection and plain JSON calls.
-GRPCURL_VERSION=v1.9.3
-GRPCURL_BIN="${GRPCURL_BIN:-/usr/local/bin/grpcurl}"
-if [ "$(cat "$GRPCURL_BIN.version" 2>/dev/null)" != "$GRPCURL_VERSION" ]; then
-  log "building grpcurl $GRPCURL_VERSION"
-  GOBIN="$(dirname "$GRPCURL_BIN")" GOFLAGS=-mod=mod \
-    go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
-  echo "$GRPCURL_VERSION" > "$GRPCURL_BIN.version"
-fi
-
-# promtool, to check deploy/prometheus's alert rules (tests/tests/monitoring.rs).
-PROMTOOL_VERSION=v0.316.0
-PROMTOOL_BIN="${PROMTOOL_BIN:-/usr/local/bin/promtool}"
-if [ "$(cat "$PROMTOOL_BIN.version" 2>/dev/null)" != "$PROMTOOL_VERSION" ]; then
-  log "building promtool $PROMTOOL_VERSION (a few minutes, once)"
-  GOBIN="$(dirname "$PROMTOOL_BIN")" GOFLAGS=-mod=mod \
-    go install "github.com/prometheus/prometheus/cmd/promtool@$PROMTOOL_VERSION"
-  echo "$PROMTOOL_VERSION" > "$PROMTOOL_BIN.version"
-fi
+go_tool grpcurl v1.9.3 github.com/fullstorydev/grpcurl/cmd/grpcurl
+# promtool, to check deploy/prometheus's alert rules (tests/tests/monitoring.rs); a few
+# minutes the first time.
+go_tool promtool v0.316.0 github.com/prometheus/prometheus/cmd/promtool
 
 # Python tools for the tests (tests/requirements.txt): grpcio for the portal client in
 # tests/portal_client.py, hadolint for the Dockerfile.
