@@ -270,8 +270,9 @@ pub(crate) struct ServeArgs {
     /// Also serve the original deployment's HTTP route, `GET /vncdispatch/USER/REMOTE_IP`
     /// (answering the original's JSON document), on this address: for portals written for
     /// the original. The same rules as Dispatch: mutual TLS with role portal or admin when
-    /// --ca/--cert/--key are given (else loopback only), and --api-secret-file's secret as
-    /// `Authorization: Bearer` when set. Off unless given.
+    /// --ca/--cert/--key are given (HTTP/1.1 over TLS), and --api-secret-file's secret as
+    /// `Authorization: Bearer` when set. Without TLS it serves only on loopback (or with
+    /// --insecure-plaintext) and only with --api-secret-file. Off unless given.
     #[arg(long, env = "DISPATCHER_HTTP_LISTEN")]
     pub(crate) http_listen: Option<SocketAddr>,
     /// Session store: a file path for the embedded store (one dispatcher), or
