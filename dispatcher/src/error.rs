@@ -16,6 +16,9 @@ pub enum DispatchError {
     /// No blade can take a session; the message says why.
     #[error("{0}")]
     NoBlade(String),
+    /// Every blade that could take a desktop is full: an operator adds blades or displays.
+    #[error("{0}")]
+    NoCapacity(String),
     /// The token is unknown, expired or revoked (deliberately not saying which).
     #[error("unknown or expired token")]
     UnknownToken,
@@ -51,6 +54,7 @@ impl From<LaunchError> for DispatchError {
         match e {
             LaunchError::Refused(s) => DispatchError::Refused(s),
             LaunchError::Blade(msg) => DispatchError::NoBlade(msg),
+            LaunchError::Full(msg) => DispatchError::NoCapacity(msg),
         }
     }
 }
@@ -60,6 +64,7 @@ impl From<DispatchError> for Status {
         let code = match &e {
             DispatchError::Field(_) | DispatchError::BadArgument(_) => Code::InvalidArgument,
             DispatchError::NoBlade(_) | DispatchError::Busy(_) => Code::Unavailable,
+            DispatchError::NoCapacity(_) => Code::ResourceExhausted,
             DispatchError::UnknownToken | DispatchError::UnknownBlade(_) => Code::NotFound,
             DispatchError::BladeBusy { .. } => Code::FailedPrecondition,
             DispatchError::Refused(s) => s.code(),

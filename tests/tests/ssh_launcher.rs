@@ -221,7 +221,7 @@ fn decision(r: Result<Launched, LaunchError>) -> (Scope, Code, String) {
     };
     let scope = match &e {
         LaunchError::Refused(_) => Scope::Request,
-        LaunchError::Blade(_) => Scope::Blade,
+        LaunchError::Blade(_) | LaunchError::Full(_) => Scope::Blade,
     };
     let status = tonic::Status::from(DispatchError::from(e));
     (scope, status.code(), status.message().to_owned())
@@ -398,8 +398,11 @@ async fn every_refusal_kind_gets_the_same_decision_over_grpc_and_ssh() {
         )
         .await;
         let (grpc, ssh) = (decision(grpc), decision(ssh));
+        // A blade without a free display is capacity (RESOURCE_EXHAUSTED once every blade
+        // says so); any other blade failure leaves the caller UNAVAILABLE.
         let expected_code = match c.kind.scope() {
             Scope::Request => c.kind.code(),
+            Scope::Blade if c.kind == RefusalKind::NoFreeDisplay => Code::ResourceExhausted,
             Scope::Blade => Code::Unavailable,
         };
         assert_eq!(

@@ -39,6 +39,17 @@ impl Dispatcher {
                 all.len()
             )));
         }
+        // A blade that reported no free display gets no new desktop (admission, not
+        // overload); when that is every healthy blade, Dispatch says so at once.
+        let has_room = |b: &BladeRecord| {
+            health
+                .get(&b.name)
+                .is_none_or(|h| !h.load.reported || h.load.free_displays > 0)
+        };
+        let usable: Vec<BladeRecord> = usable.into_iter().filter(has_room).collect();
+        if usable.is_empty() && last_resort.is_empty() {
+            return Err(self.no_capacity());
+        }
         if usable.is_empty() {
             return Ok(last_resort);
         }
@@ -67,6 +78,37 @@ impl Dispatcher {
         };
         ordered.extend(last_resort);
         Ok(ordered)
+    }
+
+    /// The refusal when no blade has room, with what an operator needs to act on it.
+    pub(super) fn no_capacity(&self) -> DispatchError {
+        let health = self.health.read().unwrap_or_else(|p| p.into_inner());
+        let (blades, used, total) = health
+            .values()
+            .filter(|h| h.healthy && h.load.reported)
+            .fold((0u32, 0u32, 0u32), |(n, u, t), h| {
+                (
+                    n + 1,
+                    u + h.load.sessions,
+                    t + h.load.sessions + h.load.free_displays,
+                )
+            });
+        metrics::counter!("vncdispatch_dispatcher_admission_refusals_total").increment(1);
+        DispatchError::NoCapacity(format!(
+            "no free desktop: all {blades} healthy blades are full ({used} of {total} desktops in use); add blades, raise their --display-count, or end idle sessions"
+        ))
+    }
+
+    /// Records that a start found `blade` without a free display, until the next health
+    /// report says otherwise.
+    pub(super) fn mark_full(&self, blade: &str) {
+        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
+        let entry = map.entry(blade.to_owned()).or_insert(BladeHealth {
+            healthy: true,
+            load: BladeLoad::default(),
+        });
+        entry.load.reported = true;
+        entry.load.free_displays = 0;
     }
 
     /// Records what was learnt about a blade: from the poller (with its load) or from a
@@ -184,5 +226,39 @@ mod tests {
             "{}",
             err.message()
         );
+    }
+
+    // Every blade full: RESOURCE_EXHAUSTED with what an operator can act on, not UNAVAILABLE.
+    #[tokio::test(start_paused = true)]
+    async fn when_every_blade_is_full_dispatch_says_so() {
+        use std::sync::atomic::Ordering;
+        let (d, rec, _dir) = setup(&["full1", "full2"], Duration::from_secs(3600)).await;
+        let err = d.dispatch("u", "192.0.2.1", "t").await.unwrap_err();
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("full"), "{}", status.message());
+        assert_eq!(rec.full_attempts.load(Ordering::Relaxed), 2);
+        // Once the health poller has seen them full, Dispatch answers without trying.
+        d.check_blades().await;
+        let status = tonic::Status::from(d.dispatch("v", "192.0.2.1", "t").await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("120 of 120 desktops"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(rec.full_attempts.load(Ordering::Relaxed), 2, "tried again");
+    }
+
+    // A blade that reported no free display gets no new desktop while another has room.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_blade_is_skipped() {
+        use std::sync::atomic::Ordering;
+        let (d, rec, _dir) = setup(&["full1", "b2"], Duration::from_secs(3600)).await;
+        d.check_blades().await;
+        for u in ["u1", "u2", "u3"] {
+            assert_eq!(d.dispatch(u, "192.0.2.1", "t").await.unwrap().blade, "b2");
+        }
+        assert_eq!(rec.full_attempts.load(Ordering::Relaxed), 0);
     }
 }

@@ -227,6 +227,8 @@ impl Dispatcher {
         let token = secrets::new_token().map_err(DispatchError::Secret)?;
         let password = secrets::new_password().map_err(DispatchError::Secret)?;
         let mut failures = Vec::new();
+        let mut full = 0;
+        let tried = order.len();
         for blade in order {
             let launcher = match self.launchers.get(blade.method) {
                 Ok(l) => l,
@@ -244,6 +246,15 @@ impl Dispatcher {
                 Ok(Ok(l)) => l,
                 Ok(Err(LaunchError::Refused(status))) => {
                     return Err(DispatchError::Refused(status));
+                }
+                Ok(Err(LaunchError::Full(why))) => {
+                    // Full, not broken: health stays; the poller sees its room come back.
+                    metrics::counter!("vncdispatch_dispatcher_session_start_failures_total", "blade" => blade.name.clone(), "reason" => "full").increment(1);
+                    tracing::info!(blade = %blade.name, %why, "blade is full; trying the next");
+                    self.mark_full(&blade.name);
+                    full += 1;
+                    failures.push(why);
+                    continue;
                 }
                 Ok(Err(LaunchError::Blade(why))) => {
                     metrics::counter!("vncdispatch_dispatcher_session_start_failures_total", "blade" => blade.name.clone(), "reason" => "blade_error").increment(1);
@@ -318,6 +329,9 @@ impl Dispatcher {
             }
             tracing::info!(blade = %rec.blade, display = rec.display, pid = rec.vnc_pid, "session started");
             return Ok(self.session(&rec, token, password, false));
+        }
+        if full > 0 && full == tried {
+            return Err(self.no_capacity());
         }
         Err(DispatchError::NoBlade(format!(
             "no blade could start a desktop for {username:?}: {}",

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Records starts per blade; blades named `down*` fail, blades named `slow*` never answer a
-/// start (a hung agent), user `refuse` is refused.
+/// start (a hung agent), blades named `full*` have no free display (and say so in Health),
+/// user `refuse` is refused.
 #[derive(Debug, Default)]
 pub(super) struct Recording {
     /// Desktops started, by blade name.
@@ -24,6 +25,8 @@ pub(super) struct Recording {
     pub(super) stops: Mutex<Vec<(String, String)>>,
     /// Pids handed out, from 100 up.
     next_pid: AtomicU32,
+    /// Starts tried on `full*` blades.
+    pub(super) full_attempts: AtomicU32,
 }
 
 #[async_trait::async_trait]
@@ -37,6 +40,13 @@ impl Launcher for Recording {
     ) -> Result<Launched, LaunchError> {
         if blade.name.starts_with("down") {
             return Err(LaunchError::Blade(format!("{} is down", blade.name)));
+        }
+        if blade.name.starts_with("full") {
+            self.full_attempts.fetch_add(1, Ordering::Relaxed);
+            return Err(LaunchError::Full(format!(
+                "{}: no free display",
+                blade.name
+            )));
         }
         if blade.name.starts_with("slow") {
             // Hung: only the dispatcher's launch timeout ends this.
@@ -94,8 +104,14 @@ impl Launcher for Recording {
             .unwrap()
             .contains(&(blade.name.clone(), username.to_owned(), pid)))
     }
-    async fn health(&self, _b: &BladeRecord) -> Result<BladeLoad, LaunchError> {
-        Ok(BladeLoad::default())
+    async fn health(&self, b: &BladeRecord) -> Result<BladeLoad, LaunchError> {
+        let full = b.name.starts_with("full");
+        Ok(BladeLoad {
+            sessions: if full { 60 } else { 0 },
+            free_displays: if full { 0 } else { 60 },
+            load1: 0.0,
+            reported: true,
+        })
     }
 }
 

@@ -115,6 +115,12 @@ fn classify(blade: &BladeRecord, status: tonic::Status) -> LaunchError {
             "blade {} refused our agent secret (check --agent-secret-file)",
             blade.name
         )),
+        Scope::Blade
+            if refusal::RefusalKind::from_status(&status)
+                == Some(refusal::RefusalKind::NoFreeDisplay) =>
+        {
+            LaunchError::Full(format!("blade {}: {}", blade.name, status.message()))
+        }
         Scope::Blade => LaunchError::Blade(format!(
             "blade {}: {}: {}{}",
             blade.name,
@@ -213,6 +219,7 @@ impl Launcher for AgentLauncher {
             sessions: h.sessions,
             free_displays: h.free_displays,
             load1: h.load1,
+            reported: true,
         })
     }
 }
@@ -242,7 +249,8 @@ mod tests {
                     assert_eq!(s.code(), kind.code());
                     assert_eq!(s.message(), format!("agent says {kind:?}"));
                 }
-                (LaunchError::Blade(why), Scope::Blade) => {
+                // No free display is the blade's too, told apart for admission.
+                (LaunchError::Blade(why) | LaunchError::Full(why), Scope::Blade) => {
                     assert!(why.starts_with("blade b1: "), "{why}");
                     assert!(why.ends_with(&format!("agent says {kind:?}")), "{why}");
                 }
@@ -255,10 +263,7 @@ mod tests {
     fn the_kind_wins_over_the_message_and_an_old_agent_is_judged_by_its_code() {
         // Message text that once meant "refuse" decides nothing now.
         let reworded = refusal::status(RefusalKind::NoFreeDisplay, "no account named \"x\"");
-        assert!(matches!(
-            classify(&blade(), reworded),
-            LaunchError::Blade(_)
-        ));
+        assert!(matches!(classify(&blade(), reworded), LaunchError::Full(_)));
         let old = tonic::Status::not_found("whatever an old agent said");
         assert!(matches!(
             classify(&blade(), old),

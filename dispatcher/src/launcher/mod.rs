@@ -39,6 +39,9 @@ pub struct BladeLoad {
     pub free_displays: u32,
     /// 1-minute load average.
     pub load1: f64,
+    /// True when the blade reported these figures (an agent's Health); SSH blades report
+    /// none, and are placed as if they had room.
+    pub reported: bool,
 }
 
 /// Why a launcher call failed.
@@ -48,6 +51,10 @@ pub enum LaunchError {
     /// [`Scope::Blade`](vncdispatch_proto::refusal::Scope::Blade)): another blade may.
     #[error("{0}")]
     Blade(String),
+    /// The blade has no free display (NO_FREE_DISPLAY; `cloudvnc` exit 20): another blade
+    /// may, and if every blade says so the dispatcher is out of capacity.
+    #[error("{0}")]
+    Full(String),
     /// The request itself is wrong (unknown or system account, unsafe home — refusals of
     /// [`Scope::Request`](vncdispatch_proto::refusal::Scope::Request)): no blade will do
     /// better, so the caller gets this status.

@@ -189,6 +189,9 @@ fn classify(blade: &BladeRecord, exit_status: u32, stderr: &str) -> LaunchError 
     let msg = stderr.trim().trim_start_matches("blade-agent: ").to_owned();
     match refusal::scope_of_exit(exit_status) {
         (Scope::Request, Some(kind)) => LaunchError::Refused(Status::new(kind.code(), msg)),
+        (_, Some(refusal::RefusalKind::NoFreeDisplay)) => {
+            LaunchError::Full(format!("blade {}: {msg}", blade.name))
+        }
         _ => LaunchError::Blade(format!("blade {}: {msg}", blade.name)),
     }
 }
@@ -380,7 +383,7 @@ mod tests {
                     assert_eq!(s.code(), kind.code(), "{kind:?}");
                     assert_eq!(s.message(), format!("agent says {kind:?}"));
                 }
-                (LaunchError::Blade(why), Scope::Blade) => {
+                (LaunchError::Blade(why) | LaunchError::Full(why), Scope::Blade) => {
                     assert_eq!(why, format!("blade s1: agent says {kind:?}"));
                 }
                 (other, scope) => panic!("{kind:?} ({scope:?}) became {other:?}"),
