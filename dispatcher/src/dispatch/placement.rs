@@ -63,6 +63,8 @@ impl Dispatcher {
                     .cloned()
                     .collect()
             }
+            // Fewest desktops (as the agent reports them, or as stored for SSH blades), then
+            // the lowest load.
             Policy::LeastLoaded => {
                 let mut sorted = usable;
                 let load =
@@ -162,6 +164,14 @@ impl Dispatcher {
         for blade in blades {
             let live = sessions.iter().filter(|s| s.blade == blade.name).count();
             let healthy = health.get(&blade.name).is_some_and(|h| h.healthy);
+            // Blades that report no figures (SSH) are placed by the sessions stored on them,
+            // so least-loaded does not rank them first for ever.
+            if health.get(&blade.name).is_some_and(|h| !h.load.reported) {
+                let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
+                if let Some(h) = map.get_mut(&blade.name) {
+                    h.load.sessions = u32::try_from(live).unwrap_or(u32::MAX);
+                }
+            }
             metrics::gauge!("vncdispatch_dispatcher_sessions_live", "blade" => blade.name.clone())
                 .set(live as f64);
             metrics::gauge!("vncdispatch_dispatcher_blade_healthy", "blade" => blade.name)
@@ -260,5 +270,31 @@ mod tests {
             assert_eq!(d.dispatch(u, "192.0.2.1", "t").await.unwrap().blade, "b2");
         }
         assert_eq!(rec.full_attempts.load(Ordering::Relaxed), 0);
+    }
+
+    // A blade that reports no figures (SSH) is placed by the sessions stored on it: least-
+    // loaded no longer sends it every new desktop.
+    #[tokio::test(start_paused = true)]
+    async fn least_loaded_counts_stored_sessions_for_blades_without_figures() {
+        use super::super::testkit::setup_with;
+        use super::super::{DispatchConfig, Policy};
+        let cfg = DispatchConfig::with_defaults(
+            Duration::from_secs(3600),
+            Policy::LeastLoaded,
+            Duration::from_secs(5),
+        );
+        let (d, rec, _dir) = setup_with(&["quiet1", "b2"], cfg).await;
+        for i in 0..6 {
+            d.check_blades().await;
+            d.dispatch(&format!("u{i}"), "192.0.2.1", "t")
+                .await
+                .unwrap();
+        }
+        let starts = rec.starts.lock().unwrap().clone();
+        assert_eq!(
+            (starts.get("quiet1"), starts.get("b2")),
+            (Some(&3), Some(&3)),
+            "{starts:?}"
+        );
     }
 }
