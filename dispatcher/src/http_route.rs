@@ -137,20 +137,13 @@ impl Route {
         req: Request<Incoming>,
         cert: Option<&CertificateDer<'static>>,
     ) -> Response<Full<Bytes>> {
-        let _busy = Busy::new(&self.busy);
-        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, self.answer(&req, cert)).await {
-            Ok(a) => a,
-            Err(_) => Err(tonic::Status::deadline_exceeded(
-                "the request took too long",
-            )),
+        let count = |code: &str| {
+            metrics::counter!("vncdispatch_dispatcher_http_requests_total", "code" => code.to_owned())
+                .increment(1);
         };
-        let code = match &answer {
-            Ok(_) => "OK".to_owned(),
-            Err(s) => format!("{:?}", s.code()),
-        };
-        metrics::counter!("vncdispatch_dispatcher_http_requests_total", "code" => code)
-            .increment(1);
+        // Checked before anything else: a POST must never reach Dispatch.
         if req.method() != Method::GET {
+            count("InvalidArgument");
             let mut r = json(
                 StatusCode::METHOD_NOT_ALLOWED,
                 serde_json::json!({ "error": "only GET is served here", "code": "INVALID_ARGUMENT" }),
@@ -161,6 +154,17 @@ impl Route {
             );
             return r;
         }
+        let _busy = Busy::new(&self.busy);
+        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, self.answer(&req, cert)).await {
+            Ok(a) => a,
+            Err(_) => Err(tonic::Status::deadline_exceeded(
+                "the request took too long",
+            )),
+        };
+        count(&match &answer {
+            Ok(_) => "OK".to_owned(),
+            Err(s) => format!("{:?}", s.code()),
+        });
         match answer {
             Ok(doc) => json(StatusCode::OK, doc),
             Err(s) => json(
@@ -178,11 +182,6 @@ impl Route {
         req: &Request<Incoming>,
         cert: Option<&CertificateDer<'static>>,
     ) -> Result<serde_json::Value, tonic::Status> {
-        if req.method() != Method::GET {
-            return Err(tonic::Status::invalid_argument(
-                "only GET /vncdispatch/USERNAME/REMOTE_IP is served here",
-            ));
-        }
         let Some((username, remote_ip)) = req
             .uri()
             .path()

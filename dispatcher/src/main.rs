@@ -209,16 +209,12 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     // The original's HTTP route, when asked for: the same TLS rules as the gRPC listener.
     let http = match a.http_listen {
         Some(addr) => {
-            let tls = tls::server_setup(
-                addr,
-                tls_files.as_ref(),
-                a.insecure_plaintext,
-                vncdispatch_proto::roles::Role::Dispatcher,
-            )
-            .map_err(|e| config("--http-listen", e))?;
+            // The gRPC listener's TLS, already loaded and checked; only the address is new.
+            vncdispatch_proto::serve::check_listen(addr, tls_files.is_some(), a.insecure_plaintext)
+                .map_err(|e| config("--http-listen", e))?;
             // A GET that hands out a password must not be reachable by any page a browser on
             // this host loads (SSRF, DNS rebinding): without TLS it needs the API secret.
-            if tls.is_none() && api_secret.is_none() {
+            if server_tls.is_none() && api_secret.is_none() {
                 return Err(config(
                     "--http-listen",
                     "without --ca/--cert/--key the HTTP route needs --api-secret-file (portals then send Authorization: Bearer SECRET)".into(),
@@ -226,8 +222,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 .into());
             }
             // The route speaks HTTP/1.1: offer that, not gRPC's h2, in the TLS handshake.
-            let tls = tls.map(|cfg| {
-                let mut cfg = (*cfg).clone();
+            let tls = server_tls.as_ref().map(|cfg| {
+                let mut cfg = (**cfg).clone();
                 cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
                 Arc::new(cfg)
             });
