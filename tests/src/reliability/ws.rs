@@ -23,6 +23,31 @@ pub async fn ws_from(proxy: SocketAddr, from: [u8; 4], token: &str) -> Result<Ws
     }
 }
 
+/// Closes `ws` (if any) and waits, at most 10 s, until `proxy` has logged the end of all
+/// but `still_open` of the relays it started: only then are their slots free under the
+/// per-token and per-IP limits (ws-proxy releases a slot after the closing handshake and the
+/// upstream shutdown, a moment after the client sees the end). For a proxy one case uses at
+/// a time.
+pub async fn close_released(
+    proxy: &crate::wsproxy::WsProxyProc,
+    ws: impl IntoIterator<Item = Ws>,
+    still_open: usize,
+) {
+    for mut ws in ws {
+        let _ = ws.close(None).await;
+    }
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = proxy.log();
+        let active = (log.matches("relaying host=").count())
+            .saturating_sub(log.matches("relay ended up=").count());
+        if active <= still_open || std::time::Instant::now() >= until {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Reads until the server closes; the close code (0 if the connection just ended), None if
 /// it is still open after `secs`.
 pub async fn close_code<S>(ws: &mut WebSocketStream<S>, secs: u64) -> Option<u16>

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 use vncdispatch_proto::v1::{EndSessionRequest, ResolveTokenRequest};
 use vncdispatch_tests::reliability::attack::code;
-use vncdispatch_tests::reliability::ws::{close_code, ws_from};
+use vncdispatch_tests::reliability::ws::{close_code, close_released, ws_from};
 use vncdispatch_tests::reliability::{Log, Record};
 use vncdispatch_tests::require_root_and_tigervnc;
 use vncdispatch_tests::rig::{Rig, UserDesktop};
@@ -108,7 +108,7 @@ async fn tokens() {
         ),
         statuses.get("403") == Some(&30) && statuses.get("429") == Some(&170) && other_ip.is_ok(),
     );
-    drop(other_ip);
+    close_released(&proxy, other_ip.ok(), 0).await;
 
     // A token one hex digit away from a real one.
     let mut near = session.token.clone().into_bytes();
@@ -138,16 +138,16 @@ async fn tokens() {
     rec.case(
         "one token from more connections than allowed",
         "three connections with one token (limit 2)",
-        "the first two relay, the third gets 429",
+        "the first two relay (101), the third gets 429",
         &format!(
             "{}, {}, {}",
-            a.is_ok(),
-            b.is_ok(),
+            a.as_ref().err().copied().unwrap_or(101),
+            b.as_ref().err().copied().unwrap_or(101),
             third.as_ref().err().copied().unwrap_or(101)
         ),
-        a.is_ok() && b.is_ok() && third.err() == Some(429),
+        a.is_ok() && b.is_ok() && third.as_ref().err() == Some(&429),
     );
-    drop(b);
+    close_released(&proxy, b.ok().into_iter().chain(third.ok()), 1).await;
 
     // EndSession closes the relayed connection and the token stops working.
     let mut a = a.expect("connected");
@@ -158,6 +158,7 @@ async fn tokens() {
         .await
         .map(|r| r.into_inner().ended);
     let closed = close_code(&mut a, 10).await;
+    close_released(&proxy, [a], 0).await;
     let again = ws_from(proxy.addr, [127, 0, 0, 2], &session.token).await;
     let resolved = c
         .resolve_token(ResolveTokenRequest {
