@@ -248,7 +248,7 @@ async fn cloudvnc(user: String, desktop: DesktopConfig) -> anyhow::Result<()> {
         .context("reading the password from stdin")?;
     let password = password.strip_suffix('\n').unwrap_or(&password);
     let password = password.strip_suffix('\r').unwrap_or(password);
-    let agent = Agent::new(desktop)?;
+    let agent = Arc::new(Agent::new(desktop)?);
     let server = agent.start_session(&user, password, None).await?;
     // The original's three fields, then the desktop's certificate pin when it has one (a
     // reader of the original format takes the first three).

@@ -66,9 +66,8 @@ impl BladeAgent for AgentService {
     ) -> Result<Response<VncServer>, Status> {
         let r = req.into_inner();
         let started = std::time::Instant::now();
-        // A caller that gives up (deadline, a dispatcher killed mid-call) cancels the start
-        // at its next await: usually before Xvnc runs, so the next Dispatch, which may pick
-        // another blade, does not find a second desktop of the user's here.
+        // A caller that gives up (deadline, a dispatcher killed mid-call) does not cut the
+        // start short: it finishes under the user's lock and is undone (see start_session).
         let result = self
             .agent
             .start_session(&r.username, &r.password, r.geometry)

@@ -108,12 +108,20 @@ impl Agent {
 
     /// Starts `username`'s desktop, or returns the running one after writing the new password
     /// (Xvnc rereads the rfbauth file on every login, so the returned server takes it).
+    ///
+    /// Once the user's lock is taken the call runs to its end in a task of its own, holding
+    /// the lock, even if the caller goes away (a deadline, a dispatcher killed mid-call): a
+    /// helper already started goes on to start Xvnc, and a second start for the user must
+    /// wait for it rather than start another beside it. A desktop started for a caller that
+    /// is gone by then is stopped again, still under the lock: nobody was told its password
+    /// and no session points at it.
     pub async fn start_session(
-        &self,
+        self: &Arc<Self>,
         username: &str,
         password: &str,
         geometry: Option<Geometry>,
     ) -> Result<VncServer, AgentError> {
+        use tracing::Instrument;
         validate_password(password)?;
         let geometry = match geometry {
             Some(g) => {
@@ -123,7 +131,42 @@ impl Agent {
             None => self.cfg.geometry,
         };
         let account = self.account(username).await?;
-        let _guard = self.lock_user(&account.name).await?;
+        let guard = self.lock_user(&account.name).await?;
+        let (answer, caller) = tokio::sync::oneshot::channel();
+        let this = Arc::clone(self);
+        let password = password.to_owned();
+        tokio::spawn(
+            async move {
+                let result = this.start_locked(account, &password, geometry).await;
+                if let Err(Ok((_, Some(started)))) = answer.send(result) {
+                    tracing::warn!(
+                        display = started.display,
+                        pid = started.pid,
+                        "the caller went away while its desktop started; stopping it (no session points at it)"
+                    );
+                    terminate(&started).await;
+                }
+                drop(guard);
+            }
+            .instrument(tracing::Span::current()),
+        );
+        match caller.await {
+            Ok(result) => result.map(|(server, _)| server),
+            Err(_) => Err(AgentError::io(
+                "start task",
+                std::io::Error::other("ended without an answer"),
+            )),
+        }
+    }
+
+    /// [`Agent::start_session`] under the user's lock: the server, and the desktop when this
+    /// call started it.
+    async fn start_locked(
+        &self,
+        account: Account,
+        password: &str,
+        geometry: (u32, u32),
+    ) -> Result<(VncServer, Option<RunningXvnc>), AgentError> {
         if let Some(running) = self.running_for(&account).await? {
             let rfbauth = running.rfbauth.clone();
             self.run_helper(
@@ -140,7 +183,7 @@ impl Agent {
                 pid = running.pid,
                 "returning running desktop"
             );
-            return Ok(self.describe(&account.name, &running, true));
+            return Ok((self.describe(&account.name, &running, true), None));
         }
         let mut skip = HashSet::new();
         for attempt in 1..=START_ATTEMPTS {
@@ -190,7 +233,7 @@ impl Agent {
                         pins.retain(|p, _| std::path::Path::new(&format!("/proc/{p}")).exists());
                         pins.insert(pid, pin);
                     }
-                    return Ok(self.describe(&account.name, &running, false));
+                    return Ok((self.describe(&account.name, &running, false), Some(running)));
                 }
                 Ok(None) => {
                     let detail = "answered OK to a start".into();

@@ -158,11 +158,62 @@ async fn blades_and_dispatcher(rec: &Record, rig: &mut Rig) {
         &format!("{again:?}; {}", shown_agreement(&agreed)),
         again.get("OK") == Some(&crowd.len()) && agrees(&agreed),
     );
+    caller_gives_up(rec, agents[0]).await;
     rec.scan_secrets(&[
         Log::new("dispatcher log", d.log()),
         Log::new("agent b1 log", agents[0].log()),
         Log::new("agent b2 log", agents[1].log()),
     ]);
+}
+
+/// StartSession callers that give up 40 ms in, as a dispatcher does at its launch deadline or
+/// when killed: by then the agent may have started the session helper, which goes on to
+/// start Xvnc. The agent finishes that start under the user's lock and stops the desktop
+/// again (nobody got its password): a second start for the user waits for it instead of
+/// starting another beside it.
+async fn caller_gives_up(rec: &Record, agent: &AgentProc) {
+    use vncdispatch_proto::v1::{StartSessionRequest, StopSessionRequest};
+    let (left, retried) = (TestUser::create(), TestUser::create());
+    let start = |name: &str| StartSessionRequest {
+        username: name.to_owned(),
+        password: "gaveup12".into(),
+        geometry: None,
+    };
+    let mut a = agent.client().await;
+    rec.faults(2);
+    for u in [&left, &retried] {
+        let mut gone = a.clone();
+        let req = start(&u.name);
+        // Dropping the call resets its stream, as a client's deadline or death does.
+        let _ = tokio::time::timeout(Duration::from_millis(40), gone.start_session(req)).await;
+    }
+    // Both the retry and the stop wait for the given-up start to end, under the user's lock.
+    let again = a
+        .start_session(start(&retried.name))
+        .await
+        .map(|r| r.into_inner());
+    let stopped = a
+        .stop_session(StopSessionRequest {
+            username: left.name.clone(),
+            vnc_pid: 0,
+        })
+        .await
+        .map(|r| r.into_inner().stopped);
+    let retried_xvnc: Vec<u32> = procs::xvnc_of(retried.uid).iter().map(|p| p.pid).collect();
+    let left_xvnc = procs::xvnc_of(left.uid).len();
+    let undone = agent.log().matches("the caller went away").count();
+    rec.case(
+        "a StartSession caller that gives up mid-start",
+        "two users' StartSession calls dropped 40 ms in (the helper may already run); one user asks again, the other never does",
+        "the user who asked again has one desktop, the one the retry reported; the other has none and there was nothing left to stop",
+        &format!(
+            "retry {}: Xvnc pids {retried_xvnc:?}; other user: stop found one {stopped:?}, Xvnc {left_xvnc}; starts undone {undone}",
+            again.as_ref().map(|s| s.vnc_pid.to_string()).unwrap_or_else(|e| format!("{:?}", e.code())),
+        ),
+        again.as_ref().is_ok_and(|s| retried_xvnc == [s.vnc_pid])
+            && matches!(stopped, Ok(false))
+            && left_xvnc == 0,
+    );
 }
 
 /// A dispatcher on `store` (a `mongodb://` URI or a redb file) with `agent` as blade b1.
