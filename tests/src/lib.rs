@@ -29,6 +29,7 @@ pub mod child;
 pub mod dispatcher;
 pub mod ferretdb;
 pub mod front;
+pub mod original_route;
 pub mod pki;
 pub mod procs;
 pub mod reliability;

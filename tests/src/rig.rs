@@ -30,6 +30,8 @@ pub struct RigOptions {
     /// Make the dispatcher require an API secret (`--api-secret-file`) from its callers; the
     /// rig's [`Rig::client`] sends it.
     pub api_secret: bool,
+    /// The agents' display range (first, count), when not the tests' default.
+    pub displays: Option<(u32, u32)>,
 }
 
 impl Default for RigOptions {
@@ -40,6 +42,7 @@ impl Default for RigOptions {
             dispatcher_extra: Vec::new(),
             session_command: None,
             api_secret: false,
+            displays: None,
         }
     }
 }
@@ -88,6 +91,7 @@ impl Rig {
                     ip: ip.into(),
                     secret_file: Some(secret.clone()),
                     session_command: opts.session_command.clone(),
+                    displays: opts.displays,
                     ..Default::default()
                 })
                 .await,

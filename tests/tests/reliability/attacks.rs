@@ -676,6 +676,12 @@ async fn attacks() {
             Box::pin(wrong_own_role()),
         ),
         (
+            "The original's HTTP route without the right credentials",
+            "GET /vncdispatch/USER/IP: plaintext on loopback with --api-secret-file, without the secret and with a wrong one; over mutual TLS with a proxy's certificate, with none, and with a portal's",
+            "401, 401, 403 (PERMISSION_DENIED, as the Dispatch RPC answers that role), no answer without a certificate, and no desktop until the portal's certificate gets one",
+            Box::pin(crate::http_route::without_credentials()),
+        ),
+        (
             "ws-proxy to a remote dispatcher in clear",
             "ws-proxy --dispatcher http://, HTTP:// and an IPv6 http:// URL off loopback, no TLS flags",
             "refused at start (64)",

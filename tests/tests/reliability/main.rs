@@ -13,7 +13,8 @@
 //! - [`websocket`]: WebSocket and HTTP abuse of ws-proxy, and its restart under load.
 //! - [`load`]: many clients over many users with a dispatcher restart.
 //! - [`secrets`]: every path a secret travels, then a search for it everywhere.
-//! - [`attacks`]: identities and encryption: roles, certificates, plaintext, fake agents.
+//! - [`attacks`]: identities and encryption: roles, certificates, plaintext, fake agents,
+//!   the original's HTTP route ([`http_route`]).
 //! - `local_user` (its own binary, `tests/local_user.rs`, as one of its cases takes
 //!   /tmp/.X11-unix from root for a while): a desktop user against the root agent.
 //!
@@ -24,6 +25,7 @@ mod bad_input;
 mod display_process;
 mod distributed;
 mod filesystem;
+mod http_route;
 mod load;
 mod secrets;
 mod tokens;

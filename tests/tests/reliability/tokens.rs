@@ -1,5 +1,6 @@
 //! Tokens: guessing them at the dispatcher and through ws-proxy, a near miss, more
-//! connections per token than allowed, and a token used after EndSession and after expiry.
+//! connections per token than allowed, a token used after EndSession and after expiry, and a
+//! stale token of a dead desktop whose port another user's desktop now has.
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tonic::Code;
@@ -9,6 +10,7 @@ use vncdispatch_tests::reliability::ws::{close_code, close_released, ws_from};
 use vncdispatch_tests::reliability::{Log, Record};
 use vncdispatch_tests::require_root_and_tigervnc;
 use vncdispatch_tests::rig::{Rig, UserDesktop};
+use vncdispatch_tests::users::TestUser;
 use vncdispatch_tests::wsproxy::WsProxyProc;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -225,5 +227,90 @@ async fn tokens() {
         Log::new("agent log", s.agent().log()),
         Log::new("ws-proxy log", proxy.log()),
     ]);
+    stale_token_on_a_reused_display(&rec).await;
     rec.finish();
+}
+
+/// A stale token whose Xvnc died, held by someone who tries it once the display (and so the
+/// RFB port the token's session names) belongs to another user's desktop.
+async fn stale_token_on_a_reused_display(rec: &Record) {
+    use vncdispatch_proto::v1::{DispatchRequest, SessionHistoryRequest};
+    use vncdispatch_tests::rig::RigOptions;
+    use vncdispatch_tests::{eventually, procs};
+    let first = 900 + std::process::id() % 50;
+    let s = Rig::start(RigOptions {
+        displays: Some((first, 1)),
+        ..Default::default()
+    })
+    .await;
+    let proxy = WsProxyProc::start(&[
+        "--dispatcher".into(),
+        format!("http://{}", s.dispatcher.addr),
+        "--auth-proxy".into(),
+    ])
+    .await;
+    let (alice, bob) = (TestUser::create(), TestUser::create());
+    let mut c = s.client().await;
+    let dispatch = |name: &str| DispatchRequest {
+        username: name.to_owned(),
+        remote_ip: "192.0.2.1".into(),
+    };
+    let a = c
+        .dispatch(dispatch(&alice.name))
+        .await
+        .expect("alice's desktop")
+        .into_inner();
+    rec.faults(1);
+    for x in procs::xvnc_of(alice.uid) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(x.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let gone = eventually(10, || procs::xvnc_of(alice.uid).is_empty()).await;
+    let b = c
+        .dispatch(dispatch(&bob.name))
+        .await
+        .expect("bob's desktop")
+        .into_inner();
+    let resolved = c
+        .resolve_token(ResolveTokenRequest {
+            token: a.token.clone(),
+            attached: true,
+        })
+        .await;
+    let relayed = match ws_from(proxy.addr, [127, 0, 0, 1], &a.token).await {
+        Err(status) => status.to_string(),
+        Ok(mut ws) => format!(
+            "relayed: {:?}",
+            vncdispatch_tests::reliability::ws::rfb_through_auth_proxy(&mut ws, 5).await
+        ),
+    };
+    let reason = c
+        .session_history(SessionHistoryRequest {
+            username: alice.name.clone(),
+            limit: 1,
+        })
+        .await
+        .ok()
+        .and_then(|h| h.into_inner().sessions.into_iter().next())
+        .map(|e| e.reason)
+        .unwrap_or_default();
+    rec.bad_inputs(2);
+    rec.case(
+        "a stale token of a dead desktop, its port now another user's",
+        "one display: alice's Xvnc killed, bob dispatched onto the same display and port, then alice's token to the dispatcher (as an attached re-check) and through ws-proxy",
+        "NotFound and 403: a token is checked against its Xvnc (pid and start time), never against whatever listens on the port now; alice's history says xvnc_died; bob's desktop untouched",
+        &format!(
+            "killed: {gone}; bob on the same port: {}; ResolveToken {}; ws-proxy {relayed}; history {reason:?}; bob's Xvnc {}",
+            (b.display, b.port) == (a.display, a.port),
+            code(&resolved),
+            procs::xvnc_of(bob.uid).len()
+        ),
+        gone && (b.display, b.port) == (a.display, a.port)
+            && resolved.as_ref().err().map(|e| e.code()) == Some(Code::NotFound)
+            && relayed == "403"
+            && reason == "xvnc_died"
+            && procs::xvnc_of(bob.uid).len() == 1,
+    );
 }
