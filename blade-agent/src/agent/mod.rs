@@ -407,14 +407,21 @@ impl Agent {
 
     /// Every Xvnc on the blade that is a desktop of a desktop user: owned by an account in the
     /// allowed uid range and checking a VNC password file (the fast path passes `~/.vncpasswd`;
-    /// the vncserver wrapper a private copy of it).
-    /// A /proc scan and NSS lookups: run on a blocking thread.
+    /// the vncserver wrapper a private copy of it). Only desktops in this agent's display range
+    /// are its own: another agent on the same host (tests, a second range) keeps its
+    /// desktops, and no stop or reuse here reaches them. A /proc scan and NSS lookups: run on
+    /// a blocking thread.
     async fn desktops(&self) -> Result<Vec<(Account, RunningXvnc)>, AgentError> {
         let (comm, uids) = (self.xvnc_comm(), self.uids());
+        let range = self.cfg.display_first..=self.cfg.display_last();
         blocking(move || {
             let mut accounts: HashMap<u32, Option<Account>> = HashMap::new();
             let mut out = Vec::new();
-            for running in discover::scan(&comm).map_err(|e| AgentError::io("reading /proc", e))? {
+            for running in discover::scan(&comm)
+                .map_err(|e| AgentError::io("reading /proc", e))?
+                .into_iter()
+                .filter(|r| range.contains(&r.display))
+            {
                 let account = accounts
                     .entry(running.uid)
                     .or_insert_with(|| account::lookup_uid(running.uid, uids).ok())
