@@ -1,10 +1,18 @@
-//! ws-proxy vs Debian's websockify vs raw TCP on loopback, in one run, against the same TCP
-//! echo server: throughput with 64 KiB and 1 KiB messages (1 and 8 connections), round trip
-//! p50/p99 with 64-byte messages, memory per idle connection, connections opened per second.
+//! ws-proxy against the limit and its peers, in one run, against the same TCP echo server:
+//! raw TCP (no hop), a one-hop TCP relay (tokio's `copy_bidirectional_with_sizes`, 64 KiB
+//! buffers, in a process of its own: the fair limit, as every proxy pays its extra hop),
+//! ws-proxy, optionally an earlier ws-proxy build, Debian's websockify, and websocat when it
+//! is installed. Throughput with 64 KiB and 1 KiB messages (1 and 8 connections), CPU seconds
+//! per GiB relayed, round trip p50/p99 with 64-byte messages, memory per idle connection,
+//! connections opened per second.
 //!
-//! Run: `cargo bench -p vncdispatch-tests --bench relay` (BENCH_MIB per throughput cell,
-//! default 64; BENCH_IDLE idle connections for ws-proxy, default 10000 or what the file
-//! descriptor limit allows).
+//! Run: `cargo build --release --workspace && cargo bench -p vncdispatch-tests --bench relay`
+//! (the bench runs the release `ws-proxy` binary, which `cargo bench` does not rebuild). `BENCH_MIB` per throughput cell
+//! (default 64); `BENCH_ROUNDS` (default 3): each cell is measured that many times, the ways
+//! taking turns, and the median shown; `BENCH_IDLE` idle connections for ws-proxy (default
+//! 10000 or what the file descriptor limit allows); `BENCH_BASELINE=/path/to/ws-proxy` adds a
+//! column for another build (the one before a change); `websocat` on PATH or in ~/.cargo/bin
+//! adds its column (`cargo install websocat`).
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -12,92 +20,173 @@ use vncdispatch_tests::agent::free_port;
 use vncdispatch_tests::bench::{self, Conn, wait_port};
 use vncdispatch_tests::workspace_bin;
 
-#[derive(Clone, Copy, PartialEq)]
-enum Way {
-    Raw,
-    WsProxy,
-    Websockify,
+/// Environment variable that makes this binary the one-hop relay: `LISTEN_PORT:TARGET_PORT`.
+const ONE_HOP: &str = "VNCDISPATCH_BENCH_ONE_HOP";
+
+/// A way to the echo server, and the process (if any) doing the relaying.
+struct Way {
+    name: &'static str,
+    /// Raw TCP when None; else the port of a relay.
+    port: Option<u16>,
+    /// WebSocket (true) or TCP (false) at `port`.
+    ws: bool,
+    /// The relay process, for CPU and memory.
+    child: Option<Child>,
 }
 
-struct Setup {
-    echo: u16,
-    ws_proxy: u16,
-    websockify: u16,
-    children: Vec<Child>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Setup {
+impl Drop for Way {
     fn drop(&mut self) {
-        for c in &mut self.children {
+        if let Some(c) = &mut self.child {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 }
 
-async fn setup() -> Setup {
-    let echo = vncdispatch_tests::echo_server().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let tokens = dir.path().join("tokens");
-    std::fs::write(&tokens, format!("bench: 127.0.0.1:{echo}\n")).expect("tokens");
-    let (ws_proxy, websockify) = (
-        free_port([127, 0, 0, 1].into()),
-        free_port([127, 0, 0, 1].into()),
-    );
-    let p = Command::new(workspace_bin("ws-proxy"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{ws_proxy}"),
-            "--token-file",
-        ])
-        .arg(&tokens)
-        .args([
-            "--max-per-token",
-            "1000000",
-            "--max-per-ip",
-            "1000000",
-            "--max-message",
-            "1048576",
-        ])
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ws-proxy");
-    let w = Command::new("websockify")
-        .args(["--token-plugin", "TokenFile", "--token-source"])
-        .arg(&tokens)
-        .arg(format!("127.0.0.1:{websockify}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("websockify (Debian package websockify)");
-    wait_port(ws_proxy).await;
-    wait_port(websockify).await;
-    Setup {
-        echo,
-        ws_proxy,
-        websockify,
-        children: vec![p, w],
-        _dir: dir,
+impl Way {
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    async fn connect(&self, echo: u16) -> Conn {
+        match (self.port, self.ws) {
+            (Some(port), true) => {
+                let url = format!("ws://127.0.0.1:{port}/websockify?token=bench");
+                Conn::Ws(Box::new(bench::ws_connect(&url).await.expect("ws connect")))
+            }
+            (port, _) => {
+                let t = TcpStream::connect(("127.0.0.1", port.unwrap_or(echo)))
+                    .await
+                    .expect("connect");
+                let _ = t.set_nodelay(true);
+                Conn::Tcp(t)
+            }
+        }
     }
 }
 
-async fn connect(s: &Setup, way: Way) -> Conn {
-    let port = match way {
-        Way::Raw => {
-            let t = TcpStream::connect(("127.0.0.1", s.echo))
-                .await
-                .expect("connect");
-            let _ = t.set_nodelay(true);
-            return Conn::Tcp(t);
+/// Starts `cmd` quietly as the relay on `port`.
+async fn relay(name: &'static str, port: u16, ws: bool, mut cmd: Command) -> Way {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    wait_port(port).await;
+    Way {
+        name,
+        port: Some(port),
+        ws,
+        child: Some(child),
+    }
+}
+
+fn port() -> u16 {
+    free_port([127, 0, 0, 1].into())
+}
+
+fn ws_proxy(bin: &std::path::Path, port: u16, tokens: &std::path::Path) -> Command {
+    let mut c = Command::new(bin);
+    c.args([
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--token-file",
+    ])
+    .arg(tokens)
+    .args([
+        "--max-per-token",
+        "1000000",
+        "--max-per-ip",
+        "1000000",
+        "--max-message",
+        "1048576",
+    ])
+    .env("RUST_LOG", "warn");
+    c
+}
+
+fn websocat() -> Option<std::path::PathBuf> {
+    let home = std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cargo/bin"));
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(home)
+        .map(|d| d.join("websocat"))
+        .find(|p| p.is_file())
+}
+
+async fn ways(echo: u16, tokens: &std::path::Path) -> Vec<Way> {
+    let mut ways = vec![Way {
+        name: "raw TCP",
+        port: None,
+        ws: false,
+        child: None,
+    }];
+    let p = port();
+    let mut hop = Command::new(std::env::current_exe().expect("own binary"));
+    hop.env(ONE_HOP, format!("{p}:{echo}"));
+    ways.push(relay("one-hop TCP", p, false, hop).await);
+    let p = port();
+    ways.push(
+        relay(
+            "ws-proxy",
+            p,
+            true,
+            ws_proxy(&workspace_bin("ws-proxy"), p, tokens),
+        )
+        .await,
+    );
+    if let Some(old) = std::env::var_os("BENCH_BASELINE") {
+        let p = port();
+        let cmd = ws_proxy(std::path::Path::new(&old), p, tokens);
+        ways.push(relay("ws-proxy before", p, true, cmd).await);
+    }
+    let p = port();
+    let mut w = Command::new("websockify");
+    w.args(["--token-plugin", "TokenFile", "--token-source"])
+        .arg(tokens)
+        .arg(format!("127.0.0.1:{p}"));
+    ways.push(relay("websockify", p, true, w).await);
+    if let Some(bin) = websocat() {
+        let p = port();
+        let mut w = Command::new(bin);
+        w.args([
+            "-b",
+            "-E",
+            &format!("ws-l:127.0.0.1:{p}"),
+            &format!("tcp:127.0.0.1:{echo}"),
+        ]);
+        ways.push(relay("websocat", p, true, w).await);
+    }
+    ways
+}
+
+/// The one-hop relay: every accepted connection copied both ways to the target.
+fn one_hop(spec: &str) {
+    let (listen, target) = spec.split_once(':').expect("LISTEN:TARGET");
+    let target: u16 = target.parse().expect("target port");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(format!("127.0.0.1:{listen}"))
+            .await
+            .expect("bind");
+        loop {
+            let Ok((mut c, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut t) = TcpStream::connect(("127.0.0.1", target)).await else {
+                    return;
+                };
+                let _ = (c.set_nodelay(true), t.set_nodelay(true));
+                let _ =
+                    tokio::io::copy_bidirectional_with_sizes(&mut c, &mut t, 65536, 65536).await;
+            });
         }
-        Way::WsProxy => s.ws_proxy,
-        Way::Websockify => s.websockify,
-    };
-    let url = format!("ws://127.0.0.1:{port}/websockify?token=bench");
-    Conn::Ws(Box::new(bench::ws_connect(&url).await.expect("ws connect")))
+    });
 }
 
 fn rss_kib(pids: &[u32]) -> u64 {
@@ -111,6 +200,15 @@ fn rss_kib(pids: &[u32]) -> u64 {
         .sum()
 }
 
+/// Fields after the command name in /proc/PID/stat.
+fn stat_fields(pid: u32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.to_owned()))
+        .map(|r| r.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
 /// The process and its children (websockify forks one per connection).
 fn family(root: u32) -> Vec<u32> {
     let mut out = vec![root];
@@ -119,13 +217,7 @@ fn family(root: u32) -> Vec<u32> {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
-            let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')
-                        .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok())
-                });
-            if ppid == Some(root) {
+            if stat_fields(pid).get(1).and_then(|p| p.parse().ok()) == Some(root) {
                 out.push(pid);
             }
         }
@@ -133,11 +225,40 @@ fn family(root: u32) -> Vec<u32> {
     out
 }
 
-async fn idle_kib_per_conn(s: &Setup, way: Way, pid: u32, n: usize) -> f64 {
+/// CPU seconds (user + system) the process has used, with its reaped children's and those of
+/// its live children (websockify's per-connection forks).
+fn cpu_secs(root: u32) -> f64 {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let ticks = |pid: u32, with_reaped: bool| -> u64 {
+        let f = stat_fields(pid);
+        // utime, stime, cutime, cstime are fields 14..17 of stat, 11..14 after the name.
+        let n = if with_reaped { 4 } else { 2 };
+        f.iter()
+            .skip(11)
+            .take(n)
+            .filter_map(|x| x.parse::<u64>().ok())
+            .sum()
+    };
+    let mut t = ticks(root, true);
+    for child in family(root).into_iter().skip(1) {
+        t += ticks(child, false);
+    }
+    t as f64 / hz
+}
+
+async fn idle_kib_per_conn(way: &Way, echo: u16, n: usize) -> f64 {
+    let Some(pid) = way.pid() else {
+        return f64::NAN;
+    };
     let before = rss_kib(&family(pid));
     let mut held = Vec::with_capacity(n);
     for _ in 0..n {
-        held.push(connect(s, way).await);
+        let mut c = way.connect(echo).await;
+        bench::echo_once(&mut c).await;
+        held.push(c);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(&family(pid));
@@ -145,8 +266,31 @@ async fn idle_kib_per_conn(s: &Setup, way: Way, pid: u32, n: usize) -> f64 {
     after.saturating_sub(before) as f64 / n as f64
 }
 
+/// One table row: a label, then one cell per way and the ws-proxy / one-hop ratio.
+fn row(label: &str, cells: &[f64], precision: usize) {
+    let mut line = format!("{label:<30}");
+    for c in cells {
+        if c.is_nan() {
+            line.push_str(&format!(" {:>11}", "-"));
+        } else {
+            line.push_str(&format!(" {c:>11.precision$}"));
+        }
+    }
+    let ratio = cells[2] / cells[1];
+    line.push_str(&format!(" {ratio:>11.2}"));
+    println!("{line}");
+}
+
 fn main() {
+    if let Ok(spec) = std::env::var(ONE_HOP) {
+        return one_hop(&spec);
+    }
     let mib = bench::mib_per_cell();
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     // Each idle connection costs this process two descriptors (client and echo side): stay
     // within the hard limit (20,000 on these machines).
     let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
@@ -160,33 +304,73 @@ fn main() {
         .min(fits);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let s = setup().await;
-        let ways = [("raw TCP", Way::Raw), ("ws-proxy", Way::WsProxy), ("websockify", Way::Websockify)];
-        println!("\nrelay bench: echo target on loopback, {mib} MiB per throughput cell");
-        println!("{:<34} {:>12} {:>12} {:>12}", "measure", "raw TCP", "ws-proxy", "websockify");
+        let echo = vncdispatch_tests::echo_server().await;
+        let dir = tempfile::tempdir().expect("dir");
+        let tokens = dir.path().join("tokens");
+        std::fs::write(&tokens, format!("bench: 127.0.0.1:{echo}\n")).expect("tokens");
+        let ways = ways(echo, &tokens).await;
+        println!(
+            "\nrelay bench: echo target on loopback, {mib} MiB per throughput cell, median of {rounds} rounds (ways take turns)"
+        );
+        let mut head = format!("{:<30}", "measure");
+        for w in &ways {
+            head.push_str(&format!(" {:>11}", w.name));
+        }
+        head.push_str(&format!(" {:>11}", "ws-proxy/1hop"));
+        println!("{head}");
+        let mut cpu = vec![0.0; ways.len()];
+        let mut relayed_gib = 0.0;
         for (msg, conns) in [(65536, 1), (65536, 8), (1024, 1), (1024, 8)] {
-            let mut cells = Vec::new();
-            for (_, w) in ways {
-                cells.push(bench::throughput(|| connect(&s, w), msg, conns, mib).await);
+            let mut samples = vec![Vec::new(); ways.len()];
+            for _ in 0..rounds {
+                for (i, w) in ways.iter().enumerate() {
+                    let before = w.pid().map(cpu_secs);
+                    let mibs = bench::throughput(|| w.connect(echo), msg, conns, mib).await;
+                    if let (Some(b), Some(pid)) = (before, w.pid()) {
+                        cpu[i] += cpu_secs(pid) - b;
+                    }
+                    samples[i].push(mibs);
+                }
+                relayed_gib += mib as f64 / 1024.0;
             }
-            println!("{:<34} {:>12.0} {:>12.0} {:>12.0}", format!("MiB/s, {} KiB msgs, {conns} conn", msg / 1024), cells[0], cells[1], cells[2]);
+            let cells: Vec<f64> = samples.into_iter().map(bench::median).collect();
+            row(
+                &format!("MiB/s, {} KiB msgs, {conns} conn", msg / 1024),
+                &cells,
+                0,
+            );
         }
-        let mut rt_cells = Vec::new();
-        for (_, w) in ways {
-            rt_cells.push(bench::round_trips(connect(&s, w).await, 5000).await);
+        let per_gib: Vec<f64> = ways
+            .iter()
+            .zip(&cpu)
+            .map(|(w, c)| if w.pid().is_some() { c / relayed_gib } else { f64::NAN })
+            .collect();
+        row("CPU s per GiB relayed", &per_gib, 2);
+        let mut p50 = Vec::new();
+        let mut p99 = Vec::new();
+        for w in &ways {
+            let (a, b) = bench::round_trips(w.connect(echo).await, 5000).await;
+            p50.push(a);
+            p99.push(b);
         }
-        println!("{:<34} {:>12.0} {:>12.0} {:>12.0}", "round trip p50 µs, 64 B", rt_cells[0].0, rt_cells[1].0, rt_cells[2].0);
-        println!("{:<34} {:>12.0} {:>12.0} {:>12.0}", "round trip p99 µs, 64 B", rt_cells[0].1, rt_cells[1].1, rt_cells[2].1);
-        let wsp = idle_kib_per_conn(&s, Way::WsProxy, s.children[0].id(), idle).await;
-        let wsf_n = 300;
-        let wsf = idle_kib_per_conn(&s, Way::Websockify, s.children[1].id(), wsf_n).await;
-        println!("{:<34} {:>12} {:>12.1} {:>12.1}", "RSS KiB per idle connection", "-", wsp, wsf);
-        println!("(idle: {idle} connections held through ws-proxy; {wsf_n} through websockify, which forks a process per connection)");
+        row("round trip p50 µs, 64 B", &p50, 0);
+        row("round trip p99 µs, 64 B", &p99, 0);
+        let mut rss = Vec::new();
+        let forks_n = 300;
+        for w in &ways {
+            // websockify forks a process per connection: a few hundred tell its cost.
+            let n = if w.name == "websockify" { forks_n } else { idle };
+            rss.push(idle_kib_per_conn(w, echo, n).await);
+        }
+        row("RSS KiB per idle connection", &rss, 1);
+        println!(
+            "(idle: {idle} connections held through each relay after one 64-byte echo each; {forks_n} through websockify, which forks a process per connection)"
+        );
         // Last: it leaves tens of thousands of loopback ports in TIME_WAIT.
-        let mut open_cells = Vec::new();
-        for (_, w) in ways {
-            open_cells.push(bench::opens_per_sec(|| connect(&s, w), 2.0).await);
+        let mut opens = Vec::new();
+        for w in &ways {
+            opens.push(bench::opens_per_sec(|| w.connect(echo), 2.0).await);
         }
-        println!("{:<34} {:>12.0} {:>12.0} {:>12.0}", "connections opened per s", open_cells[0], open_cells[1], open_cells[2]);
+        row("connections opened per s", &opens, 0);
     });
 }

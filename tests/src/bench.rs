@@ -171,6 +171,31 @@ pub async fn round_trips(conn: Conn, n: usize) -> (f64, f64) {
     (us(lat[n / 2]), us(lat[n * 99 / 100]))
 }
 
+/// One 64-byte message echoed on `conn`: what a connection that has carried something (and
+/// so has whatever buffers the relay keeps after use) costs while it then sits idle.
+pub async fn echo_once(conn: &mut Conn) {
+    match conn {
+        Conn::Tcp(t) => {
+            let mut buf = [0u8; 64];
+            t.write_all(&[1u8; 64]).await.expect("write");
+            t.read_exact(&mut buf).await.expect("read");
+        }
+        Conn::Ws(ws) => {
+            ws.send(Message::Binary(vec![1u8; 64].into()))
+                .await
+                .expect("send");
+            let mut got = 0;
+            while got < 64 {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(b))) => got += b.len(),
+                    Some(Ok(_)) => {}
+                    other => panic!("relay ended: {other:?}"),
+                }
+            }
+        }
+    }
+}
+
 /// Connections from `connect` opened (and dropped) one after another for `secs` seconds; per s.
 pub async fn opens_per_sec<F, Fut>(mut connect: F, secs: f64) -> f64
 where

@@ -1,14 +1,18 @@
 //! The relay: WebSocket binary messages to the VNC server's TCP stream and back.
 //!
 //! Backpressure, not buffering: each direction awaits its write before reading more, so a slow
-//! browser slows the VNC server down instead of growing memory. Pings every `ping_interval`
+//! browser slows the VNC server down instead of growing memory. Within that, what is already
+//! there goes out together: browser messages received back to back are one write to the VNC
+//! server, and what the server has ready is fed as messages and flushed once (1 KiB messages
+//! cost a syscall per batch, not per message; `docs/bench/relay.txt`). Pings every `ping_interval`
 //! keep middleboxes from dropping idle connections; a client that neither sends nor answers
 //! for `idle_timeout` is closed. Every `recheck_interval` the token is re-checked with the
 //! dispatcher as *attached*, which renews the session's lease: a desktop in use is never cut
 //! at its token's expiry. The connection closes when a re-check finds the session ended, and
 //! on forced shutdown.
 use crate::token::TokenSource;
-use futures_util::{SinkExt, StreamExt};
+use bytes::BytesMut;
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -58,26 +62,38 @@ pub enum Upstream {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-/// Reads what the VNC server sent into `buf`, which is allocated on the first byte so that
+/// Reads what the VNC server sent into `buf`, which is allocated when data arrives so that
 /// an idle connection holds no read buffer.
 trait ChunkRead {
     fn read_chunk<'a>(
         &'a mut self,
-        buf: &'a mut Vec<u8>,
+        buf: &'a mut BytesMut,
     ) -> impl std::future::Future<Output = std::io::Result<usize>> + Send + 'a;
 }
 
 /// Size of the read buffer towards the VNC server.
 const READ_BUF: usize = 64 * 1024;
+/// Most fed to the browser before a flush: what was readable at once is sent in one write,
+/// up to this much (backpressure still holds: the flush is awaited before reading more).
+const DOWN_BATCH: usize = 256 * 1024;
+/// The buffer coalescing browser messages into one write to the VNC server (input events are
+/// a few bytes each); larger messages go straight through.
+const UP_BUF: usize = 16 * 1024;
+
+/// Room for the next read: the spare capacity left after the last chunk was split off, or a
+/// fresh buffer (which reuses the old allocation once the sent chunks are gone).
+fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_BUF / 4 {
+        buf.reserve(READ_BUF);
+    }
+}
 
 impl ChunkRead for tokio::net::tcp::OwnedReadHalf {
-    async fn read_chunk(&mut self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    async fn read_chunk(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         loop {
             self.readable().await?;
-            if buf.is_empty() {
-                buf.resize(READ_BUF, 0);
-            }
-            match self.try_read(buf) {
+            make_room(buf);
+            match self.try_read_buf(buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 r => return r,
             }
@@ -86,13 +102,11 @@ impl ChunkRead for tokio::net::tcp::OwnedReadHalf {
 }
 
 impl<T: tokio::io::AsyncRead + Send> ChunkRead for tokio::io::ReadHalf<T> {
-    async fn read_chunk(&mut self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    async fn read_chunk(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         use tokio::io::AsyncReadExt;
         // TLS has records to decrypt; rustls holds its own buffers either way.
-        if buf.is_empty() {
-            buf.resize(READ_BUF, 0);
-        }
-        self.read(buf).await
+        make_room(buf);
+        self.read_buf(buf).await
     }
 }
 
@@ -168,8 +182,19 @@ where
             }
             up_bytes.fetch_add(pending.len() as u64, Ordering::Relaxed);
         }
+        // Messages already received are written together: flushed once none is waiting.
+        let mut tcp_w = tokio::io::BufWriter::with_capacity(UP_BUF, &mut tcp_w);
         loop {
-            match stream.next().await {
+            let next = match stream.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    if tcp_w.flush().await.is_err() {
+                        return close(CloseCode::Away, "VNC server closed the connection");
+                    }
+                    stream.next().await
+                }
+            };
+            match next {
                 Some(Ok(Message::Binary(data))) => {
                     heard();
                     if tcp_w.write_all(&data).await.is_err() {
@@ -187,8 +212,12 @@ where
                 Some(Ok(Message::Text(_))) => {
                     return close(CloseCode::Unsupported, "binary frames only");
                 }
-                // tungstenite has queued the reply to a close; sending it is all that is left.
-                Some(Ok(Message::Close(_))) | None => return None,
+                // tungstenite has queued the reply to a close; sending it (and what the
+                // browser sent before it) is all that is left.
+                Some(Ok(Message::Close(_))) | None => {
+                    let _ = tcp_w.flush().await;
+                    return None;
+                }
                 Some(Ok(Message::Frame(_))) => {}
                 Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e))) => {
                     tracing::warn!(error = %e, "browser sent an oversize message");
@@ -207,21 +236,46 @@ where
 
     // VNC server to browser, with the heartbeat.
     let down = async {
-        // Allocated on the first byte from the server: an idle connection holds no buffer.
-        let mut buf = Vec::new();
+        // Allocated when the server sends: an idle connection holds no buffer.
+        let mut buf = BytesMut::new();
         let mut ping = tokio::time::interval(limits.ping_interval);
         ping.tick().await;
+        let server_closed = || close(CloseCode::Normal, "VNC server closed the connection");
         loop {
             tokio::select! {
-                read = tcp_r.read_chunk(&mut buf) => match read {
-                    Ok(0) | Err(_) => return close(CloseCode::Normal, "VNC server closed the connection"),
-                    Ok(n) => {
-                        if sink.lock().await.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                read = tcp_r.read_chunk(&mut buf) => {
+                    let Ok(n @ 1..) = read else { return server_closed() };
+                    // Each chunk is one message, handed over without a copy; what is readable
+                    // at once goes out in one flush.
+                    let mut sink = sink.lock().await;
+                    let mut fed = 0;
+                    let mut ended = false;
+                    let mut chunk = Some(n);
+                    while let Some(n) = chunk {
+                        if sink.feed(Message::Binary(buf.split().freeze())).await.is_err() {
                             return close(CloseCode::Away, "");
                         }
-                        down_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        down_counter.increment(n as u64);
+                        fed += n;
+                        chunk = None;
+                        if fed < DOWN_BATCH {
+                            match tcp_r.read_chunk(&mut buf).now_or_never() {
+                                Some(Ok(n @ 1..)) => chunk = Some(n),
+                                Some(_) => ended = true,
+                                None => {}
+                            }
+                        }
                     }
+                    if sink.flush().await.is_err() {
+                        return close(CloseCode::Away, "");
+                    }
+                    drop(sink);
+                    down_bytes.fetch_add(fed as u64, Ordering::Relaxed);
+                    down_counter.increment(fed as u64);
+                    if ended {
+                        return server_closed();
+                    }
+                    // Nothing more readable: give the buffer back while the desktop is quiet.
+                    buf = BytesMut::new();
                 },
                 _ = ping.tick() => {
                     if sink.lock().await.send(Message::Ping(Vec::new().into())).await.is_err() {

@@ -218,11 +218,13 @@ pub(super) fn spawn_relay(
 ) {
     let cfg = &proxy.cfg;
     // Small I/O buffers: an idle desktop connection should cost kilobytes, not the 256 KiB
-    // tungstenite's defaults pin per connection.
+    // tungstenite's defaults pin per connection. tungstenite zero-fills its whole read buffer
+    // on every read, so that buffer is what an idle connection keeps: 8 KiB is plenty for what
+    // a browser sends (input events), and a larger message is read whole all the same.
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(cfg.max_message))
         .max_frame_size(Some(cfg.max_message))
-        .read_buffer_size(32 * 1024)
+        .read_buffer_size(8 * 1024)
         .write_buffer_size(16 * 1024);
     let (limits, auth_proxy, cancel, tokens) = (
         cfg.relay.clone(),
