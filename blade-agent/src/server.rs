@@ -61,6 +61,7 @@ pub async fn run(
             }
         })
     };
+    let agent_for_exit = agent.clone();
     let service = BladeAgentServer::new(AgentService::new(agent))
         .max_decoding_message_size(serve::MAX_REQUEST_BYTES);
     let authed = InterceptedService::new(service, move |req| secret.check(req));
@@ -71,6 +72,8 @@ pub async fn run(
         .add_service(authed);
     serve::serve(router, listener, tls, shutdown).await?;
     watcher.abort();
+    let within = agent_for_exit.config().start_timeout + Duration::from_secs(10);
+    agent_for_exit.finish_starts(within).await;
     tracing::info!("blade-agent stopped; desktops keep running");
     Ok(())
 }

@@ -205,6 +205,11 @@ where
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
                     heard();
+                    // Input already received goes first: the sink may be busy with a batch
+                    // to a slow browser for a while.
+                    if tcp_w.flush().await.is_err() {
+                        return close(CloseCode::Away, "VNC server closed the connection");
+                    }
                     // Sends the queued pong.
                     let _ = sink.lock().await.flush().await;
                 }
@@ -245,8 +250,9 @@ where
             tokio::select! {
                 read = tcp_r.read_chunk(&mut buf) => {
                     let Ok(n @ 1..) = read else { return server_closed() };
-                    // Each chunk is one message, handed over without a copy; what is readable
-                    // at once goes out in one flush.
+                    // Each chunk is one message, handed over without a copy of our own
+                    // (tungstenite frames it into its write buffer); what is readable at once
+                    // goes out in one flush (chunks over its 16 KiB buffer are written as fed).
                     let mut sink = sink.lock().await;
                     let mut fed = 0;
                     let mut ended = false;
@@ -274,7 +280,8 @@ where
                     if ended {
                         return server_closed();
                     }
-                    // Nothing more readable: give the buffer back while the desktop is quiet.
+                    // Give the buffer back between bursts: an idle desktop's connection then
+                    // holds none (a burst cut at DOWN_BATCH just allocates the next one).
                     buf = BytesMut::new();
                 },
                 _ = ping.tick() => {

@@ -59,6 +59,9 @@ pub struct Agent {
     /// Desktops this process started (pid, start time), which a display search never stops
     /// as a user's extra X server.
     started: Mutex<HashSet<(u32, u64)>>,
+    /// Starts under way, which shutdown waits for: one whose caller went away must still be
+    /// undone, or its desktop would run on with no session.
+    starts: tokio_util::task::TaskTracker,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -98,6 +101,7 @@ impl Agent {
             seen: Mutex::default(),
             pins: Mutex::default(),
             started: Mutex::default(),
+            starts: tokio_util::task::TaskTracker::new(),
         })
     }
 
@@ -135,7 +139,7 @@ impl Agent {
         let (answer, caller) = tokio::sync::oneshot::channel();
         let this = Arc::clone(self);
         let password = password.to_owned();
-        tokio::spawn(
+        self.starts.spawn(
             async move {
                 let result = this.start_locked(account, &password, geometry).await;
                 if let Err(Ok((_, Some(started)))) = answer.send(result) {
@@ -156,6 +160,24 @@ impl Agent {
                 "start task",
                 std::io::Error::other("ended without an answer"),
             )),
+        }
+    }
+
+    /// Waits, at most `within`, for the starts under way (see [`Agent::start_session`]);
+    /// the server calls this once it has stopped taking calls.
+    pub async fn finish_starts(&self, within: Duration) {
+        self.starts.close();
+        if !self.starts.is_empty() {
+            tracing::info!(starts = self.starts.len(), "waiting for starts under way");
+        }
+        if tokio::time::timeout(within, self.starts.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                starts = self.starts.len(),
+                "starts still under way at exit; a desktop they leave runs with no session until stopped by hand"
+            );
         }
     }
 

@@ -41,9 +41,13 @@ pub async fn close_released(
         let log = proxy.log();
         let active = (log.matches("relaying host=").count())
             .saturating_sub(log.matches("relay ended up=").count());
-        if active <= still_open || std::time::Instant::now() >= until {
+        if active <= still_open {
             return;
         }
+        assert!(
+            std::time::Instant::now() < until,
+            "ws-proxy still relays {active} connections 10 s after the close, {still_open} expected"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

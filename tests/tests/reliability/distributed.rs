@@ -166,11 +166,11 @@ async fn blades_and_dispatcher(rec: &Record, rig: &mut Rig) {
     ]);
 }
 
-/// StartSession callers that give up 40 ms in, as a dispatcher does at its launch deadline or
-/// when killed: by then the agent may have started the session helper, which goes on to
-/// start Xvnc. The agent finishes that start under the user's lock and stops the desktop
-/// again (nobody got its password): a second start for the user waits for it instead of
-/// starting another beside it.
+/// StartSession callers that give up once the agent's session helper runs as the user (as a
+/// dispatcher does at its launch deadline or when killed): the helper goes on to start Xvnc.
+/// The agent finishes that start under the user's lock and stops the desktop again (nobody got
+/// its password): a second start for the user waits for it instead of starting another
+/// beside it.
 async fn caller_gives_up(rec: &Record, agent: &AgentProc) {
     use vncdispatch_proto::v1::{StartSessionRequest, StopSessionRequest};
     let (left, retried) = (TestUser::create(), TestUser::create());
@@ -179,13 +179,35 @@ async fn caller_gives_up(rec: &Record, agent: &AgentProc) {
         password: "gaveup12".into(),
         geometry: None,
     };
+    // The agent's warnings about these two users' starts (its span names the user).
+    let undone = || {
+        agent
+            .log()
+            .lines()
+            .filter(|l| l.contains("the caller went away"))
+            .filter(|l| {
+                [&left, &retried]
+                    .iter()
+                    .any(|u| l.contains(&format!("\"{}\"", u.name)))
+            })
+            .count()
+    };
     let mut a = agent.client().await;
     rec.faults(2);
+    let mut answered_first = Vec::new();
     for u in [&left, &retried] {
         let mut gone = a.clone();
-        let req = start(&u.name);
+        let call = gone.start_session(start(&u.name));
+        let under_way = async {
+            while procs::of_uid(u.uid).is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
         // Dropping the call resets its stream, as a client's deadline or death does.
-        let _ = tokio::time::timeout(Duration::from_millis(40), gone.start_session(req)).await;
+        tokio::select! {
+            r = call => answered_first.push(format!("{}: {}", u.name, code(&r))),
+            _ = under_way => {}
+        }
     }
     // Both the retry and the stop wait for the given-up start to end, under the user's lock.
     let again = a
@@ -201,16 +223,18 @@ async fn caller_gives_up(rec: &Record, agent: &AgentProc) {
         .map(|r| r.into_inner().stopped);
     let retried_xvnc: Vec<u32> = procs::xvnc_of(retried.uid).iter().map(|p| p.pid).collect();
     let left_xvnc = procs::xvnc_of(left.uid).len();
-    let undone = agent.log().matches("the caller went away").count();
+    let undone = undone();
     rec.case(
         "a StartSession caller that gives up mid-start",
-        "two users' StartSession calls dropped 40 ms in (the helper may already run); one user asks again, the other never does",
-        "the user who asked again has one desktop, the one the retry reported; the other has none and there was nothing left to stop",
+        "two users' StartSession calls dropped once the session helper runs as the user; one user asks again, the other never does",
+        "both starts undone by the agent; the user who asked again has one desktop, the one the retry reported; the other has none and there was nothing left to stop",
         &format!(
-            "retry {}: Xvnc pids {retried_xvnc:?}; other user: stop found one {stopped:?}, Xvnc {left_xvnc}; starts undone {undone}",
+            "answered before the drop: {answered_first:?}; starts undone {undone}; retry {}: Xvnc pids {retried_xvnc:?}; other user: stop found one {stopped:?}, Xvnc {left_xvnc}",
             again.as_ref().map(|s| s.vnc_pid.to_string()).unwrap_or_else(|e| format!("{:?}", e.code())),
         ),
-        again.as_ref().is_ok_and(|s| retried_xvnc == [s.vnc_pid])
+        answered_first.is_empty()
+            && undone == 2
+            && again.as_ref().is_ok_and(|s| retried_xvnc == [s.vnc_pid])
             && matches!(stopped, Ok(false))
             && left_xvnc == 0,
     );

@@ -239,7 +239,6 @@ pub(super) fn spawn_relay(
     } = opened;
     proxy.tasks.spawn(tracing::Instrument::instrument(
         async move {
-            let _slot = slot;
             let upgraded = match hyper::upgrade::on(req).await {
                 Ok(u) => u,
                 Err(e) => {
@@ -279,6 +278,9 @@ pub(super) fn spawn_relay(
             )
             .await;
             active.decrement(1.0);
+            // Freed before the log line says so: whoever reads the log may count on it. On
+            // every earlier return the slot is freed as the task ends.
+            drop(slot);
             tracing::info!(up = stats.up, down = stats.down, "relay ended");
         },
         span,
