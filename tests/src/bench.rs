@@ -136,35 +136,12 @@ where
 }
 
 /// Round trips of 64-byte messages on `conn`, `n` times: (p50, p99) in µs.
-pub async fn round_trips(conn: Conn, n: usize) -> (f64, f64) {
+pub async fn round_trips(mut conn: Conn, n: usize) -> (f64, f64) {
     let mut lat = Vec::with_capacity(n);
-    match conn {
-        Conn::Tcp(mut t) => {
-            let mut buf = [0u8; 64];
-            for _ in 0..n {
-                let start = Instant::now();
-                t.write_all(&[1u8; 64]).await.expect("write");
-                t.read_exact(&mut buf).await.expect("read");
-                lat.push(start.elapsed());
-            }
-        }
-        Conn::Ws(mut ws) => {
-            for _ in 0..n {
-                let start = Instant::now();
-                ws.send(Message::Binary(vec![1u8; 64].into()))
-                    .await
-                    .expect("send");
-                let mut got = 0;
-                while got < 64 {
-                    match ws.next().await {
-                        Some(Ok(Message::Binary(b))) => got += b.len(),
-                        Some(Ok(_)) => {}
-                        other => panic!("relay ended: {other:?}"),
-                    }
-                }
-                lat.push(start.elapsed());
-            }
-        }
+    for _ in 0..n {
+        let start = Instant::now();
+        echo_once(&mut conn).await;
+        lat.push(start.elapsed());
     }
     lat.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
