@@ -158,7 +158,7 @@ async fn blades_and_dispatcher(rec: &Record, rig: &mut Rig) {
         &format!("{again:?}; {}", shown_agreement(&agreed)),
         again.get("OK") == Some(&crowd.len()) && agrees(&agreed),
     );
-    caller_gives_up(rec, agents[0]).await;
+    caller_gives_up(rec, &rig.secret).await;
     rec.scan_secrets(&[
         Log::new("dispatcher log", d.log()),
         Log::new("agent b1 log", agents[0].log()),
@@ -166,13 +166,31 @@ async fn blades_and_dispatcher(rec: &Record, rig: &mut Rig) {
     ]);
 }
 
-/// StartSession callers that give up once the agent's session helper runs as the user (as a
-/// dispatcher does at its launch deadline or when killed): the helper goes on to start Xvnc.
-/// The agent finishes that start under the user's lock and stops the desktop again (nobody got
-/// its password): a second start for the user waits for it instead of starting another
-/// beside it.
-async fn caller_gives_up(rec: &Record, agent: &AgentProc) {
+/// StartSession callers that give up while the desktop starts (as a dispatcher does at its
+/// launch deadline or when killed): the session helper goes on to start Xvnc. The agent
+/// finishes that start under the user's lock and stops the desktop again (nobody got its
+/// password): a second start for the user waits for it instead of starting another beside it.
+/// The agent's Xvnc is a wrapper that waits 1 s before it runs Xtigervnc, so the calls are
+/// surely dropped (once the user's first process shows) well before the desktop is ready.
+async fn caller_gives_up(rec: &Record, secret: &Path) {
+    use std::os::unix::fs::PermissionsExt;
     use vncdispatch_proto::v1::{StartSessionRequest, StopSessionRequest};
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // Named as the real one: the agent finds desktops by that process name.
+    let slow_xvnc = dir.path().join("Xtigervnc");
+    std::fs::write(
+        &slow_xvnc,
+        "#!/bin/sh\nsleep 1\nexec /usr/bin/Xtigervnc \"$@\"\n",
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(&slow_xvnc, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let agent = AgentProc::start(AgentOptions {
+        secret_file: Some(secret.to_owned()),
+        extra: vec!["--xvnc".into(), slow_xvnc.display().to_string()],
+        ..Default::default()
+    })
+    .await;
     let (left, retried) = (TestUser::create(), TestUser::create());
     let start = |name: &str| StartSessionRequest {
         username: name.to_owned(),
