@@ -394,15 +394,12 @@ impl Agent {
             ))
         })
         .await?;
+        // Both are in the range: desktops() keeps to it, and displays are reserved from it.
         let used: HashSet<u32> = live
             .iter()
             .map(|(_, r)| r.display)
             .chain(lock(&self.reserved).iter().copied())
             .collect();
-        let in_range = used
-            .iter()
-            .filter(|d| (self.cfg.display_first..=self.cfg.display_last()).contains(d))
-            .count();
         let mem = |key: &str| -> u64 {
             meminfo
                 .lines()
@@ -419,7 +416,7 @@ impl Agent {
         };
         Ok(AgentHealth {
             sessions: live.len() as u32,
-            free_displays: self.cfg.display_count.saturating_sub(in_range as u32),
+            free_displays: self.cfg.display_count.saturating_sub(used.len() as u32),
             load1,
             mem_available_bytes: mem("MemAvailable:"),
             mem_total_bytes: mem("MemTotal:"),
