@@ -70,6 +70,17 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 
+/// An executable `/bin/sh` script `dir/name` running `body`, in a directory every user may
+/// enter (the agent runs it for desktop users, or as them); its path, as an argument.
+pub fn user_script(dir: &std::path::Path, name: &str, body: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path.display().to_string()
+}
+
 /// True when running as root with TigerVNC installed: the integration tests need both.
 /// Without them the test fails (it does not skip): CI must run them.
 pub fn require_root_and_tigervnc() {

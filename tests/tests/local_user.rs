@@ -535,22 +535,13 @@ async fn fifo_as_the_password_file(rec: &Record) {
     );
 }
 
-/// A helper script in a directory desktop users can enter (the agent runs it for them).
-fn helper_script(dir: &tempfile::TempDir, name: &str, body: &str) -> String {
-    let helper = dir.path().join(name);
-    std::fs::write(&helper, body).expect("helper");
-    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    helper.display().to_string()
-}
-
 async fn flooding_helper(rec: &Record) {
     // What a user who ptraces their own helper could make it say: 100 MiB, no newline.
     let dir = tempfile::tempdir().expect("dir");
-    let helper = helper_script(
-        &dir,
+    let helper = vncdispatch_tests::user_script(
+        dir.path(),
         "flooding-helper",
-        "#!/bin/sh\ncat >/dev/null\nhead -c 104857600 /dev/zero | tr '\\0' A\n",
+        "cat >/dev/null\nhead -c 104857600 /dev/zero | tr '\\0' A",
     );
     let agent = AgentProc::start(AgentOptions {
         displays: Some(range(6, 2)),
@@ -591,11 +582,11 @@ async fn helper_writing_to_stderr(rec: &Record) {
     // The real helper, after a forged log line on stderr: a user controls their helper.
     let dir = tempfile::tempdir().expect("dir");
     let real = vncdispatch_tests::workspace_bin("blade-agent");
-    let helper = helper_script(
-        &dir,
+    let helper = vncdispatch_tests::user_script(
+        dir.path(),
         "chatty-helper",
         &format!(
-            "#!/bin/sh\necho 'ERROR blade_agent: FORGED-BY-USER rm -rf /' >&2\nexec {} \"$@\"\n",
+            "echo 'ERROR blade_agent: FORGED-BY-USER rm -rf /' >&2\nexec {} \"$@\"",
             real.display()
         ),
     );

@@ -7,8 +7,7 @@ use dispatcher::launcher::ssh::{SshConfig, SshLauncher};
 use dispatcher::launcher::{LaunchError, Launched, Launcher};
 use dispatcher::store::{BladeRecord, Method};
 use std::collections::HashSet;
-use std::os::unix::fs::{PermissionsExt, symlink};
-use std::path::Path;
+use std::os::unix::fs::symlink;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use tonic::Code;
@@ -203,15 +202,6 @@ struct Case {
     displays: Option<(u32, u32)>,
 }
 
-/// An executable every user may run, in a directory every user may enter.
-fn script(dir: &Path, name: &str, body: &str) -> String {
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    path.display().to_string()
-}
-
 /// What the dispatcher makes of a launcher's answer: refuse or try the next blade, and the
 /// status code its caller would see.
 fn decision(r: Result<Launched, LaunchError>) -> (Scope, Code, String) {
@@ -267,7 +257,7 @@ async fn every_refusal_kind_gets_the_same_decision_over_grpc_and_ssh() {
     let target = dir.path().join("not-the-users");
     std::fs::write(&target, b"keep me\n").expect("write");
     symlink(&target, unsafe_user.home.join(".vncpasswd")).expect("symlink");
-    let slow_xvnc = script(dir.path(), "slow-xvnc", "exec sleep 30");
+    let slow_xvnc = vncdispatch_tests::user_script(dir.path(), "slow-xvnc", "exec sleep 30");
     // A range of one display whose RFB port (5900 + display) this test holds: none is free.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
     let full_display = u32::from(taken.local_addr().expect("addr").port()) - 5900;

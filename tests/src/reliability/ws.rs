@@ -39,7 +39,9 @@ pub async fn close_released(
     let until = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let log = proxy.log();
-        let active = (log.matches("relaying host=").count())
+        let active = log
+            .matches("relaying host=")
+            .count()
             .saturating_sub(log.matches("relay ended up=").count());
         if active <= still_open {
             return;

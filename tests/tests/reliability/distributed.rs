@@ -173,21 +173,17 @@ async fn blades_and_dispatcher(rec: &Record, rig: &mut Rig) {
 /// The agent's Xvnc is a wrapper that waits 1 s before it runs Xtigervnc, so the calls are
 /// surely dropped (once the user's first process shows) well before the desktop is ready.
 async fn caller_gives_up(rec: &Record, secret: &Path) {
-    use std::os::unix::fs::PermissionsExt;
     use vncdispatch_proto::v1::{StartSessionRequest, StopSessionRequest};
     let dir = tempfile::tempdir().expect("dir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     // Named as the real one: the agent finds desktops by that process name.
-    let slow_xvnc = dir.path().join("Xtigervnc");
-    std::fs::write(
-        &slow_xvnc,
-        "#!/bin/sh\nsleep 1\nexec /usr/bin/Xtigervnc \"$@\"\n",
-    )
-    .expect("wrapper");
-    std::fs::set_permissions(&slow_xvnc, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let slow_xvnc = vncdispatch_tests::user_script(
+        dir.path(),
+        "Xtigervnc",
+        "sleep 1\nexec /usr/bin/Xtigervnc \"$@\"",
+    );
     let agent = AgentProc::start(AgentOptions {
         secret_file: Some(secret.to_owned()),
-        extra: vec!["--xvnc".into(), slow_xvnc.display().to_string()],
+        extra: vec!["--xvnc".into(), slow_xvnc],
         ..Default::default()
     })
     .await;
