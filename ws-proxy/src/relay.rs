@@ -254,23 +254,22 @@ where
                     // (tungstenite frames it into its write buffer); what is readable at once
                     // goes out in one flush (chunks over its 16 KiB buffer are written as fed).
                     let mut sink = sink.lock().await;
-                    let mut fed = 0;
-                    let mut ended = false;
-                    let mut chunk = Some(n);
-                    while let Some(n) = chunk {
+                    let (mut fed, mut n) = (0, n);
+                    // True when the server closed right after what was fed.
+                    let ended = loop {
                         if sink.feed(Message::Binary(buf.split().freeze())).await.is_err() {
                             return close(CloseCode::Away, "");
                         }
                         fed += n;
-                        chunk = None;
-                        if fed < DOWN_BATCH {
-                            match tcp_r.read_chunk(&mut buf).now_or_never() {
-                                Some(Ok(n @ 1..)) => chunk = Some(n),
-                                Some(_) => ended = true,
-                                None => {}
-                            }
+                        if fed >= DOWN_BATCH {
+                            break false;
                         }
-                    }
+                        match tcp_r.read_chunk(&mut buf).now_or_never() {
+                            Some(Ok(more @ 1..)) => n = more,
+                            Some(_) => break true,
+                            None => break false,
+                        }
+                    };
                     if sink.flush().await.is_err() {
                         return close(CloseCode::Away, "");
                     }
