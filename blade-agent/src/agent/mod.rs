@@ -62,6 +62,10 @@ pub struct Agent {
     /// Starts under way, which shutdown waits for: one whose caller went away must still be
     /// undone, or its desktop would run on with no session.
     starts: tokio_util::task::TaskTracker,
+    /// Desktops whose start's caller went away while another call for the same user waited
+    /// for the lock, by user: that call takes the desktop instead of waiting for it to be
+    /// stopped and another started (see [`Agent::caller_gone`]).
+    unclaimed: Mutex<HashMap<String, RunningXvnc>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -102,6 +106,7 @@ impl Agent {
             pins: Mutex::default(),
             started: Mutex::default(),
             starts: tokio_util::task::TaskTracker::new(),
+            unclaimed: Mutex::default(),
         })
     }
 
@@ -117,8 +122,8 @@ impl Agent {
     /// the lock, even if the caller goes away (a deadline, a dispatcher killed mid-call): a
     /// helper already started goes on to start Xvnc, and a second start for the user must
     /// wait for it rather than start another beside it. A desktop started for a caller that
-    /// is gone by then is stopped again, still under the lock: nobody was told its password
-    /// and no session points at it.
+    /// is gone by then goes to the call waiting for the lock, if there is one, and is stopped
+    /// again otherwise: nobody was told its password and no session points at it.
     pub async fn start_session(
         self: &Arc<Self>,
         username: &str,
@@ -141,16 +146,11 @@ impl Agent {
         let password = password.to_owned();
         self.starts.spawn(
             async move {
+                let user = account.name.clone();
                 let result = this.start_locked(account, &password, geometry).await;
                 if let Err(Ok((_, Some(started)))) = answer.send(result) {
-                    tracing::warn!(
-                        display = started.display,
-                        pid = started.pid,
-                        "the caller went away while its desktop started; stopping it (no session points at it)"
-                    );
-                    terminate(&started).await;
+                    this.caller_gone(&user, started, guard).await;
                 }
-                drop(guard);
             }
             .instrument(tracing::Span::current()),
         );
@@ -161,6 +161,43 @@ impl Agent {
                 std::io::Error::other("ended without an answer"),
             )),
         }
+    }
+
+    /// A desktop started for a caller that went away. When another call for the user already
+    /// waits for the lock (a retry, typically), the desktop is left for it: stopping it only
+    /// to start another would make the retry wait twice as long (past a dispatcher's launch
+    /// deadline under load). Otherwise, or when that call went away too before taking it, the
+    /// desktop is stopped: nobody was told its password and no session points at it.
+    async fn caller_gone(&self, user: &str, started: RunningXvnc, guard: UserGuard) {
+        let (shown, pid) = (started.display, started.pid);
+        if !guard.others_waiting() {
+            tracing::warn!(
+                display = shown,
+                pid,
+                "the caller went away while its desktop started; stopping it (no session points at it)"
+            );
+            terminate(&started).await;
+            return;
+        }
+        tracing::info!(
+            display = shown,
+            pid,
+            "the caller went away while its desktop started; leaving it to the call waiting for the same user"
+        );
+        lock(&self.unclaimed).insert(user.to_owned(), started);
+        drop(guard);
+        // The lock is first come, first served: this waits behind the call it was left for.
+        let again = self.lock_user(user).await;
+        let left = lock(&self.unclaimed).remove(user);
+        if let Some(left) = left {
+            tracing::warn!(
+                display = shown,
+                pid,
+                "the call waiting for the user did not take the desktop; stopping it"
+            );
+            terminate(&left).await;
+        }
+        drop(again);
     }
 
     /// Waits, at most `within`, for the starts under way (see [`Agent::start_session`]);
@@ -205,7 +242,16 @@ impl Agent {
                 pid = running.pid,
                 "returning running desktop"
             );
-            return Ok((self.describe(&account.name, &running, true), None));
+            // A desktop left by a start whose caller went away is now this call's to answer
+            // for (see [`Agent::caller_gone`]): undone again if this caller is gone too.
+            let left = {
+                let mut unclaimed = lock(&self.unclaimed);
+                match unclaimed.get(&account.name) {
+                    Some(l) if l.pid == running.pid => unclaimed.remove(&account.name),
+                    _ => None,
+                }
+            };
+            return Ok((self.describe(&account.name, &running, true), left));
         }
         let mut skip = HashSet::new();
         for attempt in 1..=START_ATTEMPTS {
@@ -524,7 +570,7 @@ impl Agent {
         .await?;
         Ok(UserGuard {
             _file: file,
-            _inproc: inproc,
+            inproc,
         })
     }
 }
@@ -585,7 +631,15 @@ fn check_pam_service(service: &str) -> Result<(), AgentError> {
 /// The per-user locks, released on drop.
 struct UserGuard {
     _file: File,
-    _inproc: tokio::sync::OwnedMutexGuard<()>,
+    inproc: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl UserGuard {
+    /// Whether another call for the user waits for this lock (or is about to): the map and
+    /// this guard hold the only other references to it.
+    fn others_waiting(&self) -> bool {
+        Arc::strong_count(tokio::sync::OwnedMutexGuard::mutex(&self.inproc)) > 2
+    }
 }
 
 /// Stops an Xvnc: SIGTERM, then SIGKILL after the grace period. Its helper then ends the
