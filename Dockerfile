@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # One Dockerfile, one build stage, a target per image (docker-compose.yml picks them):
-#   dispatcher, ws-proxy (with Debian's noVNC), blade (blade-agent + TigerVNC + twm).
+#   dispatcher, ws-proxy (with noVNC's library, pinned), blade (blade-agent + TigerVNC + twm).
 # MongoDB runs from the official mongo image; it needs no Dockerfile of ours.
 
 FROM rust:1.95-bookworm AS build
@@ -30,13 +30,16 @@ EXPOSE 7500 9500
 ENTRYPOINT ["dispatcher"]
 CMD ["serve", "--config", "/etc/vncdispatch/dispatcher.toml"]
 
+# noVNC's library as scripts/install-deps.sh installs it: the npm release, pinned by version and
+# checksum (the package has no page of its own; ws-proxy serves its built-in viewer over it).
+FROM debian:bookworm-slim AS novnc
+ADD --checksum=sha256:32689f18d6abe96bc6530828a6bd0b9ae33bda07c083a6575ed255b5a8f2e903 \
+    https://registry.npmjs.org/@novnc/novnc/-/novnc-1.7.0.tgz /tmp/novnc.tgz
+RUN tar -xzf /tmp/novnc.tgz -C /tmp && mv /tmp/package /novnc
+
 FROM debian:bookworm-slim AS ws-proxy
-# Debian's noVNC is what ws-proxy serves by default; apt versions are not pinned on purpose,
-# so a rebuild picks up Debian's security updates (see .hadolint.yaml).
-RUN apt-get update \
- && apt-get install -y --no-install-recommends novnc \
- && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10002 --no-create-home ws-proxy
+RUN useradd --system --uid 10002 --no-create-home ws-proxy
+COPY --from=novnc /novnc /usr/local/share/vncdispatch/novnc
 COPY --from=build /out/ws-proxy /usr/local/bin/ws-proxy
 COPY deploy/config/ws-proxy.toml /etc/vncdispatch/ws-proxy.toml
 USER 10002

@@ -59,6 +59,31 @@ if [ -z "${SKIP_FERRETDB:-}" ] && [ "$(cat "$FERRETDB_BIN.version" 2>/dev/null)"
   echo "$FERRETDB_VERSION" > "$FERRETDB_BIN.version"
 fi
 
+# noVNC's library, pinned by version and checksum, from the npm registry (the package is the
+# library only; ws-proxy brings its own viewer page): ws-proxy serves it by default, and
+# Debian's older novnc package only when this is missing.
+NOVNC_VERSION=1.7.0
+NOVNC_SHA256=32689f18d6abe96bc6530828a6bd0b9ae33bda07c083a6575ed255b5a8f2e903
+NOVNC_DIR="${NOVNC_DIR:-/usr/local/share/vncdispatch/novnc}"
+if [ "$(cat "$NOVNC_DIR/.installed" 2>/dev/null)" != "$NOVNC_VERSION $NOVNC_SHA256" ]; then
+  need_root
+  log "installing noVNC $NOVNC_VERSION from the npm registry"
+  novnc_work=$(mktemp -d)
+  trap 'rm -rf "${work:-}" "$novnc_work"' EXIT
+  (cd "$novnc_work" && npm pack --silent "@novnc/novnc@$NOVNC_VERSION" >/dev/null)
+  tarball="$novnc_work/novnc-novnc-$NOVNC_VERSION.tgz"
+  echo "$NOVNC_SHA256  $tarball" | sha256sum --check --quiet - || {
+    echo "install-deps: @novnc/novnc@$NOVNC_VERSION does not match its pinned checksum" >&2
+    exit 1
+  }
+  tar -xzf "$tarball" -C "$novnc_work"
+  rm -rf "$NOVNC_DIR.new" && mkdir -p "$(dirname "$NOVNC_DIR")"
+  mv "$novnc_work/package" "$NOVNC_DIR.new"
+  chmod -R a+rX,go-w "$NOVNC_DIR.new"
+  echo "$NOVNC_VERSION $NOVNC_SHA256" > "$NOVNC_DIR.new/.installed"
+  rm -rf "$NOVNC_DIR" && mv "$NOVNC_DIR.new" "$NOVNC_DIR"
+fi
+
 # Go tools built from the module proxy, each stamped with its version: NAME VERSION MODULE/PATH.
 go_tool() {
   local bin="/usr/local/bin/$1"

@@ -109,7 +109,7 @@ async fn auth_proxy_mode_shows_the_desktop_without_the_password_in_the_browser()
 
 // A browser whose connection drops (here: ws-proxy killed and started again on its port)
 // comes back by itself: the URL carries noVNC's reconnect options, and in auth-proxy mode no
-// password is needed to get back in.
+// password is needed to get back in. The page reports the noVNC release it runs on.
 #[tokio::test(flavor = "multi_thread")]
 async fn novnc_reconnects_by_itself_after_ws_proxy_restarts() {
     require_root_and_tigervnc();
@@ -126,6 +126,19 @@ async fn novnc_reconnects_by_itself_after_ws_proxy_restarts() {
     assert!(
         b.wait_for(connected, 30).await.expect("eval"),
         "never connected"
+    );
+    // The viewer runs on the noVNC release the install scripts pin, and says which.
+    let pinned = std::fs::read_to_string(vncdispatch_tests::repo().join("scripts/install-deps.sh"))
+        .expect("install-deps.sh")
+        .lines()
+        .find_map(|l| l.strip_prefix("NOVNC_VERSION=").map(str::to_owned))
+        .expect("NOVNC_VERSION in install-deps.sh");
+    assert_eq!(
+        b.eval("document.documentElement.dataset.novncVersion")
+            .await
+            .expect("eval"),
+        serde_json::json!(pinned),
+        "the page does not run on the pinned noVNC"
     );
     let addr = st.proxy.addr;
     st.proxy.kill();

@@ -24,12 +24,8 @@ async fn proxy_with_tokens(extra: &[&str]) -> (WsProxyProc, tempfile::TempDir) {
         format!("good: 127.0.0.1:{port}\nclosed: 127.0.0.1:1\n{LONG_TOKEN}: 127.0.0.1:{port}\n"),
     )
     .expect("tokens");
-    let mut args = vec![
-        "--token-file".to_string(),
-        file.display().to_string(),
-        "--web".into(),
-        "/usr/share/novnc".into(),
-    ];
+    // The default --web: the noVNC library scripts/install-deps.sh installs.
+    let mut args = vec!["--token-file".to_string(), file.display().to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
     (WsProxyProc::start(&args).await, dir)
 }
@@ -281,6 +277,23 @@ async fn static_files_never_redirect_off_site() {
             .contains("referrer-policy: no-referrer")
     );
     assert!(get("/vnc.html").await.starts_with("HTTP/1.1 200"));
+    // The viewer page may load scripts and open WebSockets on this server only, and be framed
+    // by it alone (no --allowed-origin here); the library it imports is there.
+    let csp = root
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-security-policy:")
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    assert!(
+        csp.contains("script-src 'self'")
+            && csp.contains("connect-src 'self'")
+            && csp.contains("frame-ancestors 'self'"),
+        "{root:.600}"
+    );
+    assert!(get("/core/rfb.js").await.starts_with("HTTP/1.1 200"));
     for evil in [
         "//evil.com/%2F..",
         "//evil.com/",

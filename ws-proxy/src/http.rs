@@ -214,8 +214,9 @@ async fn handle(
     })
 }
 
-/// Static files from the noVNC directory. `/` is `vnc.html` itself (no redirect, so nothing
-/// here can send a browser off-site); odd paths are simply not found.
+/// Static files: the built-in viewer page (at `/` and `/vnc.html`: no redirect, so nothing
+/// here can send a browser off-site), else the noVNC directory; odd paths are simply not
+/// found.
 async fn files(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");
@@ -233,14 +234,16 @@ async fn files(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
     {
         return text(StatusCode::NOT_FOUND, "not found");
     }
-    let (mut parts, _) = req.into_parts();
-    if path == "/" {
-        parts.uri = hyper::Uri::from_static("/vnc.html");
-    }
-    let req = Request::from_parts(parts, http_body_util::Empty::<Bytes>::new());
-    let mut res = match tower::ServiceExt::oneshot(files, req).await {
-        Ok(r) => r.map(|b| b.boxed_unsync()),
-        Err(never) => match never {},
+    let mut res = match crate::viewer::asset(&path) {
+        Some(asset) => viewer_file(proxy, asset),
+        None => {
+            let req =
+                Request::from_parts(req.into_parts().0, http_body_util::Empty::<Bytes>::new());
+            match tower::ServiceExt::oneshot(files, req).await {
+                Ok(r) => r.map(|b| b.boxed_unsync()),
+                Err(never) => match never {},
+            }
+        }
     };
     let h = res.headers_mut();
     h.insert(
@@ -252,5 +255,30 @@ async fn files(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
+    res
+}
+
+/// A built-in viewer file; the page carries its Content-Security-Policy and is never cached
+/// (an upgraded ws-proxy serves its own page at once).
+fn viewer_file(proxy: &Proxy, asset: crate::viewer::Asset) -> Response<Body> {
+    // hyper sends no body in answer to HEAD.
+    let mut res = Response::new(
+        Full::new(Bytes::from_static(asset.body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(asset.content_type),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if asset.page
+        && let Ok(csp) = HeaderValue::from_str(&crate::viewer::content_security_policy(
+            &proxy.cfg.allowed_origins,
+        ))
+    {
+        h.insert(header::CONTENT_SECURITY_POLICY, csp);
+    }
     res
 }

@@ -16,3 +16,4 @@ pub mod limits;
 pub mod relay;
 pub mod token;
 pub mod upgrade;
+pub mod viewer;

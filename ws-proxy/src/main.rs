@@ -66,9 +66,11 @@ struct ServeArgs {
     /// Resolve tokens from a websockify token file or directory (`token: host:port` lines).
     #[arg(long, env = "WS_PROXY_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// The noVNC web client to serve ("" to serve no files).
-    #[arg(long, env = "WS_PROXY_WEB", default_value = "/usr/share/novnc", value_parser = any_path)]
-    web: PathBuf,
+    /// The noVNC library under the built-in viewer page ("" to serve no files). Default: the
+    /// pinned release scripts/install-deps.sh puts in /usr/local/share/vncdispatch/novnc,
+    /// else Debian's novnc package in /usr/share/novnc.
+    #[arg(long, env = "WS_PROXY_WEB", value_parser = any_path)]
+    web: Option<PathBuf>,
     /// Origins allowed besides the proxy's own (repeatable; `*` allows any — not advised).
     #[arg(
         long = "allowed-origin",
@@ -282,12 +284,7 @@ async fn serve(
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 ) -> anyhow::Result<()> {
     vncdispatch_proto::metrics::install(a.metrics_listen).map_err(anyhow::Error::msg)?;
-    let web_dir = (!a.web.as_os_str().is_empty()).then(|| a.web.clone());
-    if let Some(dir) = &web_dir
-        && !dir.join("vnc.html").is_file()
-    {
-        tracing::warn!(dir = %dir.display(), "no vnc.html there: is Debian's novnc package installed?");
-    }
+    let web_dir = web_dir(a.web.as_deref());
     let cfg = ProxyConfig {
         web_dir,
         allowed_origins: a.allowed_origins,
@@ -325,6 +322,34 @@ async fn serve(
 }
 
 /// A path that may be empty (clap's own path parser refuses "", which means "no files" here).
+/// The noVNC directory to serve, saying in the log which noVNC that is.
+fn web_dir(given: Option<&std::path::Path>) -> Option<PathBuf> {
+    use ws_proxy::viewer::{NOVNC_DIR, default_web_dir, novnc_version};
+    let dir = match given {
+        Some(d) if d.as_os_str().is_empty() => return None,
+        Some(d) => d.to_owned(),
+        None => match default_web_dir() {
+            Some(d) => d.to_owned(),
+            None => {
+                tracing::warn!(
+                    "no noVNC found (scripts/install-deps.sh installs it in {NOVNC_DIR}); the viewer page will not load"
+                );
+                return None;
+            }
+        },
+    };
+    if !dir.join("core").join("rfb.js").is_file() {
+        tracing::warn!(dir = %dir.display(), "no core/rfb.js there: the viewer page needs noVNC's library (scripts/install-deps.sh installs it in {NOVNC_DIR})");
+    }
+    match novnc_version(&dir) {
+        Some(version) => tracing::info!(dir = %dir.display(), %version, "serving noVNC"),
+        None => {
+            tracing::info!(dir = %dir.display(), "serving noVNC of unknown version (no package.json: Debian's package?)")
+        }
+    }
+    Some(dir)
+}
+
 fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
     Ok(PathBuf::from(s))
 }

@@ -10,7 +10,8 @@
 //! - [`display_process`]: stale displays, a full range, broken or killed Xvnc, agent restarts.
 //! - [`distributed`]: blades down or frozen, the dispatcher killed, the store stopped or full.
 //! - [`tokens`]: guessing, limits, use after end or expiry.
-//! - [`websocket`]: WebSocket and HTTP abuse of ws-proxy, and its restart under load.
+//! - [`websocket`]: WebSocket and HTTP abuse of ws-proxy, and its restart under load; the
+//!   viewer page against hostile links and framing ([`viewer`]).
 //! - [`load`]: many clients over many users with a dispatcher restart.
 //! - [`secrets`]: every path a secret travels, then a search for it everywhere.
 //! - [`attacks`]: identities and encryption: roles, certificates, plaintext, fake agents,
@@ -29,4 +30,5 @@ mod http_route;
 mod load;
 mod secrets;
 mod tokens;
+mod viewer;
 mod websocket;

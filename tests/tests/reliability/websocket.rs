@@ -134,11 +134,15 @@ async fn websocket() {
     let mut junk = vec![0u8; 4096];
     rand::Rng::fill(&mut rand::rng(), &mut junk[..]);
     let (junk_port, _) = flood_server(junk, false).await;
+    let viewer_targets = crate::viewer::Targets::start().await;
     let dir = tempfile::tempdir().expect("dir");
     let tokens = dir.path().join("tokens");
     std::fs::write(
         &tokens,
-        format!("echo: 127.0.0.1:{echo}\nflood: 127.0.0.1:{flood}\njunk: 127.0.0.1:{junk_port}\n"),
+        format!(
+            "echo: 127.0.0.1:{echo}\nflood: 127.0.0.1:{flood}\njunk: 127.0.0.1:{junk_port}\n{}",
+            viewer_targets.lines
+        ),
     )
     .expect("tokens");
     let args = |extra: &[&str]| -> Vec<String> {
@@ -446,5 +450,6 @@ async fn websocket() {
         &format!("relayed: {relayed}; still serving others: {still_serving}"),
         relayed && still_serving,
     );
+    crate::viewer::viewer_cases(&rec, &proxy, &args(&[]), &viewer_targets).await;
     rec.finish();
 }
