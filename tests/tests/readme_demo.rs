@@ -23,7 +23,10 @@ async fn the_demo_command_prints_a_url_that_shows_the_desktop() {
         .parent()
         .expect("bin dir")
         .to_owned();
-    let mut demo = Command::new("bash")
+    // As from a terminal: SIGINT at its default, even when this test runs under a shell or
+    // job runner that ignores it (bash cannot trap a signal ignored when it started).
+    let mut demo = Command::new("env")
+        .args(["--default-signal=INT", "bash"])
         .arg(vncdispatch_tests::repo().join("scripts/demo.sh"))
         .env("BIN_DIR", &bin_dir)
         .env("DEMO_USER", &user.name)
