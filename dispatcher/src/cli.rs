@@ -31,6 +31,10 @@ pub(crate) enum Command {
         username: String,
         /// The browser's IP address.
         remote_ip: String,
+        /// The pool a new desktop goes to [default: `default`]; a running desktop is returned
+        /// whatever its pool.
+        #[arg(long)]
+        pool: Option<String>,
     },
     /// Manage blades.
     Blade {
@@ -109,8 +113,16 @@ pub(crate) enum BladeCommand {
         /// How to start sessions there.
         #[arg(long, value_enum, default_value = "agent")]
         method: MethodArg,
+        /// The pool the blade serves [default: `default`]; Dispatch places a new desktop on
+        /// the blades of the pool it asks for.
+        #[arg(long)]
+        pool: Option<String>,
+        /// Most desktops placed there [default: as many as the agent has displays]. Give the
+        /// blade's full settings each time: `blade add` replaces them.
+        #[arg(long)]
+        max_sessions: Option<u32>,
     },
-    /// List blades with state, health and session counts.
+    /// List blades with pool, state, health, capacity and placement score.
     List,
     /// Stop giving the blade new sessions (existing ones stay).
     Drain {
@@ -340,13 +352,10 @@ pub(crate) struct ServeArgs {
     /// to --sweep-interval) after its last client left.
     #[arg(long, env = "DISPATCHER_LEASE", default_value = "90s", value_parser = humantime::parse_duration)]
     pub(crate) lease: Duration,
-    /// Blade choice for new sessions.
-    #[arg(
-        long,
-        env = "DISPATCHER_POLICY",
-        value_enum,
-        default_value = "round-robin"
-    )]
+    /// Blade choice for new sessions: `score` places each on the blade with the lowest
+    /// placement score (desktops, load per CPU, memory in use, each as a share of the blade's
+    /// own size); `round-robin` is the original's rotation. Either way a full blade gets none.
+    #[arg(long, env = "DISPATCHER_POLICY", value_enum, default_value = "score")]
     pub(crate) policy: Policy,
     /// Longest a desktop start may take on one blade before the next is tried.
     #[arg(long, env = "DISPATCHER_LAUNCH_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]

@@ -19,6 +19,9 @@ pub enum DispatchError {
     /// Every blade that could take a desktop is full: an operator adds blades or displays.
     #[error("{0}")]
     NoCapacity(String),
+    /// No blade serves the pool asked for; the message names the pools there are.
+    #[error("{0}")]
+    EmptyPool(String),
     /// The token is unknown, expired or revoked (deliberately not saying which).
     #[error("unknown or expired token")]
     UnknownToken,
@@ -66,7 +69,9 @@ impl From<DispatchError> for Status {
             DispatchError::NoBlade(_) | DispatchError::Busy(_) => Code::Unavailable,
             DispatchError::NoCapacity(_) => Code::ResourceExhausted,
             DispatchError::UnknownToken | DispatchError::UnknownBlade(_) => Code::NotFound,
-            DispatchError::BladeBusy { .. } => Code::FailedPrecondition,
+            DispatchError::BladeBusy { .. } | DispatchError::EmptyPool(_) => {
+                Code::FailedPrecondition
+            }
             DispatchError::Refused(s) => s.code(),
             DispatchError::Store(StoreError::ClaimLost(_)) => Code::Aborted,
             DispatchError::Store(_) => Code::Unavailable,

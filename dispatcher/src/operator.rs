@@ -56,12 +56,14 @@ pub(crate) async fn dispatch(
     c: ClientArgs,
     username: String,
     remote_ip: String,
+    pool: Option<String>,
 ) -> anyhow::Result<()> {
     let s = client(&c)
         .await?
         .dispatch(DispatchRequest {
             username,
             remote_ip,
+            pool: pool.unwrap_or_default(),
         })
         .await
         .map_err(said)?
@@ -90,6 +92,8 @@ pub(crate) async fn blade(c: ClientArgs, command: BladeCommand) -> anyhow::Resul
             host,
             port,
             method,
+            pool,
+            max_sessions,
         } => {
             let method = match method {
                 MethodArg::Agent => LaunchMethod::Agent,
@@ -102,11 +106,20 @@ pub(crate) async fn blade(c: ClientArgs, command: BladeCommand) -> anyhow::Resul
                     // 0 asks the dispatcher for the method's default port.
                     port: port.unwrap_or(0),
                     method,
+                    pool: pool.unwrap_or_default(),
+                    max_sessions: max_sessions.unwrap_or(0),
                 })
                 .await
                 .map_err(said)?
                 .into_inner();
-            println!("added {} ({}:{})", b.name, b.host, b.port);
+            let cap = match b.max_sessions {
+                0 => String::new(),
+                n => format!(", at most {n} desktops"),
+            };
+            println!(
+                "added {} ({}:{}) to pool {}{cap}",
+                b.name, b.host, b.port, b.pool
+            );
         }
         BladeCommand::List => {
             let blades = client
@@ -116,8 +129,21 @@ pub(crate) async fn blade(c: ClientArgs, command: BladeCommand) -> anyhow::Resul
                 .into_inner()
                 .blades;
             println!(
-                "{:<20} {:<24} {:>6} {:<6} {:<9} {:<8} {:>8} {:>6}",
-                "NAME", "HOST", "PORT", "METHOD", "STATE", "HEALTH", "SESSIONS", "LOAD"
+                "{:<20} {:<12} {:<24} {:>6} {:<6} {:<9} {:<6} {:>8} {:>5} {:>5} {:>6} {:>5} {:>7} {:>6}",
+                "NAME",
+                "POOL",
+                "HOST",
+                "PORT",
+                "METHOD",
+                "STATE",
+                "HEALTH",
+                "SESSIONS",
+                "MAX",
+                "FREE",
+                "LOAD",
+                "CPUS",
+                "MEM_GB",
+                "SCORE"
             );
             for b in blades {
                 let method = if b.method == LaunchMethod::Ssh as i32 {
@@ -127,9 +153,36 @@ pub(crate) async fn blade(c: ClientArgs, command: BladeCommand) -> anyhow::Resul
                 };
                 let state = if b.draining { "draining" } else { "active" };
                 let health = if b.healthy { "ok" } else { "down" };
+                let max = match b.max_sessions {
+                    0 => "-".to_owned(),
+                    n => n.to_string(),
+                };
+                // SSH blades report no figures: shown as `-`.
+                let (free, cpus, mem) = if b.cpus == 0 {
+                    ("-".to_owned(), "-".to_owned(), "-".to_owned())
+                } else {
+                    (
+                        b.free_displays.to_string(),
+                        b.cpus.to_string(),
+                        format!("{:.1}", b.mem_available_bytes as f64 / 1e9),
+                    )
+                };
                 println!(
-                    "{:<20} {:<24} {:>6} {:<6} {:<9} {:<8} {:>8} {:>6.2}",
-                    b.name, b.host, b.port, method, state, health, b.sessions, b.load1
+                    "{:<20} {:<12} {:<24} {:>6} {:<6} {:<9} {:<6} {:>8} {:>5} {:>5} {:>6.2} {:>5} {:>7} {:>6.2}",
+                    b.name,
+                    b.pool,
+                    b.host,
+                    b.port,
+                    method,
+                    state,
+                    health,
+                    b.sessions,
+                    max,
+                    free,
+                    b.load1,
+                    cpus,
+                    mem,
+                    b.score
                 );
             }
         }

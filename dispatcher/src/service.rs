@@ -92,6 +92,7 @@ fn blade_msg(
     health: Option<crate::dispatch::BladeHealth>,
     sessions: usize,
 ) -> Blade {
+    let score = crate::dispatch::capacity::score(&b, health.as_ref());
     Blade {
         name: b.name,
         host: b.host,
@@ -104,6 +105,15 @@ fn blade_msg(
         healthy: health.is_none_or(|h| h.healthy),
         sessions: sessions as u32,
         load1: health.map(|h| h.load.load1).unwrap_or(0.0),
+        free_displays: health
+            .filter(|h| h.load.reported)
+            .map(|h| h.load.free_displays)
+            .unwrap_or(0),
+        cpus: health.map(|h| h.load.cpus).unwrap_or(0),
+        mem_available_bytes: health.map(|h| h.load.mem_available).unwrap_or(0),
+        score,
+        pool: b.pool,
+        max_sessions: b.max_sessions,
     }
 }
 
@@ -115,6 +125,7 @@ impl DispatcherRpc for DispatcherService {
         fields(
             user = %req.get_ref().username,
             remote_ip = %req.get_ref().remote_ip,
+            pool = %req.get_ref().pool,
             request_id = tracing::field::Empty,
         )
     )]
@@ -125,7 +136,10 @@ impl DispatcherRpc for DispatcherService {
         tracing::Span::current().record("request_id", tracing::field::display(&id));
         let r = req.into_inner();
         let started = std::time::Instant::now();
-        let result = self.inner.dispatch(&r.username, &r.remote_ip, &id).await;
+        let result = self
+            .inner
+            .dispatch_in(&r.username, &r.remote_ip, &r.pool, &id)
+            .await;
         vncdispatch_proto::metrics::record_start(
             "vncdispatch_dispatcher_dispatches_total",
             "vncdispatch_dispatcher_dispatch_duration_seconds",
@@ -212,10 +226,17 @@ impl DispatcherRpc for DispatcherService {
         let r = req.into_inner();
         let b = self
             .inner
-            .add_blade(&r.name, &r.host, r.port, method_of(r.method)?)
+            .add_blade(
+                &r.name,
+                &r.host,
+                r.port,
+                method_of(r.method)?,
+                &r.pool,
+                r.max_sessions,
+            )
             .await
             .map_err(status)?;
-        tracing::info!(port = b.port, method = ?b.method, "blade registered");
+        tracing::info!(port = b.port, method = ?b.method, pool = %b.pool, max_sessions = b.max_sessions, "blade registered");
         Ok(Response::new(blade_msg(b, None, 0)))
     }
 

@@ -47,6 +47,12 @@ pub enum FieldError {
         /// The name, quoted and escaped.
         shown: String,
     },
+    /// A pool name breaks [`validate_pool`]'s rule.
+    #[error("invalid pool {shown}: use 1-32 of a-z 0-9 _ -, not starting with -")]
+    Pool {
+        /// The name, quoted and escaped.
+        shown: String,
+    },
     /// A blade host is neither an IP address nor a DNS name.
     #[error("invalid blade host {shown}: not an IP address or host name")]
     BladeHost {
@@ -172,6 +178,27 @@ pub fn validate_blade_name(name: &str) -> Result<(), FieldError> {
     }
 }
 
+/// The pool of blades and requests that name none.
+pub const DEFAULT_POOL: &str = "default";
+
+/// Checks a pool name and gives the pool meant: empty is [`DEFAULT_POOL`], else 1 to 32 bytes
+/// of `[a-z0-9_-]`, not starting with `-` (pool names are metric labels and CLI words).
+pub fn validate_pool(pool: &str) -> Result<&str, FieldError> {
+    if pool.is_empty() {
+        return Ok(DEFAULT_POOL);
+    }
+    let ok = pool.len() <= 32
+        && !pool.starts_with('-')
+        && pool
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
+    if ok {
+        Ok(pool)
+    } else {
+        Err(FieldError::Pool { shown: shown(pool) })
+    }
+}
+
 /// Checks a blade host: an IP address, or a DNS name of labels of `[A-Za-z0-9-]` (each 1-63
 /// bytes, 253 in all) not starting with `-` — nothing a connect string or a command line could
 /// read as an option or a second argument.
@@ -199,6 +226,17 @@ pub fn validate_blade_host(host: &str) -> Result<(), FieldError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pools() {
+        assert_eq!(validate_pool(""), Ok(DEFAULT_POOL));
+        for ok in ["default", "gpu", "lab-2", "a_b", &"p".repeat(32)] {
+            assert_eq!(validate_pool(ok), Ok(ok), "{ok}");
+        }
+        for bad in ["GPU", "a b", "-x", "x;", "pool\n", &"p".repeat(33), "ü"] {
+            assert!(validate_pool(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn usernames() {

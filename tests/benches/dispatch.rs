@@ -84,6 +84,7 @@ async fn measure(
     let req = DispatchRequest {
         username: user.clone(),
         remote_ip: "192.0.2.1".into(),
+        ..Default::default()
     };
     let token = c.clone().dispatch(req.clone()).await?.into_inner().token;
     let mut rows = Vec::new();
@@ -133,6 +134,7 @@ async fn measure(
         let r = DispatchRequest {
             username: u.name.clone(),
             remote_ip: "192.0.2.1".into(),
+            ..Default::default()
         };
         let t = Instant::now();
         let s = c.clone().dispatch(r).await?.into_inner();

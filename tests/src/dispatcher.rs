@@ -112,6 +112,7 @@ impl DispatcherProc {
             host: agent.addr.ip().to_string(),
             port: u32::from(agent.addr.port()),
             method: 1,
+            ..Default::default()
         };
         self.client().await.add_blade(req).await.expect("AddBlade");
     }

@@ -125,6 +125,7 @@ impl Rig {
                 host: a.addr.ip().to_string(),
                 port: u32::from(a.addr.port()),
                 method: 1,
+                ..Default::default()
             })
             .await
             .expect("AddBlade");
@@ -169,6 +170,7 @@ impl Rig {
             .dispatch(DispatchRequest {
                 username: user.into(),
                 remote_ip: remote_ip.into(),
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner())
@@ -183,6 +185,7 @@ impl Rig {
             .dispatch(DispatchRequest {
                 username: user.name.clone(),
                 remote_ip: remote_ip.into(),
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|e| panic!("Dispatch for {}: {e}", user.name))

@@ -28,6 +28,7 @@ fn req(user: &str, ip: &str) -> DispatchRequest {
     DispatchRequest {
         username: user.into(),
         remote_ip: ip.into(),
+        ..Default::default()
     }
 }
 
@@ -446,6 +447,7 @@ async fn bad_input_to_every_rpc_gets_a_clear_status_and_changes_nothing() {
             host: host.into(),
             port,
             method: 1,
+            ..Default::default()
         };
         assert_eq!(
             c.add_blade(r).await.unwrap_err().code(),
@@ -458,6 +460,7 @@ async fn bad_input_to_every_rpc_gets_a_clear_status_and_changes_nothing() {
         host: "h".into(),
         port: 0,
         method: 99,
+        ..Default::default()
     };
     assert_eq!(
         c.add_blade(r).await.unwrap_err().code(),
@@ -484,6 +487,7 @@ async fn bad_input_to_every_rpc_gets_a_clear_status_and_changes_nothing() {
     let huge = DispatchRequest {
         username: "a".repeat(100_000),
         remote_ip: "192.0.2.1".into(),
+        ..Default::default()
     };
     assert_eq!(
         c.dispatch(huge).await.unwrap_err().code(),

@@ -119,6 +119,7 @@ async fn a_desktop_in_use_outlives_its_token_and_stops_after_the_last_client_lef
         .dispatch(DispatchRequest {
             username: user.name.clone(),
             remote_ip: "192.0.2.1".into(),
+            ..Default::default()
         })
         .await
         .expect("dispatch")

@@ -57,6 +57,7 @@ async fn stack(extra_proxy_args: &[&str]) -> Stack {
         .dispatch(DispatchRequest {
             username: user.name.clone(),
             remote_ip: "127.0.0.1".into(),
+            ..Default::default()
         })
         .await
         .expect("Dispatch")

@@ -55,6 +55,7 @@ async fn dispatcher(
         host: "127.0.0.1".into(),
         port: u32::from(sshd.port),
         method: LaunchMethod::Ssh as i32,
+        ..Default::default()
     };
     d.client().await.add_blade(blade).await.expect("AddBlade");
     d
@@ -71,6 +72,7 @@ async fn ssh_launcher_starts_checks_and_stops_a_real_desktop() {
     let req = DispatchRequest {
         username: user.name.clone(),
         remote_ip: "192.0.2.3".into(),
+        ..Default::default()
     };
     let s = match c.dispatch(req.clone()).await {
         Ok(s) => s.into_inner(),
@@ -138,6 +140,7 @@ async fn ssh_launcher_refuses_a_wrong_host_key() {
     let req = DispatchRequest {
         username: user.name.clone(),
         remote_ip: "192.0.2.3".into(),
+        ..Default::default()
     };
     let err = d.client().await.dispatch(req).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
@@ -172,6 +175,7 @@ async fn ssh_launcher_refuses_an_unknown_host() {
     let req = DispatchRequest {
         username: user.name.clone(),
         remote_ip: "192.0.2.3".into(),
+        ..Default::default()
     };
     let err = d.client().await.dispatch(req).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
@@ -224,6 +228,8 @@ fn blade(name: &str, port: u16, method: Method) -> BladeRecord {
         port,
         method,
         draining: false,
+        pool: "default".into(),
+        max_sessions: 0,
     }
 }
 

@@ -298,6 +298,7 @@ async fn through_ws_proxy_the_hop_to_the_desktop_shows_no_challenge_and_no_keyst
         .dispatch(v1::DispatchRequest {
             username: user.name.clone(),
             remote_ip: "127.0.0.1".into(),
+            ..Default::default()
         })
         .await
         .expect("dispatch")

@@ -333,6 +333,7 @@ async fn an_ended_session_closes_its_connection_and_ip_binding_holds() {
         .dispatch(DispatchRequest {
             username: user.name.clone(),
             remote_ip: "192.0.2.50".into(),
+            ..Default::default()
         })
         .await
         .expect("Dispatch")
@@ -346,6 +347,7 @@ async fn an_ended_session_closes_its_connection_and_ip_binding_holds() {
         .dispatch(DispatchRequest {
             username: user.name.clone(),
             remote_ip: "127.0.0.1".into(),
+            ..Default::default()
         })
         .await
         .expect("Dispatch")

@@ -467,6 +467,8 @@ impl Agent {
             mem_available_bytes: mem("MemAvailable:"),
             mem_total_bytes: mem("MemTotal:"),
             version: env!("CARGO_PKG_VERSION").into(),
+            cpus: std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
         })
     }
 

@@ -4,7 +4,7 @@
 use super::{BladeHealth, Dispatcher, timestamp};
 use crate::error::DispatchError;
 use crate::store::{BladeRecord, EndReason, Method, SessionRecord};
-use vncdispatch_proto::rules::{validate_blade_host, validate_blade_name};
+use vncdispatch_proto::rules::{validate_blade_host, validate_blade_name, validate_pool};
 
 impl Dispatcher {
     /// Sessions (no secrets), optionally of one blade.
@@ -38,16 +38,20 @@ impl Dispatcher {
         Ok(out)
     }
 
-    /// Registers (or updates) a blade.
+    /// Registers a blade, or replaces the settings of the one of that name (its draining
+    /// state stays). An empty pool is the default pool; `max_sessions` 0 sets no cap.
     pub async fn add_blade(
         &self,
         name: &str,
         host: &str,
         port: u32,
         method: Method,
+        pool: &str,
+        max_sessions: u32,
     ) -> Result<BladeRecord, DispatchError> {
         validate_blade_name(name)?;
         validate_blade_host(host)?;
+        let pool = validate_pool(pool)?.to_owned();
         let port = match port {
             0 => match method {
                 Method::Agent => self.cfg.agent_port,
@@ -68,6 +72,8 @@ impl Dispatcher {
             port,
             method,
             draining: existing.is_some_and(|b| b.draining),
+            pool,
+            max_sessions,
         };
         self.store.put_blade(&blade).await?;
         self.health
@@ -154,14 +160,17 @@ mod tests {
     async fn bad_names_and_hosts_are_refused_before_the_store() {
         let (d, _rec, _dir) = setup(&[], Duration::from_secs(3600)).await;
         for (name, host) in [("bad name", "10.0.0.5"), ("b1", "-oProxyCommand=x")] {
-            let err = d.add_blade(name, host, 0, Method::Agent).await.unwrap_err();
+            let err = d
+                .add_blade(name, host, 0, Method::Agent, "", 0)
+                .await
+                .unwrap_err();
             assert!(matches!(err, DispatchError::Field(_)), "{err}");
             let status = tonic::Status::from(err);
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
         }
         assert!(d.blades().await.unwrap().is_empty(), "nothing was stored");
         let err = d
-            .add_blade("b1", "h", 70_000, Method::Agent)
+            .add_blade("b1", "h", 70_000, Method::Agent, "", 0)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("70000 is not a TCP port"), "{err}");
@@ -170,7 +179,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_blade_with_sessions_is_removed_only_with_force_which_stops_them() {
         let (d, rec, _dir) = setup(&["b1"], Duration::from_secs(3600)).await;
-        let b = d.add_blade("b2", "10.0.0.9", 0, Method::Ssh).await.unwrap();
+        let b = d
+            .add_blade("b2", "10.0.0.9", 0, Method::Ssh, "", 0)
+            .await
+            .unwrap();
         assert_eq!(b.port, 22, "SSH blades default to port 22");
         d.dispatch("u", "192.0.2.1", "t").await.unwrap();
         let err = d.remove_blade("b1", false).await.unwrap_err();

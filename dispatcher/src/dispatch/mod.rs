@@ -4,15 +4,16 @@
 //! Dispatch for a user goes: claim the user's slot in the store → if a session is there, check
 //! with its blade that the Xvnc lives (else drop it and start over), record the new remote IP,
 //! return it → if another request holds the claim, wait for it → if we won the claim, pick
-//! blades (round-robin over healthy, undrained ones, or least-loaded), start the desktop on the
-//! first that can, store the session under our claim.
+//! blades of the pool asked for (healthy, undrained, with room; by placement score or
+//! round-robin), start the desktop on the first that can, store the session under our claim.
 //!
 //! Layout — one concern per file, all of them `impl Dispatcher` blocks:
 //! - this file: the [`Dispatcher`] type, its settings ([`DispatchConfig`], [`Policy`]), the
 //!   launchers by method, and how a stored record becomes what callers see.
 //! - `session.rs`: a session's life — dispatch (claim, reuse or launch), clean-up after a
 //!   start that answered too late, and the end of a session.
-//! - `placement.rs`: which blades to try, in what order, and the health poller behind it.
+//! - `placement.rs`: which blades to try, in what order, and the health poller behind it;
+//!   `capacity.rs`: a blade's room and placement score, as pure functions.
 //! - `tokens.rs`: resolving a token for ws-proxy, which renews a client's lease.
 //! - `lifecycle.rs`: when a desktop is stopped (the policy below), the sweeper, and why each
 //!   session ended (the history).
@@ -40,6 +41,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 mod admin;
+pub mod capacity;
 mod lifecycle;
 mod placement;
 mod session;
@@ -51,10 +53,13 @@ mod testkit;
 /// How blades are chosen for new sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Policy {
-    /// The original's rotation (one atomic counter in the store), skipping unusable blades.
+    /// The lowest placement score first: desktops, load per CPU and memory in use, each as a
+    /// share of the blade's own size (see the README's placement section).
+    #[value(alias = "least-loaded")]
+    Score,
+    /// The original's rotation (one atomic counter in the store), skipping full or unusable
+    /// blades.
     RoundRobin,
-    /// Fewest sessions, then lowest load, from the agents' health reports.
-    LeastLoaded,
 }
 
 /// Dispatch settings.
@@ -99,6 +104,11 @@ pub struct BladeHealth {
     pub healthy: bool,
     /// Load at the last check.
     pub load: BladeLoad,
+    /// Desktops this dispatcher placed there since that check (counted at once, so a burst
+    /// of Dispatch calls between two checks neither piles onto one blade nor overfills it).
+    pub placed: u32,
+    /// Desktops this dispatcher stopped there since that check.
+    pub ended: u32,
 }
 
 /// The launchers by method.

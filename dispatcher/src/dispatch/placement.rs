@@ -1,54 +1,65 @@
 //! Which blades a new session is tried on, and in what order; and the health poller that
 //! keeps this dispatcher's view of blades current.
 //!
-//! Usable blades (registered, not draining, not known to be down) come first, ordered by the
-//! policy: round-robin from one atomic counter in the store (the original's `last_blade`, so
-//! several dispatchers share the rotation), or least-loaded from the agents' health reports.
-//! Blades last seen down come after them — health is a periodic view and may be stale.
+//! Only the blades of the pool asked for are considered. Usable blades (not draining, not
+//! known to be down, with room — see [`super::capacity`]) come first, ordered by the policy:
+//! the lowest placement score, or round-robin from one atomic counter in the store (the
+//! original's `last_blade`, so several dispatchers share the rotation). Blades last seen down
+//! come after them — health is a periodic view and may be stale. A blade is reserved before
+//! its start is asked for ([`Dispatcher::reserve`]), so concurrent calls cannot overfill it.
+use super::capacity::{Room, room, score};
 use super::{BladeHealth, Dispatcher, Policy};
 use crate::error::DispatchError;
 use crate::launcher::BladeLoad;
 use crate::store::BladeRecord;
+use std::collections::HashMap;
 use std::time::Duration;
 
 impl Dispatcher {
-    /// The blades to try, in order: usable ones (registered, not draining, not known to be
-    /// down) by the configured policy, then the ones last seen down. Health is a periodic
-    /// view and may be stale (a blade back up a moment ago): a blade marked down is tried
-    /// after the others rather than never.
-    pub(super) async fn choose_blades(&self) -> Result<Vec<BladeRecord>, DispatchError> {
+    /// The blades of `pool` to try, in order: usable ones (not draining, not known to be
+    /// down, with room) by the configured policy, then the ones last seen down. Health is a
+    /// periodic view and may be stale (a blade back up a moment ago): a blade marked down is
+    /// tried after the others rather than never.
+    pub(super) async fn choose_blades(
+        &self,
+        pool: &str,
+    ) -> Result<Vec<BladeRecord>, DispatchError> {
         let all = self.store.list_blades().await?;
         if all.is_empty() {
             return Err(DispatchError::NoBlade(
                 "no blades are registered (dispatcher blade add NAME HOST)".into(),
             ));
         }
-        let health = self
-            .health
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let (usable, last_resort): (Vec<BladeRecord>, Vec<BladeRecord>) = all
+        let in_pool: Vec<BladeRecord> = all.iter().filter(|b| b.pool == pool).cloned().collect();
+        if in_pool.is_empty() {
+            let mut pools: Vec<&str> = all.iter().map(|b| b.pool.as_str()).collect();
+            pools.sort_unstable();
+            pools.dedup();
+            return Err(DispatchError::EmptyPool(format!(
+                "no blade serves pool `{pool}` (pools with blades: {}); add one with `dispatcher blade add NAME HOST --pool {pool}`, or ask for another pool",
+                pools.join(", ")
+            )));
+        }
+        let health = self.health_view();
+        let (usable, last_resort): (Vec<BladeRecord>, Vec<BladeRecord>) = in_pool
             .iter()
             .filter(|b| !b.draining)
             .cloned()
             .partition(|b| health.get(&b.name).is_none_or(|h| h.healthy));
         if usable.is_empty() && last_resort.is_empty() {
             return Err(DispatchError::NoBlade(format!(
-                "no usable blade: all {} registered blades are draining",
-                all.len()
+                "no usable blade: all {} blades of pool `{pool}` are draining",
+                in_pool.len()
             )));
         }
-        // A blade that reported no free display gets no new desktop (admission, not
-        // overload); when that is every healthy blade, Dispatch says so at once.
-        let has_room = |b: &BladeRecord| {
-            health
-                .get(&b.name)
-                .is_none_or(|h| !h.load.reported || h.load.free_displays > 0)
-        };
-        let usable: Vec<BladeRecord> = usable.into_iter().filter(has_room).collect();
+        // A blade with no room gets no new desktop (admission, not overload); when that is
+        // every healthy blade, Dispatch says so at once.
+        let usable: Vec<BladeRecord> = usable
+            .into_iter()
+            .filter(|b| room(b, health.get(&b.name)).fits())
+            .collect();
         if usable.is_empty() && last_resort.is_empty() {
-            return Err(self.no_capacity());
+            return Err(self.no_capacity(pool, &in_pool));
         }
         if usable.is_empty() {
             return Ok(last_resort);
@@ -63,41 +74,79 @@ impl Dispatcher {
                     .cloned()
                     .collect()
             }
-            // Fewest desktops (as the agent reports them, or as stored for SSH blades), then
-            // the lowest load.
-            Policy::LeastLoaded => {
-                let mut sorted = usable;
-                let load =
-                    |b: &BladeRecord| health.get(&b.name).map(|h| h.load).unwrap_or_default();
-                sorted.sort_by(|a, b| {
-                    let (la, lb) = (load(a), load(b));
-                    la.sessions
-                        .cmp(&lb.sessions)
-                        .then(la.load1.total_cmp(&lb.load1))
-                });
-                sorted
+            Policy::Score => {
+                let mut scored: Vec<(f64, u32, BladeRecord)> = usable
+                    .into_iter()
+                    .map(|b| {
+                        let h = health.get(&b.name);
+                        (score(&b, h), room(&b, h).used, b)
+                    })
+                    .collect();
+                // Stable: equal scores and desktops keep registration order.
+                scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                scored.into_iter().map(|(_, _, b)| b).collect()
             }
         };
         ordered.extend(last_resort);
         Ok(ordered)
     }
 
-    /// The refusal when no blade has room, with what an operator needs to act on it.
-    pub(super) fn no_capacity(&self) -> DispatchError {
-        let health = self.health.read().unwrap_or_else(|p| p.into_inner());
-        let (blades, used, total) = health
-            .values()
-            .filter(|h| h.healthy && h.load.reported)
-            .fold((0u32, 0u32, 0u32), |(n, u, t), h| {
-                (
-                    n + 1,
-                    u + h.load.sessions,
-                    t + h.load.sessions + h.load.free_displays,
-                )
-            });
-        metrics::counter!("vncdispatch_dispatcher_admission_refusals_total").increment(1);
+    /// A copy of the health map, so no lock is held across awaits.
+    fn health_view(&self) -> HashMap<String, BladeHealth> {
+        self.health
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Counts a desktop about to be started on `blade`, if it still has room: checked and
+    /// counted under one lock, so concurrent Dispatch calls cannot overfill a blade. Undone
+    /// with [`Dispatcher::release`] when the start fails.
+    pub(super) fn reserve(&self, blade: &BladeRecord) -> bool {
+        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
+        let entry = map.entry(blade.name.clone()).or_insert(BladeHealth {
+            healthy: true,
+            load: BladeLoad::default(),
+            placed: 0,
+            ended: 0,
+        });
+        if !room(blade, Some(entry)).fits() {
+            return false;
+        }
+        entry.placed += 1;
+        true
+    }
+
+    /// Undoes a [`Dispatcher::reserve`] whose start did not give a desktop.
+    pub(super) fn release(&self, blade: &str) {
+        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = map.get_mut(blade) {
+            h.placed = h.placed.saturating_sub(1);
+        }
+    }
+
+    /// Counts a desktop stopped on `blade`, so its room is used before the next report.
+    pub(super) fn freed(&self, blade: &str) {
+        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = map.get_mut(blade) {
+            h.ended += 1;
+        }
+    }
+
+    /// The refusal when no blade of `pool` has room, with what an operator needs to act on.
+    pub(super) fn no_capacity(&self, pool: &str, in_pool: &[BladeRecord]) -> DispatchError {
+        let health = self.health_view();
+        let rooms: Vec<Room> = in_pool
+            .iter()
+            .filter(|b| !b.draining && health.get(&b.name).is_none_or(|h| h.healthy))
+            .map(|b| room(b, health.get(&b.name)))
+            .collect();
+        let used: u32 = rooms.iter().map(|r| r.used).sum();
+        let total: u32 = rooms.iter().filter_map(Room::capacity).sum();
+        metrics::counter!("vncdispatch_dispatcher_admission_refusals_total", "pool" => pool.to_owned()).increment(1);
         DispatchError::NoCapacity(format!(
-            "no free desktop: all {blades} healthy blades are full ({used} of {total} desktops in use); add blades, raise their --display-count, or end idle sessions"
+            "no free desktop in pool `{pool}`: all {} usable blades are full ({used} of {total} desktops in use); add blades to the pool, raise their --display-count or max_sessions, or end idle sessions",
+            rooms.len()
         ))
     }
 
@@ -108,6 +157,8 @@ impl Dispatcher {
         let entry = map.entry(blade.to_owned()).or_insert(BladeHealth {
             healthy: true,
             load: BladeLoad::default(),
+            placed: 0,
+            ended: 0,
         });
         entry.load.reported = true;
         entry.load.free_displays = 0;
@@ -120,10 +171,15 @@ impl Dispatcher {
         let entry = map.entry(blade.to_owned()).or_insert(BladeHealth {
             healthy,
             load: BladeLoad::default(),
+            placed: 0,
+            ended: 0,
         });
         entry.healthy = healthy;
         if let Some(l) = load {
+            // The report counts what was placed and stopped before it.
             entry.load = l;
+            entry.placed = 0;
+            entry.ended = 0;
         }
     }
 
@@ -165,7 +221,7 @@ impl Dispatcher {
             let live = sessions.iter().filter(|s| s.blade == blade.name).count();
             let healthy = health.get(&blade.name).is_some_and(|h| h.healthy);
             // Blades that report no figures (SSH) are placed by the sessions stored on them,
-            // so least-loaded does not rank them first for ever.
+            // so the score does not rank them first for ever.
             if health.get(&blade.name).is_some_and(|h| !h.load.reported) {
                 let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
                 if let Some(h) = map.get_mut(&blade.name) {
@@ -182,7 +238,9 @@ impl Dispatcher {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testkit::setup;
+    use super::super::testkit::{setup, setup_with};
+    use super::super::{DispatchConfig, Policy};
+    use crate::store::Method;
     use std::time::Duration;
 
     #[tokio::test(flavor = "multi_thread")]
@@ -232,7 +290,7 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::Unavailable);
         assert!(
             err.message()
-                .contains("all 1 registered blades are draining"),
+                .contains("all 1 blades of pool `default` are draining"),
             "{}",
             err.message()
         );
@@ -272,15 +330,13 @@ mod tests {
         assert_eq!(rec.full_attempts.load(Ordering::Relaxed), 0);
     }
 
-    // A blade that reports no figures (SSH) is placed by the sessions stored on it: least-
-    // loaded no longer sends it every new desktop.
+    // A blade that reports no figures (SSH) is placed by the desktops stored on it, as a
+    // share of 100 (b2's of its 60 displays): it no longer gets every new desktop.
     #[tokio::test(start_paused = true)]
-    async fn least_loaded_counts_stored_sessions_for_blades_without_figures() {
-        use super::super::testkit::setup_with;
-        use super::super::{DispatchConfig, Policy};
+    async fn blades_without_figures_are_placed_by_their_stored_desktops() {
         let cfg = DispatchConfig::with_defaults(
             Duration::from_secs(3600),
-            Policy::LeastLoaded,
+            Policy::Score,
             Duration::from_secs(5),
         );
         let (d, rec, _dir) = setup_with(&["quiet1", "b2"], cfg).await;
@@ -293,8 +349,129 @@ mod tests {
         let starts = rec.starts.lock().unwrap().clone();
         assert_eq!(
             (starts.get("quiet1"), starts.get("b2")),
-            (Some(&3), Some(&3)),
+            (Some(&4), Some(&2)),
             "{starts:?}"
         );
+    }
+
+    // New desktops go to the pool asked for; a pool no blade serves says which pools there
+    // are; a user's running desktop is returned whatever pool is asked.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn pools_keep_new_desktops_to_their_blades() {
+        let (d, _rec, _dir) = setup(&["b1", "b2", "b3"], Duration::from_secs(3600)).await;
+        d.add_blade("b3", "127.0.0.4", 0, Method::Agent, "lab", 0)
+            .await
+            .unwrap();
+        for i in 0..4 {
+            let user = format!("lab{i}");
+            let lab = d.dispatch_in(&user, "192.0.2.1", "lab", "t").await;
+            assert_eq!(lab.unwrap().blade, "b3");
+            let std = d
+                .dispatch(&format!("std{i}"), "192.0.2.1", "t")
+                .await
+                .unwrap();
+            assert_ne!(std.blade, "b3");
+        }
+        let err = tonic::Status::from(
+            d.dispatch_in("u", "192.0.2.1", "gpu", "t")
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            err.message()
+                .contains("no blade serves pool `gpu` (pools with blades: default, lab)"),
+            "{}",
+            err.message()
+        );
+        let again = d
+            .dispatch_in("std0", "192.0.2.1", "lab", "t")
+            .await
+            .unwrap();
+        assert!(again.reused && again.blade != "b3");
+        let bad = d
+            .dispatch_in("u", "192.0.2.1", "Lab!", "t")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            tonic::Status::from(bad).code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    // A burst of concurrent Dispatch calls between two health reports fills each blade to
+    // its cap and no further; then RESOURCE_EXHAUSTED names the pool and the count, and a
+    // desktop ended makes room at once.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn max_sessions_holds_under_concurrent_dispatch() {
+        let cfg = DispatchConfig::with_defaults(
+            Duration::from_secs(3600),
+            Policy::Score,
+            Duration::from_secs(5),
+        );
+        let (d, rec, _dir) = setup_with(&["b1", "b2"], cfg).await;
+        d.add_blade("b1", "127.0.0.2", 0, Method::Agent, "", 3)
+            .await
+            .unwrap();
+        d.add_blade("b2", "127.0.0.3", 0, Method::Agent, "", 2)
+            .await
+            .unwrap();
+        d.check_blades().await;
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let d = d.clone();
+                tokio::spawn(async move { d.dispatch(&format!("u{i}"), "192.0.2.1", "t").await })
+            })
+            .collect();
+        let (mut served, mut refused) = (Vec::new(), Vec::new());
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(s) => served.push(s.username),
+                Err(e) => refused.push(tonic::Status::from(e)),
+            }
+        }
+        let starts = rec.starts.lock().unwrap().clone();
+        assert_eq!((starts.get("b1"), starts.get("b2")), (Some(&3), Some(&2)));
+        assert_eq!(refused.len(), 3);
+        for s in &refused {
+            assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+            assert!(
+                s.message().contains("pool `default`") && s.message().contains("5 of 5 desktops"),
+                "{}",
+                s.message()
+            );
+        }
+        assert!(
+            d.end(&served[0], crate::store::EndReason::Portal)
+                .await
+                .unwrap()
+        );
+        assert!(d.dispatch("late", "192.0.2.1", "t").await.is_ok());
+    }
+
+    // The score fills blades by their share, not their count: a blade twice the size gets
+    // twice the desktops.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_score_fills_blades_by_their_size() {
+        let cfg = DispatchConfig::with_defaults(
+            Duration::from_secs(3600),
+            Policy::Score,
+            Duration::from_secs(5),
+        );
+        let (d, rec, _dir) = setup_with(&["b1", "b2"], cfg).await;
+        d.add_blade("b1", "127.0.0.2", 0, Method::Agent, "", 4)
+            .await
+            .unwrap();
+        d.add_blade("b2", "127.0.0.3", 0, Method::Agent, "", 8)
+            .await
+            .unwrap();
+        d.check_blades().await;
+        for i in 0..6 {
+            d.dispatch(&format!("u{i}"), "192.0.2.1", "t")
+                .await
+                .unwrap();
+        }
+        let starts = rec.starts.lock().unwrap().clone();
+        assert_eq!((starts.get("b1"), starts.get("b2")), (Some(&2), Some(&4)));
     }
 }

@@ -14,18 +14,31 @@ use crate::store::{BladeRecord, Claim, ClaimOutcome, EndReason, SessionRecord, S
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
-use vncdispatch_proto::rules::{parse_remote_ip, validate_username};
+use vncdispatch_proto::rules::{parse_remote_ip, validate_pool, validate_username};
 
 impl Dispatcher {
-    /// Returns the user's live session or starts one.
+    /// Returns the user's live session or starts one in the default pool.
     pub async fn dispatch(
         self: &Arc<Self>,
         username: &str,
         remote_ip: &str,
         request_id: &str,
     ) -> Result<Session, DispatchError> {
+        self.dispatch_in(username, remote_ip, "", request_id).await
+    }
+
+    /// Returns the user's live session (whatever pool it is in) or starts one on a blade of
+    /// `pool` (empty: the default pool).
+    pub async fn dispatch_in(
+        self: &Arc<Self>,
+        username: &str,
+        remote_ip: &str,
+        pool: &str,
+        request_id: &str,
+    ) -> Result<Session, DispatchError> {
         validate_username(username)?;
         let remote_ip = parse_remote_ip(remote_ip)?.to_string();
+        let pool = validate_pool(pool)?.to_owned();
         // Wait out another Dispatch's claim, up to its expiry: a claim left by a dispatcher
         // that died mid-launch then lapses and this call takes over (adopting any desktop
         // the dead one had started) instead of failing.
@@ -40,14 +53,15 @@ impl Dispatcher {
                 ClaimOutcome::Won => {
                     // The launch runs to its end in a task of its own: a caller that goes
                     // away (deadline, disconnect) must not strand the claim or a desktop.
-                    let (me, user, ip, id) = (
+                    let (me, user, ip, pool, id) = (
                         self.clone(),
                         username.to_owned(),
                         remote_ip.clone(),
+                        pool.clone(),
                         request_id.to_owned(),
                     );
                     let launch = tokio::spawn(
-                        async move { me.start_new(&user, &ip, &claim, &id).await }
+                        async move { me.start_new(&user, &ip, &pool, &claim, &id).await }
                             .instrument(tracing::Span::current()),
                     );
                     return launch.await.unwrap_or_else(|e| {
@@ -171,6 +185,7 @@ impl Dispatcher {
         &self,
         username: &str,
         remote_ip: &str,
+        pool: &str,
         claim: &Claim,
         request_id: &str,
     ) -> Result<Session, DispatchError> {
@@ -196,7 +211,9 @@ impl Dispatcher {
                 }
             })
         };
-        let result = self.launch(username, remote_ip, claim, request_id).await;
+        let result = self
+            .launch(username, remote_ip, pool, claim, request_id)
+            .await;
         renewal.abort();
         if let Err(e) = &result {
             if let Err(e) = self.store.abandon(username, &claim.id).await {
@@ -215,15 +232,17 @@ impl Dispatcher {
         result
     }
 
-    /// Tries the chosen blades in order until one starts the desktop, then stores the session.
+    /// Tries the chosen blades of `pool` in order until one starts the desktop, then stores
+    /// the session.
     async fn launch(
         &self,
         username: &str,
         remote_ip: &str,
+        pool: &str,
         claim: &Claim,
         request_id: &str,
     ) -> Result<Session, DispatchError> {
-        let order = self.choose_blades().await?;
+        let order = self.choose_blades(pool).await?;
         let token = secrets::new_token().map_err(DispatchError::Secret)?;
         let password = secrets::new_password().map_err(DispatchError::Secret)?;
         let mut failures = Vec::new();
@@ -237,11 +256,20 @@ impl Dispatcher {
                     continue;
                 }
             };
+            // Filled by concurrent calls since the blades were chosen: the next one.
+            if !self.reserve(&blade) {
+                full += 1;
+                failures.push(format!("{}: full", blade.name));
+                continue;
+            }
             let started = tokio::time::timeout(
                 self.cfg.launch_timeout,
                 launcher.start(&blade, username, &password, request_id),
             )
             .await;
+            if !matches!(started, Ok(Ok(_))) {
+                self.release(&blade.name);
+            }
             let launched = match started {
                 Ok(Ok(l)) => l,
                 Ok(Err(LaunchError::Refused(status))) => {
@@ -317,6 +345,7 @@ impl Dispatcher {
                 {
                     return Err(e.into());
                 }
+                self.release(&blade.name);
                 // A desktop no session points at would run on unseen: stop it.
                 tracing::error!(blade = %blade.name, error = %e, "could not store the session; stopping the desktop just started");
                 if let Err(stop) = launcher
@@ -331,7 +360,14 @@ impl Dispatcher {
             return Ok(self.session(&rec, token, password, false));
         }
         if full > 0 && full == tried {
-            return Err(self.no_capacity());
+            let in_pool: Vec<BladeRecord> = self
+                .store
+                .list_blades()
+                .await?
+                .into_iter()
+                .filter(|b| b.pool == pool)
+                .collect();
+            return Err(self.no_capacity(pool, &in_pool));
         }
         Err(DispatchError::NoBlade(format!(
             "no blade could start a desktop for {username:?}: {}",
@@ -410,8 +446,13 @@ impl Dispatcher {
         };
         // By pid: the stop is for this record's desktop, never a newer one of the user's.
         let pid = (rec.vnc_pid != 0).then_some(rec.vnc_pid);
-        if let Err(e) = launcher.stop(&blade, &rec.username, pid).await {
-            tracing::warn!(blade = %blade.name, user = %rec.username, error = %e, "could not stop the desktop; the token is revoked anyway");
+        match launcher.stop(&blade, &rec.username, pid).await {
+            // Its room is used at the next Dispatch, not at the next health report.
+            Ok(true) => self.freed(&blade.name),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(blade = %blade.name, user = %rec.username, error = %e, "could not stop the desktop; the token is revoked anyway");
+            }
         }
     }
 }

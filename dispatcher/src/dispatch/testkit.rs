@@ -121,8 +121,8 @@ impl Launcher for Recording {
         Ok(BladeLoad {
             sessions: if full { 60 } else { live },
             free_displays: if full { 0 } else { 60 - live },
-            load1: 0.0,
             reported: true,
+            ..Default::default()
         })
     }
 }
@@ -161,7 +161,7 @@ pub(super) async fn setup_with(
         .with_clock(Arc::new(TokioClock::new())),
     );
     for (i, b) in blades.iter().enumerate() {
-        d.add_blade(b, &format!("127.0.0.{}", i + 2), 0, Method::Agent)
+        d.add_blade(b, &format!("127.0.0.{}", i + 2), 0, Method::Agent, "", 0)
             .await
             .unwrap();
     }

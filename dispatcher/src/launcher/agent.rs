@@ -219,6 +219,9 @@ impl Launcher for AgentLauncher {
             sessions: h.sessions,
             free_displays: h.free_displays,
             load1: h.load1,
+            cpus: h.cpus,
+            mem_available: h.mem_available_bytes,
+            mem_total: h.mem_total_bytes,
             reported: true,
         })
     }
@@ -237,6 +240,8 @@ mod tests {
             port: 7501,
             method: Method::Agent,
             draining: false,
+            pool: "default".into(),
+            max_sessions: 0,
         }
     }
 

@@ -39,6 +39,12 @@ pub struct BladeLoad {
     pub free_displays: u32,
     /// 1-minute load average.
     pub load1: f64,
+    /// CPUs the agent may use (0: not reported).
+    pub cpus: u32,
+    /// MemAvailable and MemTotal in bytes (0: not reported).
+    pub mem_available: u64,
+    /// See `mem_available`.
+    pub mem_total: u64,
     /// True when the blade reported these figures (an agent's Health); SSH blades report
     /// none, and are placed as if they had room.
     pub reported: bool,

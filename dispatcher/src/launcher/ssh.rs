@@ -368,6 +368,8 @@ mod tests {
             port: 22,
             method: Method::Ssh,
             draining: false,
+            pool: "default".into(),
+            max_sessions: 0,
         }
     }
 

@@ -399,6 +399,8 @@ async fn blades(store: &dyn Store, prefix: &str) {
             port: 7501,
             method: if i == 2 { Method::Ssh } else { Method::Agent },
             draining: false,
+            pool: "default".into(),
+            max_sessions: 0,
         };
         store.put_blade(&blade).await.unwrap();
     }
@@ -411,6 +413,8 @@ async fn blades(store: &dyn Store, prefix: &str) {
         .find(|b| b.name == names[0])
         .unwrap();
     updated.port = 7600;
+    updated.pool = "lab".into();
+    updated.max_sessions = 12;
     store.put_blade(&updated).await.unwrap();
     let listed: Vec<BladeRecord> = store
         .list_blades()
@@ -425,6 +429,10 @@ async fn blades(store: &dyn Store, prefix: &str) {
         "registration order kept"
     );
     assert_eq!(listed[0].port, 7600);
+    assert_eq!(
+        (listed[0].pool.as_str(), listed[0].max_sessions),
+        ("lab", 12)
+    );
     assert_eq!(listed[2].method, Method::Ssh);
     let drained = store
         .set_draining(&names[1], true)

@@ -275,6 +275,17 @@ pub struct BladeRecord {
     pub method: Method,
     /// No new sessions while true.
     pub draining: bool,
+    /// The pool it serves ([`vncdispatch_proto::rules::DEFAULT_POOL`] for rows stored before
+    /// pools).
+    #[serde(default = "default_pool")]
+    pub pool: String,
+    /// Most desktops placed there; 0: no cap but the agent's displays.
+    #[serde(default)]
+    pub max_sessions: u32,
+}
+
+fn default_pool() -> String {
+    vncdispatch_proto::rules::DEFAULT_POOL.to_owned()
 }
 
 /// Storage for sessions and blades. Implementations must make each method atomic on its own;

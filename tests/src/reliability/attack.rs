@@ -104,6 +104,7 @@ pub async fn dispatch_from(
         .dispatch(DispatchRequest {
             username: user.into(),
             remote_ip: ip.into(),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner());

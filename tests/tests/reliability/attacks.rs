@@ -92,6 +92,7 @@ async fn role_matrix() -> String {
         .dispatch(DispatchRequest {
             username: user.name.clone(),
             remote_ip: "192.0.2.7".into(),
+            ..Default::default()
         })
         .await
         .expect("portal dispatches over mTLS")
@@ -109,6 +110,7 @@ async fn role_matrix() -> String {
                     d.dispatch(DispatchRequest {
                         username: user.name.clone(),
                         remote_ip: "192.0.2.7".into(),
+                        ..Default::default()
                     })
                     .await,
                 ),
@@ -332,6 +334,7 @@ async fn fake_agent() -> String {
         host: fake.ip().to_string(),
         port: u32::from(fake.port()),
         method: 1,
+        ..Default::default()
     })
     .await
     .expect("admin registers a blade");
@@ -344,6 +347,7 @@ async fn fake_agent() -> String {
             .dispatch(DispatchRequest {
                 username: u.name.clone(),
                 remote_ip: "192.0.2.8".into(),
+                ..Default::default()
             })
             .await
             .expect("dispatch")
@@ -392,6 +396,7 @@ async fn misnamed_agent() -> String {
         host: format!("::ffff:{}", agent.addr.ip()),
         port: u32::from(agent.addr.port()),
         method: 1,
+        ..Default::default()
     })
     .await
     .expect("register");
@@ -404,6 +409,7 @@ async fn misnamed_agent() -> String {
         .dispatch(DispatchRequest {
             username: user.name.clone(),
             remote_ip: "192.0.2.9".into(),
+            ..Default::default()
         })
         .await;
     assert_eq!(
@@ -530,6 +536,7 @@ async fn agent_of_another_role() -> String {
         host: addr.ip().to_string(),
         port: u32::from(addr.port()),
         method: 1,
+        ..Default::default()
     })
     .await
     .expect("register");
@@ -542,6 +549,7 @@ async fn agent_of_another_role() -> String {
         .dispatch(DispatchRequest {
             username: user.name.clone(),
             remote_ip: "192.0.2.9".into(),
+            ..Default::default()
         })
         .await;
     assert_eq!(

@@ -71,6 +71,7 @@ async fn bad_input() {
             .dispatch(DispatchRequest {
                 username: name.clone(),
                 remote_ip: "192.0.2.1".into(),
+                ..Default::default()
             })
             .await;
         observed.entry(code(&r)).or_default().push(shown(name));
@@ -144,6 +145,7 @@ async fn bad_input() {
             .dispatch(DispatchRequest {
                 username: user.name.clone(),
                 remote_ip: ip.into(),
+                ..Default::default()
             })
             .await;
         *observed.entry(code(&r)).or_default() += 1;
@@ -206,6 +208,7 @@ async fn bad_input() {
                 host: host.clone(),
                 port: *port,
                 method: *method,
+                ..Default::default()
             })
             .await;
         *observed.entry(code(&r)).or_default() += 1;
@@ -311,6 +314,7 @@ async fn bad_input() {
         .dispatch(DispatchRequest {
             username: huge.clone(),
             remote_ip: "192.0.2.1".into(),
+            ..Default::default()
         })
         .await;
     let r2 = agent

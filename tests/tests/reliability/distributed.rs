@@ -131,6 +131,7 @@ async fn blades_and_dispatcher(rec: &Record, rig: &mut Rig) {
                     .dispatch(DispatchRequest {
                         username: name,
                         remote_ip: "192.0.2.1".into(),
+                        ..Default::default()
                     })
                     .await;
             })
@@ -325,6 +326,7 @@ async fn store_outage(rec: &Record, secret: &Path, agent: &AgentProc) {
                             .dispatch(DispatchRequest {
                                 username: name.clone(),
                                 remote_ip: "192.0.2.1".into(),
+                                ..Default::default()
                             })
                             .await
                             .map(|_| ()),

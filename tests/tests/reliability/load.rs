@@ -92,6 +92,7 @@ async fn load() {
                         .dispatch(DispatchRequest {
                             username: u.name.clone(),
                             remote_ip: "192.0.2.1".into(),
+                            ..Default::default()
                         })
                         .await;
                     *codes.entry(classify(&r)).or_default() += 1;

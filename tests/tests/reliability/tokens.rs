@@ -254,6 +254,7 @@ async fn stale_token_on_a_reused_display(rec: &Record) {
     let dispatch = |name: &str| DispatchRequest {
         username: name.to_owned(),
         remote_ip: "192.0.2.1".into(),
+        ..Default::default()
     };
     let a = c
         .dispatch(dispatch(&alice.name))

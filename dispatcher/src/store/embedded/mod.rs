@@ -444,6 +444,8 @@ mod tests {
                 port: 1,
                 method: Method::Agent,
                 draining: true,
+                pool: "default".into(),
+                max_sessions: 0,
             };
             store.put_blade(&blade).await.unwrap();
         }

@@ -6,6 +6,7 @@
 use super::LegacyBlades;
 use crate::store::{BladeRecord, Claim, Method, SessionRecord, StoredSecret};
 use mongodb::bson::{Bson, DateTime, Document, doc};
+use vncdispatch_proto::rules::DEFAULT_POOL;
 
 /// The blades of the `config` document in `blade_list` order: our details where we stored
 /// them, else the legacy defaults (the original's blade names were host names).
@@ -39,6 +40,8 @@ pub(super) fn blades_of(config: &Document, legacy: &LegacyBlades) -> Vec<BladeRe
                     port: legacy.port,
                     method: legacy.method,
                     draining: false,
+                    pool: DEFAULT_POOL.to_owned(),
+                    max_sessions: 0,
                 })
         })
         .collect()
@@ -50,7 +53,10 @@ pub(super) fn blade_to_doc(b: &BladeRecord) -> Document {
         Method::Agent => "agent",
         Method::Ssh => "ssh",
     };
-    doc! { "name": &b.name, "host": &b.host, "port": i32::from(b.port), "method": method, "draining": b.draining }
+    doc! {
+        "name": &b.name, "host": &b.host, "port": i32::from(b.port), "method": method,
+        "draining": b.draining, "pool": &b.pool, "max_sessions": i64::from(b.max_sessions),
+    }
 }
 
 /// A `config.blades` entry, or None if it lacks a field we need.
@@ -65,6 +71,13 @@ pub(super) fn blade_from_doc(d: &Document) -> Option<BladeRecord> {
             Method::Agent
         },
         draining: d.get_bool("draining").unwrap_or(false),
+        // Entries stored before pools and caps have neither.
+        pool: d
+            .get_str("pool")
+            .map_or_else(|_| DEFAULT_POOL.to_owned(), str::to_owned),
+        max_sessions: int_of(d.get("max_sessions"))
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0),
     })
 }
 
@@ -237,6 +250,8 @@ mod tests {
             port: 7501,
             method: Method::Agent,
             draining: true,
+            pool: "lab".into(),
+            max_sessions: 12,
         });
         let config = doc! { "blade_list": ["b1", "b2"], "num_of_blades": 2, "blades": [ours] };
         let legacy = LegacyBlades {
@@ -259,6 +274,15 @@ mod tests {
                 ("b1", "b1", 22, Method::Ssh, false),
                 ("b2", "10.0.0.2", 7501, Method::Agent, true)
             ]
+        );
+        // Pools and caps round-trip; the original's blades are in the default pool, uncapped.
+        assert_eq!(
+            (blades[0].pool.as_str(), blades[0].max_sessions),
+            ("default", 0)
+        );
+        assert_eq!(
+            (blades[1].pool.as_str(), blades[1].max_sessions),
+            ("lab", 12)
         );
     }
 }
