@@ -330,16 +330,35 @@ mod tests {
         assert_eq!(rec.full_attempts.load(Ordering::Relaxed), 0);
     }
 
-    // A blade that reports no figures (SSH) is placed by the desktops stored on it, as a
-    // share of 100 (b2's of its 60 displays): it no longer gets every new desktop.
-    #[tokio::test(start_paused = true)]
-    async fn blades_without_figures_are_placed_by_their_stored_desktops() {
+    /// A dispatcher placing by score over `blades` (name, max_sessions; 0: no cap).
+    async fn scored(
+        blades: &[(&str, u32)],
+    ) -> (
+        std::sync::Arc<super::super::Dispatcher>,
+        std::sync::Arc<super::super::testkit::Recording>,
+        tempfile::TempDir,
+    ) {
         let cfg = DispatchConfig::with_defaults(
             Duration::from_secs(3600),
             Policy::Score,
             Duration::from_secs(5),
         );
-        let (d, rec, _dir) = setup_with(&["quiet1", "b2"], cfg).await;
+        let names: Vec<&str> = blades.iter().map(|(n, _)| *n).collect();
+        let (d, rec, dir) = setup_with(&names, cfg).await;
+        for (i, (name, cap)) in blades.iter().enumerate() {
+            let host = format!("127.0.0.{}", i + 2);
+            d.add_blade(name, &host, 0, Method::Agent, "", *cap)
+                .await
+                .unwrap();
+        }
+        (d, rec, dir)
+    }
+
+    // A blade that reports no figures (SSH) is placed by the desktops stored on it, as a
+    // share of 100 (b2's of its 60 displays): it no longer gets every new desktop.
+    #[tokio::test(start_paused = true)]
+    async fn blades_without_figures_are_placed_by_their_stored_desktops() {
+        let (d, rec, _dir) = scored(&[("quiet1", 0), ("b2", 0)]).await;
         for i in 0..6 {
             d.check_blades().await;
             d.dispatch(&format!("u{i}"), "192.0.2.1", "t")
@@ -404,18 +423,7 @@ mod tests {
     // desktop ended makes room at once.
     #[tokio::test(flavor = "multi_thread")]
     async fn max_sessions_holds_under_concurrent_dispatch() {
-        let cfg = DispatchConfig::with_defaults(
-            Duration::from_secs(3600),
-            Policy::Score,
-            Duration::from_secs(5),
-        );
-        let (d, rec, _dir) = setup_with(&["b1", "b2"], cfg).await;
-        d.add_blade("b1", "127.0.0.2", 0, Method::Agent, "", 3)
-            .await
-            .unwrap();
-        d.add_blade("b2", "127.0.0.3", 0, Method::Agent, "", 2)
-            .await
-            .unwrap();
+        let (d, rec, _dir) = scored(&[("b1", 3), ("b2", 2)]).await;
         d.check_blades().await;
         let tasks: Vec<_> = (0..8)
             .map(|i| {
@@ -453,18 +461,7 @@ mod tests {
     // twice the desktops.
     #[tokio::test(flavor = "multi_thread")]
     async fn the_score_fills_blades_by_their_size() {
-        let cfg = DispatchConfig::with_defaults(
-            Duration::from_secs(3600),
-            Policy::Score,
-            Duration::from_secs(5),
-        );
-        let (d, rec, _dir) = setup_with(&["b1", "b2"], cfg).await;
-        d.add_blade("b1", "127.0.0.2", 0, Method::Agent, "", 4)
-            .await
-            .unwrap();
-        d.add_blade("b2", "127.0.0.3", 0, Method::Agent, "", 8)
-            .await
-            .unwrap();
+        let (d, rec, _dir) = scored(&[("b1", 4), ("b2", 8)]).await;
         d.check_blades().await;
         for i in 0..6 {
             d.dispatch(&format!("u{i}"), "192.0.2.1", "t")
