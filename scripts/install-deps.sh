@@ -70,8 +70,13 @@ if [ "$(cat "$NOVNC_DIR/.installed" 2>/dev/null)" != "$NOVNC_VERSION $NOVNC_SHA2
   log "installing noVNC $NOVNC_VERSION from the npm registry"
   novnc_work=$(mktemp -d)
   trap 'rm -rf "${work:-}" "$novnc_work"' EXIT
-  (cd "$novnc_work" && npm pack --silent "@novnc/novnc@$NOVNC_VERSION" >/dev/null)
   tarball="$novnc_work/novnc-novnc-$NOVNC_VERSION.tgz"
+  # npm honours the machine's registry settings (a mirror); without npm, the public registry.
+  if command -v npm >/dev/null 2>&1; then
+    (cd "$novnc_work" && npm pack --silent "@novnc/novnc@$NOVNC_VERSION" >/dev/null)
+  else
+    curl -fsSL -o "$tarball" "https://registry.npmjs.org/@novnc/novnc/-/novnc-$NOVNC_VERSION.tgz"
+  fi
   echo "$NOVNC_SHA256  $tarball" | sha256sum --check --quiet - || {
     echo "install-deps: @novnc/novnc@$NOVNC_VERSION does not match its pinned checksum" >&2
     exit 1

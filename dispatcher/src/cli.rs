@@ -113,12 +113,13 @@ pub(crate) enum BladeCommand {
         /// How to start sessions there.
         #[arg(long, value_enum, default_value = "agent")]
         method: MethodArg,
-        /// The pool the blade serves [default: `default`]; Dispatch places a new desktop on
-        /// the blades of the pool it asks for.
+        /// The pool the blade serves; Dispatch places a new desktop on the blades of the pool
+        /// it asks for [default: the blade's pool so far; `default` for a new blade].
         #[arg(long)]
         pool: Option<String>,
-        /// Most desktops placed there [default: as many as the agent has displays]. Give the
-        /// blade's full settings each time: `blade add` replaces them.
+        /// Most desktops placed there; 0 for no cap. An agent blade never takes more than its
+        /// displays; an SSH blade has no other limit [default: the blade's cap so far; none
+        /// for a new blade].
         #[arg(long)]
         max_sessions: Option<u32>,
     },

@@ -106,8 +106,8 @@ pub(crate) async fn blade(c: ClientArgs, command: BladeCommand) -> anyhow::Resul
                     // 0 asks the dispatcher for the method's default port.
                     port: port.unwrap_or(0),
                     method,
-                    pool: pool.unwrap_or_default(),
-                    max_sessions: max_sessions.unwrap_or(0),
+                    pool,
+                    max_sessions,
                 })
                 .await
                 .map_err(said)?

@@ -93,6 +93,7 @@ fn blade_msg(
     sessions: usize,
 ) -> Blade {
     let score = crate::dispatch::capacity::score(&b, health.as_ref());
+    let load = health.as_ref().map(|h| &h.load);
     Blade {
         name: b.name,
         host: b.host,
@@ -102,15 +103,12 @@ fn blade_msg(
             Method::Ssh => LaunchMethod::Ssh,
         } as i32,
         draining: b.draining,
-        healthy: health.is_none_or(|h| h.healthy),
+        healthy: health.as_ref().is_none_or(|h| h.healthy),
         sessions: sessions as u32,
-        load1: health.map(|h| h.load.load1).unwrap_or(0.0),
-        free_displays: health
-            .filter(|h| h.load.reported)
-            .map(|h| h.load.free_displays)
-            .unwrap_or(0),
-        cpus: health.map(|h| h.load.cpus).unwrap_or(0),
-        mem_available_bytes: health.map(|h| h.load.mem_available).unwrap_or(0),
+        load1: load.map_or(0.0, |l| l.load1),
+        free_displays: load.filter(|l| l.reported).map_or(0, |l| l.free_displays),
+        cpus: load.map_or(0, |l| l.cpus),
+        mem_available_bytes: load.map_or(0, |l| l.mem_available),
         score,
         pool: b.pool,
         max_sessions: b.max_sessions,
@@ -125,7 +123,7 @@ impl DispatcherRpc for DispatcherService {
         fields(
             user = %req.get_ref().username,
             remote_ip = %req.get_ref().remote_ip,
-            pool = %req.get_ref().pool,
+            pool = ?req.get_ref().pool,
             request_id = tracing::field::Empty,
         )
     )]
@@ -231,7 +229,7 @@ impl DispatcherRpc for DispatcherService {
                 &r.host,
                 r.port,
                 method_of(r.method)?,
-                &r.pool,
+                r.pool.as_deref(),
                 r.max_sessions,
             )
             .await

@@ -9,6 +9,10 @@
 //! - agent wrapper mode: the same through TigerVNC's `vncserver` Perl wrapper.
 //! - the original way: `su - USER -c "vncserver ..."`, as the original cloudvnc script did,
 //!   timed until the RFB port answers.
+//! - new-session Dispatch: the whole path, portal → dispatcher (embedded store) → the agent's
+//!   fast path, with a breakdown: what the dispatcher adds over the agent, the time its store
+//!   calls take, and how many durable commits (fsyncs) a new session costs, read from the
+//!   dispatcher's own metrics around each call.
 //!
 //! Each way starts and stops a desktop `BENCH_STARTS` times (default 20) and prints p50/p95.
 //! Run: `cargo bench -p vncdispatch-tests --bench session_start` (as root).
@@ -16,8 +20,11 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use vncdispatch_proto::v1::{StartSessionRequest, StopSessionRequest};
-use vncdispatch_tests::agent::{AgentOptions, AgentProc};
+use vncdispatch_proto::v1::{
+    DispatchRequest, EndSessionRequest, StartSessionRequest, StopSessionRequest,
+};
+use vncdispatch_tests::agent::{AgentOptions, AgentProc, free_port, new_secret};
+use vncdispatch_tests::dispatcher::{DispatcherOptions, DispatcherProc};
 use vncdispatch_tests::users::TestUser;
 use vncdispatch_tests::{procs, require_root_and_tigervnc};
 
@@ -31,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(20);
     let rt = tokio::runtime::Runtime::new()?;
     let user = TestUser::create();
+    let (dispatch, costs) = rt.block_on(dispatch_starts(&user, n))?;
     let rows = vec![
         ("bare Xtigervnc (floor)", measure(n, || bare_xvnc(&user))?),
         (
@@ -49,11 +57,14 @@ fn main() -> anyhow::Result<()> {
             "original: su - USER -c vncserver",
             measure(n, || original(&user))?,
         ),
+        ("new-session Dispatch (embedded)", dispatch),
     ];
     println!("\nsession start to port-ready, {n} starts each (ms)");
     println!("{:<34} {:>8} {:>8} {:>8}", "way", "p50", "p95", "max");
+    let mut p50 = std::collections::HashMap::new();
     for (name, mut samples) in rows {
         samples.sort();
+        p50.insert(name, samples[samples.len() / 2]);
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let p = |q: f64| {
             samples[((samples.len() as f64 * q).ceil() as usize)
@@ -67,7 +78,123 @@ fn main() -> anyhow::Result<()> {
             ms(p(1.0))
         );
     }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let (bare, agent, whole) = (
+        ms(p50["bare Xtigervnc (floor)"]),
+        ms(p50["agent fast path (PAM)"]),
+        ms(p50["new-session Dispatch (embedded)"]),
+    );
+    println!("\nnew-session Dispatch, p50 breakdown (ms)");
+    println!("{:<50} {:>8.1}", "bare Xtigervnc", bare);
+    println!(
+        "{:<50} {:>8.1}",
+        "+ agent (PAM, helper, password file, cookie, checks)",
+        agent - bare
+    );
+    println!("{:<50} {:>8.1}", "+ dispatcher and gRPC hop", whole - agent);
+    println!(
+        "{:<50} {:>8.2}",
+        "    of which store calls (mean per new session)", costs.store_ms
+    );
+    println!(
+        "{:<50} {:>8.1}",
+        "    durable commits (fsyncs) per new session", costs.durable_commits
+    );
+    println!(
+        "{:<50} {:>8.1}",
+        "    other commits per new session", costs.other_commits
+    );
+    println!(
+        "{:<50} {:>8.1}   (goal: ≤ 5)",
+        "= Dispatch over bare Xtigervnc",
+        whole - bare
+    );
     Ok(())
+}
+
+/// What the dispatcher's metrics say a new session cost, per session.
+struct Costs {
+    store_ms: f64,
+    durable_commits: f64,
+    other_commits: f64,
+}
+
+/// The sum of a metric's samples whose line starts with `prefix` (any labels after it).
+fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn scrape(port: u16) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+/// New-session Dispatch through a dispatcher on the embedded store and a real agent (fast
+/// path, PAM), `n` times for `user` (each session ended and its desktop gone before the next).
+async fn dispatch_starts(user: &TestUser, n: usize) -> anyhow::Result<(Vec<Duration>, Costs)> {
+    kill_all(user);
+    let dir = tempfile::tempdir()?;
+    let secret = dir.path().join("agent-secret");
+    new_secret(&secret);
+    let agent = AgentProc::start(AgentOptions {
+        secret_file: Some(secret.clone()),
+        ..Default::default()
+    })
+    .await;
+    let metrics = free_port([127, 0, 0, 1].into());
+    let d = DispatcherProc::start(DispatcherOptions {
+        agent_secret: secret,
+        extra: vec!["--metrics-listen".into(), format!("127.0.0.1:{metrics}")],
+        ..Default::default()
+    })
+    .await;
+    d.add_agent("b1", &agent).await;
+    let mut client = d.client().await;
+    let (mut samples, mut store_s, mut durable, mut other) = (Vec::new(), 0.0, 0.0, 0.0);
+    let durable_line = "vncdispatch_dispatcher_store_commits_total{durable=\"true\"}";
+    let other_line = "vncdispatch_dispatcher_store_commits_total{durable=\"false\"}";
+    let store_line = "vncdispatch_dispatcher_store_duration_seconds_sum";
+    for _ in 0..n {
+        let before = scrape(metrics).await?;
+        let since = Instant::now();
+        let s = client
+            .dispatch(DispatchRequest {
+                username: user.name.clone(),
+                remote_ip: "192.0.2.1".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        samples.push(since.elapsed());
+        let after = scrape(metrics).await?;
+        anyhow::ensure!(!s.reused, "expected a new session");
+        store_s += metric_sum(&after, store_line) - metric_sum(&before, store_line);
+        durable += metric_sum(&after, durable_line) - metric_sum(&before, durable_line);
+        other += metric_sum(&after, other_line) - metric_sum(&before, other_line);
+        client
+            .end_session(EndSessionRequest {
+                username: user.name.clone(),
+            })
+            .await?;
+        kill_all(user);
+    }
+    let per = n as f64;
+    Ok((
+        samples,
+        Costs {
+            store_ms: store_s * 1000.0 / per,
+            durable_commits: durable / per,
+            other_commits: other / per,
+        },
+    ))
 }
 
 fn measure(

@@ -215,8 +215,8 @@ async fn handle(
 }
 
 /// Static files: the built-in viewer page (at `/` and `/vnc.html`: no redirect, so nothing
-/// here can send a browser off-site), else the noVNC directory; odd paths are simply not
-/// found.
+/// here can send a browser off-site), else noVNC's library from its directory; other and odd
+/// paths are simply not found.
 async fn files(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");
@@ -236,6 +236,9 @@ async fn files(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
     }
     let mut res = match crate::viewer::asset(&path) {
         Some(asset) => viewer_file(proxy, asset),
+        // Only the library: another page there (Debian's vnc_lite.html honours host/port
+        // and has no CSP) would undo what the built-in page holds to.
+        None if !crate::viewer::library_file(&path) => text(StatusCode::NOT_FOUND, "not found"),
         None => {
             let req =
                 Request::from_parts(req.into_parts().0, http_body_util::Empty::<Bytes>::new());

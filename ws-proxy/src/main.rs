@@ -285,6 +285,10 @@ async fn serve(
 ) -> anyhow::Result<()> {
     vncdispatch_proto::metrics::install(a.metrics_listen).map_err(anyhow::Error::msg)?;
     let web_dir = web_dir(a.web.as_deref());
+    for o in &a.allowed_origins {
+        ws_proxy::upgrade::checks::allowed_origin(o)
+            .map_err(|e| anyhow::anyhow!("--allowed-origin {e}"))?;
+    }
     let cfg = ProxyConfig {
         web_dir,
         allowed_origins: a.allowed_origins,
@@ -321,7 +325,6 @@ async fn serve(
     Ok(())
 }
 
-/// A path that may be empty (clap's own path parser refuses "", which means "no files" here).
 /// The noVNC directory to serve, saying in the log which noVNC that is.
 fn web_dir(given: Option<&std::path::Path>) -> Option<PathBuf> {
     use ws_proxy::viewer::{NOVNC_DIR, default_web_dir, novnc_version};
@@ -350,6 +353,7 @@ fn web_dir(given: Option<&std::path::Path>) -> Option<PathBuf> {
     Some(dir)
 }
 
+/// A path that may be empty (clap's own path parser refuses "", which means "no files" here).
 fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
     Ok(PathBuf::from(s))
 }

@@ -1,6 +1,6 @@
 //! vncdispatch's own desktop viewer page (`web/` in this crate, built into the binary) over the
-//! noVNC library served from the web directory (`core/`, `vendor/`; npm's `@novnc/novnc`
-//! ships only the library, no page).
+//! noVNC library served from the web directory (`core/`, `vendor/` and `package.json` only;
+//! npm's `@novnc/novnc` ships only the library, no page).
 //!
 //! The page answers at `/` and `/vnc.html`, the URL portals already build, and takes
 //! noVNC's query options; it is sent with a Content-Security-Policy that lets it load scripts
@@ -49,6 +49,17 @@ pub fn asset(path: &str) -> Option<Asset> {
         body,
         page,
     })
+}
+
+/// Whether `path` (as requested, not decoded) is a file of noVNC's library the page loads:
+/// `core/` and `vendor/` scripts and `package.json`. Nothing percent-encoded (the library's
+/// names need none, and a decoded `%2e` must not make another file of this one).
+pub fn library_file(path: &str) -> bool {
+    !path.contains('%')
+        && !path.split('/').any(|seg| seg == "..")
+        && (path == "/package.json"
+            || ((path.starts_with("/core/") || path.starts_with("/vendor/"))
+                && path.ends_with(".js")))
 }
 
 /// The page's Content-Security-Policy: everything from this server only (noVNC's decoders
@@ -105,6 +116,29 @@ mod tests {
         }
         assert!(!asset("/vncdispatch/viewer.js").expect("js").page);
         assert!(asset("/vnc_lite.html").is_none() && asset("/core/rfb.js").is_none());
+    }
+
+    #[test]
+    fn only_the_library_is_served_from_the_directory() {
+        for ok in [
+            "/core/rfb.js",
+            "/vendor/pako/lib/zlib/inflate.js",
+            "/package.json",
+        ] {
+            assert!(library_file(ok), "{ok}");
+        }
+        for bad in [
+            "/vnc_lite.html",
+            "/vnc%2Ehtml",
+            "/core/%2e%2e/vnc_lite.html",
+            "/core/../vnc_lite.html",
+            "/app/ui.js",
+            "/core/",
+            "/.installed",
+            "/core/rfb.js.map",
+        ] {
+            assert!(!library_file(bad), "{bad}");
+        }
     }
 
     #[test]

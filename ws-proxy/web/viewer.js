@@ -5,15 +5,17 @@
 //   path             WebSocket path on this server, e.g. `websockify?token=…` (default `websockify`)
 //   password         the desktop's VNC password; removed from the address bar once read
 //   reconnect        `true`: reconnect after a dropped connection (default false)
-//   reconnect_delay  milliseconds before reconnecting (default 5000)
+//   reconnect_delay  milliseconds before reconnecting (default 5000, at least 500; doubled
+//                    up to 30 s while reconnecting fails)
 //   resize           `remote` (default: the desktop follows the window), `scale` or `off`
 //   view_only        `true`: send no keyboard or mouse input
 //   shared           `false`: ask the server to drop other viewers (default true)
 //   quality, compression  0–9, passed to noVNC
 // `autoconnect` is accepted and implied: the page always connects. `host`, `port` and
 // `encrypt` are ignored on purpose: the page connects only to the server that served it,
-// over wss when it came over https, so a crafted link cannot send a user's keystrokes (or a
-// password typed into a look-alike desktop) to another server.
+// over wss when it came over https, so a crafted link cannot send a user's keystrokes to
+// another server. (A link can still carry another user's token — the status line names the
+// desktop it shows, so a user can tell it is not theirs.)
 import RFB from '../core/rfb.js';
 
 const root = document.documentElement;
@@ -33,23 +35,29 @@ function options() {
   };
   const password = get('password', null);
   if (password !== null) {
-    // Out of the address bar, the history and any bookmark; kept here for reconnects. The
-    // rest of the link stays as the portal wrote it.
-    const strip = (part) => {
-      for (let prev = null; prev !== part;) {
-        prev = part;
-        part = part.replace(/([?#&])password=[^&#]*&?/, '$1');
-      }
-      return part.replace(/[?#&]$/, '');
+    // Out of the address bar, the history and any bookmark; kept here for reconnects. Every
+    // parameter whose decoded name is `password` goes (`pass%77ord` too); the rest of the
+    // link stays as the portal wrote it.
+    const strip = (part, lead) => {
+      const kept = part.slice(1).split('&').filter((kv) => {
+        try {
+          return decodeURIComponent(kv.split('=')[0].replace(/\+/g, ' ')) !== 'password';
+        } catch {
+          return true;
+        }
+      });
+      const rest = kept.filter((kv) => kv !== '').join('&');
+      return rest ? lead + rest : '';
     };
-    history.replaceState(null, '', location.pathname + strip(location.search) + strip(location.hash));
+    history.replaceState(null, '', location.pathname + strip(location.search, '?') + strip(location.hash, '#'));
   }
-  const delay = Number.parseInt(get('reconnect_delay', '5000'), 10);
+  // At least half a second between tries, doubling (to 30 s) while they fail.
+  const delay = Math.max(500, Number.parseInt(get('reconnect_delay', '5000'), 10) || 5000);
   return {
     path: get('path', 'websockify'),
     password,
     reconnect: flag('reconnect', false),
-    reconnectDelay: Number.isFinite(delay) && delay >= 0 ? delay : 5000,
+    reconnectDelay: delay,
     resize: get('resize', 'remote'),
     viewOnly: flag('view_only', false),
     shared: flag('shared', true),
@@ -96,6 +104,7 @@ function start() {
   }
   let rfb = null;
   let name = '';
+  let wait = opts.reconnectDelay;
   let password = opts.password;
   let leaving = false;
   addEventListener('pagehide', () => { leaving = true; });
@@ -110,6 +119,7 @@ function start() {
     if (opts.quality !== null) rfb.qualityLevel = opts.quality;
     if (opts.compression !== null) rfb.compressionLevel = opts.compression;
     rfb.addEventListener('connect', () => {
+      wait = opts.reconnectDelay;
       setState('connected', name ? `Connected: ${name}` : 'Connected');
       $('cad').disabled = opts.viewOnly;
       $('login').hidden = true;
@@ -141,8 +151,9 @@ function start() {
       if (leaving) return;
       const how = e.detail.clean ? 'Disconnected' : 'Connection lost';
       if (opts.reconnect) {
-        setState('disconnected', `${how}; reconnecting in ${Math.round(opts.reconnectDelay / 100) / 10} s…`);
-        setTimeout(connect, opts.reconnectDelay);
+        setState('disconnected', `${how}; reconnecting in ${Math.round(wait / 100) / 10} s…`);
+        setTimeout(connect, wait);
+        wait = Math.min(wait * 2, 30000);
       } else {
         setState('disconnected', `${how}. Reload the page to connect again.`);
       }

@@ -460,7 +460,11 @@ impl Agent {
                 .unwrap_or(0)
                 * 1024
         };
+        let live_displays: HashSet<u32> = live.iter().map(|(_, r)| r.display).collect();
+        let starting = used.difference(&live_displays).count() as u32;
         Ok(AgentHealth {
+            vnc_pids: live.iter().map(|(_, r)| r.pid).collect(),
+            starting,
             sessions: live.len() as u32,
             free_displays: self.cfg.display_count.saturating_sub(used.len() as u32),
             load1,

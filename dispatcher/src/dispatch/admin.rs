@@ -4,7 +4,9 @@
 use super::{BladeHealth, Dispatcher, timestamp};
 use crate::error::DispatchError;
 use crate::store::{BladeRecord, EndReason, Method, SessionRecord};
-use vncdispatch_proto::rules::{validate_blade_host, validate_blade_name, validate_pool};
+use vncdispatch_proto::rules::{
+    DEFAULT_POOL, validate_blade_host, validate_blade_name, validate_pool,
+};
 
 impl Dispatcher {
     /// Sessions (no secrets), optionally of one blade.
@@ -38,20 +40,21 @@ impl Dispatcher {
         Ok(out)
     }
 
-    /// Registers a blade, or replaces the settings of the one of that name (its draining
-    /// state stays). An empty pool is the default pool; `max_sessions` 0 sets no cap.
+    /// Registers a blade, or updates the one of that name (its draining state stays). A pool
+    /// or cap not given is the existing blade's, or for a new blade the default pool and no
+    /// cap; an empty pool is the default pool, a cap of 0 none.
     pub async fn add_blade(
         &self,
         name: &str,
         host: &str,
         port: u32,
         method: Method,
-        pool: &str,
-        max_sessions: u32,
+        pool: Option<&str>,
+        max_sessions: Option<u32>,
     ) -> Result<BladeRecord, DispatchError> {
         validate_blade_name(name)?;
         validate_blade_host(host)?;
-        let pool = validate_pool(pool)?.to_owned();
+        let pool = pool.map(validate_pool).transpose()?.map(str::to_owned);
         let port = match port {
             0 => match method {
                 Method::Agent => self.cfg.agent_port,
@@ -71,15 +74,26 @@ impl Dispatcher {
             host: host.to_owned(),
             port,
             method,
-            draining: existing.is_some_and(|b| b.draining),
-            pool,
-            max_sessions,
+            draining: existing.as_ref().is_some_and(|b| b.draining),
+            pool: pool
+                .or_else(|| existing.as_ref().map(|b| b.pool.clone()))
+                .unwrap_or_else(|| DEFAULT_POOL.to_owned()),
+            max_sessions: max_sessions
+                .or_else(|| existing.as_ref().map(|b| b.max_sessions))
+                .unwrap_or(0),
         };
         self.store.put_blade(&blade).await?;
-        self.health
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        // What is known of the blade holds while it stays where it was (a cap or pool
+        // changed); at a new address it is learnt again.
+        let moved = existing.is_none_or(|b| {
+            b.host != blade.host || b.port != blade.port || b.method != blade.method
+        });
+        if moved {
+            self.health
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+        }
         Ok(blade)
     }
 
@@ -98,7 +112,7 @@ impl Dispatcher {
             .into_iter()
             .map(|b| {
                 let n = sessions.iter().filter(|s| s.blade == b.name).count();
-                let h = health.get(&b.name).copied();
+                let h = health.get(&b.name).cloned();
                 (b, h, n)
             })
             .collect())
@@ -161,7 +175,7 @@ mod tests {
         let (d, _rec, _dir) = setup(&[], Duration::from_secs(3600)).await;
         for (name, host) in [("bad name", "10.0.0.5"), ("b1", "-oProxyCommand=x")] {
             let err = d
-                .add_blade(name, host, 0, Method::Agent, "", 0)
+                .add_blade(name, host, 0, Method::Agent, None, None)
                 .await
                 .unwrap_err();
             assert!(matches!(err, DispatchError::Field(_)), "{err}");
@@ -170,7 +184,7 @@ mod tests {
         }
         assert!(d.blades().await.unwrap().is_empty(), "nothing was stored");
         let err = d
-            .add_blade("b1", "h", 70_000, Method::Agent, "", 0)
+            .add_blade("b1", "h", 70_000, Method::Agent, None, None)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("70000 is not a TCP port"), "{err}");
@@ -180,7 +194,7 @@ mod tests {
     async fn a_blade_with_sessions_is_removed_only_with_force_which_stops_them() {
         let (d, rec, _dir) = setup(&["b1"], Duration::from_secs(3600)).await;
         let b = d
-            .add_blade("b2", "10.0.0.9", 0, Method::Ssh, "", 0)
+            .add_blade("b2", "10.0.0.9", 0, Method::Ssh, None, None)
             .await
             .unwrap();
         assert_eq!(b.port, 22, "SSH blades default to port 22");

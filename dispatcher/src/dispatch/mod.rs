@@ -98,17 +98,38 @@ impl DispatchConfig {
 }
 
 /// What the dispatcher knows about a blade's health (from the poller and from failures).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BladeHealth {
     /// Reachable at the last check.
     pub healthy: bool,
     /// Load at the last check.
     pub load: BladeLoad,
-    /// Desktops this dispatcher placed there since that check (counted at once, so a burst
-    /// of Dispatch calls between two checks neither piles onto one blade nor overfills it).
-    pub placed: u32,
-    /// Desktops this dispatcher stopped there since that check.
-    pub ended: u32,
+    /// Starts this dispatcher has under way there (reserved before the agent is asked, so a
+    /// burst of Dispatch calls neither piles onto one blade nor overfills it).
+    pub starting: u32,
+    /// Desktops this dispatcher started there that no report has counted yet: (Xvnc pid,
+    /// reports since). A report listing the pid settles one; after two without it, it is
+    /// taken as gone.
+    pub placed: Vec<(u32, u8)>,
+    /// Desktops this dispatcher stopped there that the last report still counted (pid,
+    /// reports since): subtracted until a report no longer lists them.
+    pub ended: Vec<(u32, u8)>,
+    /// A start found no free display: full until the next report.
+    pub full: bool,
+}
+
+impl BladeHealth {
+    /// A blade not checked yet: taken as up, with no figures.
+    pub fn unchecked() -> Self {
+        BladeHealth {
+            healthy: true,
+            load: BladeLoad::default(),
+            starting: 0,
+            placed: Vec::new(),
+            ended: Vec::new(),
+            full: false,
+        }
+    }
 }
 
 /// The launchers by method.

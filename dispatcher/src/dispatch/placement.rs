@@ -100,36 +100,51 @@ impl Dispatcher {
     }
 
     /// Counts a desktop about to be started on `blade`, if it still has room: checked and
-    /// counted under one lock, so concurrent Dispatch calls cannot overfill a blade. Undone
-    /// with [`Dispatcher::release`] when the start fails.
+    /// counted under one lock, so concurrent Dispatch calls cannot overfill a blade. Ended
+    /// by [`Dispatcher::started`] or [`Dispatcher::release`].
     pub(super) fn reserve(&self, blade: &BladeRecord) -> bool {
         let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-        let entry = map.entry(blade.name.clone()).or_insert(BladeHealth {
-            healthy: true,
-            load: BladeLoad::default(),
-            placed: 0,
-            ended: 0,
-        });
+        let entry = map
+            .entry(blade.name.clone())
+            .or_insert_with(BladeHealth::unchecked);
         if !room(blade, Some(entry)).fits() {
             return false;
         }
-        entry.placed += 1;
+        entry.starting += 1;
         true
     }
 
-    /// Undoes a [`Dispatcher::reserve`] whose start did not give a desktop.
-    pub(super) fn release(&self, blade: &str) {
+    /// A reserved start gave the desktop of Xvnc `pid`: counted until a report lists it.
+    pub(super) fn started(&self, blade: &str, pid: u32) {
         let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = map.get_mut(blade) {
-            h.placed = h.placed.saturating_sub(1);
+            h.starting = h.starting.saturating_sub(1);
+            // A report that came in while the answer travelled may list it already.
+            if !h.load.vnc_pids.contains(&pid) {
+                h.placed.push((pid, 0));
+            }
         }
     }
 
-    /// Counts a desktop stopped on `blade`, so its room is used before the next report.
-    pub(super) fn freed(&self, blade: &str) {
+    /// A reserved start gave no desktop.
+    pub(super) fn release(&self, blade: &str) {
         let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = map.get_mut(blade) {
-            h.ended += 1;
+            h.starting = h.starting.saturating_sub(1);
+        }
+    }
+
+    /// Counts the desktop of Xvnc `pid` stopped on `blade`, so its room is used before a
+    /// report says it is gone.
+    pub(super) fn freed(&self, blade: &str, pid: u32) {
+        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = map.get_mut(blade) {
+            if let Some(i) = h.placed.iter().position(|(p, _)| *p == pid) {
+                // Never counted by a report: forgetting it is enough.
+                h.placed.swap_remove(i);
+            } else if h.load.vnc_pids.contains(&pid) {
+                h.ended.push((pid, 0));
+            }
         }
     }
 
@@ -154,32 +169,34 @@ impl Dispatcher {
     /// report says otherwise.
     pub(super) fn mark_full(&self, blade: &str) {
         let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-        let entry = map.entry(blade.to_owned()).or_insert(BladeHealth {
-            healthy: true,
-            load: BladeLoad::default(),
-            placed: 0,
-            ended: 0,
-        });
-        entry.load.reported = true;
-        entry.load.free_displays = 0;
+        let entry = map
+            .entry(blade.to_owned())
+            .or_insert_with(BladeHealth::unchecked);
+        entry.full = true;
     }
 
-    /// Records what was learnt about a blade: from the poller (with its load) or from a
+    /// Records what was learnt about a blade: from the poller (with its report) or from a
     /// failed start (without).
     pub(super) fn mark(&self, blade: &str, healthy: bool, load: Option<BladeLoad>) {
         let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-        let entry = map.entry(blade.to_owned()).or_insert(BladeHealth {
-            healthy,
-            load: BladeLoad::default(),
-            placed: 0,
-            ended: 0,
-        });
+        let entry = map
+            .entry(blade.to_owned())
+            .or_insert_with(BladeHealth::unchecked);
         entry.healthy = healthy;
-        if let Some(l) = load {
-            // The report counts what was placed and stopped before it.
-            entry.load = l;
-            entry.placed = 0;
-            entry.ended = 0;
+        match load {
+            Some(l) if l.reported => {
+                entry.load = l;
+                settle(entry);
+            }
+            // No figures (SSH): the poller counts its desktops from the store.
+            Some(l) => {
+                entry.load = BladeLoad {
+                    sessions: entry.load.sessions,
+                    vnc_pids: std::mem::take(&mut entry.load.vnc_pids),
+                    ..l
+                };
+            }
+            None => {}
         }
     }
 
@@ -226,6 +243,12 @@ impl Dispatcher {
                 let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
                 if let Some(h) = map.get_mut(&blade.name) {
                     h.load.sessions = u32::try_from(live).unwrap_or(u32::MAX);
+                    h.load.vnc_pids = sessions
+                        .iter()
+                        .filter(|s| s.blade == blade.name)
+                        .map(|s| s.vnc_pid)
+                        .collect();
+                    settle(h);
                 }
             }
             metrics::gauge!("vncdispatch_dispatcher_sessions_live", "blade" => blade.name.clone())
@@ -234,6 +257,29 @@ impl Dispatcher {
                 .set(f64::from(u8::from(healthy)));
         }
     }
+}
+
+/// A report came (its pids in `h.load`): the desktops this dispatcher started that it lists
+/// are counted by it now, and those it stopped that it no longer lists are gone; what a
+/// second report still does not settle is dropped either way (a desktop that died at once, a
+/// stop that failed), so nothing is counted for ever.
+fn settle(h: &mut BladeHealth) {
+    let listed = |pid: &u32| h.load.vnc_pids.contains(pid);
+    let placed = std::mem::take(&mut h.placed);
+    h.placed = placed
+        .into_iter()
+        .filter(|(pid, _)| !listed(pid))
+        .map(|(pid, seen)| (pid, seen + 1))
+        .filter(|(_, seen)| *seen < 2)
+        .collect();
+    let ended = std::mem::take(&mut h.ended);
+    h.ended = ended
+        .into_iter()
+        .filter(|(pid, _)| listed(pid))
+        .map(|(pid, seen)| (pid, seen + 1))
+        .filter(|(_, seen)| *seen < 2)
+        .collect();
+    h.full = false;
 }
 
 #[cfg(test)]
@@ -277,7 +323,7 @@ mod tests {
         assert_eq!(rec.starts.lock().unwrap().get("b2"), Some(&6));
         let blades = d.blades().await.unwrap();
         assert!(
-            !blades[0].1.unwrap().healthy,
+            !blades[0].1.as_ref().unwrap().healthy,
             "the failed blade is marked down"
         );
     }
@@ -347,7 +393,7 @@ mod tests {
         let (d, rec, dir) = setup_with(&names, cfg).await;
         for (i, (name, cap)) in blades.iter().enumerate() {
             let host = format!("127.0.0.{}", i + 2);
-            d.add_blade(name, &host, 0, Method::Agent, "", *cap)
+            d.add_blade(name, &host, 0, Method::Agent, None, Some(*cap))
                 .await
                 .unwrap();
         }
@@ -378,7 +424,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn pools_keep_new_desktops_to_their_blades() {
         let (d, _rec, _dir) = setup(&["b1", "b2", "b3"], Duration::from_secs(3600)).await;
-        d.add_blade("b3", "127.0.0.4", 0, Method::Agent, "lab", 0)
+        d.add_blade("b3", "127.0.0.4", 0, Method::Agent, Some("lab"), None)
             .await
             .unwrap();
         for i in 0..4 {
@@ -470,5 +516,34 @@ mod tests {
         }
         let starts = rec.starts.lock().unwrap().clone();
         assert_eq!((starts.get("b1"), starts.get("b2")), (Some(&2), Some(&4)));
+    }
+
+    // A report taken while a start was finishing does not list its desktop: it stays counted
+    // until a report does (or a second one still does not); a stop is counted until a report
+    // no longer lists the desktop.
+    #[test]
+    fn reports_settle_only_the_desktops_they_list() {
+        use super::super::BladeHealth;
+        use super::settle;
+        let mut h = BladeHealth::unchecked();
+        h.placed = vec![(10, 0), (11, 0)];
+        h.ended = vec![(5, 0)];
+        h.load.vnc_pids = vec![5, 10];
+        settle(&mut h);
+        assert_eq!(
+            (h.placed.clone(), h.ended.clone()),
+            (vec![(11, 1)], vec![(5, 1)])
+        );
+        h.load.vnc_pids = vec![10, 11];
+        settle(&mut h);
+        assert!(h.placed.is_empty() && h.ended.is_empty(), "{h:?}");
+        h.placed = vec![(12, 0)];
+        h.load.vnc_pids = vec![];
+        settle(&mut h);
+        settle(&mut h);
+        assert!(
+            h.placed.is_empty(),
+            "a desktop no report ever lists is dropped"
+        );
     }
 }

@@ -245,6 +245,15 @@ impl Dispatcher {
         let order = self.choose_blades(pool).await?;
         let token = secrets::new_token().map_err(DispatchError::Secret)?;
         let password = secrets::new_password().map_err(DispatchError::Secret)?;
+        // Sealed before any desktop starts: a failure here must not leave one running.
+        let sealed_token = self
+            .seal
+            .seal(username, &token)
+            .map_err(DispatchError::Secret)?;
+        let sealed_password = self
+            .seal
+            .seal(username, &password)
+            .map_err(DispatchError::Secret)?;
         let mut failures = Vec::new();
         let mut full = 0;
         let tried = order.len();
@@ -267,7 +276,9 @@ impl Dispatcher {
                 launcher.start(&blade, username, &password, request_id),
             )
             .await;
-            if !matches!(started, Ok(Ok(_))) {
+            if let Ok(Ok(l)) = &started {
+                self.started(&blade.name, l.vnc_pid);
+            } else {
                 self.release(&blade.name);
             }
             let launched = match started {
@@ -311,16 +322,8 @@ impl Dispatcher {
                 username: username.to_owned(),
                 claim: None,
                 token_hash: secrets::token_hash(&token),
-                token: StoredSecret::Sealed(
-                    self.seal
-                        .seal(username, &token)
-                        .map_err(DispatchError::Secret)?,
-                ),
-                password: StoredSecret::Sealed(
-                    self.seal
-                        .seal(username, &password)
-                        .map_err(DispatchError::Secret)?,
-                ),
+                token: StoredSecret::Sealed(sealed_token.clone()),
+                password: StoredSecret::Sealed(sealed_password.clone()),
                 blade: blade.name.clone(),
                 // Where ws-proxy connects is the blade as registered, never what the agent
                 // reports: a compromised agent must not point relays elsewhere.
@@ -345,7 +348,7 @@ impl Dispatcher {
                 {
                     return Err(e.into());
                 }
-                self.release(&blade.name);
+                self.freed(&blade.name, launched.vnc_pid);
                 // A desktop no session points at would run on unseen: stop it.
                 tracing::error!(blade = %blade.name, error = %e, "could not store the session; stopping the desktop just started");
                 if let Err(stop) = launcher
@@ -448,7 +451,7 @@ impl Dispatcher {
         let pid = (rec.vnc_pid != 0).then_some(rec.vnc_pid);
         match launcher.stop(&blade, &rec.username, pid).await {
             // Its room is used at the next Dispatch, not at the next health report.
-            Ok(true) => self.freed(&blade.name),
+            Ok(true) => self.freed(&blade.name, rec.vnc_pid),
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(blade = %blade.name, user = %rec.username, error = %e, "could not stop the desktop; the token is revoked anyway");

@@ -111,16 +111,20 @@ impl Launcher for Recording {
             return Ok(BladeLoad::default());
         }
         let full = b.name.starts_with("full");
-        let live = self
+        let vnc_pids: Vec<u32> = self
             .alive
             .lock()
             .unwrap()
             .iter()
             .filter(|(blade, _, _)| *blade == b.name)
-            .count() as u32;
+            .map(|(_, _, pid)| *pid)
+            .collect();
+        let live = vnc_pids.len() as u32;
         Ok(BladeLoad {
+            vnc_pids,
             sessions: if full { 60 } else { live },
             free_displays: if full { 0 } else { 60 - live },
+            cpus: 2,
             reported: true,
             ..Default::default()
         })
@@ -161,9 +165,16 @@ pub(super) async fn setup_with(
         .with_clock(Arc::new(TokioClock::new())),
     );
     for (i, b) in blades.iter().enumerate() {
-        d.add_blade(b, &format!("127.0.0.{}", i + 2), 0, Method::Agent, "", 0)
-            .await
-            .unwrap();
+        d.add_blade(
+            b,
+            &format!("127.0.0.{}", i + 2),
+            0,
+            Method::Agent,
+            None,
+            None,
+        )
+        .await
+        .unwrap();
     }
     (d, rec, dir)
 }

@@ -217,7 +217,9 @@ impl Launcher for AgentLauncher {
         let h = r.map_err(|s| classify(blade, s))?.into_inner();
         Ok(BladeLoad {
             sessions: h.sessions,
+            vnc_pids: h.vnc_pids,
             free_displays: h.free_displays,
+            starting: h.starting,
             load1: h.load1,
             cpus: h.cpus,
             mem_available: h.mem_available_bytes,

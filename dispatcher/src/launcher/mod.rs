@@ -31,12 +31,16 @@ pub struct Launched {
 }
 
 /// Load figures of a blade.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct BladeLoad {
     /// Live desktops.
     pub sessions: u32,
+    /// Their Xvnc pids (agents; for SSH blades the poller fills those stored).
+    pub vnc_pids: Vec<u32>,
     /// Displays still free.
     pub free_displays: u32,
+    /// Starts under way on the agent (displays neither free nor live yet).
+    pub starting: u32,
     /// 1-minute load average.
     pub load1: f64,
     /// CPUs the agent may use (0: not reported).

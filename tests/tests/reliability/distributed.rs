@@ -407,7 +407,7 @@ async fn disk_full(rec: &Record, secret: &Path, agent: &AgentProc) {
     assert!(mounted, "mount tmpfs");
     let store = mnt.path().join("dispatcher.redb");
     let mut df = dispatcher_on(store.display().to_string(), secret, agent).await;
-    let users: Vec<TestUser> = (0..4).map(|_| TestUser::create()).collect();
+    let users: Vec<TestUser> = (0..7).map(|_| TestUser::create()).collect();
     let mut tokens = tokens_of(rec, &df, &users[..2]).await;
     let filler = mnt.path().join("filler");
     let _ = Command::new("dd")
@@ -416,18 +416,34 @@ async fn disk_full(rec: &Record, secret: &Path, agent: &AgentProc) {
         .stderr(Stdio::null())
         .status();
     rec.faults(1);
-    let full = dispatch_as(rec, &df, &users[2].name).await;
-    let full_message = full
+    // redb has room inside its file for a few commits: new users are taken (and must be kept)
+    // until a commit needs the file to grow.
+    let (mut taken, mut refused) = (0, None);
+    for u in &users[2..6] {
+        match dispatch_as(rec, &df, &u.name).await {
+            Ok(s) => {
+                taken += 1;
+                tokens.insert(u.name.clone(), s.token);
+            }
+            Err(e) => {
+                refused = Some((u, e));
+                break;
+            }
+        }
+    }
+    let full_message = refused
         .as_ref()
-        .err()
-        .map(|e| e.message().to_owned())
+        .map(|(_, e)| format!("{:?}: {}", e.code(), e.message()))
         .unwrap_or_default();
     let reconnect = dispatch_as(rec, &df, &users[0].name).await;
-    let no_desktop_left = eventually(10, || procs::xvnc_of(users[2].uid).is_empty()).await;
+    let no_desktop_left = match &refused {
+        Some((u, _)) => eventually(10, || procs::xvnc_of(u.uid).is_empty()).await,
+        None => false,
+    };
     let _ = std::fs::remove_file(&filler);
-    let after = dispatch_as(rec, &df, &users[3].name).await;
+    let after = dispatch_as(rec, &df, &users[6].name).await;
     if let Ok(s) = &after {
-        tokens.insert(users[3].name.clone(), s.token.clone());
+        tokens.insert(users[6].name.clone(), s.token.clone());
     }
     df.restart().await;
     let mut kept = 0;
@@ -442,16 +458,15 @@ async fn disk_full(rec: &Record, secret: &Path, agent: &AgentProc) {
     rec.lost((tokens.len() - kept) as u64);
     rec.case(
         "disk full under the embedded store",
-        "redb file on a 6 MiB tmpfs filled with dd; Dispatch a new user, reconnect an old one; free the space; Dispatch; restart the dispatcher",
-        "a clear error for the new user and no desktop left running for them; reconnects still work; after space returns everything works and every stored session survives the restart",
+        "redb file on a 6 MiB tmpfs filled with dd; Dispatch new users until the store refuses one (at most 4), reconnect an old one; free the space; Dispatch; restart the dispatcher",
+        "users taken while full keep their sessions; the one refused gets a clear error and no desktop left running; reconnects still work; after space returns everything works and every stored session survives the restart",
         &format!(
-            "new user while full: {} ({full_message}); reconnect while full: {}; their desktop stopped: {no_desktop_left}; after: {}; sessions intact after restart {kept}/{}",
-            code(&full),
+            "taken while full: {taken}; refused: {full_message}; reconnect while full: {}; their desktop stopped: {no_desktop_left}; after: {}; sessions intact after restart {kept}/{}",
             code(&reconnect),
             code(&after),
             tokens.len()
         ),
-        full.is_err()
+        refused.is_some()
             && !full_message.is_empty()
             && reconnect.is_ok()
             && no_desktop_left

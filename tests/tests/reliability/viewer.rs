@@ -97,7 +97,7 @@ pub(crate) async fn viewer_cases(
 
     // A link naming another server, with the password in it.
     let url = format!(
-        "http://{}/vnc.html?autoconnect=1&host=127.0.0.1&port={evil_port}&encrypt=0&password=hunter22&path=websockify?token=viewer",
+        "http://{}/vnc.html?autoconnect=1&host=127.0.0.1&port={evil_port}&encrypt=0&pass%77ord=hunter22&path=websockify?token=viewer",
         proxy.addr
     );
     let mut b = Browser::open(&url).await.expect("chromium");

@@ -76,6 +76,30 @@ pub fn origin(
     if ok { Ok(()) } else { Err(Refusal::ORIGIN) }
 }
 
+/// Checks an `--allowed-origin` value: `*`, or `scheme://host[:port]` as browsers send it in
+/// Origin (http or https, no path, no trailing slash) — a value of another form would never
+/// match, and the viewer page's CSP names these origins.
+pub fn allowed_origin(value: &str) -> Result<(), String> {
+    if value == "*" {
+        return Ok(());
+    }
+    let rest = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"))
+        .ok_or_else(|| format!("{value:?}: an origin starts with https:// or http://"))?;
+    let ok = !rest.is_empty()
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{value:?}: an origin is scheme://host[:port], with no path, slash or other characters (e.g. https://portal.example.org)"
+        ))
+    }
+}
+
 /// The subprotocol to answer with. websockify only echoes `binary`, so `binary` is chosen
 /// when offered, and a client that offers none gets none (noVNC offers none); offers without
 /// `binary` (an empty one included): [`Refusal::SUBPROTOCOL`] (400 `bad_request`).
@@ -128,6 +152,28 @@ pub fn ip_binding(bind_to_ip: bool, recorded: &str, client: IpAddr) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allowed_origins_are_checked_at_start() {
+        for ok in [
+            "*",
+            "https://portal.example.org",
+            "http://127.0.0.1:8080",
+            "https://[::1]:443",
+        ] {
+            assert_eq!(allowed_origin(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "portal.example.org",
+            "https://x/",
+            "https://x/path",
+            "https://a; script-src *",
+            "ftp://x",
+            "https://",
+        ] {
+            assert!(allowed_origin(bad).is_err(), "{bad}");
+        }
+    }
 
     /// Headers in order; a name given twice is appended, as a client sending both would.
     fn headers(pairs: &[(&'static str, &[u8])]) -> HeaderMap {

@@ -121,6 +121,14 @@ impl EmbeddedStore {
             tx.set_durability(durability).map_err(err)?;
             let out = f(&tx)?;
             tx.commit().map_err(|e| io(e.into()))?;
+            // Durable commits (an fsync each) are what a new session waits on: counted.
+            let durable = if matches!(durability, Durability::Immediate) {
+                "true"
+            } else {
+                "false"
+            };
+            metrics::counter!("vncdispatch_dispatcher_store_commits_total", "durable" => durable)
+                .increment(1);
             Ok(out)
         });
         if failed_io {

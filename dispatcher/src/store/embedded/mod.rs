@@ -60,21 +60,23 @@ impl Store for EmbeddedStore {
             return Ok(ClaimOutcome::Existing(Box::new(rec)));
         }
         let (username, claim) = (username.to_owned(), claim.clone());
+        // Not durable: a claim lost in a crash costs nothing (the desktop its launch may have
+        // started is adopted by the user's next Dispatch, as with a claim that lapsed), while
+        // a durable one would cost a new session a second fsync. `complete` makes the session
+        // durable, and with it everything committed before.
         self.blocking(move |s| {
-            s.write(Durability::Immediate, |tx| {
-                match get_session(tx, &username)? {
-                    Some(rec) => match &rec.claim {
-                        None => Ok(ClaimOutcome::Existing(Box::new(rec))),
-                        Some(c) if c.expires_at_ms > now_ms => Ok(ClaimOutcome::Pending),
-                        Some(_) => {
-                            put_session(tx, &placeholder(&username, &claim))?;
-                            Ok(ClaimOutcome::Won)
-                        }
-                    },
-                    None => {
+            s.write(Durability::None, |tx| match get_session(tx, &username)? {
+                Some(rec) => match &rec.claim {
+                    None => Ok(ClaimOutcome::Existing(Box::new(rec))),
+                    Some(c) if c.expires_at_ms > now_ms => Ok(ClaimOutcome::Pending),
+                    Some(_) => {
                         put_session(tx, &placeholder(&username, &claim))?;
                         Ok(ClaimOutcome::Won)
                     }
+                },
+                None => {
+                    put_session(tx, &placeholder(&username, &claim))?;
+                    Ok(ClaimOutcome::Won)
                 }
             })
         })
