@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tonic::Code;
 use vncdispatch_proto::v1::{AddBladeRequest, DispatchRequest, EndSessionRequest, Session};
-use vncdispatch_tests::agent::{AgentOptions, AgentProc, fresh_displays};
+use vncdispatch_tests::agent::{AgentOptions, AgentProc};
 use vncdispatch_tests::rig::{Rig, RigOptions};
 use vncdispatch_tests::users::TestUser;
 use vncdispatch_tests::{require_root_and_tigervnc, workspace_bin};
@@ -20,19 +20,21 @@ async fn rig() -> Rig {
     .await
 }
 
-/// An agent on `127.0.0.{last}` with `displays` displays, registered as blade `name`.
+/// An agent on `127.0.0.{last}` with `displays` displays from `:first`, registered as blade
+/// `name`. The ranges are this file's own, far from the other tests' (which start at :20): a
+/// display another test's X server still holds would be a display short here.
 async fn blade(
     rig: &Rig,
     name: &str,
     last: u8,
-    displays: u32,
+    (first, displays): (u32, u32),
     pool: &str,
     max_sessions: u32,
 ) -> AgentProc {
     let agent = AgentProc::start(AgentOptions {
         ip: [127, 0, 0, last].into(),
         secret_file: Some(rig.secret.clone()),
-        displays: Some(fresh_displays(displays)),
+        displays: Some((first, displays)),
         ..Default::default()
     })
     .await;
@@ -87,9 +89,9 @@ async fn desktops_fill_blades_by_the_score_until_the_pool_is_full() {
     require_root_and_tigervnc();
     let rig = rig().await;
     let _agents = [
-        blade(&rig, "b2", 2, 2, "", 0).await,
-        blade(&rig, "b4", 3, 4, "", 0).await,
-        blade(&rig, "b8", 4, 8, "", 6).await,
+        blade(&rig, "b2", 2, (400, 2), "", 0).await,
+        blade(&rig, "b4", 3, (410, 4), "", 0).await,
+        blade(&rig, "b8", 4, (420, 8), "", 6).await,
     ];
     reported(&rig, 3).await;
     let users: Vec<TestUser> = (0..13).map(|_| TestUser::create()).collect();
@@ -149,8 +151,8 @@ async fn pools_keep_new_desktops_to_their_blades() {
     require_root_and_tigervnc();
     let rig = rig().await;
     let _agents = [
-        blade(&rig, "lab1", 5, 4, "lab", 0).await,
-        blade(&rig, "std1", 6, 4, "", 0).await,
+        blade(&rig, "lab1", 5, (430, 4), "lab", 0).await,
+        blade(&rig, "std1", 6, (440, 4), "", 0).await,
     ];
     reported(&rig, 2).await;
     let users: Vec<TestUser> = (0..5).map(|_| TestUser::create()).collect();
