@@ -89,10 +89,14 @@ impl Dispatcher {
             b.host != blade.host || b.port != blade.port || b.method != blade.method
         });
         if moved {
-            self.health
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(name);
+            // Starts under way there still end their reservations on this entry.
+            let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(h) = map.get_mut(name) {
+                *h = BladeHealth {
+                    starting: h.starting,
+                    ..BladeHealth::unchecked()
+                };
+            }
         }
         Ok(blade)
     }

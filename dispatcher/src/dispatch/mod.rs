@@ -170,7 +170,7 @@ pub struct Dispatcher {
     /// Settings from the command line.
     cfg: DispatchConfig,
     /// This process's view of blade health: the poller's answers and launch failures.
-    health: RwLock<HashMap<String, BladeHealth>>,
+    health: Arc<RwLock<HashMap<String, BladeHealth>>>,
     /// The time stored expiries and claim deadlines are measured against.
     clock: Arc<dyn Clock>,
     /// Desktops a blade recently confirmed alive, (blade, user, pid) → when: every open
@@ -199,7 +199,7 @@ impl Dispatcher {
             launchers,
             seal,
             cfg,
-            health: RwLock::default(),
+            health: Arc::default(),
             clock: Arc::new(WallClock),
             alive_seen: std::sync::Mutex::default(),
         }

@@ -13,6 +13,7 @@ use crate::error::DispatchError;
 use crate::launcher::BladeLoad;
 use crate::store::BladeRecord;
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 impl Dispatcher {
@@ -100,38 +101,23 @@ impl Dispatcher {
     }
 
     /// Counts a desktop about to be started on `blade`, if it still has room: checked and
-    /// counted under one lock, so concurrent Dispatch calls cannot overfill a blade. Ended
-    /// by [`Dispatcher::started`] or [`Dispatcher::release`].
-    pub(super) fn reserve(&self, blade: &BladeRecord) -> bool {
+    /// counted under one lock, so concurrent Dispatch calls cannot overfill a blade. The count
+    /// holds until [`Reservation::started`] or the reservation is dropped (a failed start, a
+    /// late one's clean-up ending, a panic).
+    pub(super) fn reserve(&self, blade: &BladeRecord) -> Option<Reservation> {
         let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
         let entry = map
             .entry(blade.name.clone())
             .or_insert_with(BladeHealth::unchecked);
         if !room(blade, Some(entry)).fits() {
-            return false;
+            return None;
         }
         entry.starting += 1;
-        true
-    }
-
-    /// A reserved start gave the desktop of Xvnc `pid`: counted until a report lists it.
-    pub(super) fn started(&self, blade: &str, pid: u32) {
-        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = map.get_mut(blade) {
-            h.starting = h.starting.saturating_sub(1);
-            // A report that came in while the answer travelled may list it already.
-            if !h.load.vnc_pids.contains(&pid) {
-                h.placed.push((pid, 0));
-            }
-        }
-    }
-
-    /// A reserved start gave no desktop.
-    pub(super) fn release(&self, blade: &str) {
-        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = map.get_mut(blade) {
-            h.starting = h.starting.saturating_sub(1);
-        }
+        Some(Reservation {
+            health: Arc::clone(&self.health),
+            blade: blade.name.clone(),
+            done: false,
+        })
     }
 
     /// Counts the desktop of Xvnc `pid` stopped on `blade`, so its room is used before a
@@ -139,6 +125,7 @@ impl Dispatcher {
     pub(super) fn freed(&self, blade: &str, pid: u32) {
         let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = map.get_mut(blade) {
+            h.full = false;
             if let Some(i) = h.placed.iter().position(|(p, _)| *p == pid) {
                 // Never counted by a report: forgetting it is enough.
                 h.placed.swap_remove(i);
@@ -233,7 +220,10 @@ impl Dispatcher {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let sessions = self.store.list_sessions().await.unwrap_or_default();
+        // Without the stored sessions there is nothing to count SSH blades by: keep what was.
+        let Ok(sessions) = self.store.list_sessions().await else {
+            return;
+        };
         for blade in blades {
             let live = sessions.iter().filter(|s| s.blade == blade.name).count();
             let healthy = health.get(&blade.name).is_some_and(|h| h.healthy);
@@ -255,6 +245,41 @@ impl Dispatcher {
                 .set(live as f64);
             metrics::gauge!("vncdispatch_dispatcher_blade_healthy", "blade" => blade.name)
                 .set(f64::from(u8::from(healthy)));
+        }
+    }
+}
+
+/// A start counted on a blade (see [`Dispatcher::reserve`]).
+#[derive(Debug)]
+pub(super) struct Reservation {
+    health: Arc<RwLock<HashMap<String, BladeHealth>>>,
+    blade: String,
+    done: bool,
+}
+
+impl Reservation {
+    /// The start gave the desktop of Xvnc `pid`: counted as placed until a report lists it.
+    pub(super) fn started(mut self, pid: u32) {
+        self.done = true;
+        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = map.get_mut(&self.blade) {
+            h.starting = h.starting.saturating_sub(1);
+            // A report that came in while the answer travelled may list it already.
+            if !h.load.vnc_pids.contains(&pid) {
+                h.placed.push((pid, 0));
+            }
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = map.get_mut(&self.blade) {
+            h.starting = h.starting.saturating_sub(1);
         }
     }
 }

@@ -266,21 +266,26 @@ impl Dispatcher {
                 }
             };
             // Filled by concurrent calls since the blades were chosen: the next one.
-            if !self.reserve(&blade) {
+            let Some(reservation) = self.reserve(&blade) else {
                 full += 1;
                 failures.push(format!("{}: full", blade.name));
                 continue;
-            }
+            };
             let started = tokio::time::timeout(
                 self.cfg.launch_timeout,
                 launcher.start(&blade, username, &password, request_id),
             )
             .await;
-            if let Ok(Ok(l)) = &started {
-                self.started(&blade.name, l.vnc_pid);
-            } else {
-                self.release(&blade.name);
-            }
+            // Counted until it gave a desktop; a start that timed out may still give one, so
+            // its clean-up holds the reservation; a failed one is released here.
+            let late = match &started {
+                Ok(Ok(l)) => {
+                    reservation.started(l.vnc_pid);
+                    None
+                }
+                Ok(Err(_)) => None,
+                Err(_) => Some(reservation),
+            };
             let launched = match started {
                 Ok(Ok(l)) => l,
                 Ok(Err(LaunchError::Refused(status))) => {
@@ -304,7 +309,7 @@ impl Dispatcher {
                 }
                 Err(_) => {
                     metrics::counter!("vncdispatch_dispatcher_session_start_failures_total", "blade" => blade.name.clone(), "reason" => "timeout").increment(1);
-                    self.clean_up_late_start(launcher.clone(), blade.clone(), username);
+                    self.clean_up_late_start(launcher.clone(), blade.clone(), username, late);
                     let why = format!(
                         "{}: no answer within {:?}",
                         blade.name, self.cfg.launch_timeout
@@ -382,13 +387,21 @@ impl Dispatcher {
     /// (a stopped or overloaded agent works through its queue), leaving a desktop no session
     /// points at. After a grace period, and while the user's session (if any) is elsewhere,
     /// ask that blade to stop the user's desktop; retried for a few minutes in the background.
-    fn clean_up_late_start(&self, launcher: Arc<dyn Launcher>, blade: BladeRecord, username: &str) {
+    fn clean_up_late_start(
+        &self,
+        launcher: Arc<dyn Launcher>,
+        blade: BladeRecord,
+        username: &str,
+        reservation: Option<super::placement::Reservation>,
+    ) {
         let (store, username, grace) = (
             self.store.clone(),
             username.to_owned(),
             self.cfg.launch_timeout,
         );
         tokio::spawn(async move {
+            // The blade's room stays counted until this ends (on every return below).
+            let _reservation = reservation;
             for attempt in 0..8u32 {
                 tokio::time::sleep(grace.max(Duration::from_secs(1)) * (attempt + 1)).await;
                 match store.get_session(&username).await {
