@@ -52,7 +52,8 @@ function options() {
     history.replaceState(null, '', location.pathname + strip(location.search, '?') + strip(location.hash, '#'));
   }
   // At least half a second between tries, doubling (to 30 s) while they fail.
-  const delay = Math.max(500, Number.parseInt(get('reconnect_delay', '5000'), 10) || 5000);
+  const given = Number.parseInt(get('reconnect_delay', '5000'), 10);
+  const delay = Number.isFinite(given) ? Math.max(500, given) : 5000;
   return {
     path: get('path', 'websockify'),
     password,
@@ -105,11 +106,14 @@ function start() {
   let rfb = null;
   let name = '';
   let wait = opts.reconnectDelay;
+  let retry = null;
   let password = opts.password;
   let leaving = false;
   addEventListener('pagehide', () => { leaving = true; });
 
   const connect = () => {
+    clearTimeout(retry);
+    retry = null;
     setState('connecting', 'Connecting…');
     const credentials = password === null ? undefined : { password };
     rfb = new RFB($('noVNC_container'), url, { shared: opts.shared, credentials });
@@ -146,13 +150,15 @@ function start() {
       setState('disconnected', `Login refused${why}`);
     });
     rfb.addEventListener('clipboard', (e) => { $('clipboard_text').value = e.detail.text; });
+    const mine = rfb;
     rfb.addEventListener('disconnect', (e) => {
+      // Only the current connection's end counts (one replaced by a login is over anyway).
+      if (leaving || rfb !== mine) return;
       $('cad').disabled = true;
-      if (leaving) return;
       const how = e.detail.clean ? 'Disconnected' : 'Connection lost';
       if (opts.reconnect) {
         setState('disconnected', `${how}; reconnecting in ${Math.round(wait / 100) / 10} s…`);
-        setTimeout(connect, wait);
+        retry = setTimeout(connect, wait);
         wait = Math.min(wait * 2, 30000);
       } else {
         setState('disconnected', `${how}. Reload the page to connect again.`);
