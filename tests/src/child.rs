@@ -215,6 +215,15 @@ impl ChildProc {
         self.child.as_mut()?.try_wait().ok().flatten()
     }
 
+    /// Sets `flag`'s value for the next (re)start: the value after an existing `flag`, or
+    /// both appended.
+    pub fn set_option(&mut self, flag: &str, value: &str) {
+        match self.args.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < self.args.len() => self.args[i + 1] = value.into(),
+            _ => self.args.extend([flag.into(), value.into()]),
+        }
+    }
+
     /// What it wrote to stdout and stderr so far, over all its starts.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -105,6 +105,11 @@ impl DispatcherProc {
         DispatcherClient::new(ch)
     }
 
+    /// Sets a `dispatcher serve` option for its next restart (see [`ChildProc::set_option`]).
+    pub fn set_option(&mut self, flag: &str, value: &str) {
+        self.child.set_option(flag, value);
+    }
+
     /// Registers `agent` as blade `name`.
     pub async fn add_agent(&self, name: &str, agent: &AgentProc) {
         let req = AddBladeRequest {

@@ -143,6 +143,10 @@ async fn blades_and_dispatcher(rec: &Record, rig: &mut Rig) {
     for c in calls {
         let _ = c.await;
     }
+    // Back with the default launch timeout: the 3 s the hang case needs is shorter than a
+    // start takes while a dozen starts the dead dispatcher began finish on two cores, and a
+    // start that times out on both blades would be refused (this case is about recovery).
+    rig.dispatcher.set_option("--launch-timeout", "20s");
     rig.dispatcher.restart().await;
     let (d, agents) = (&rig.dispatcher, [&rig.agents[0], &rig.agents[1]]);
     let mut again = BTreeMap::<String, usize>::new();
@@ -158,7 +162,7 @@ async fn blades_and_dispatcher(rec: &Record, rig: &mut Rig) {
     let agreed = agreement(rec, d, &agents, &all).await;
     rec.case(
         "dispatcher SIGKILL mid-Dispatch, then restart",
-        "12 concurrent Dispatch calls, SIGKILL to the dispatcher 60 ms in, restart, Dispatch each user again",
+        "12 concurrent Dispatch calls, SIGKILL to the dispatcher 60 ms in, restart (launch timeout 20 s), Dispatch each user again",
         "every user gets one session; store and agents agree (desktops started before the kill are adopted, not doubled)",
         &format!("{again:?} {refused:?}; {}", shown_agreement(&agreed)),
         again.get("OK") == Some(&crowd.len()) && agrees(&agreed),
