@@ -10,9 +10,9 @@ use vncdispatch_proto::v1::{
 };
 use vncdispatch_tests::reliability::attack::{agent_sessions, cli, code, shown, store_sessions};
 use vncdispatch_tests::reliability::{Log, Record};
-use vncdispatch_tests::require_root_and_tigervnc;
 use vncdispatch_tests::rig::Rig;
 use vncdispatch_tests::users::TestUser;
+use vncdispatch_tests::{procs, require_root_and_tigervnc};
 
 /// Names no account can have, plus real system accounts: each must be refused.
 fn hostile_usernames() -> Vec<String> {
@@ -157,6 +157,61 @@ async fn bad_input() {
         "InvalidArgument for every one, no desktop started",
         &format!("{observed:?}"),
         observed.len() == 1 && observed.contains_key("InvalidArgument"),
+    );
+
+    // Pool names become metric labels and log fields: only the pool rule's set gets through.
+    let pools = [
+        "GPU".to_owned(),
+        "a b".into(),
+        "-x".into(),
+        "lab\n".into(),
+        "../lab".into(),
+        "x;rm -rf /".into(),
+        "p".repeat(33),
+        "läb".into(),
+        "lab\0".into(),
+        "{pool=\"x\"}".into(),
+    ];
+    let desktops_before = procs::xvnc_of(user.uid).len();
+    let mut observed = BTreeMap::<String, usize>::new();
+    for pool in &pools {
+        let r = c
+            .dispatch(DispatchRequest {
+                username: user.name.clone(),
+                remote_ip: "192.0.2.1".into(),
+                pool: pool.clone(),
+            })
+            .await;
+        *observed.entry(code(&r)).or_default() += 1;
+    }
+    let unknown = c
+        .dispatch(DispatchRequest {
+            username: user.name.clone(),
+            remote_ip: "192.0.2.1".into(),
+            pool: "nosuchpool".into(),
+        })
+        .await;
+    let desktops_after = procs::xvnc_of(user.uid).len();
+    rec.bad_inputs(pools.len() as u64 + 1);
+    rec.case(
+        "Dispatch: hostile pool names",
+        "upper case, space, leading `-`, newline, `../`, shell text, 33 bytes, non-ASCII, NUL, a metric-label lookalike; then a well-formed pool no blade serves — for a real user",
+        "InvalidArgument for every malformed one, FailedPrecondition naming the pools there are for the unknown one; no desktop started",
+        &format!(
+            "{observed:?}; unknown pool: {}{}; the user's desktops {desktops_before} → {desktops_after}",
+            code(&unknown),
+            unknown
+                .as_ref()
+                .err()
+                .map(|e| format!(" ({})", e.message()))
+                .unwrap_or_default()
+        ),
+        observed.len() == 1
+            && observed.contains_key("InvalidArgument")
+            && unknown
+                .as_ref()
+                .is_err_and(|e| e.code() == tonic::Code::FailedPrecondition && e.message().contains("pools with blades: default"))
+            && desktops_after == desktops_before,
     );
 
     let tokens = [
