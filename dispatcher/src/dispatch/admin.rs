@@ -107,11 +107,7 @@ impl Dispatcher {
     ) -> Result<Vec<(BladeRecord, Option<BladeHealth>, usize)>, DispatchError> {
         let blades = self.store.list_blades().await?;
         let sessions = self.store.list_sessions().await?;
-        let health = self
-            .health
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let health = self.health_view();
         Ok(blades
             .into_iter()
             .map(|b| {

@@ -93,7 +93,7 @@ impl Dispatcher {
     }
 
     /// A copy of the health map, so no lock is held across awaits.
-    fn health_view(&self) -> HashMap<String, BladeHealth> {
+    pub(super) fn health_view(&self) -> HashMap<String, BladeHealth> {
         self.health
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -215,11 +215,7 @@ impl Dispatcher {
         });
         futures_util::future::join_all(checks).await;
         // Per-blade gauges ride on this periodic pass rather than on every Dispatch.
-        let health = self
-            .health
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let health = self.health_view();
         // Without the stored sessions there is nothing to count SSH blades by: keep what was.
         let Ok(sessions) = self.store.list_sessions().await else {
             return;
@@ -289,21 +285,15 @@ impl Drop for Reservation {
 /// second report still does not settle is dropped either way (a desktop that died at once, a
 /// stop that failed), so nothing is counted for ever.
 fn settle(h: &mut BladeHealth) {
-    let listed = |pid: &u32| h.load.vnc_pids.contains(pid);
-    let placed = std::mem::take(&mut h.placed);
-    h.placed = placed
-        .into_iter()
-        .filter(|(pid, _)| !listed(pid))
-        .map(|(pid, seen)| (pid, seen + 1))
-        .filter(|(_, seen)| *seen < 2)
-        .collect();
-    let ended = std::mem::take(&mut h.ended);
-    h.ended = ended
-        .into_iter()
-        .filter(|(pid, _)| listed(pid))
-        .map(|(pid, seen)| (pid, seen + 1))
-        .filter(|(_, seen)| *seen < 2)
-        .collect();
+    let listed = &h.load.vnc_pids;
+    h.placed.retain_mut(|(pid, seen)| {
+        *seen += 1;
+        !listed.contains(pid) && *seen < 2
+    });
+    h.ended.retain_mut(|(pid, seen)| {
+        *seen += 1;
+        listed.contains(pid) && *seen < 2
+    });
     h.full = false;
 }
 
