@@ -441,10 +441,11 @@ impl Agent {
         })
         .await?;
         // Both are in the range: desktops() keeps to it, and displays are reserved from it.
-        let used: HashSet<u32> = live
+        let live_displays: HashSet<u32> = live.iter().map(|(_, r)| r.display).collect();
+        let used: HashSet<u32> = live_displays
             .iter()
-            .map(|(_, r)| r.display)
-            .chain(lock(&self.reserved).iter().copied())
+            .chain(lock(&self.reserved).iter())
+            .copied()
             .collect();
         let mem = |key: &str| -> u64 {
             meminfo
@@ -460,11 +461,10 @@ impl Agent {
                 .unwrap_or(0)
                 * 1024
         };
-        let live_displays: HashSet<u32> = live.iter().map(|(_, r)| r.display).collect();
-        let starting = used.difference(&live_displays).count() as u32;
         Ok(AgentHealth {
             vnc_pids: live.iter().map(|(_, r)| r.pid).collect(),
-            starting,
+            // Reserved displays whose desktop does not run yet (live ones are in `used` too).
+            starting: (used.len() - live_displays.len()) as u32,
             sessions: live.len() as u32,
             free_displays: self.cfg.display_count.saturating_sub(used.len() as u32),
             load1,
