@@ -74,6 +74,8 @@ pub struct Proxy {
     pub(crate) guesses: Guesses,
     /// noVNC's files, when there is a directory to serve.
     files: Option<ServeDir>,
+    /// The viewer page's Content-Security-Policy, made once from the settings.
+    page_csp: Option<HeaderValue>,
     /// Cancelled when the drain times out: relays still open close then.
     pub(crate) cancel: CancellationToken,
     /// Every connection task and every relay (which outlives its HTTP connection once
@@ -88,6 +90,10 @@ impl Proxy {
             .web_dir
             .as_ref()
             .map(|d| ServeDir::new(d).append_index_html_on_directories(false));
+        let page_csp = HeaderValue::from_str(&crate::viewer::content_security_policy(
+            &cfg.allowed_origins,
+        ))
+        .ok();
         let limits = Limits::new(cfg.max_per_token, cfg.max_per_ip);
         let guesses = Guesses::new(cfg.max_token_failures);
         Arc::new(Proxy {
@@ -96,6 +102,7 @@ impl Proxy {
             limits,
             guesses,
             files,
+            page_csp,
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         })
@@ -277,11 +284,9 @@ fn viewer_file(proxy: &Proxy, asset: crate::viewer::Asset) -> Response<Body> {
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if asset.page
-        && let Ok(csp) = HeaderValue::from_str(&crate::viewer::content_security_policy(
-            &proxy.cfg.allowed_origins,
-        ))
+        && let Some(csp) = &proxy.page_csp
     {
-        h.insert(header::CONTENT_SECURITY_POLICY, csp);
+        h.insert(header::CONTENT_SECURITY_POLICY, csp.clone());
     }
     res
 }

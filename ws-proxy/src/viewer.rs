@@ -72,11 +72,8 @@ pub fn content_security_policy(allowed_origins: &[String]) -> String {
             .chain(
                 allowed_origins
                     .iter()
-                    // Only what a CSP source can be: no quotes, semicolons or spaces.
-                    .filter(|o| {
-                        o.chars()
-                            .all(|c| c.is_ascii_graphic() && c != ';' && c != '\'')
-                    })
+                    // ws-proxy refuses to start on any other; a library caller's is left out.
+                    .filter(|o| crate::upgrade::checks::allowed_origin(o).is_ok())
                     .map(String::as_str),
             )
             .collect::<Vec<_>>()
