@@ -15,16 +15,6 @@ use vncdispatch_proto::v1::blade_agent_client::BladeAgentClient;
 const DISPLAYS_PER_AGENT: u32 = 16;
 static NEXT_RANGE: AtomicU32 = AtomicU32::new(0);
 
-/// A display range of `count` (at most 16) no other test agent of this process uses.
-pub fn fresh_displays(count: u32) -> (u32, u32) {
-    assert!(
-        count <= DISPLAYS_PER_AGENT,
-        "at most {DISPLAYS_PER_AGENT} displays"
-    );
-    let n = NEXT_RANGE.fetch_add(1, Ordering::Relaxed);
-    (20 + DISPLAYS_PER_AGENT * n, count)
-}
-
 /// An authenticated client of a test agent.
 pub type AgentClient = BladeAgentClient<InterceptedService<Channel, BearerAuth>>;
 
@@ -94,9 +84,10 @@ impl AgentProc {
         let secret = SharedSecret::from_file(&secret_file).expect("fresh secret");
         let port = free_port(opts.ip);
         let addr = SocketAddr::new(opts.ip, port);
-        let (display_first, display_count) = opts
-            .displays
-            .unwrap_or_else(|| fresh_displays(DISPLAYS_PER_AGENT));
+        let (display_first, display_count) = opts.displays.unwrap_or_else(|| {
+            let n = NEXT_RANGE.fetch_add(1, Ordering::Relaxed);
+            (20 + DISPLAYS_PER_AGENT * n, DISPLAYS_PER_AGENT)
+        });
         let run_dir: PathBuf = dir.path().join("run");
         let mut args: Vec<String> = vec![
             "serve".into(),
