@@ -15,10 +15,11 @@ need_root() {
 
 # Debian packages: the real TigerVNC, noVNC, websockify (for comparison), sshd, a browser,
 # protoc for the proto crate, a small window manager for demo desktops, libpam's headers
-# (blade-agent links libpam) and chage (tests expire accounts).
+# (blade-agent links libpam), chage (tests expire accounts) and xdotool (tests read a
+# desktop's pointer to prove a view-only share cannot move it).
 DEB_PKGS=(tigervnc-standalone-server tigervnc-tools novnc websockify openssh-server chromium
           protobuf-compiler twm xfonts-base x11-utils x11-xserver-utils procps systemd curl
-          libpam0g-dev passwd)
+          libpam0g-dev passwd xdotool)
 
 missing=()
 for p in "${DEB_PKGS[@]}"; do
@@ -29,7 +30,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # debconf notes that apt-utils is missing on minimal images: noise, not a problem.
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2> >(grep -v "^debconf: " >&2)
 fi
 
 # blade-agent's PAM service: every desktop goes through its account and session stages.

@@ -80,12 +80,18 @@ enum Command {
     /// starts (or finds) the user's desktop and prints `HOST PID DISPLAY`, then the SHA-256 of
     /// the desktop's VeNCrypt certificate when this run started it.
     ///
+    /// stdin: the password on the first line; optionally the desktop's view-only password on
+    /// a second line (same rules, different from the password), which `~/.vncpasswd` then
+    /// holds second, as `vncpasswd -f` writes it: a VNC login with it may watch but not
+    /// control. With one line (or an empty second one) the file holds the password alone. A
+    /// running desktop takes the new passwords (and loses an earlier view-only one).
+    ///
     /// Exit codes (also of `status` and `stop`), which the dispatcher acts on: 0 started or
     /// found.
     ///
-    /// 10-19 the request is refused on every blade: 10 invalid username, password or
-    /// geometry, 11 unknown account, 12 root or system account, 13 unsafe home, 14 account
-    /// denied by PAM (expired, locked).
+    /// 10-19 the request is refused on every blade: 10 invalid username, password, view-only
+    /// password or geometry, 11 unknown account, 12 root or system account, 13 unsafe home,
+    /// 14 account denied by PAM (expired, locked).
     ///
     /// 20-29 only this blade failed, another may succeed: 20 no free display, 21 Xvnc start
     /// timed out, 22 Xvnc failed to start, 23 the agent failed (helper, OS error).
@@ -241,15 +247,17 @@ async fn serve(
 }
 
 async fn cloudvnc(user: String, desktop: DesktopConfig) -> anyhow::Result<()> {
-    let mut password = String::new();
+    let mut input = String::new();
     std::io::stdin()
         .take(64)
-        .read_to_string(&mut password)
-        .context("reading the password from stdin")?;
-    let password = password.strip_suffix('\n').unwrap_or(&password);
-    let password = password.strip_suffix('\r').unwrap_or(password);
+        .read_to_string(&mut input)
+        .context("reading the passwords from stdin")?;
+    let (password, view_only) = stdin_passwords(&input);
     let agent = Arc::new(Agent::new(desktop)?);
-    let server = agent.start_session(&user, password, None).await?;
+    // Both are checked there: a bad or equal view-only password is an invalid request.
+    let server = agent
+        .start_session(&user, password, view_only, None)
+        .await?;
     // The original's three fields, then the desktop's certificate pin when it has one (a
     // reader of the original format takes the first three).
     let pin = match server.cert_sha256.as_str() {
@@ -258,6 +266,18 @@ async fn cloudvnc(user: String, desktop: DesktopConfig) -> anyhow::Result<()> {
     };
     println!("{} {} {}{pin}", server.host, server.vnc_pid, server.display);
     Ok(())
+}
+
+/// The password and the view-only password (empty: none) of `cloudvnc`'s stdin: a line each,
+/// each without its `\n` or `\r\n`. Anything after the second line stays in the view-only
+/// password, whose rules then refuse it (a newline is not printable), rather than being
+/// dropped unseen.
+fn stdin_passwords(input: &str) -> (&str, &str) {
+    let input = input.strip_suffix('\n').unwrap_or(input);
+    let input = input.strip_suffix('\r').unwrap_or(input);
+    let (password, view_only) = input.split_once('\n').unwrap_or((input, ""));
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    (password, view_only)
 }
 
 async fn status(user: String, desktop: DesktopConfig) -> anyhow::Result<()> {
@@ -296,4 +316,26 @@ fn init_secret(path: &std::path::Path) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", path.display()))?;
     writeln!(f, "{hex}").with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stdin_passwords;
+
+    #[test]
+    fn cloudvnc_reads_one_or_two_lines() {
+        for (input, expected) in [
+            ("secret1\n", ("secret1", "")),
+            ("secret1", ("secret1", "")),
+            ("secret1\r\n", ("secret1", "")),
+            ("secret1\n\n", ("secret1", "")),
+            ("secret1\nwatch12\n", ("secret1", "watch12")),
+            ("secret1\r\nwatch12\r\n", ("secret1", "watch12")),
+            ("secret1\nwatch12", ("secret1", "watch12")),
+            // A third line is kept in the second, which validation then refuses.
+            ("secret1\nwatch12\nmore\n", ("secret1", "watch12\nmore")),
+        ] {
+            assert_eq!(stdin_passwords(input), expected, "{input:?}");
+        }
+    }
 }

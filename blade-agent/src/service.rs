@@ -70,7 +70,7 @@ impl BladeAgent for AgentService {
         // start short: it finishes under the user's lock and is undone (see start_session).
         let result = self
             .agent
-            .start_session(&r.username, &r.password, r.geometry)
+            .start_session(&r.username, &r.password, &r.view_only_password, r.geometry)
             .await;
         vncdispatch_proto::metrics::record_start(
             "vncdispatch_agent_session_starts_total",

@@ -50,6 +50,39 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: SessionCommand,
     },
+    /// Share a user's running desktop with someone else (view-only unless --full-control),
+    /// list and revoke shares.
+    ///
+    /// A share is a token for ws-proxy (`/vnc.html?path=websockify?token=TOKEN`) that opens
+    /// the owner's desktop. View-only is enforced by Xvnc itself: the viewer can watch but not
+    /// type, point, paste or resize, whatever its client sends. A share ends at its --ttl, when
+    /// revoked (an open viewer is closed within ws-proxy's --recheck-interval), or with the
+    /// session. Everything is in the audit trail (`dispatcher audit`).
+    Share {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: ShareCommand,
+    },
+    /// The audit trail: who dispatched, connected, shared, revoked, ended and administered
+    /// what, oldest first.
+    Audit {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only events concerning this user.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only events since this: a duration back from now (`2h`, `7d`) or an RFC 3339 time
+        /// (`2026-11-27T09:00:00Z`).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<std::time::SystemTime>,
+        /// At most this many, the newest (up to 10000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make a CA and certificates for mutual TLS between the services.
     ///
     /// Every gRPC hop is mutual TLS 1.3: each service gets `--ca` (this CA's ca.pem),
@@ -168,6 +201,47 @@ pub(crate) enum SessionCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub(crate) enum ShareCommand {
+    /// Share USER's running desktop: prints the share's id, its token (shown only now) and,
+    /// for viewers without ws-proxy's --auth-proxy, the password that goes with it.
+    Add {
+        /// The user whose desktop to share.
+        username: String,
+        /// Let the viewer type, point and paste (default: view-only).
+        #[arg(long)]
+        full_control: bool,
+        /// How long the share lasts [default: the dispatcher's --share-ttl, 1h].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        /// A note for listings and the audit trail (e.g. a ticket number).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// List live shares.
+    List {
+        /// Only this user's desktop's.
+        username: Option<String>,
+    },
+    /// Revoke a share by its id: new connections are refused, open ones closed.
+    Revoke {
+        /// The share's id (from `share add` or `share list`).
+        id: String,
+    },
+}
+
+/// `--since`: a duration back from now, or an RFC 3339 time.
+fn parse_since(s: &str) -> Result<std::time::SystemTime, String> {
+    if let Ok(ago) = humantime::parse_duration(s) {
+        return std::time::SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("{s} ago is before the epoch"));
+    }
+    humantime::parse_rfc3339_weak(s).map_err(|_| {
+        format!("{s:?}: a duration (2h, 7d) or an RFC 3339 time (2026-11-27T09:00:00Z)")
+    })
+}
+
 /// Where sessions are stored, as `--store` names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum StoreArg {
@@ -227,7 +301,7 @@ pub(crate) fn hoist_client_options(args: Vec<std::ffi::OsString>) -> Vec<std::ff
         if !text.starts_with('-') {
             // Only the client commands take these; anything else (serve, pki, help, or a
             // value mistaken for a command) gets the arguments as they were, for clap to judge.
-            if !["dispatch", "blade", "session"].contains(&text.as_str()) {
+            if !["dispatch", "blade", "session", "share", "audit"].contains(&text.as_str()) {
                 return original;
             }
             out.append(&mut hoisted);
@@ -353,6 +427,17 @@ pub(crate) struct ServeArgs {
     /// to --sweep-interval) after its last client left.
     #[arg(long, env = "DISPATCHER_LEASE", default_value = "90s", value_parser = humantime::parse_duration)]
     pub(crate) lease: Duration,
+    /// How long a share (ShareSession, `dispatcher share`) lasts when its maker names no time.
+    #[arg(long, env = "DISPATCHER_SHARE_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub(crate) share_ttl: Duration,
+    /// The longest a share may be made for (a share also ends with its session).
+    #[arg(long, env = "DISPATCHER_MAX_SHARE_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub(crate) max_share_ttl: Duration,
+    /// How long the audit trail is kept in the store (`dispatcher audit`); older events are
+    /// dropped hourly. The JSON lines on the log target `vncdispatch::audit` are the log's to
+    /// keep.
+    #[arg(long, env = "DISPATCHER_AUDIT_RETENTION", default_value = "90d", value_parser = humantime::parse_duration)]
+    pub(crate) audit_retention: Duration,
     /// Blade choice for new sessions: `score` places each on the blade with the lowest
     /// placement score (desktops, load per CPU, memory in use, each as a share of the blade's
     /// own size); `round-robin` is the original's rotation. Either way a full blade gets none.

@@ -25,6 +25,14 @@ pub enum DispatchError {
     /// The token is unknown, expired or revoked (deliberately not saying which).
     #[error("unknown or expired token")]
     UnknownToken,
+    /// The user has no running desktop (to share).
+    #[error("{0:?} has no running desktop; a Dispatch for them starts one")]
+    NoSession(String),
+    /// The desktop was started before sharing and has no view-only password.
+    #[error(
+        "{0:?}'s desktop was started before sharing existed and has no view-only password; end it (EndSession) and the next Dispatch starts one that can be shared"
+    )]
+    NotShareable(String),
     /// No such blade.
     #[error("no blade named {0:?}")]
     UnknownBlade(String),
@@ -68,10 +76,12 @@ impl From<DispatchError> for Status {
             DispatchError::Field(_) | DispatchError::BadArgument(_) => Code::InvalidArgument,
             DispatchError::NoBlade(_) | DispatchError::Busy(_) => Code::Unavailable,
             DispatchError::NoCapacity(_) => Code::ResourceExhausted,
-            DispatchError::UnknownToken | DispatchError::UnknownBlade(_) => Code::NotFound,
-            DispatchError::BladeBusy { .. } | DispatchError::EmptyPool(_) => {
-                Code::FailedPrecondition
-            }
+            DispatchError::UnknownToken
+            | DispatchError::UnknownBlade(_)
+            | DispatchError::NoSession(_) => Code::NotFound,
+            DispatchError::BladeBusy { .. }
+            | DispatchError::EmptyPool(_)
+            | DispatchError::NotShareable(_) => Code::FailedPrecondition,
             DispatchError::Refused(s) => s.code(),
             DispatchError::Store(StoreError::ClaimLost(_)) => Code::Aborted,
             DispatchError::Store(_) => Code::Unavailable,

@@ -194,9 +194,16 @@ impl Route {
             ));
         };
         // The same rules as the Dispatch RPC: the role table, then the API secret.
-        if self.tls {
-            vncdispatch_proto::roles::authorize(AS_RPC, cert)?;
-        }
+        let actor = match (self.tls, cert) {
+            (true, cert) => {
+                let role = vncdispatch_proto::roles::authorize(AS_RPC, cert)?;
+                let name = cert
+                    .map(vncdispatch_proto::roles::name_of)
+                    .unwrap_or_default();
+                vncdispatch_proto::roles::Identity { role, name }.to_string()
+            }
+            (false, _) => crate::service::PLAINTEXT_ACTOR.to_owned(),
+        };
         if let Some(secret) = &self.api_secret {
             let mut probe = tonic::Request::new(());
             if let Some(v) = req
@@ -228,6 +235,7 @@ impl Route {
             started,
         );
         let s = result.map_err(crate::service::status)?;
+        self.dispatcher.record_dispatch(&s, "", &actor, "http");
         Ok(serde_json::json!({
             "username": s.username,
             "password": s.password,

@@ -56,6 +56,16 @@ fn main() -> ExitCode {
         } => rt.block_on(operator::dispatch(client, username, remote_ip, pool)),
         Command::Blade { client, command } => rt.block_on(operator::blade(client, command)),
         Command::Session { client, command } => rt.block_on(operator::session(client, command)),
+        Command::Share { client, command } => {
+            rt.block_on(operator::sharing::share(client, command))
+        }
+        Command::Audit {
+            client,
+            user,
+            since,
+            limit,
+            json,
+        } => rt.block_on(operator::sharing::audit(client, user, since, limit, json)),
         Command::Pki { command } => pki(command),
     };
     match result {
@@ -202,8 +212,20 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         idle_grace: a.idle_grace,
         max_age: a.max_age,
         lease: a.lease,
+        share_ttl: a.share_ttl,
+        max_share_ttl: a.max_share_ttl,
+        audit_retention: a.audit_retention,
     };
+    if cfg.share_ttl > cfg.max_share_ttl {
+        return Err(config(
+            "--share-ttl",
+            "is longer than --max-share-ttl: every share made without a --ttl would be refused"
+                .into(),
+        )
+        .into());
+    }
     let d = Arc::new(Dispatcher::new(store, launchers, seal, cfg));
+    let audited = d.clone();
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;
@@ -273,5 +295,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if let Some(task) = http_task {
         let _ = task.await;
     }
+    // What the last calls recorded reaches the store before the process ends.
+    audited.flush_audit().await;
     served
 }

@@ -40,6 +40,17 @@ pub fn new_password() -> Result<String, String> {
     Ok(out)
 }
 
+/// A desktop's two passwords: full control and view-only, never the same.
+pub fn new_passwords() -> Result<crate::launcher::Passwords, String> {
+    let full = new_password()?;
+    loop {
+        let view_only = new_password()?;
+        if view_only != full {
+            return Ok(crate::launcher::Passwords { full, view_only });
+        }
+    }
+}
+
 /// Hex SHA-256 of a token: what stores index and look up.
 pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))

@@ -13,6 +13,14 @@ impl fmt::Debug for StartSessionRequest {
         f.debug_struct("StartSessionRequest")
             .field("username", &self.username)
             .field("password", &"<redacted>")
+            .field(
+                "view_only_password",
+                &if self.view_only_password.is_empty() {
+                    "<none>"
+                } else {
+                    "<redacted>"
+                },
+            )
             .field("geometry", &self.geometry)
             .finish()
     }
@@ -74,8 +82,17 @@ mod tests {
         );
         let r = StartSessionRequest {
             password: "hunter22".into(),
+            view_only_password: "watcher9".into(),
             ..Default::default()
         };
-        assert!(!format!("{r:?}").contains("hunter22"));
+        let shown = format!("{r:?}");
+        assert!(
+            !shown.contains("hunter22") && !shown.contains("watcher9"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("view_only_password: \"<redacted>\""),
+            "{shown}"
+        );
     }
 }

@@ -9,8 +9,8 @@
 //!
 //! | role | may call |
 //! |---|---|
-//! | `portal` | Dispatcher: Dispatch, EndSession |
-//! | `proxy` | Dispatcher: ResolveToken |
+//! | `portal` | Dispatcher: Dispatch, EndSession, ShareSession, RevokeShare, ListShares |
+//! | `proxy` | Dispatcher: ResolveToken, RecordConnection |
 //! | `admin` | every Dispatcher RPC (blades, listings too) |
 //! | `dispatcher` | every BladeAgent RPC (the only role agents accept) |
 //! | `agent` | nothing: it is a server's identity |
@@ -120,6 +120,43 @@ pub fn role_of(cert: &CertificateDer<'_>) -> Result<Role, RoleError> {
     found.ok_or(RoleError::None)
 }
 
+/// Who called, for the audit trail: the certificate's role and its name (the subject's common
+/// name; empty when it has none). Authorized calls carry it in their extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The role the certificate names.
+    pub role: Role,
+    /// The subject's common name, as `dispatcher pki issue NAME` writes it.
+    pub name: String,
+}
+
+impl std::fmt::Display for Identity {
+    /// `role:name` (or just the role when the certificate has no name).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.name.is_empty() {
+            write!(f, "{}", self.role)
+        } else {
+            write!(f, "{}:{}", self.role, self.name)
+        }
+    }
+}
+
+/// A certificate's subject common name; empty if it has none or it is not printable ASCII
+/// (it goes into logs and the audit trail verbatim, so nothing else is taken).
+pub fn name_of(cert: &CertificateDer<'_>) -> String {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return String::new();
+    };
+    parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .filter(|cn| cn.len() <= 64 && cn.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+        .map(str::to_owned)
+        .unwrap_or_default()
+}
+
 /// Who may call a method: specific roles, or any caller with a valid certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Allowed {
@@ -134,14 +171,17 @@ pub fn allowed(path: &str) -> Option<Allowed> {
     use Role::*;
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
     Some(match (service, method) {
-        ("vncdispatch.v1.Dispatcher", "Dispatch" | "EndSession") => {
-            Allowed::Roles(&[Portal, Admin])
-        }
+        (
+            "vncdispatch.v1.Dispatcher",
+            "Dispatch" | "EndSession" | "ShareSession" | "RevokeShare" | "ListShares",
+        ) => Allowed::Roles(&[Portal, Admin]),
         ("vncdispatch.v1.Dispatcher", "ResolveToken") => Allowed::Roles(&[Proxy, Admin]),
+        // Only ws-proxy reports connections: an operator's tool has nothing to report.
+        ("vncdispatch.v1.Dispatcher", "RecordConnection") => Allowed::Roles(&[Proxy]),
         (
             "vncdispatch.v1.Dispatcher",
             "ListSessions" | "SessionHistory" | "AddBlade" | "ListBlades" | "DrainBlade"
-            | "RemoveBlade",
+            | "RemoveBlade" | "Audit",
         ) => Allowed::Roles(&[Admin]),
         ("vncdispatch.v1.BladeAgent", _) => Allowed::Roles(&[Dispatcher]),
         ("grpc.health.v1.Health", _)
@@ -258,9 +298,12 @@ where
         match authorize(req.uri().path(), cert.as_ref()) {
             Ok(role) => {
                 tracing::debug!(%role, method = req.uri().path(), "call authorized");
-                // The handler may want to know who asked (an operator or the portal).
+                // The handler may want to know who asked (an operator or the portal), and the
+                // audit trail by name.
+                let name = cert.as_ref().map(name_of).unwrap_or_default();
                 let mut req = req;
                 req.extensions_mut().insert(role);
+                req.extensions_mut().insert(Identity { role, name });
                 Box::pin(self.inner.call(req))
             }
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
@@ -284,6 +327,11 @@ mod tests {
             "ListBlades",
             "DrainBlade",
             "RemoveBlade",
+            "ShareSession",
+            "RevokeShare",
+            "ListShares",
+            "Audit",
+            "RecordConnection",
         ] {
             assert!(
                 allowed(&format!("/vncdispatch.v1.Dispatcher/{m}")).is_some(),

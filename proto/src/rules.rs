@@ -30,6 +30,10 @@ pub enum FieldError {
     /// The VNC password breaks a rule (its value is never included).
     #[error("invalid password: {0}")]
     Password(&'static str),
+    /// The view-only VNC password breaks a rule of [`validate_password`] or equals the
+    /// password (its value is never included).
+    #[error("invalid view_only_password: {0}")]
+    ViewOnlyPassword(&'static str),
     /// The remote IP is not a plain IPv4 or IPv6 address.
     #[error("invalid remote_ip {shown}: {why}")]
     RemoteIp {
@@ -118,6 +122,25 @@ pub fn validate_password(password: &str) -> Result<(), FieldError> {
     if !password.bytes().all(|b| (0x20..0x7f).contains(&b)) {
         return Err(FieldError::Password(
             "must be printable ASCII (noVNC sends code points, not UTF-8)",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a desktop's view-only VNC password, the second entry of its rfbauth file: empty
+/// means none; otherwise the rules of [`validate_password`], and it must differ from
+/// `password` (Xvnc checks the full password first, so an equal one would grant full control).
+pub fn validate_view_only_password(view_only: &str, password: &str) -> Result<(), FieldError> {
+    if view_only.is_empty() {
+        return Ok(());
+    }
+    validate_password(view_only).map_err(|e| match e {
+        FieldError::Password(why) => FieldError::ViewOnlyPassword(why),
+        other => other,
+    })?;
+    if view_only == password {
+        return Err(FieldError::ViewOnlyPassword(
+            "must differ from the password",
         ));
     }
     Ok(())
@@ -292,6 +315,32 @@ mod tests {
         }
         assert!(
             !validate_password("topsecret1")
+                .unwrap_err()
+                .to_string()
+                .contains("topsecret")
+        );
+    }
+
+    #[test]
+    fn view_only_passwords() {
+        assert_eq!(validate_view_only_password("", "secret1"), Ok(()));
+        assert_eq!(validate_view_only_password("watch123", "secret1"), Ok(()));
+        for bad in ["12345", "123456789", "abc\0def", "caf\u{e9}12"] {
+            assert!(
+                matches!(
+                    validate_view_only_password(bad, "secret1"),
+                    Err(FieldError::ViewOnlyPassword(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let same = validate_view_only_password("secret1", "secret1").unwrap_err();
+        assert_eq!(
+            same.to_string(),
+            "invalid view_only_password: must differ from the password"
+        );
+        assert!(
+            !validate_view_only_password("topsecret1", "x")
                 .unwrap_err()
                 .to_string()
                 .contains("topsecret")

@@ -345,6 +345,7 @@ async fn agent_starts(
         let req = StartSessionRequest {
             username: user.name.clone(),
             password: "bench123".into(),
+            view_only_password: String::new(),
             geometry: None,
         };
         let since = Instant::now();

@@ -1,7 +1,8 @@
 //! A stand-in dispatcher for ws-proxy: every `ResolveToken` is answered with one fixed
 //! [`v1::Target`], whatever the token, so a test or bench decides where ws-proxy goes (a tap,
 //! a stand-in VNC server) and with which password and certificate pin. The other methods
-//! answer UNIMPLEMENTED: ws-proxy never calls them.
+//! answer UNIMPLEMENTED (ws-proxy never calls them), except `RecordConnection`, which ws-proxy
+//! sends for the audit trail: taken and dropped.
 use tokio::net::TcpListener;
 use vncdispatch_proto::v1;
 
@@ -55,6 +56,24 @@ impl v1::dispatcher_server::Dispatcher for Front {
     }
     async fn remove_blade(&self, _: Req<v1::RemoveBladeRequest>) -> Res<v1::RemoveBladeResponse> {
         unimplemented()
+    }
+    async fn share_session(&self, _: Req<v1::ShareSessionRequest>) -> Res<v1::Share> {
+        unimplemented()
+    }
+    async fn revoke_share(&self, _: Req<v1::RevokeShareRequest>) -> Res<v1::RevokeShareResponse> {
+        unimplemented()
+    }
+    async fn list_shares(&self, _: Req<v1::ListSharesRequest>) -> Res<v1::ListSharesResponse> {
+        unimplemented()
+    }
+    async fn audit(&self, _: Req<v1::AuditRequest>) -> Res<v1::AuditResponse> {
+        unimplemented()
+    }
+    async fn record_connection(
+        &self,
+        _: Req<v1::ConnectionEvent>,
+    ) -> Res<v1::RecordConnectionResponse> {
+        Ok(tonic::Response::new(v1::RecordConnectionResponse {}))
     }
 }
 

@@ -26,6 +26,7 @@ pub mod agent;
 pub mod bench;
 pub mod browser;
 pub mod child;
+pub mod desktop;
 pub mod dispatcher;
 pub mod ferretdb;
 pub mod front;

@@ -57,10 +57,16 @@ impl TestPki {
     /// Issues a certificate with `role` valid for `hosts` (a fresh file name each call).
     pub fn files(&self, role: Role, hosts: &[&str]) -> TlsFiles {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.named(role, &format!("{}-{n}", role.name()), hosts)
+    }
+
+    /// Issues a certificate named `name` (its common name: what the audit trail shows) with
+    /// `role`, valid for `hosts`.
+    pub fn named(&self, role: Role, name: &str, hosts: &[&str]) -> TlsFiles {
         let (cert, key) = pki::issue(
             self.dir.path(),
             &IssueRequest {
-                name: format!("{}-{n}", role.name()),
+                name: name.to_owned(),
                 role,
                 hosts: hosts.iter().map(|h| h.to_string()).collect(),
                 valid_for: pki::CERT_VALIDITY,

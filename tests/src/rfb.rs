@@ -114,6 +114,17 @@ where
         + Sink<Message, Error = tungstenite::Error>
         + Unpin,
 {
+    none_login_as(ws, true).await
+}
+
+/// [`none_login`] with ClientInit's shared flag as given: `false` asks the server to
+/// disconnect every other client (what a hostile viewer would try).
+pub async fn none_login_as<S>(ws: &mut S, shared: bool) -> Result<ServerInit, String>
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>>
+        + Sink<Message, Error = tungstenite::Error>
+        + Unpin,
+{
     let bin = |b: &[u8]| Message::Binary(b.to_vec().into());
     let mut got = Vec::new();
     fill(ws, &mut got, 12).await?;
@@ -135,7 +146,9 @@ where
     if got[14..18] != [0; 4] {
         return Err(format!("SecurityResult {:?}", &got[14..18]));
     }
-    ws.send(bin(&[1])).await.map_err(|e| e.to_string())?; // ClientInit, shared
+    ws.send(bin(&[u8::from(shared)]))
+        .await
+        .map_err(|e| e.to_string())?; // ClientInit
     let at = 18;
     fill(ws, &mut got, at + 24).await?;
     let init = &got[at..at + 24];

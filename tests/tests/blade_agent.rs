@@ -19,8 +19,104 @@ fn start_req(user: &str, password: &str) -> StartSessionRequest {
     StartSessionRequest {
         username: user.into(),
         password: password.into(),
+        view_only_password: String::new(),
         geometry: None,
     }
+}
+
+/// A start with a view-only password too.
+fn start_req_view(user: &str, password: &str, view_only: &str) -> StartSessionRequest {
+    StartSessionRequest {
+        view_only_password: view_only.into(),
+        ..start_req(user, password)
+    }
+}
+
+/// What `vncpasswd -f` writes for these passwords: each obfuscated, 8 bytes apiece.
+fn rfbauth(passwords: &[&str]) -> Vec<u8> {
+    passwords
+        .iter()
+        .flat_map(|p| vncdispatch_proto::vncauth::obfuscate(p.as_bytes()))
+        .collect()
+}
+
+/// The password file an Xvnc checks: its `-rfbauth` argument (`~/.vncpasswd` on the fast
+/// path), or `-PasswordFile` (vncserver's private copy, in wrapper mode).
+fn rfbauth_of(pid: u32) -> std::path::PathBuf {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("Xvnc cmdline");
+    let mut args = cmdline.split(|b| *b == 0);
+    while let Some(arg) = args.next() {
+        if arg == b"-rfbauth" || arg == b"-PasswordFile" {
+            let path = args.next().expect("-rfbauth value");
+            return std::path::PathBuf::from(String::from_utf8_lossy(path).into_owned());
+        }
+    }
+    panic!(
+        "Xvnc {pid} has no -rfbauth or -PasswordFile: {}",
+        String::from_utf8_lossy(&cmdline)
+    );
+}
+
+/// Whether a VNC-authentication login with `password` gets in.
+async fn logs_in(addr: &str, password: &str) -> bool {
+    match rfb::login(addr, password).await.expect("RFB login") {
+        Login::Accepted(_) => true,
+        Login::Refused(_) => false,
+    }
+}
+
+/// A VNC-authentication login through ServerInit that stays open, asking for an exclusive
+/// (non-shared) session when `shared` is false.
+async fn hold_login(addr: &str, password: &str, shared: bool) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut buf = [0u8; 16];
+    s.read_exact(&mut buf[..12]).await.expect("ProtocolVersion");
+    s.write_all(b"RFB 003.008\n").await.expect("version");
+    let n = s.read_u8().await.expect("security types");
+    let mut types = vec![0u8; usize::from(n)];
+    s.read_exact(&mut types).await.expect("types");
+    assert!(types.contains(&2), "no VNC auth in {types:?}");
+    s.write_u8(2).await.expect("choose VNC auth");
+    s.read_exact(&mut buf).await.expect("challenge");
+    let response = vncdispatch_proto::vncauth::challenge_response(password.as_bytes(), &buf);
+    s.write_all(&response).await.expect("response");
+    assert_eq!(
+        s.read_u32().await.expect("SecurityResult"),
+        0,
+        "login refused"
+    );
+    s.write_u8(u8::from(shared)).await.expect("ClientInit");
+    let mut init = [0u8; 24];
+    s.read_exact(&mut init).await.expect("ServerInit");
+    let name_len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]);
+    let mut name = vec![0u8; name_len.min(4096) as usize];
+    s.read_exact(&mut name).await.expect("desktop name");
+    s
+}
+
+/// Whether the server still serves a held connection: what earlier requests brought is
+/// drained without meeting the end of the stream, and a FramebufferUpdateRequest gets an
+/// answer.
+async fn still_served(s: &mut tokio::net::TcpStream) -> bool {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return false,
+            Ok(Ok(_)) => {}
+            Err(_) => break,
+        }
+    }
+    let request = [3u8, 0, 0, 0, 0, 0, 0, 16, 0, 16];
+    if s.write_all(&request).await.is_err() {
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await,
+        Ok(Ok(n)) if n > 0
+    )
 }
 
 async fn agent() -> AgentProc {
@@ -39,6 +135,7 @@ async fn rfb_login_succeeds_with_the_right_password_only() {
     let req = StartSessionRequest {
         username: user.name.clone(),
         password: "Corr3ct!".into(),
+        view_only_password: String::new(),
         geometry,
     };
     let server = agent
@@ -230,6 +327,7 @@ async fn bad_usernames_and_passwords_are_refused_and_start_nothing() {
     let req = StartSessionRequest {
         username: user.name.clone(),
         password: "secret1".into(),
+        view_only_password: String::new(),
         geometry,
     };
     assert_eq!(
@@ -631,11 +729,20 @@ async fn cloudvnc_prints_host_pid_display_and_fails_clearly() {
     ));
     // Run again: the running desktop is found, not duplicated. A new process knows no pin
     // for a desktop an earlier one started (the dispatcher keeps the one it stored).
-    let out = cloudvnc(&user.name, "cloudpw2");
+    // With a second stdin line, the view-only password: ~/.vncpasswd then holds both.
+    let out = cloudvnc(&user.name, "cloudpw2\ncloudvw2");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim_end(),
         fields[..3].join(" ")
     );
+    assert_eq!(
+        std::fs::read(user.home.join(".vncpasswd")).expect("~/.vncpasswd"),
+        rfbauth(&["cloudpw2", "cloudvw2"])
+    );
+    assert!(matches!(
+        rfb::login(&addr, "cloudvw2").await.expect("login"),
+        Login::Accepted(_)
+    ));
     // Failures exit with their refusal kind's code (`cloudvnc --help`), which the SSH
     // launcher acts on; the message is for people.
     for (name, password, needle, kind) in [
@@ -652,6 +759,18 @@ async fn cloudvnc_prints_host_pid_display_and_fails_clearly() {
             RefusalKind::InvalidRequest,
         ),
         (&user.name[..], "x", "password", RefusalKind::InvalidRequest),
+        (
+            &user.name[..],
+            "cloudpw3\ncloudpw3",
+            "invalid view_only_password: must differ",
+            RefusalKind::InvalidRequest,
+        ),
+        (
+            &user.name[..],
+            "cloudpw3\nview\nmore",
+            "invalid view_only_password",
+            RefusalKind::InvalidRequest,
+        ),
         (
             "nosuchuserhere",
             "cloudpw1",
@@ -752,4 +871,154 @@ async fn desktops_offer_vencrypt_with_a_fresh_pinned_certificate_per_desktop() {
             .await
             .expect("new password over TLS");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_view_only_password_logs_in_beside_the_full_one_and_follows_a_reuse() {
+    for mode in ["fast", "wrapper"] {
+        require_root_and_tigervnc();
+        let agent = AgentProc::start(AgentOptions {
+            mode,
+            ..Default::default()
+        })
+        .await;
+        let user = TestUser::create();
+        let mut client = agent.client().await;
+        let server = client
+            .start_session(start_req_view(&user.name, "Full1234", "View5678"))
+            .await
+            .expect("start")
+            .into_inner();
+        assert!(!server.reused);
+        let addr = format!("{}:{}", server.host, server.port);
+        assert!(logs_in(&addr, "Full1234").await, "{mode}: full password");
+        assert!(
+            logs_in(&addr, "View5678").await,
+            "{mode}: view-only password"
+        );
+        assert!(!logs_in(&addr, "Wrong123").await, "{mode}: wrong password");
+        // ~/.vncpasswd holds both, as `vncpasswd -f` would write them; so does the file Xvnc
+        // reads, when that is a copy (wrapper mode).
+        let path = user.home.join(".vncpasswd");
+        let written = std::fs::read(&path).expect("~/.vncpasswd");
+        assert_eq!(written.len(), 16, "{mode}");
+        assert_eq!(written, rfbauth(&["Full1234", "View5678"]), "{mode}");
+        let meta = std::fs::metadata(&path).expect("stat");
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (user.uid, 0o600));
+        let read_by_xvnc = rfbauth_of(server.vnc_pid);
+        assert_eq!(
+            std::fs::read(&read_by_xvnc).expect("Xvnc's rfbauth"),
+            written,
+            "{mode}: {}",
+            read_by_xvnc.display()
+        );
+
+        // Xvnc forces a view-only login to share the desktop: asking for it exclusively does
+        // not disconnect the full-control viewer, as a full-control exclusive login does.
+        let mut full = hold_login(&addr, "Full1234", true).await;
+        let mut viewer = hold_login(&addr, "View5678", false).await;
+        assert!(still_served(&mut viewer).await, "{mode}: view-only viewer");
+        assert!(
+            still_served(&mut full).await,
+            "{mode}: an exclusive view-only login disconnected the full viewer"
+        );
+        let mut exclusive = hold_login(&addr, "Full1234", false).await;
+        assert!(still_served(&mut exclusive).await, "{mode}");
+        assert!(
+            !still_served(&mut full).await,
+            "{mode}: an exclusive full login left the others connected (the check above proves nothing)"
+        );
+        drop((full, viewer, exclusive));
+
+        // A reuse with new passwords rewrites both: the old ones no longer log in.
+        let again = client
+            .start_session(start_req_view(&user.name, "Full9999", "View0000"))
+            .await
+            .expect("reuse")
+            .into_inner();
+        assert!(again.reused && again.vnc_pid == server.vnc_pid, "{mode}");
+        assert_eq!(
+            std::fs::read(&path).expect("~/.vncpasswd"),
+            rfbauth(&["Full9999", "View0000"]),
+            "{mode}"
+        );
+        assert_eq!(
+            std::fs::read(&read_by_xvnc).expect("Xvnc's rfbauth"),
+            rfbauth(&["Full9999", "View0000"]),
+            "{mode}"
+        );
+        assert!(
+            logs_in(&addr, "Full9999").await,
+            "{mode}: new full password"
+        );
+        assert!(logs_in(&addr, "View0000").await, "{mode}: new view-only");
+        assert!(!logs_in(&addr, "View5678").await, "{mode}: old view-only");
+        assert!(!logs_in(&addr, "Full1234").await, "{mode}: old full");
+
+        // A reuse without one (an older dispatcher) leaves the password alone in the file.
+        client
+            .start_session(start_req(&user.name, "Only1234"))
+            .await
+            .expect("reuse without a view-only password");
+        assert_eq!(
+            std::fs::read(&path).expect("~/.vncpasswd"),
+            rfbauth(&["Only1234"]),
+            "{mode}"
+        );
+        assert!(
+            !logs_in(&addr, "View0000").await,
+            "{mode}: dropped view-only"
+        );
+        assert!(logs_in(&addr, "Only1234").await, "{mode}");
+        let log = agent.log();
+        for secret in ["View5678", "View0000"] {
+            assert!(
+                !log.contains(secret),
+                "{mode}: view-only password in the log"
+            );
+        }
+        for p in procs::all() {
+            assert!(
+                !procs::contains(&p.cmdline, b"View0000"),
+                "view-only password in argv of {}",
+                p.comm
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn equal_or_bad_view_only_passwords_are_refused_and_start_nothing() {
+    let agent = agent().await;
+    let user = TestUser::create();
+    let mut client = agent.client().await;
+    for (view_only, needle) in [
+        ("Same1234", "must differ from the password"),
+        ("short", "at least 6 bytes"),
+        ("ninechars", "at most 8 bytes"),
+        ("nul\0byte", "NUL"),
+        ("caf\u{e9}12", "printable ASCII"),
+    ] {
+        let err = client
+            .start_session(start_req_view(&user.name, "Same1234", view_only))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{view_only:?}: {err:?}");
+        assert_eq!(
+            RefusalKind::from_status(&err),
+            Some(RefusalKind::InvalidRequest),
+            "{view_only:?}"
+        );
+        assert!(
+            err.message().contains("view_only_password") && err.message().contains(needle),
+            "{view_only:?}: {}",
+            err.message()
+        );
+        assert!(!err.message().contains("Same1234"), "{}", err.message());
+    }
+    assert!(
+        !user.home.join(".vncpasswd").exists(),
+        "a refused call wrote the password file"
+    );
+    assert!(procs::xvnc_of(user.uid).is_empty(), "an Xvnc was started");
 }

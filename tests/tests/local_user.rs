@@ -49,6 +49,7 @@ fn start(user: &str) -> StartSessionRequest {
     StartSessionRequest {
         username: user.into(),
         password: "trapped1".into(),
+        view_only_password: String::new(),
         geometry: None,
     }
 }

@@ -179,6 +179,7 @@ impl TokenFileDesktop {
         let req = StartSessionRequest {
             username: user.name.clone(),
             password: password.into(),
+            view_only_password: String::new(),
             geometry: None,
         };
         let server = agent

@@ -4,7 +4,7 @@
 use dispatcher::error::DispatchError;
 use dispatcher::launcher::agent::AgentLauncher;
 use dispatcher::launcher::ssh::{SshConfig, SshLauncher};
-use dispatcher::launcher::{LaunchError, Launched, Launcher};
+use dispatcher::launcher::{LaunchError, Launched, Launcher, Passwords};
 use dispatcher::store::{BladeRecord, Method};
 use std::collections::HashSet;
 use std::os::unix::fs::symlink;
@@ -99,6 +99,15 @@ async fn ssh_launcher_starts_checks_and_stops_a_real_desktop() {
         rfb::login(&addr, &s.password).await.expect("login"),
         Login::Accepted(_)
     ));
+    // cloudvnc read the view-only password from its second stdin line: ~/.vncpasswd holds
+    // the password, then the view-only one (`vncpasswd -f`'s 16-byte format).
+    let rfbauth = std::fs::read(user.home.join(".vncpasswd")).expect("~/.vncpasswd");
+    assert_eq!(rfbauth.len(), 16, "no view-only password written");
+    assert_eq!(
+        rfbauth[..8],
+        vncdispatch_proto::vncauth::obfuscate(s.password.as_bytes())
+    );
+    assert_ne!(rfbauth[8..], rfbauth[..8]);
     // The reconnect's liveness check runs `blade-agent status` over SSH.
     let again = c.dispatch(req).await.expect("reconnect").into_inner();
     assert!(again.reused && again.token == s.token);
@@ -349,6 +358,7 @@ async fn every_refusal_kind_gets_the_same_decision_over_grpc_and_ssh() {
             .start_session(StartSessionRequest {
                 username: c.username.clone(),
                 password: c.password.into(),
+                view_only_password: String::new(),
                 geometry: None,
             })
             .await
@@ -367,12 +377,16 @@ async fn every_refusal_kind_gets_the_same_decision_over_grpc_and_ssh() {
         );
 
         // What each launcher makes of it.
+        let passwords = Passwords {
+            full: c.password.to_owned(),
+            view_only: "v1ewonly".to_owned(),
+        };
         let auth = agent.secret.client_auth().expect("ascii secret");
         let grpc = AgentLauncher::new(auth, Duration::from_secs(20), None, false)
             .start(
                 &blade("grpcblade", agent.addr.port(), Method::Agent),
                 &c.username,
-                c.password,
+                &passwords,
                 "refusal-test",
             )
             .await;
@@ -389,7 +403,7 @@ async fn every_refusal_kind_gets_the_same_decision_over_grpc_and_ssh() {
         .start(
             &blade("sshblade", sshd.port, Method::Ssh),
             &c.username,
-            c.password,
+            &passwords,
             "refusal-test",
         )
         .await;

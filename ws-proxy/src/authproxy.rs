@@ -61,8 +61,11 @@ pub async fn login(tcp: &mut TcpStream, password: &str) -> Result<(), String> {
 }
 
 /// Plays the server's part of the handshake to the browser, offering only "None". Returns
-/// any bytes the browser sent beyond the handshake (its ClientInit), to forward.
-pub async fn present_none<S, E>(ws: &mut S) -> Result<Vec<u8>, String>
+/// any bytes the browser sent beyond the handshake (its ClientInit), to forward. With
+/// `force_shared` (a share's viewer) the ClientInit is waited for and its shared flag set:
+/// Xvnc disconnects every other client for a full-control login asking for exclusive
+/// access, and a viewer must never knock the owner off.
+pub async fn present_none<S, E>(ws: &mut S, force_shared: bool) -> Result<Vec<u8>, String>
 where
     S: Stream<Item = Result<Message, E>> + futures_util::Sink<Message> + Unpin,
     E: std::fmt::Display,
@@ -85,20 +88,24 @@ where
         ws.send(send(1u32.to_be_bytes().to_vec()))
             .await
             .map_err(|_| "browser went away".to_owned())?;
-        return Ok(buf);
-    }
-    ws.send(send(vec![1, 1]))
-        .await
-        .map_err(|_| "browser went away".to_owned())?;
-    fill(ws, &mut buf, 1).await?;
-    if buf[0] != 1 {
-        return Err(format!("the browser chose security type {}", buf[0]));
-    }
-    buf.drain(..1);
-    if minor == 8 {
-        ws.send(send(0u32.to_be_bytes().to_vec()))
+    } else {
+        ws.send(send(vec![1, 1]))
             .await
             .map_err(|_| "browser went away".to_owned())?;
+        fill(ws, &mut buf, 1).await?;
+        if buf[0] != 1 {
+            return Err(format!("the browser chose security type {}", buf[0]));
+        }
+        buf.drain(..1);
+        if minor == 8 {
+            ws.send(send(0u32.to_be_bytes().to_vec()))
+                .await
+                .map_err(|_| "browser went away".to_owned())?;
+        }
+    }
+    if force_shared {
+        fill(ws, &mut buf, 1).await?;
+        buf[0] = 1;
     }
     Ok(buf)
 }

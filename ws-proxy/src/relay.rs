@@ -35,13 +35,16 @@ pub struct RelayLimits {
     pub recheck_interval: Duration,
 }
 
-/// Byte counts of a finished relay.
-#[derive(Debug, Default, Clone, Copy)]
+/// Byte counts of a finished relay, and why it ended.
+#[derive(Debug, Default, Clone)]
 pub struct Relayed {
     /// Browser to VNC server.
     pub up: u64,
     /// VNC server to browser.
     pub down: u64,
+    /// Why it ended, as a short code (`browser_closed`, `session_ended`, `idle_timeout`,
+    /// `proxy_shutting_down`, ...): the close reason we sent, in snake case.
+    pub ended: String,
 }
 
 /// Why the relay ended, for the log and the close frame (`None`: the browser closed first).
@@ -343,6 +346,10 @@ where
     };
     // The closing handshake, bounded: send our close (or the queued reply to the browser's) and,
     // when we started it, wait for the browser's answer so the close is clean (RFC 6455 7.1.1).
+    let ended = reason.as_ref().map_or_else(
+        || "browser_closed".to_owned(),
+        |f| f.reason.to_lowercase().replace(' ', "_"),
+    );
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let mut sink = sink.lock().await;
         match reason {
@@ -367,5 +374,6 @@ where
     Relayed {
         up: up_bytes.load(Ordering::Relaxed),
         down: down_bytes.load(Ordering::Relaxed),
+        ended,
     }
 }

@@ -22,7 +22,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vncdispatch_proto::rules::{validate_password, validate_username};
+use vncdispatch_proto::rules::{validate_password, validate_username, validate_view_only_password};
 use vncdispatch_proto::v1::{AgentHealth, Geometry, VncServer};
 use vncdispatch_proto::vencrypt::CertPin;
 
@@ -117,6 +117,9 @@ impl Agent {
 
     /// Starts `username`'s desktop, or returns the running one after writing the new password
     /// (Xvnc rereads the rfbauth file on every login, so the returned server takes it).
+    /// `view_only_password`, when not empty, is written second in the rfbauth file: a login
+    /// with it may watch but not control (it must differ from `password`). Empty: the file
+    /// holds `password` alone, and a running desktop's earlier view-only password is dropped.
     ///
     /// Once the user's lock is taken the call runs to its end in a task of its own, holding
     /// the lock, even if the caller goes away (a deadline, a dispatcher killed mid-call): a
@@ -128,10 +131,12 @@ impl Agent {
         self: &Arc<Self>,
         username: &str,
         password: &str,
+        view_only_password: &str,
         geometry: Option<Geometry>,
     ) -> Result<VncServer, AgentError> {
         use tracing::Instrument;
         validate_password(password)?;
+        validate_view_only_password(view_only_password, password)?;
         let geometry = match geometry {
             Some(g) => {
                 check_geometry(g.width, g.height)?;
@@ -143,11 +148,14 @@ impl Agent {
         let guard = self.lock_user(&account.name).await?;
         let (answer, caller) = tokio::sync::oneshot::channel();
         let this = Arc::clone(self);
-        let password = password.to_owned();
+        let secrets = Secrets {
+            password: password.to_owned(),
+            view_only: (!view_only_password.is_empty()).then(|| view_only_password.to_owned()),
+        };
         self.starts.spawn(
             async move {
                 let user = account.name.clone();
-                let result = this.start_locked(account, &password, geometry).await;
+                let result = this.start_locked(account, &secrets, geometry).await;
                 if let Err(Ok((_, Some(started)))) = answer.send(result) {
                     this.caller_gone(&user, started, guard).await;
                 }
@@ -223,14 +231,14 @@ impl Agent {
     async fn start_locked(
         &self,
         account: Account,
-        password: &str,
+        secrets: &Secrets,
         geometry: (u32, u32),
     ) -> Result<(VncServer, Option<RunningXvnc>), AgentError> {
         if let Some(running) = self.running_for(&account).await? {
             let rfbauth = running.rfbauth.clone();
             self.run_helper(
                 &account,
-                password,
+                secrets,
                 HelperRequest::Passwd { rfbauth },
                 None,
                 geometry,
@@ -259,7 +267,7 @@ impl Agent {
             match self
                 .run_helper(
                     &account,
-                    password,
+                    secrets,
                     HelperRequest::Start,
                     Some(slot.display),
                     geometry,
@@ -632,6 +640,15 @@ fn check_pam_service(service: &str) -> Result<(), AgentError> {
             std::io::Error::from(std::io::ErrorKind::NotFound),
         ))
     }
+}
+
+/// The passwords a desktop's rfbauth file gets, validated: the full one, then the optional
+/// view-only one.
+pub(crate) struct Secrets {
+    /// Full control.
+    pub(crate) password: String,
+    /// View only; never equal to `password`.
+    pub(crate) view_only: Option<String>,
 }
 
 /// The per-user locks, released on drop.

@@ -1,7 +1,7 @@
 //! The agent's side of the session helper ([`crate::helper`]): run it as the user with the
-//! desktop's settings as arguments, send the password on its stdin, and turn its one-line
-//! answer into a pid or an [`AgentError`].
-use super::Agent;
+//! desktop's settings as arguments, send the password (then the view-only password, if any) on
+//! its stdin, a line each, and turn its one-line answer into a pid or an [`AgentError`].
+use super::{Agent, Secrets};
 use crate::account::Account;
 use crate::error::AgentError;
 use crate::helper::{FailKind, StartMode};
@@ -23,7 +23,7 @@ impl Agent {
     pub(super) async fn run_helper(
         &self,
         account: &Account,
-        password: &str,
+        secrets: &Secrets,
         request: HelperRequest,
         display: Option<u32>,
         geometry: (u32, u32),
@@ -99,9 +99,13 @@ impl Agent {
             .stdout
             .take()
             .ok_or_else(|| helper_err("no stdout pipe".into()))?;
-        let mut secret = Vec::with_capacity(password.len() + 1);
-        secret.extend_from_slice(password.as_bytes());
-        secret.push(b'\n');
+        // One write of both lines: the helper reads them with bounded reads (see
+        // `crate::helper`); no view-only password, no second line.
+        let mut secret = Vec::with_capacity(32);
+        for line in std::iter::once(&secrets.password).chain(&secrets.view_only) {
+            secret.extend_from_slice(line.as_bytes());
+            secret.push(b'\n');
+        }
         stdin
             .write_all(&secret)
             .await
@@ -185,7 +189,7 @@ fn parse_ready(rest: &str) -> Option<(u32, Option<CertPin>)> {
 
 /// What the helper is asked to do.
 pub(super) enum HelperRequest {
-    /// Rewrite the password of a running server (`rfbauth`: the file it reads, if not
+    /// Rewrite the passwords of a running server (`rfbauth`: the file it reads, if not
     /// `~/.vncpasswd`).
     Passwd { rfbauth: Option<PathBuf> },
     /// Start a desktop.

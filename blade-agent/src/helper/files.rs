@@ -1,6 +1,7 @@
 //! The helper's file handling, as the user: the home directory, `~/.vncpasswd` (or the
-//! running server's copy of it), `~/.vnc` and its Xauthority file. Everything is opened by fd
-//! with O_NOFOLLOW and checked to be the user's own before it is written.
+//! running server's copy of it; 8 bytes, or 16 with a view-only password), `~/.vnc` and its
+//! Xauthority file. Everything is opened by fd with O_NOFOLLOW and checked to be the user's
+//! own before it is written.
 use super::{Failure, failed, refused};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, openat};
@@ -10,7 +11,6 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use vncdispatch_proto::vncauth;
 
 /// Opens the home directory and checks it is the user's own.
 pub(super) fn open_home(home: &Path) -> Result<OwnedFd, Failure> {
@@ -64,18 +64,20 @@ pub(super) fn open_private(dir: &OwnedFd, name: &str, truncate: bool) -> Result<
     Ok(fd)
 }
 
-/// Writes the rfbauth bytes of `password` to `name` in `dir`, safely (see [`open_private`]).
-pub(super) fn write_vncpasswd(dir: &OwnedFd, name: &str, password: &[u8]) -> Result<(), String> {
+/// Writes `rfbauth`, the bytes of an rfbauth file (8: the obfuscated password; 16: then the
+/// obfuscated view-only password), to `name` in `dir`, safely (see [`open_private`]).
+pub(super) fn write_vncpasswd(dir: &OwnedFd, name: &str, rfbauth: &[u8]) -> Result<(), String> {
     let fd = open_private(dir, name, true)?;
     let mut f = File::from(fd);
     // No fsync: the file only matters while the server that reads it runs, and a crash ends
     // that server too.
-    f.write_all(&vncauth::obfuscate(password))
+    f.write_all(rfbauth)
         .map_err(|e| format!("writing {name}: {e}"))
 }
 
-/// Rewrites the running server's own copy of the password file, in a directory of the user's.
-pub(super) fn write_copy(path: &Path, password: &[u8]) -> Result<(), Failure> {
+/// Rewrites the running server's own copy of the password file (the same `rfbauth` bytes as
+/// `~/.vncpasswd`), in a directory of the user's.
+pub(super) fn write_copy(path: &Path, rfbauth: &[u8]) -> Result<(), Failure> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
         return Err(failed(format!("bad rfbauth path {}", path.display())));
     };
@@ -86,7 +88,7 @@ pub(super) fn write_copy(path: &Path, password: &[u8]) -> Result<(), Failure> {
     if st.st_uid != Uid::current().as_raw() {
         return Err(refused(format!("{} is not the user's", dir.display())));
     }
-    write_vncpasswd(&dir_fd, name, password).map_err(|e| refused(format!("{}: {e}", dir.display())))
+    write_vncpasswd(&dir_fd, name, rfbauth).map_err(|e| refused(format!("{}: {e}", dir.display())))
 }
 
 /// `~/.vnc`, created 0700 if missing; a symlink is refused (as TurboVNC does).

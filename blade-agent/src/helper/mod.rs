@@ -5,9 +5,16 @@
 //! the agent might get wrong — keeps it inside the user's rights. The agent execs it through
 //! [`crate::privdrop`] and talks to it over pipes:
 //!
-//! 1. stdin: the VNC password and a newline (never argv or environment).
+//! 1. stdin: the VNC password and a newline, then optionally the desktop's view-only password
+//!    and a newline (never argv or environment); each line is read with a bounded read and
+//!    checked against the shared rules, and the view-only one must differ from the password.
 //! 2. the helper writes `~/.vncpasswd` (O_NOFOLLOW, 0600, checked to be a plain file of the
-//!    user's with one link); for `--action passwd` it then answers `OK` and exits.
+//!    user's with one link) in the rfbauth format of `vncpasswd -f`: 8 bytes, the obfuscated
+//!    password, then 8 more, the obfuscated view-only password, when there is one (Xvnc lets a
+//!    login with the second watch but not type, point, paste or resize). For `--action
+//!    passwd` it rewrites the running server's private copy (`--rfbauth`) the same way, so a
+//!    reused desktop takes the new view-only password too (or loses the old one when none is
+//!    sent), then answers `OK` and exits.
 //! 3. for `--action start` it makes the desktop's TLS key pair when `--rfb-security` asks for
 //!    VeNCrypt (`x509.rs`), starts Xvnc (or the `vncserver` wrapper), waits until the RFB
 //!    port answers with an RFB banner, starts the session command, and answers one line on
@@ -30,6 +37,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vncdispatch_proto::vencrypt::CertPin;
+use vncdispatch_proto::vncauth;
 
 mod files;
 mod login;
@@ -247,17 +255,18 @@ fn answer(line: &str) {
 }
 
 fn run(args: &HelperArgs) -> Result<Outcome, Failure> {
-    let password = read_password()?;
+    let passwords = read_passwords(&mut io::stdin().lock())?;
+    let rfbauth = passwords.rfbauth();
     let home = PathBuf::from(std::env::var_os("HOME").ok_or_else(|| failed("HOME is not set"))?);
     let home_fd = open_home(&home)?;
-    write_vncpasswd(&home_fd, ".vncpasswd", &password).map_err(|e| refused(format!("~/{e}")))?;
+    write_vncpasswd(&home_fd, ".vncpasswd", &rfbauth).map_err(|e| refused(format!("~/{e}")))?;
     if args.action == Action::Passwd {
         if let Some(path) = args
             .rfbauth
             .as_deref()
             .filter(|p| *p != home.join(".vncpasswd"))
         {
-            write_copy(path, &password)?;
+            write_copy(path, &rfbauth)?;
         }
         return Ok(Outcome::Passwd);
     }
@@ -287,24 +296,94 @@ fn run(args: &HelperArgs) -> Result<Outcome, Failure> {
     }
 }
 
-fn read_password() -> Result<Vec<u8>, Failure> {
+/// The desktop's passwords, as read from stdin and checked.
+struct Passwords {
+    /// Full control.
+    full: Vec<u8>,
+    /// View only (never equal to `full`), when the agent sent one.
+    view_only: Option<Vec<u8>>,
+}
+
+impl Passwords {
+    /// The rfbauth file's bytes, as `vncpasswd -f` writes them: the obfuscated password, then
+    /// the obfuscated view-only password when there is one (16 bytes, else 8).
+    fn rfbauth(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16);
+        out.extend_from_slice(&vncauth::obfuscate(&self.full));
+        if let Some(view) = &self.view_only {
+            out.extend_from_slice(&vncauth::obfuscate(view));
+        }
+        out
+    }
+}
+
+/// Reads the password line, then the optional view-only password line; each read is bounded.
+fn read_passwords(input: &mut impl BufRead) -> Result<Passwords, Failure> {
+    let full = read_line(input, "password")?;
+    let text = std::str::from_utf8(&full).map_err(|_| failed("password is not UTF-8"))?;
+    vncdispatch_proto::rules::validate_password(text).map_err(|e| failed(e.to_string()))?;
+    // No second line (EOF) or an empty one: no view-only password.
+    let view = read_line(input, "view-only password")?;
+    let view_only = if view.is_empty() {
+        None
+    } else {
+        let view_text =
+            std::str::from_utf8(&view).map_err(|_| failed("view-only password is not UTF-8"))?;
+        vncdispatch_proto::rules::validate_view_only_password(view_text, text)
+            .map_err(|e| failed(e.to_string()))?;
+        Some(view)
+    };
+    Ok(Passwords { full, view_only })
+}
+
+/// One line of at most 64 bytes, without its newline; empty at EOF.
+fn read_line(input: &mut impl BufRead, what: &str) -> Result<Vec<u8>, Failure> {
     let mut line = Vec::with_capacity(16);
-    io::stdin()
-        .lock()
+    input
+        .by_ref()
         .take(64)
         .read_until(b'\n', &mut line)
-        .map_err(|e| failed(format!("reading password from stdin: {e}")))?;
+        .map_err(|e| failed(format!("reading {what} from stdin: {e}")))?;
     if line.last() == Some(&b'\n') {
         line.pop();
     }
-    let text = std::str::from_utf8(&line).map_err(|_| failed("password is not UTF-8"))?;
-    vncdispatch_proto::rules::validate_password(text).map_err(|e| failed(e.to_string()))?;
     Ok(line)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::FailKind;
+    use super::{FailKind, read_passwords};
+    use vncdispatch_proto::vncauth::obfuscate;
+
+    #[test]
+    fn one_line_gives_8_bytes_two_lines_16() {
+        let one = read_passwords(&mut &b"secret1\n"[..]).expect("one line");
+        assert_eq!(one.rfbauth(), obfuscate(b"secret1"));
+        for input in [&b"secret1\n\n"[..], b"secret1"] {
+            let p = read_passwords(&mut &input[..]).expect("no view-only");
+            assert!(p.view_only.is_none(), "{input:?}");
+        }
+        let two = read_passwords(&mut &b"secret1\nwatch12\n"[..]).expect("two lines");
+        let mut expected = obfuscate(b"secret1").to_vec();
+        expected.extend_from_slice(&obfuscate(b"watch12"));
+        assert_eq!(two.rfbauth(), expected);
+        // A last line without its newline counts too.
+        let two = read_passwords(&mut &b"secret1\nwatch12"[..]).expect("two lines");
+        assert_eq!(two.rfbauth(), expected);
+    }
+
+    #[test]
+    fn a_bad_or_equal_view_only_password_is_refused() {
+        for input in [
+            &b"secret1\nsecret1\n"[..],
+            b"secret1\nshort\n",
+            b"secret1\nninechars\n",
+            b"secret1\nnul\0byte\n",
+            b"short\nwatch12\n",
+        ] {
+            assert!(read_passwords(&mut &input[..]).is_err(), "{input:?}");
+        }
+    }
 
     #[test]
     fn fail_kinds_round_trip_through_their_words() {

@@ -127,8 +127,13 @@ impl Dispatcher {
             .ok_or_else(|| DispatchError::UnknownBlade(name.to_owned()))
     }
 
-    /// Forgets a blade; with `force`, revokes and stops its sessions first.
-    pub async fn remove_blade(&self, name: &str, force: bool) -> Result<bool, DispatchError> {
+    /// Forgets a blade; with `force`, revokes and stops its sessions first (ended by `actor`).
+    pub async fn remove_blade(
+        &self,
+        name: &str,
+        force: bool,
+        actor: &str,
+    ) -> Result<bool, DispatchError> {
         validate_blade_name(name)?;
         let on_blade: Vec<SessionRecord> = self
             .store
@@ -150,7 +155,7 @@ impl Dispatcher {
                 .await?
                 .is_some()
             {
-                self.ended(rec, EndReason::BladeRemoved, String::new())
+                self.ended(rec, EndReason::BladeRemoved, String::new(), actor)
                     .await;
                 self.stop_desktop(rec).await;
             }
@@ -199,17 +204,20 @@ mod tests {
             .unwrap();
         assert_eq!(b.port, 22, "SSH blades default to port 22");
         d.dispatch("u", "192.0.2.1", "t").await.unwrap();
-        let err = d.remove_blade("b1", false).await.unwrap_err();
+        let err = d.remove_blade("b1", false, "admin:test").await.unwrap_err();
         assert!(
             matches!(err, DispatchError::BladeBusy { sessions: 1, .. }),
             "{err}"
         );
-        assert!(d.remove_blade("b1", true).await.unwrap());
+        assert!(d.remove_blade("b1", true, "admin:test").await.unwrap());
         assert!(
             rec.alive.lock().unwrap().is_empty(),
             "its desktop was stopped"
         );
         assert!(d.list("").await.unwrap().is_empty());
-        assert!(!d.remove_blade("b1", false).await.unwrap(), "already gone");
+        assert!(
+            !d.remove_blade("b1", false, "admin:test").await.unwrap(),
+            "already gone"
+        );
     }
 }

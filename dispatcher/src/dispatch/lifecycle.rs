@@ -2,6 +2,7 @@
 //! [`crate::dispatch`]): the stop deadline written with every record, the sweeper, and the
 //! one place an end is recorded — history, metrics and log together.
 use super::Dispatcher;
+use super::audit::SELF_ACTOR;
 use crate::error::DispatchError;
 use crate::store::{EndReason, EndedSession, SessionRecord};
 
@@ -56,10 +57,39 @@ impl Dispatcher {
             // Recorded first: the session is over once it left the store; the stop may take
             // the Xvnc's grace period.
             let reason = self.due_reason(rec, now);
-            self.ended(rec, reason, String::new()).await;
+            self.ended(rec, reason, String::new(), SELF_ACTOR).await;
             self.stop_desktop(rec).await;
         }
+        self.prune(now).await;
         Ok(swept.len())
+    }
+
+    /// Drops expired shares (each sweep: they are few) and, hourly, audit events past the
+    /// retention. Failures are logged: what is not pruned now is pruned next time.
+    async fn prune(&self, now: i64) {
+        match self.store.prune_shares(now).await {
+            Ok(gone) if !gone.is_empty() => {
+                tracing::debug!(shares = gone.len(), "expired shares removed")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not remove expired shares"),
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.audit_pruned_at.load(Relaxed);
+        if now - last < 3_600_000
+            || self
+                .audit_pruned_at
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let before = now - self.cfg.audit_retention.as_millis() as i64;
+        match self.store.prune_audit(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "audit events past their retention removed"),
+            Err(e) => tracing::warn!(error = %e, "could not remove old audit events"),
+        }
     }
 
     /// Ends `rec` for `reason` if the store still holds it (same token; `hash` is its
@@ -78,14 +108,22 @@ impl Dispatcher {
             .delete_session(&rec.username, Some(&super::session::rec_hash(rec, hash)))
             .await?;
         if let Some(gone) = &gone {
-            self.ended(gone, reason, detail.to_owned()).await;
+            self.ended(gone, reason, detail.to_owned(), SELF_ACTOR)
+                .await;
         }
         Ok(gone)
     }
 
-    /// Records that `rec` ended for `reason`: history, metric, log. A history write that
-    /// fails is logged, not returned: the session is over either way.
-    pub(super) async fn ended(&self, rec: &SessionRecord, reason: EndReason, detail: String) {
+    /// Records that `rec` ended for `reason` (asked by `actor`): history, audit trail, metric,
+    /// log; its shares end with it. A history write that fails is logged, not returned: the
+    /// session is over either way.
+    pub(super) async fn ended(
+        &self,
+        rec: &SessionRecord,
+        reason: EndReason,
+        detail: String,
+        actor: &str,
+    ) {
         metrics::counter!("vncdispatch_dispatcher_sessions_ended_total", "reason" => reason.as_str())
             .increment(1);
         tracing::info!(
@@ -95,6 +133,19 @@ impl Dispatcher {
             reason = reason.as_str(),
             %detail,
             "session ended"
+        );
+        let shares = self.end_shares(&rec.username, &rec.token_hash).await;
+        self.record(
+            "session_end",
+            actor,
+            &rec.username,
+            &[
+                ("reason", reason.as_str().to_owned()),
+                ("blade", rec.blade.clone()),
+                ("vnc_pid", rec.vnc_pid.to_string()),
+                ("shares_ended", shares.to_string()),
+                ("detail", detail.clone()),
+            ],
         );
         let entry = EndedSession::of(rec, self.now_ms(), reason, detail);
         if let Err(e) = self.store.record_end(&entry).await {
@@ -246,7 +297,7 @@ mod tests {
         assert_eq!(reasons(&d, "u").await, [EndReason::StartFailed]);
         let (d, _rec, _dir) = setup(&["b1"], MIN).await;
         d.dispatch("v", "192.0.2.1", "t").await.unwrap();
-        assert!(d.end("v", EndReason::Portal).await.unwrap());
+        assert!(d.end("v", EndReason::Portal, "portal:test").await.unwrap());
         let h = d.history(None, 0).await.unwrap();
         assert_eq!(
             (h[0].username.as_str(), h[0].reason),

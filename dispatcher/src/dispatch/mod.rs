@@ -28,6 +28,8 @@
 //! `max_age`, a desktop is stopped at that age whatever else holds — "max age". The portal
 //! sees the time in `Session.stops_at`.
 //! - `admin.rs`: registering, listing, draining and removing blades; listing sessions.
+//! - `shares.rs`: sharing a desktop (view-only or full control) and resolving shares' tokens;
+//!   `audit.rs`: the audit trail every action above records into.
 //!
 //! Time comes from the injected [`Clock`]: the wall clock in production, a test clock under
 //! `tokio::time::pause()` in tests.
@@ -41,10 +43,12 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 mod admin;
+pub mod audit;
 pub mod capacity;
 mod lifecycle;
 mod placement;
 mod session;
+pub mod shares;
 mod tokens;
 
 #[cfg(test)]
@@ -80,6 +84,12 @@ pub struct DispatchConfig {
     /// How long one lease renewal holds; ws-proxy renews at its re-check interval, which
     /// must be shorter.
     pub lease: Duration,
+    /// How long a share lasts when its maker names no time.
+    pub share_ttl: Duration,
+    /// The longest a share may be made for.
+    pub max_share_ttl: Duration,
+    /// How long audit events are kept in the store.
+    pub audit_retention: Duration,
 }
 
 impl DispatchConfig {
@@ -93,6 +103,9 @@ impl DispatchConfig {
             idle_grace: Duration::from_secs(4 * 3600),
             max_age: None,
             lease: Duration::from_secs(90),
+            share_ttl: Duration::from_secs(3600),
+            max_share_ttl: Duration::from_secs(24 * 3600),
+            audit_retention: Duration::from_secs(90 * 24 * 3600),
         }
     }
 }
@@ -176,6 +189,10 @@ pub struct Dispatcher {
     /// Desktops a blade recently confirmed alive, (blade, user, pid) → when: every open
     /// relay's re-check asks, and the blade need not answer each of them.
     alive_seen: std::sync::Mutex<HashMap<(String, String, u32), i64>>,
+    /// The audit trail.
+    audit: audit::AuditLog,
+    /// When the sweeper last dropped audit events past their retention (Unix ms).
+    audit_pruned_at: std::sync::atomic::AtomicI64,
 }
 
 /// A Unix-milliseconds time as a protobuf timestamp.
@@ -195,6 +212,8 @@ impl Dispatcher {
         cfg: DispatchConfig,
     ) -> Self {
         Dispatcher {
+            audit: audit::AuditLog::new(store.clone()),
+            audit_pruned_at: std::sync::atomic::AtomicI64::new(0),
             store,
             launchers,
             seal,
@@ -210,6 +229,18 @@ impl Dispatcher {
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
+    }
+
+    /// Records an audit event now: `kind` done by `actor` to `username`'s desktop (empty for
+    /// blade actions), with `fields`.
+    pub fn record(&self, kind: &str, actor: &str, username: &str, fields: &[(&str, String)]) {
+        self.audit
+            .record(audit::event(self.now_ms(), kind, actor, username, fields));
+    }
+
+    /// Waits until the audit events recorded so far are stored (at shutdown).
+    pub async fn flush_audit(&self) {
+        self.audit.flush().await;
     }
 
     /// The store (for health checks).

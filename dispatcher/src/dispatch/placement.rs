@@ -511,7 +511,7 @@ mod tests {
             );
         }
         assert!(
-            d.end(&served[0], crate::store::EndReason::Portal)
+            d.end(&served[0], crate::store::EndReason::Portal, "portal:test")
                 .await
                 .unwrap()
         );

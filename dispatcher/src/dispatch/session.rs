@@ -6,6 +6,7 @@
 //! launches and completes; the others wait, up to the claim's deadline, then take over. A
 //! blade's refusal ([`LaunchError::Refused`]: unknown or system account, unsafe home) ends the
 //! Dispatch; a blade's failure ([`LaunchError::Blade`] or a timeout) moves on to the next blade.
+use super::audit::SELF_ACTOR;
 use super::{Dispatcher, Session};
 use crate::error::DispatchError;
 use crate::launcher::{LaunchError, Launcher};
@@ -225,7 +226,7 @@ impl Dispatcher {
                     created_at_ms: 0,
                     ..Default::default()
                 };
-                self.ended(&failed, EndReason::StartFailed, e.to_string())
+                self.ended(&failed, EndReason::StartFailed, e.to_string(), SELF_ACTOR)
                     .await;
             }
         }
@@ -244,7 +245,8 @@ impl Dispatcher {
     ) -> Result<Session, DispatchError> {
         let order = self.choose_blades(pool).await?;
         let token = secrets::new_token().map_err(DispatchError::Secret)?;
-        let password = secrets::new_password().map_err(DispatchError::Secret)?;
+        let passwords = secrets::new_passwords().map_err(DispatchError::Secret)?;
+        let password = passwords.full.clone();
         // Sealed before any desktop starts: a failure here must not leave one running.
         let sealed_token = self
             .seal
@@ -253,6 +255,10 @@ impl Dispatcher {
         let sealed_password = self
             .seal
             .seal(username, &password)
+            .map_err(DispatchError::Secret)?;
+        let sealed_view = self
+            .seal
+            .seal(username, &passwords.view_only)
             .map_err(DispatchError::Secret)?;
         let mut failures = Vec::new();
         let mut full = 0;
@@ -273,7 +279,7 @@ impl Dispatcher {
             };
             let started = tokio::time::timeout(
                 self.cfg.launch_timeout,
-                launcher.start(&blade, username, &password, request_id),
+                launcher.start(&blade, username, &passwords, request_id),
             )
             .await;
             // Counted until it gave a desktop; a start that timed out may still give one, so
@@ -342,6 +348,7 @@ impl Dispatcher {
                 cert_sha256: launched.cert_sha256,
                 lease_until_ms: None,
                 stops_at_ms: Some(self.stops_at(now, now + self.ttl_ms(), None)),
+                view_password: Some(StoredSecret::Sealed(sealed_view.clone())),
             };
             if let Err(e) = self.store.complete(&rec, &claim.id).await {
                 // The claim was taken over and the winner adopted this very desktop (same
@@ -438,14 +445,36 @@ impl Dispatcher {
         });
     }
 
+    /// Records a successful Dispatch by `actor` in the audit trail.
+    pub fn record_dispatch(&self, s: &Session, pool: &str, actor: &str, via: &str) {
+        self.record(
+            "dispatch",
+            actor,
+            &s.username,
+            &[
+                ("reused", s.reused.to_string()),
+                ("blade", s.blade.clone()),
+                ("display", s.display.to_string()),
+                ("remote_ip", s.remote_ip.clone()),
+                ("pool", pool.to_owned()),
+                ("via", via.to_owned()),
+            ],
+        );
+    }
+
     /// Revokes the user's token and stops the desktop; false if there was no session.
-    /// `reason` says who asked (the portal or an operator).
-    pub async fn end(&self, username: &str, reason: EndReason) -> Result<bool, DispatchError> {
+    /// `reason` says what kind of caller asked (the portal or an operator), `actor` who.
+    pub async fn end(
+        &self,
+        username: &str,
+        reason: EndReason,
+        actor: &str,
+    ) -> Result<bool, DispatchError> {
         validate_username(username)?;
         let Some(rec) = self.store.delete_session(username, None).await? else {
             return Ok(false);
         };
-        self.ended(&rec, reason, String::new()).await;
+        self.ended(&rec, reason, String::new(), actor).await;
         self.stop_desktop(&rec).await;
         Ok(true)
     }

@@ -36,7 +36,7 @@ impl Launcher for Recording {
         &self,
         blade: &BladeRecord,
         username: &str,
-        _pw: &str,
+        _pw: &crate::launcher::Passwords,
         _id: &str,
     ) -> Result<Launched, LaunchError> {
         if blade.name.starts_with("down") {

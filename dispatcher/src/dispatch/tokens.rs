@@ -22,7 +22,7 @@ impl Dispatcher {
     /// Whether the record's Xvnc runs, the blade's positive answer remembered for
     /// [`ALIVE_FOR_MS`]: each open relay re-checks its token, and a dead desktop is still
     /// noticed within seconds.
-    async fn alive_cached(&self, rec: &crate::store::SessionRecord) -> bool {
+    pub(super) async fn alive_cached(&self, rec: &crate::store::SessionRecord) -> bool {
         let key = (rec.blade.clone(), rec.username.clone(), rec.vnc_pid);
         let now = self.now_ms();
         let seen = |m: &std::sync::Mutex<std::collections::HashMap<_, i64>>| {
@@ -52,11 +52,10 @@ impl Dispatcher {
     pub async fn resolve(&self, token: &str, attached: bool) -> Result<Target, DispatchError> {
         validate_token(token).map_err(|_| DispatchError::UnknownToken)?;
         let hash = secrets::token_hash(token);
-        let mut rec = self
-            .store
-            .find_by_token(&hash, token)
-            .await?
-            .ok_or(DispatchError::UnknownToken)?;
+        let Some(mut rec) = self.store.find_by_token(&hash, token).await? else {
+            // Not a session's token: perhaps a share's.
+            return self.resolve_share(&hash).await;
+        };
         let now = self.now_ms();
         // A new connection needs a valid token or a client already attached. A relay already
         // open (attached) keeps its session as long as it is not due: a dispatcher or store
@@ -108,6 +107,8 @@ impl Dispatcher {
             password,
             cert_sha256: rec.cert_sha256,
             lease_until: rec.lease_until_ms.map(timestamp),
+            view_only: false,
+            share_id: String::new(),
         })
     }
 }

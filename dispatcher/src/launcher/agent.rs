@@ -5,7 +5,7 @@
 //! ([`LaunchError::Refused`], the agent's status passed on) or only this blade failed
 //! ([`LaunchError::Blade`], try the next). An agent that predates the contract sends no kind;
 //! then the status code decides, as it did before.
-use super::{BladeLoad, LaunchError, Launched, Launcher};
+use super::{BladeLoad, LaunchError, Launched, Launcher, Passwords};
 use crate::store::BladeRecord;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -146,12 +146,13 @@ impl Launcher for AgentLauncher {
         &self,
         blade: &BladeRecord,
         username: &str,
-        password: &str,
+        passwords: &Passwords,
         request_id: &str,
     ) -> Result<Launched, LaunchError> {
         let msg = StartSessionRequest {
             username: username.into(),
-            password: password.into(),
+            password: passwords.full.clone(),
+            view_only_password: passwords.view_only.clone(),
             geometry: None,
         };
         let server = self

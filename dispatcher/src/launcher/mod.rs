@@ -14,6 +14,23 @@ pub mod ssh;
 
 use crate::store::BladeRecord;
 
+/// The VNC passwords a desktop is started with: the full one, and the view-only one that
+/// Xvnc's password file carries second (a login with it can watch but not type or point).
+/// Never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Passwords {
+    /// Full control.
+    pub full: String,
+    /// Viewing only; always different from `full`.
+    pub view_only: String,
+}
+
+impl std::fmt::Debug for Passwords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Passwords(<redacted>)")
+    }
+}
+
 /// Where a started desktop is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Launched {
@@ -75,12 +92,12 @@ pub enum LaunchError {
 /// Starts, checks and stops desktops on one kind of blade.
 #[async_trait::async_trait]
 pub trait Launcher: Send + Sync + std::fmt::Debug + 'static {
-    /// Starts (or finds) the user's desktop with this password.
+    /// Starts (or finds) the user's desktop with these passwords.
     async fn start(
         &self,
         blade: &BladeRecord,
         username: &str,
-        password: &str,
+        passwords: &Passwords,
         request_id: &str,
     ) -> Result<Launched, LaunchError>;
     /// Stops the user's desktop — only the Xvnc with pid `vnc_pid`, when given, so a stale

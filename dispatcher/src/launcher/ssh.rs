@@ -8,7 +8,7 @@
 //! code, anything else non-zero fails only this blade. Its stderr is the message and decides
 //! nothing. An agent from before the contract exits 1 for every failure, so with it every
 //! refusal fails the blade and the caller hears UNAVAILABLE with the agent's message.
-use super::{BladeLoad, LaunchError, Launched, Launcher};
+use super::{BladeLoad, LaunchError, Launched, Launcher, Passwords};
 use crate::store::BladeRecord;
 use russh::ChannelMsg;
 use russh::client::{self, AuthResult, Handle};
@@ -202,7 +202,7 @@ impl Launcher for SshLauncher {
         &self,
         blade: &BladeRecord,
         username: &str,
-        password: &str,
+        passwords: &Passwords,
         _request_id: &str,
     ) -> Result<Launched, LaunchError> {
         // The username passed the shared rules, so it is shell-safe too.
@@ -210,7 +210,8 @@ impl Launcher for SshLauncher {
             .run(
                 blade,
                 &["cloudvnc", "--user", username],
-                format!("{password}\n").as_bytes(),
+                // cloudvnc reads the full password, then the view-only one, a line each.
+                format!("{}\n{}\n", passwords.full, passwords.view_only).as_bytes(),
             )
             .await?;
         if status != 0 {

@@ -11,6 +11,8 @@ use super::{
 };
 use std::sync::Arc;
 
+mod sharing;
+
 fn claim(id: &str, expires_at_ms: i64) -> Claim {
     Claim {
         id: id.into(),
@@ -36,6 +38,7 @@ fn session(username: &str, hash: &str, expires_at_ms: i64) -> SessionRecord {
         cert_sha256: "c0ffee".repeat(10) + "abcd",
         lease_until_ms: None,
         stops_at_ms: Some(expires_at_ms),
+        view_password: Some(StoredSecret::Sealed("sealed-view-password".into())),
     }
 }
 
@@ -48,6 +51,8 @@ pub async fn run(store: Arc<dyn Store>, prefix: &str) {
     leases(&*store, prefix).await;
     legacy_and_claims(&*store, prefix).await;
     history(&*store, prefix).await;
+    sharing::shares(&*store, prefix).await;
+    sharing::audit(&*store, prefix).await;
     blades(&*store, prefix).await;
     round_robin(store.clone()).await;
 }

@@ -111,6 +111,11 @@ pub struct SessionRecord {
     /// lease moves it; None for rows written before it (then `expires_at_ms` is used).
     #[serde(default)]
     pub stops_at_ms: Option<i64>,
+    /// The desktop's view-only VNC password (the second entry of its rfbauth file), which a
+    /// view-only share logs in with; None for desktops started before sharing (they cannot be
+    /// shared view-only).
+    #[serde(default)]
+    pub view_password: Option<StoredSecret>,
 }
 
 impl SessionRecord {
@@ -238,6 +243,62 @@ impl EndedSession {
     }
 }
 
+/// A grant to watch (or, if not `view_only`, to control) one user's desktop, made by
+/// ShareSession. Stored by the SHA-256 of its token, never the token; it ends with the
+/// session it was made for (`session_token_hash`), at `expires_at_ms`, or when revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareRecord {
+    /// Public handle (16 hex digits) for ListShares and RevokeShare; not a credential.
+    pub id: String,
+    /// Hex SHA-256 of the share's token: what ResolveToken looks it up by. Unique.
+    pub token_hash: String,
+    /// The user whose desktop is shared.
+    pub owner: String,
+    /// The `token_hash` of the owner's session it was made for: a later session of the same
+    /// user is not shared by it.
+    pub session_token_hash: String,
+    /// Viewing only (Xvnc's view-only password), or full control.
+    pub view_only: bool,
+    /// Who made it: the caller's identity as the audit trail names it.
+    pub created_by: String,
+    /// A note from whoever made it ("helpdesk ticket 4711"), for listings and the audit.
+    pub note: String,
+    /// Unix milliseconds when it was made.
+    pub created_at_ms: i64,
+    /// Unix milliseconds when it stops resolving (an open viewer is closed at its next
+    /// re-check).
+    pub expires_at_ms: i64,
+}
+
+/// One entry of the audit trail: who did what to whose desktop, when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Unix milliseconds when it happened.
+    pub at_ms: i64,
+    /// What happened: `dispatch`, `connect`, `disconnect`, `share`, `revoke_share`,
+    /// `session_end`, `blade_add`, `blade_drain`, `blade_remove`, `end_session`.
+    pub kind: String,
+    /// Who did it: `<role>:<certificate name>`, `plaintext` (a loopback server without
+    /// TLS), or `dispatcher` for what the dispatcher itself did (a sweep).
+    pub actor: String,
+    /// The user whose desktop it concerns (empty for blade actions).
+    pub username: String,
+    /// The rest, by name (blade, remote_ip, reused, share id, reason, bytes, ...); ordered so
+    /// that the JSON lines are stable.
+    pub fields: std::collections::BTreeMap<String, String>,
+}
+
+/// Which audit events to read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// Only this user's (events whose `username` is this).
+    pub username: Option<String>,
+    /// Only events at or after this time (Unix milliseconds).
+    pub since_ms: Option<i64>,
+    /// At most this many: the newest ones, returned oldest first.
+    pub limit: usize,
+}
+
 /// How many ended sessions the history keeps (the oldest go first).
 pub const HISTORY_MAX: usize = 10_000;
 
@@ -355,6 +416,33 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The history, newest first: everyone's, or one user's; at most `limit` entries.
     async fn history(&self, username: Option<&str>, limit: usize)
     -> StoreResult<Vec<EndedSession>>;
+
+    /// Stores a new share. Its `id` and `token_hash` are fresh random values; a clash is
+    /// reported as `Unavailable` (it never happens by chance).
+    async fn put_share(&self, share: &ShareRecord) -> StoreResult<()>;
+    /// The share with this token hash, expired or not (the caller checks).
+    async fn find_share(&self, token_hash: &str) -> StoreResult<Option<ShareRecord>>;
+    /// Shares, oldest first: everyone's, or one owner's.
+    async fn list_shares(&self, owner: Option<&str>) -> StoreResult<Vec<ShareRecord>>;
+    /// Deletes the share with this id; returns it, or None if there was none.
+    async fn remove_share(&self, id: &str) -> StoreResult<Option<ShareRecord>>;
+    /// Deletes the shares of `owner` made for the session with `session_token_hash` (that
+    /// session ended); returns them.
+    async fn remove_shares_of(
+        &self,
+        owner: &str,
+        session_token_hash: &str,
+    ) -> StoreResult<Vec<ShareRecord>>;
+    /// Deletes shares whose `expires_at_ms` is not after `now_ms`; returns them.
+    async fn prune_shares(&self, now_ms: i64) -> StoreResult<Vec<ShareRecord>>;
+    /// Appends audit events (one write for the batch; an empty batch writes nothing).
+    async fn record_audit(&self, events: &[AuditEvent]) -> StoreResult<()>;
+    /// Audit events matching `query`: the newest `limit` of them, oldest first (none for a
+    /// limit of 0: callers clamp it). Events of the same millisecond keep the order they were
+    /// recorded in.
+    async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEvent>>;
+    /// Deletes audit events older than `before_ms` (those at it stay); returns how many.
+    async fn prune_audit(&self, before_ms: i64) -> StoreResult<u64>;
 
     /// Registers a blade, or updates the one of that name.
     async fn put_blade(&self, blade: &BladeRecord) -> StoreResult<()>;

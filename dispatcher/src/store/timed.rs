@@ -1,7 +1,10 @@
 //! A [`Store`] decorator that times every call for the
 //! `vncdispatch_dispatcher_store_duration_seconds{op}` histogram and counts failures in
 //! `vncdispatch_dispatcher_store_errors_total{op}`, whichever store is underneath.
-use super::{BladeRecord, Claim, ClaimOutcome, EndedSession, SessionRecord, Store, StoreResult};
+use super::{
+    AuditEvent, AuditQuery, BladeRecord, Claim, ClaimOutcome, EndedSession, SessionRecord,
+    ShareRecord, Store, StoreResult,
+};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -114,6 +117,41 @@ impl Store for Timed {
     }
     async fn sweep_expired(&self, now_ms: i64) -> StoreResult<Vec<SessionRecord>> {
         timed("sweep_expired", self.0.sweep_expired(now_ms)).await
+    }
+    async fn put_share(&self, share: &ShareRecord) -> StoreResult<()> {
+        timed("put_share", self.0.put_share(share)).await
+    }
+    async fn find_share(&self, token_hash: &str) -> StoreResult<Option<ShareRecord>> {
+        timed("find_share", self.0.find_share(token_hash)).await
+    }
+    async fn list_shares(&self, owner: Option<&str>) -> StoreResult<Vec<ShareRecord>> {
+        timed("list_shares", self.0.list_shares(owner)).await
+    }
+    async fn remove_share(&self, id: &str) -> StoreResult<Option<ShareRecord>> {
+        timed("remove_share", self.0.remove_share(id)).await
+    }
+    async fn remove_shares_of(
+        &self,
+        owner: &str,
+        session_token_hash: &str,
+    ) -> StoreResult<Vec<ShareRecord>> {
+        timed(
+            "remove_shares_of",
+            self.0.remove_shares_of(owner, session_token_hash),
+        )
+        .await
+    }
+    async fn prune_shares(&self, now_ms: i64) -> StoreResult<Vec<ShareRecord>> {
+        timed("prune_shares", self.0.prune_shares(now_ms)).await
+    }
+    async fn record_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {
+        timed("record_audit", self.0.record_audit(events)).await
+    }
+    async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEvent>> {
+        timed("audit", self.0.audit(query)).await
+    }
+    async fn prune_audit(&self, before_ms: i64) -> StoreResult<u64> {
+        timed("prune_audit", self.0.prune_audit(before_ms)).await
     }
     async fn put_blade(&self, blade: &BladeRecord) -> StoreResult<()> {
         timed("put_blade", self.0.put_blade(blade)).await

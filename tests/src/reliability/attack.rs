@@ -82,6 +82,7 @@ pub fn start(user: &str) -> StartSessionRequest {
     StartSessionRequest {
         username: user.into(),
         password: "s3cret12".into(),
+        view_only_password: String::new(),
         geometry: None,
     }
 }

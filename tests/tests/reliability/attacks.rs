@@ -17,9 +17,10 @@ use vncdispatch_proto::tls::Credentials;
 use vncdispatch_proto::v1::blade_agent_client::BladeAgentClient;
 use vncdispatch_proto::v1::dispatcher_client::DispatcherClient;
 use vncdispatch_proto::v1::{
-    AddBladeRequest, AgentHealthRequest, DispatchRequest, DrainBladeRequest, EndSessionRequest,
-    ListBladesRequest, ListSessionsRequest, ListVncServersRequest, RemoveBladeRequest,
-    ResolveTokenRequest, StartSessionRequest, StopSessionRequest,
+    AddBladeRequest, AgentHealthRequest, AuditRequest, ConnectionEvent, DispatchRequest,
+    DrainBladeRequest, EndSessionRequest, ListBladesRequest, ListSessionsRequest,
+    ListSharesRequest, ListVncServersRequest, RemoveBladeRequest, ResolveTokenRequest,
+    RevokeShareRequest, ShareSessionRequest, StartSessionRequest, StopSessionRequest,
 };
 use vncdispatch_tests::agent::{AgentOptions, AgentProc, free_port, new_secret};
 use vncdispatch_tests::dispatcher::{DispatcherOptions, DispatcherProc};
@@ -166,11 +167,50 @@ async fn role_matrix() -> String {
                     .await,
                 ),
             ),
+            (
+                "ShareSession",
+                code(
+                    d.share_session(ShareSessionRequest {
+                        username: "nobody-here".into(),
+                        ..Default::default()
+                    })
+                    .await,
+                ),
+            ),
+            (
+                "RevokeShare",
+                code(
+                    d.revoke_share(RevokeShareRequest {
+                        id: "0000000000000000".into(),
+                    })
+                    .await,
+                ),
+            ),
+            (
+                "ListShares",
+                code(d.list_shares(ListSharesRequest::default()).await),
+            ),
+            ("Audit", code(d.audit(AuditRequest::default()).await)),
+            (
+                "RecordConnection",
+                code(
+                    d.record_connection(ConnectionEvent {
+                        kind: 1,
+                        username: user.name.clone(),
+                        client_ip: "192.0.2.7".into(),
+                        ..Default::default()
+                    })
+                    .await,
+                ),
+            ),
         ];
         for (method, got) in calls {
             let allowed = match method {
-                "Dispatch" | "EndSession" => matches!(role, Role::Portal | Role::Admin),
+                "Dispatch" | "EndSession" | "ShareSession" | "RevokeShare" | "ListShares" => {
+                    matches!(role, Role::Portal | Role::Admin)
+                }
                 "ResolveToken" => matches!(role, Role::Proxy | Role::Admin),
+                "RecordConnection" => role == Role::Proxy,
                 _ => role == Role::Admin,
             };
             if allowed {
@@ -197,6 +237,7 @@ async fn role_matrix() -> String {
                 a.start_session(StartSessionRequest {
                     username: user.name.clone(),
                     password: "attack12".into(),
+                    view_only_password: String::new(),
                     geometry: None,
                 })
                 .await,
@@ -644,7 +685,7 @@ async fn attacks() {
         (
             "Role x RPC matrix",
             "each role's certificate (portal, proxy, admin, dispatcher, agent) calls every Dispatcher and BladeAgent RPC over mutual TLS; a portal dispatches a real desktop first",
-            "portal: Dispatch, EndSession; proxy: ResolveToken; admin: every Dispatcher RPC; dispatcher: only BladeAgent; PERMISSION_DENIED naming the role elsewhere (so no AddBlade, no StartSession without the role)",
+            "portal: Dispatch, EndSession, ShareSession, RevokeShare, ListShares; proxy: ResolveToken, RecordConnection; admin: every Dispatcher RPC but RecordConnection; dispatcher: only BladeAgent; PERMISSION_DENIED naming the role elsewhere (so no AddBlade, no StartSession, no share and no audit trail without the role)",
             Box::pin(role_matrix()),
         ),
         (

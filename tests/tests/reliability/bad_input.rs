@@ -100,6 +100,7 @@ async fn bad_input() {
             .start_session(StartSessionRequest {
                 username: name.clone(),
                 password: "s3cret12".into(),
+                view_only_password: String::new(),
                 geometry: None,
             })
             .await;
@@ -337,6 +338,7 @@ async fn bad_input() {
             .start_session(StartSessionRequest {
                 username: user.name.clone(),
                 password: p.into(),
+                view_only_password: String::new(),
                 geometry: None,
             })
             .await;
@@ -347,6 +349,7 @@ async fn bad_input() {
             .start_session(StartSessionRequest {
                 username: user.name.clone(),
                 password: "s3cret12".into(),
+                view_only_password: String::new(),
                 geometry: Some(Geometry {
                     width: w,
                     height: h,
@@ -376,6 +379,7 @@ async fn bad_input() {
         .start_session(StartSessionRequest {
             username: huge,
             password: "s3cret12".into(),
+            view_only_password: String::new(),
             geometry: None,
         })
         .await;

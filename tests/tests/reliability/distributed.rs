@@ -201,6 +201,7 @@ async fn caller_gives_up(rec: &Record, secret: &Path) {
     let start = |name: &str| StartSessionRequest {
         username: name.to_owned(),
         password: "gaveup12".into(),
+        view_only_password: String::new(),
         geometry: None,
     };
     // What the agent did with a user's given-up start (its span names the user).

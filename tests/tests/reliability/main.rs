@@ -9,7 +9,7 @@
 //! - [`filesystem`]: filesystem attacks on the agent.
 //! - [`display_process`]: stale displays, a full range, broken or killed Xvnc, agent restarts.
 //! - [`distributed`]: blades down or frozen, the dispatcher killed, the store stopped or full.
-//! - [`tokens`]: guessing, limits, use after end or expiry.
+//! - [`tokens`]: guessing, limits, use after end or expiry; shares under attack ([`shares`]).
 //! - [`websocket`]: WebSocket and HTTP abuse of ws-proxy, and its restart under load; the
 //!   viewer page against hostile links and framing ([`viewer`]).
 //! - [`load`]: many clients over many users with a dispatcher restart.
@@ -29,6 +29,7 @@ mod filesystem;
 mod http_route;
 mod load;
 mod secrets;
+mod shares;
 mod tokens;
 mod viewer;
 mod websocket;

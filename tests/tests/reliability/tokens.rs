@@ -228,6 +228,7 @@ async fn tokens() {
         Log::new("ws-proxy log", proxy.log()),
     ]);
     stale_token_on_a_reused_display(&rec).await;
+    crate::shares::cases(&rec).await;
     rec.finish();
 }
 

@@ -1,7 +1,7 @@
 //! Tokens resolved by the dispatcher's `ResolveToken`, cached briefly: a positive answer for a
 //! few seconds (a page reload opens several connections), a negative one for a second (so a
 //! flood of guesses costs the dispatcher little). Only well-formed tokens are asked about.
-use super::{Target, TokenError, TokenSource};
+use super::{ConnectionReport, Target, TokenError, TokenSource};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -78,6 +78,8 @@ impl DispatcherTokens {
                     password: t.password,
                     cert_sha256: t.cert_sha256,
                     lease_until: t.lease_until.as_ref().and_then(system_time),
+                    view_only: t.view_only,
+                    share_id: t.share_id,
                 })
             }
             Err(s) if s.code() == Code::NotFound || s.code() == Code::InvalidArgument => {
@@ -143,5 +145,26 @@ impl TokenSource for DispatcherTokens {
     async fn recheck(&self, token: &str) -> Result<Target, TokenError> {
         validate_token(token).map_err(|_| TokenError::Unknown)?;
         self.ask(token, true).await
+    }
+
+    /// Sent in the background, bounded: a slow dispatcher never holds a relay up, and a
+    /// report it missed is still in this proxy's log.
+    fn report(&self, report: ConnectionReport) {
+        let mut client = self.client.clone();
+        tokio::spawn(async move {
+            let event = report.into_event();
+            let sent = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                client.record_connection(event),
+            )
+            .await;
+            match sent {
+                Ok(Ok(_)) => {}
+                Ok(Err(s)) => {
+                    tracing::warn!(code = ?s.code(), error = s.message(), "the dispatcher refused a connection report for the audit trail")
+                }
+                Err(_) => tracing::warn!("connection report for the audit trail timed out"),
+            }
+        });
     }
 }

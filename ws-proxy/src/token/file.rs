@@ -130,6 +130,8 @@ impl TokenSource for FileTokens {
             password: String::new(),
             cert_sha256: String::new(),
             lease_until: None,
+            view_only: false,
+            share_id: String::new(),
         })
     }
 }

@@ -213,7 +213,13 @@ async fn admit(proxy: Arc<Proxy>, req: Request<Incoming>, up: Upgrade) -> Respon
     match open(&proxy, &up).await {
         Ok(opened) => {
             let res = stages::switching_protocols(&up.key, up.protocol);
-            stages::spawn_relay(&proxy, req, opened, up.token, tracing::Span::current());
+            stages::spawn_relay(
+                &proxy,
+                req,
+                opened,
+                (up.token, up.client),
+                tracing::Span::current(),
+            );
             res
         }
         Err(refusal) => refusal.into_response(),

@@ -6,7 +6,7 @@ use super::{Refusal, checks};
 use crate::http::{Body, Proxy};
 use crate::limits::{Guesses, Limits, Over, Slot};
 use crate::relay::{Upstream, relay};
-use crate::token::{Target, TokenError, TokenSource};
+use crate::token::{ConnectionReport, Target, TokenError, TokenSource};
 use http_body_util::BodyExt;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
@@ -205,6 +205,20 @@ pub(super) fn switching_protocols(
     res
 }
 
+/// A new id for a relayed connection, pairing its two audit reports: this process's start
+/// and a count, 16 hex digits.
+fn connection_id() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static EPOCH: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as u32)
+    });
+    format!("{epoch:08x}{:08x}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 /// Starts the relay in a task of the proxy's (so the drain waits for it) in `span`: once
 /// hyper has sent the 101 and handed over the connection, presents "None" to the browser in
 /// auth-proxy mode, then relays until either side ends, counting the connection in the
@@ -213,7 +227,7 @@ pub(super) fn spawn_relay(
     proxy: &Proxy,
     req: Request<Incoming>,
     opened: Opened,
-    token: String,
+    (token, client): (String, std::net::IpAddr),
     span: tracing::Span,
 ) {
     let cfg = &proxy.cfg;
@@ -253,7 +267,8 @@ pub(super) fn spawn_relay(
             )
             .await;
             let pending = if auth_proxy {
-                match crate::authproxy::present_none(&mut ws).await {
+                let viewer = !target.share_id.is_empty();
+                match crate::authproxy::present_none(&mut ws, viewer).await {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::info!(error = %e, "auth proxy: browser handshake failed");
@@ -263,7 +278,25 @@ pub(super) fn spawn_relay(
             } else {
                 Vec::new()
             };
-            tracing::info!(host = %target.host, port = target.port, user = %target.username, "relaying");
+            tracing::info!(host = %target.host, port = target.port, user = %target.username, share = %target.share_id, view_only = target.view_only, "relaying");
+            let mut report = ConnectionReport {
+                connected: true,
+                username: target.username.clone(),
+                share_id: target.share_id.clone(),
+                view_only: target.view_only,
+                client_ip: client,
+                connection_id: connection_id(),
+                bytes_up: 0,
+                bytes_down: 0,
+                duration: Duration::ZERO,
+                reason: String::new(),
+            };
+            // Token files name no user: nothing for an audit trail.
+            let audited = !target.username.is_empty();
+            if audited {
+                tokens.report(report.clone());
+            }
+            let began = std::time::Instant::now();
             metrics::counter!("vncdispatch_wsproxy_connections_total").increment(1);
             let active = metrics::gauge!("vncdispatch_wsproxy_connections_active");
             active.increment(1.0);
@@ -273,7 +306,7 @@ pub(super) fn spawn_relay(
                 pending,
                 limits,
                 token,
-                tokens,
+                tokens.clone(),
                 cancel,
             )
             .await;
@@ -281,7 +314,15 @@ pub(super) fn spawn_relay(
             // Freed before the log line says so: whoever reads the log may count on it. On
             // every earlier return the slot is freed as the task ends.
             drop(slot);
-            tracing::info!(up = stats.up, down = stats.down, "relay ended");
+            tracing::info!(up = stats.up, down = stats.down, ended = %stats.ended, "relay ended");
+            if audited {
+                report.connected = false;
+                report.bytes_up = stats.up;
+                report.bytes_down = stats.down;
+                report.duration = began.elapsed();
+                report.reason = stats.ended.chars().take(32).collect();
+                tokens.report(report);
+            }
         },
         span,
     ));
@@ -339,6 +380,8 @@ mod tests {
             password: String::new(),
             cert_sha256: String::new(),
             lease_until: None,
+            view_only: false,
+            share_id: String::new(),
         }
     }
 

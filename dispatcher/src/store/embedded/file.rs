@@ -17,6 +17,16 @@ pub(super) const BLADES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new
 pub(super) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 /// Ended sessions by a rising sequence number (the oldest first), bounded by HISTORY_MAX.
 pub(super) const HISTORY: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("history");
+/// Shares by id (`shares.rs`).
+pub(super) const SHARES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("shares");
+/// Share ids by token hash.
+pub(super) const SHARE_TOKENS: TableDefinition<'_, &str, &str> =
+    TableDefinition::new("share_tokens");
+/// Audit events by (time, sequence number) (`audit.rs`).
+pub(super) const AUDIT: TableDefinition<'_, (i64, u64), &[u8]> = TableDefinition::new("audit");
+/// The keys of `audit` by user: (username, time, sequence number).
+pub(super) const AUDIT_BY_USER: TableDefinition<'_, (&str, i64, u64), ()> =
+    TableDefinition::new("audit_by_user");
 
 /// A blade with its registration order.
 #[derive(Serialize, Deserialize)]
@@ -65,6 +75,10 @@ impl EmbeddedStore {
             tx.open_table(BLADES).map_err(err)?;
             tx.open_table(META).map_err(err)?;
             tx.open_table(HISTORY).map_err(err)?;
+            tx.open_table(SHARES).map_err(err)?;
+            tx.open_table(SHARE_TOKENS).map_err(err)?;
+            tx.open_table(AUDIT).map_err(err)?;
+            tx.open_table(AUDIT_BY_USER).map_err(err)?;
             Ok(())
         })?;
         Ok(store)
@@ -148,6 +162,15 @@ impl EmbeddedStore {
             Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| f(self)),
             _ => f(self),
         }
+    }
+
+    /// Runs `f` in a durable write transaction on tokio's blocking pool.
+    pub(super) async fn durable<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        self.blocking(move |s| s.write(Durability::Immediate, f))
+            .await
     }
 
     pub(super) async fn blocking<T: Send + 'static>(

@@ -6,14 +6,16 @@
 //!
 //! Tables: `sessions` (username → JSON record), `tokens` (token hash → username),
 //! `blades` (name → JSON), `meta` (`last_blade`, `blade_seq`, `history_seq` counters),
-//! `history` (ended sessions, `history.rs`). Lease renewals, like reconnects, are committed
+//! `history` (ended sessions, `history.rs`), `shares`/`share_tokens` (`shares.rs`) and
+//! `audit`/`audit_by_user` (`audit.rs`). Lease renewals, like reconnects, are committed
 //! without fsync: a crash loses at most one renewal, which the next one (seconds later)
 //! restores, long before an idle grace runs out. redb allows one writer
 //! at a time, which makes each method atomic; all calls run on tokio's blocking pool.
 //!
 //! `file.rs` holds the file and transaction handling; this file, the [`Store`] methods.
 use super::{
-    BladeRecord, Claim, ClaimOutcome, EndedSession, SessionRecord, Store, StoreError, StoreResult,
+    AuditEvent, AuditQuery, BladeRecord, Claim, ClaimOutcome, EndedSession, SessionRecord,
+    ShareRecord, Store, StoreError, StoreResult,
 };
 use file::{
     BLADES, SESSIONS, StoredBlade, TOKENS, blades_sorted, bump, decode, encode, err, get_session,
@@ -23,8 +25,10 @@ use redb::{Database, Durability, ReadableTable};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
+mod audit;
 mod file;
 mod history;
+mod shares;
 
 /// The redb-backed store.
 #[derive(Clone)]
@@ -293,6 +297,60 @@ impl Store for EmbeddedStore {
             })
         })
         .await
+    }
+
+    async fn put_share(&self, share: &ShareRecord) -> StoreResult<()> {
+        let share = share.clone();
+        self.durable(move |tx| shares::put(tx, &share)).await
+    }
+
+    async fn find_share(&self, token_hash: &str) -> StoreResult<Option<ShareRecord>> {
+        // Inline, like `find_by_token`: every share viewer's ResolveToken reads it.
+        self.read_inline(|s| shares::find(&s.read_tx()?, token_hash))
+    }
+
+    async fn list_shares(&self, owner: Option<&str>) -> StoreResult<Vec<ShareRecord>> {
+        self.read_inline(|s| shares::list(&s.read_tx()?, owner))
+    }
+
+    async fn remove_share(&self, id: &str) -> StoreResult<Option<ShareRecord>> {
+        let id = id.to_owned();
+        self.durable(move |tx| shares::remove(tx, &id)).await
+    }
+
+    async fn remove_shares_of(
+        &self,
+        owner: &str,
+        session_token_hash: &str,
+    ) -> StoreResult<Vec<ShareRecord>> {
+        let (owner, session) = (owner.to_owned(), session_token_hash.to_owned());
+        self.durable(move |tx| {
+            shares::remove_where(tx, |s| s.owner == owner && s.session_token_hash == session)
+        })
+        .await
+    }
+
+    async fn prune_shares(&self, now_ms: i64) -> StoreResult<Vec<ShareRecord>> {
+        self.durable(move |tx| shares::remove_where(tx, |s| s.expires_at_ms <= now_ms))
+            .await
+    }
+
+    async fn record_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {
+        if events.is_empty() {
+            return Ok(()); // no commit, no fsync
+        }
+        let events = events.to_vec();
+        self.durable(move |tx| audit::append(tx, &events)).await
+    }
+
+    async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEvent>> {
+        let query = query.clone();
+        self.blocking(move |s| audit::newest(&s.read_tx()?, &query))
+            .await
+    }
+
+    async fn prune_audit(&self, before_ms: i64) -> StoreResult<u64> {
+        self.durable(move |tx| audit::prune(tx, before_ms)).await
     }
 
     async fn put_blade(&self, blade: &BladeRecord) -> StoreResult<()> {

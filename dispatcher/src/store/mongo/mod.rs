@@ -18,11 +18,13 @@
 //! none): expiry is checked on every read and a sweeper deletes expired rows.
 //!
 //! - `session_history`: ended sessions (`history.rs`), bounded.
+//! - `shares`: one document per share, `_id` its id, `token_hash` unique (`shares.rs`).
+//! - `audit`: one document per audit event, by time and by user (`audit.rs`).
 //!
 //! `schema.rs` maps these documents to and from records; this file holds the queries.
 use super::{
-    BladeRecord, Claim, ClaimOutcome, EndedSession, Method, SessionRecord, Store, StoreError,
-    StoreResult,
+    AuditEvent, AuditQuery, BladeRecord, Claim, ClaimOutcome, EndedSession, Method, SessionRecord,
+    ShareRecord, Store, StoreError, StoreResult,
 };
 use mongodb::bson::{Bson, DateTime, Document, doc};
 use mongodb::options::{IndexOptions, ReturnDocument};
@@ -31,8 +33,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+mod audit;
 mod history;
 mod schema;
+mod shares;
 use schema::{blade_to_doc, blades_of, int_of, ready_with_hash, record_from_doc, record_to_doc};
 
 /// Database name when the URI names none.
@@ -58,6 +62,10 @@ pub struct MongoStore {
     tickets: Collection<Document>,
     /// Ended sessions.
     history: Collection<Document>,
+    /// Shares of desktops (`shares.rs`).
+    shares: Collection<Document>,
+    /// The audit trail (`audit.rs`).
+    audit: Collection<Document>,
     /// Highest ticket this process won: where the next search starts.
     last_ticket: Arc<AtomicU64>,
     legacy: LegacyBlades,
@@ -97,6 +105,8 @@ impl MongoStore {
             tokenizer: db.collection("tokenizer"),
             tickets: db.collection("round_robin_tickets"),
             history: db.collection("session_history"),
+            shares: db.collection("shares"),
+            audit: db.collection("audit"),
             last_ticket: Arc::default(),
             legacy,
         };
@@ -133,6 +143,8 @@ impl MongoStore {
             .await
             .map_err(unavailable)?;
         history::create_index(&store.history).await?;
+        shares::create_indexes(&store.shares).await?;
+        audit::create_indexes(&store.audit).await?;
         Ok(store)
     }
 
@@ -480,6 +492,50 @@ impl Store for MongoStore {
             .await
             .map_err(unavailable)?;
         Ok(swept)
+    }
+
+    async fn put_share(&self, share: &ShareRecord) -> StoreResult<()> {
+        shares::put(&self.shares, share).await
+    }
+
+    async fn find_share(&self, token_hash: &str) -> StoreResult<Option<ShareRecord>> {
+        shares::find(&self.shares, token_hash).await
+    }
+
+    async fn list_shares(&self, owner: Option<&str>) -> StoreResult<Vec<ShareRecord>> {
+        let filter = owner.map_or_else(Document::new, |o| doc! { "owner": o });
+        shares::list(&self.shares, filter).await
+    }
+
+    async fn remove_share(&self, id: &str) -> StoreResult<Option<ShareRecord>> {
+        let mut gone = shares::remove(&self.shares, doc! { "_id": id }).await?;
+        Ok(gone.pop())
+    }
+
+    async fn remove_shares_of(
+        &self,
+        owner: &str,
+        session_token_hash: &str,
+    ) -> StoreResult<Vec<ShareRecord>> {
+        let filter = doc! { "owner": owner, "session_token_hash": session_token_hash };
+        shares::remove(&self.shares, filter).await
+    }
+
+    async fn prune_shares(&self, now_ms: i64) -> StoreResult<Vec<ShareRecord>> {
+        let filter = doc! { "expires_at": { "$lte": DateTime::from_millis(now_ms) } };
+        shares::remove(&self.shares, filter).await
+    }
+
+    async fn record_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {
+        audit::append(&self.audit, events).await
+    }
+
+    async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEvent>> {
+        audit::newest(&self.audit, query).await
+    }
+
+    async fn prune_audit(&self, before_ms: i64) -> StoreResult<u64> {
+        audit::prune(&self.audit, before_ms).await
     }
 
     async fn put_blade(&self, blade: &BladeRecord) -> StoreResult<()> {

@@ -151,6 +151,10 @@ pub(super) fn record_from_doc(d: &Document) -> SessionRecord {
         cert_sha256: str_of(d, "cert_sha256"),
         lease_until_ms: time_of(d.get("lease_until")),
         stops_at_ms: time_of(d.get("stops_at")),
+        view_password: d
+            .get_str("view_password_sealed")
+            .ok()
+            .map(|v| StoredSecret::Sealed(v.to_owned())),
     }
 }
 
@@ -176,6 +180,10 @@ pub(super) fn record_to_doc(r: &SessionRecord) -> Document {
             StoredSecret::Sealed(s) => d.insert(sealed, s),
             StoredSecret::Plain(s) => d.insert(plain, s),
         };
+    }
+    // Only ever sealed (the original had no view-only password), so only sealed is kept.
+    if let Some(StoredSecret::Sealed(v)) = &r.view_password {
+        d.insert("view_password_sealed", v);
     }
     for (key, at) in [
         ("expires_at", r.expires_at_ms),
@@ -238,6 +246,7 @@ mod tests {
             cert_sha256: "ab".repeat(32),
             lease_until_ms: Some(8),
             stops_at_ms: Some(12),
+            view_password: Some(StoredSecret::Sealed("s3".into())),
         };
         assert_eq!(record_from_doc(&record_to_doc(&r)), r);
     }

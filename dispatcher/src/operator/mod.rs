@@ -17,6 +17,8 @@ use vncdispatch_proto::v1::{
 };
 
 /// A dispatcher client carrying the API secret, if one was given.
+pub(crate) mod sharing;
+
 type Client = DispatcherClient<InterceptedService<Channel, BearerAuth>>;
 
 /// Connects to `--dispatcher`, with the secret from `--secret-file` if given.

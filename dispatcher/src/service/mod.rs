@@ -4,6 +4,7 @@
 //! Each RPC's span comes from `#[tracing::instrument]`, named for the RPC and carrying only
 //! what identifies the call: user, remote IP, request id, blade — and of a token only its
 //! prefix, never the whole token or a password (`skip_all` keeps the request out of spans).
+//! Sharing, the audit trail and ws-proxy's connection reports are in `sharing.rs`.
 use crate::dispatch::Dispatcher;
 use crate::error::DispatchError;
 use crate::store::{EndReason, Method};
@@ -13,11 +14,26 @@ use vncdispatch_proto::redact::token_prefix;
 use vncdispatch_proto::v1::EndedSession as EndedSessionMsg;
 use vncdispatch_proto::v1::dispatcher_server::Dispatcher as DispatcherRpc;
 use vncdispatch_proto::v1::{
-    AddBladeRequest, Blade, DispatchRequest, DrainBladeRequest, EndSessionRequest,
-    EndSessionResponse, LaunchMethod, ListBladesRequest, ListBladesResponse, ListSessionsRequest,
-    ListSessionsResponse, RemoveBladeRequest, RemoveBladeResponse, ResolveTokenRequest, Session,
-    SessionHistoryRequest, SessionHistoryResponse, Target,
+    AddBladeRequest, AuditRequest, AuditResponse, Blade, ConnectionEvent, DispatchRequest,
+    DrainBladeRequest, EndSessionRequest, EndSessionResponse, LaunchMethod, ListBladesRequest,
+    ListBladesResponse, ListSessionsRequest, ListSessionsResponse, ListSharesRequest,
+    ListSharesResponse, RecordConnectionResponse, RemoveBladeRequest, RemoveBladeResponse,
+    ResolveTokenRequest, RevokeShareRequest, RevokeShareResponse, Session, SessionHistoryRequest,
+    SessionHistoryResponse, Share, ShareSessionRequest, Target,
 };
+
+mod sharing;
+
+/// The actor the audit trail names for calls to a server without TLS (loopback, or the
+/// operator's explicit `--insecure-plaintext`): there is no certificate to name anyone.
+pub const PLAINTEXT_ACTOR: &str = "plaintext";
+
+/// Who made the call, for the audit trail: `role:certificate name`, or [`PLAINTEXT_ACTOR`].
+fn actor<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<vncdispatch_proto::roles::Identity>()
+        .map_or_else(|| PLAINTEXT_ACTOR.to_owned(), ToString::to_string)
+}
 
 /// The service handed to tonic.
 #[derive(Debug, Clone)]
@@ -132,6 +148,7 @@ impl DispatcherRpc for DispatcherService {
         // one goes to the log and to the agent.
         let id = request_id(&req);
         tracing::Span::current().record("request_id", tracing::field::display(&id));
+        let actor = actor(&req);
         let r = req.into_inner();
         let started = std::time::Instant::now();
         let result = self
@@ -145,6 +162,7 @@ impl DispatcherRpc for DispatcherService {
             started,
         );
         let s = result.map_err(status)?;
+        self.inner.record_dispatch(&s, &r.pool, &actor, "grpc");
         // Reconnects are routine; new sessions are what an operator wants to see.
         if s.reused {
             tracing::debug!(blade = %s.blade, token = token_prefix(&s.token), "reconnected");
@@ -184,8 +202,13 @@ impl DispatcherRpc for DispatcherService {
             Some(vncdispatch_proto::roles::Role::Admin) => EndReason::Operator,
             _ => EndReason::Portal,
         };
+        let actor = actor(&req);
         let user = req.into_inner().username;
-        let ended = self.inner.end(&user, reason).await.map_err(status)?;
+        let ended = self
+            .inner
+            .end(&user, reason, &actor)
+            .await
+            .map_err(status)?;
         Ok(Response::new(EndSessionResponse { ended }))
     }
 
@@ -221,6 +244,7 @@ impl DispatcherRpc for DispatcherService {
         fields(blade = %req.get_ref().name, host = %req.get_ref().host)
     )]
     async fn add_blade(&self, req: Request<AddBladeRequest>) -> Result<Response<Blade>, Status> {
+        let actor = actor(&req);
         let r = req.into_inner();
         let b = self
             .inner
@@ -235,6 +259,18 @@ impl DispatcherRpc for DispatcherService {
             .await
             .map_err(status)?;
         tracing::info!(port = b.port, method = ?b.method, pool = %b.pool, max_sessions = b.max_sessions, "blade registered");
+        self.inner.record(
+            "blade_add",
+            &actor,
+            "",
+            &[
+                ("blade", b.name.clone()),
+                ("host", b.host.clone()),
+                ("port", b.port.to_string()),
+                ("pool", b.pool.clone()),
+                ("max_sessions", b.max_sessions.to_string()),
+            ],
+        );
         Ok(Response::new(blade_msg(b, None, 0)))
     }
 
@@ -260,6 +296,7 @@ impl DispatcherRpc for DispatcherService {
         &self,
         req: Request<DrainBladeRequest>,
     ) -> Result<Response<Blade>, Status> {
+        let actor = actor(&req);
         let r = req.into_inner();
         let b = self
             .inner
@@ -267,6 +304,15 @@ impl DispatcherRpc for DispatcherService {
             .await
             .map_err(status)?;
         tracing::info!("blade drain state set");
+        self.inner.record(
+            "blade_drain",
+            &actor,
+            "",
+            &[
+                ("blade", b.name.clone()),
+                ("draining", b.draining.to_string()),
+            ],
+        );
         Ok(Response::new(blade_msg(b, None, 0)))
     }
 
@@ -279,12 +325,62 @@ impl DispatcherRpc for DispatcherService {
         &self,
         req: Request<RemoveBladeRequest>,
     ) -> Result<Response<RemoveBladeResponse>, Status> {
+        let actor = actor(&req);
         let r = req.into_inner();
         let removed = self
             .inner
-            .remove_blade(&r.name, r.force)
+            .remove_blade(&r.name, r.force, &actor)
             .await
             .map_err(status)?;
+        if removed {
+            self.inner.record(
+                "blade_remove",
+                &actor,
+                "",
+                &[("blade", r.name), ("force", r.force.to_string())],
+            );
+        }
         Ok(Response::new(RemoveBladeResponse { removed }))
+    }
+
+    #[tracing::instrument(name = "ShareSession", skip_all, fields(user = %req.get_ref().username))]
+    async fn share_session(
+        &self,
+        req: Request<ShareSessionRequest>,
+    ) -> Result<Response<Share>, Status> {
+        sharing::share(&self.inner, actor(&req), req.into_inner()).await
+    }
+
+    #[tracing::instrument(name = "RevokeShare", skip_all, fields(share = %req.get_ref().id))]
+    async fn revoke_share(
+        &self,
+        req: Request<RevokeShareRequest>,
+    ) -> Result<Response<RevokeShareResponse>, Status> {
+        let actor = actor(&req);
+        let revoked = self
+            .inner
+            .revoke_share(&req.into_inner().id, &actor)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(RevokeShareResponse { revoked }))
+    }
+
+    async fn list_shares(
+        &self,
+        req: Request<ListSharesRequest>,
+    ) -> Result<Response<ListSharesResponse>, Status> {
+        sharing::list(&self.inner, req.into_inner()).await
+    }
+
+    async fn audit(&self, req: Request<AuditRequest>) -> Result<Response<AuditResponse>, Status> {
+        sharing::audit(&self.inner, req.into_inner()).await
+    }
+
+    #[tracing::instrument(name = "RecordConnection", level = "debug", skip_all)]
+    async fn record_connection(
+        &self,
+        req: Request<ConnectionEvent>,
+    ) -> Result<Response<RecordConnectionResponse>, Status> {
+        sharing::connection(&self.inner, actor(&req), req.into_inner())
     }
 }

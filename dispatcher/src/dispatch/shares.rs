@@ -1,0 +1,238 @@
+//! Sharing a desktop: a token for someone else's browser, view-only unless full control is
+//! asked for.
+//!
+//! View-only is Xvnc's to enforce, not ours: every desktop is started with a second,
+//! view-only password in its password file, and a view-only share's token resolves to that
+//! password — with it Xvnc grants no keyboard, pointer, clipboard or resize rights and keeps
+//! the connection shared, whatever the client sends. ws-proxy in auth-proxy mode logs in with
+//! it, so the viewer never sees any password.
+//!
+//! A share is stored by its token's SHA-256 and bound to the session it was made for: it stops
+//! resolving at its expiry, when revoked, or when that session ends (a later desktop of the
+//! same user is not shared by it). ws-proxy re-checks open connections, so a revoked or
+//! expired share's viewer is closed within its re-check interval. A viewer renews no lease:
+//! watching does not keep a desktop alive.
+use super::audit::event;
+use super::{Dispatcher, Target, timestamp};
+use crate::error::DispatchError;
+use crate::secrets;
+use crate::store::{ShareRecord, StoredSecret};
+use std::time::Duration;
+use vncdispatch_proto::rules::validate_username;
+
+/// A share as made: the record, and what only its maker is told.
+#[derive(Debug)]
+pub struct Grant {
+    /// The stored share.
+    pub share: ShareRecord,
+    /// The viewer's token (stored only hashed).
+    pub token: String,
+    /// The password for the share's rights, for viewers without auth-proxy.
+    pub password: String,
+}
+
+/// Longest note kept with a share.
+const NOTE_MAX: usize = 200;
+
+/// A note a person can read in a listing: printable, no control characters, bounded.
+fn check_note(note: &str) -> Result<(), DispatchError> {
+    if note.chars().count() > NOTE_MAX || note.chars().any(char::is_control) {
+        return Err(DispatchError::BadArgument(format!(
+            "note: at most {NOTE_MAX} characters, no control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// The protobuf message for a share (token and password only when given).
+pub fn share_msg(s: ShareRecord, token: String, password: String) -> vncdispatch_proto::v1::Share {
+    vncdispatch_proto::v1::Share {
+        id: s.id,
+        token,
+        owner: s.owner,
+        view_only: s.view_only,
+        created_by: s.created_by,
+        created_at: Some(timestamp(s.created_at_ms)),
+        expires_at: Some(timestamp(s.expires_at_ms)),
+        note: s.note,
+        password,
+    }
+}
+
+impl Dispatcher {
+    /// Shares `owner`'s running desktop for `ttl` (None: the default), made by `actor`.
+    pub async fn share(
+        &self,
+        owner: &str,
+        full_control: bool,
+        ttl: Option<Duration>,
+        note: &str,
+        actor: &str,
+    ) -> Result<Grant, DispatchError> {
+        validate_username(owner)?;
+        check_note(note)?;
+        let ttl = ttl.unwrap_or(self.cfg.share_ttl);
+        if ttl > self.cfg.max_share_ttl {
+            return Err(DispatchError::BadArgument(format!(
+                "ttl: at most {} (the dispatcher's --max-share-ttl)",
+                humantime::format_duration(self.cfg.max_share_ttl)
+            )));
+        }
+        let no_desktop = || DispatchError::NoSession(owner.to_owned());
+        let rec = self
+            .store
+            .get_session(owner)
+            .await?
+            .filter(|r| r.is_ready() && !r.is_due(self.now_ms()))
+            .ok_or_else(no_desktop)?;
+        let Some(view_password) = rec.view_password.clone() else {
+            return Err(DispatchError::NotShareable(owner.to_owned()));
+        };
+        if !self.alive_cached(&rec).await {
+            return Err(no_desktop());
+        }
+        let (_, full) = self.reveal(&rec)?;
+        let password = if full_control {
+            full
+        } else {
+            self.open_secret(owner, &view_password)?
+        };
+        let token = secrets::new_token().map_err(DispatchError::Secret)?;
+        let id = secrets::new_token().map_err(DispatchError::Secret)?[..16].to_owned();
+        let now = self.now_ms();
+        let share = ShareRecord {
+            id,
+            token_hash: secrets::token_hash(&token),
+            owner: owner.to_owned(),
+            session_token_hash: rec.token_hash.clone(),
+            view_only: !full_control,
+            created_by: actor.to_owned(),
+            note: note.to_owned(),
+            created_at_ms: now,
+            expires_at_ms: now + ttl.as_millis() as i64,
+        };
+        self.store.put_share(&share).await?;
+        self.audit.record(event(
+            now,
+            "share",
+            actor,
+            owner,
+            &[
+                ("share", share.id.clone()),
+                ("view_only", share.view_only.to_string()),
+                ("expires_in", humantime::format_duration(ttl).to_string()),
+                ("note", share.note.clone()),
+                ("blade", rec.blade.clone()),
+            ],
+        ));
+        Ok(Grant {
+            share,
+            token,
+            password,
+        })
+    }
+
+    /// Revokes the share `id`; false if there was none.
+    pub async fn revoke_share(&self, id: &str, actor: &str) -> Result<bool, DispatchError> {
+        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(DispatchError::BadArgument(
+                "share id: 16 hex digits, as ShareSession and ListShares give it".into(),
+            ));
+        }
+        let Some(gone) = self.store.remove_share(id).await? else {
+            return Ok(false);
+        };
+        self.audit.record(event(
+            self.now_ms(),
+            "revoke_share",
+            actor,
+            &gone.owner,
+            &[
+                ("share", gone.id.clone()),
+                ("view_only", gone.view_only.to_string()),
+            ],
+        ));
+        Ok(true)
+    }
+
+    /// Live shares, oldest first: everyone's or one user's.
+    pub async fn shares(&self, owner: Option<&str>) -> Result<Vec<ShareRecord>, DispatchError> {
+        if let Some(o) = owner {
+            validate_username(o)?;
+        }
+        let now = self.now_ms();
+        let mut live = self.store.list_shares(owner).await?;
+        live.retain(|s| s.expires_at_ms > now);
+        Ok(live)
+    }
+
+    /// Where a share's token leads, if `hash` is a live share's: the owner's desktop as long
+    /// as it is the session the share was made for, with the password for the share's rights.
+    pub(super) async fn resolve_share(&self, hash: &str) -> Result<Target, DispatchError> {
+        let share = self
+            .store
+            .find_share(hash)
+            .await?
+            .ok_or(DispatchError::UnknownToken)?;
+        let now = self.now_ms();
+        if share.expires_at_ms <= now {
+            return Err(DispatchError::UnknownToken);
+        }
+        let mut rec = self
+            .store
+            .get_session(&share.owner)
+            .await?
+            .filter(|r| r.is_ready() && !r.is_due(now) && r.token_hash == share.session_token_hash)
+            .ok_or(DispatchError::UnknownToken)?;
+        if !self.alive_cached(&rec).await {
+            return Err(DispatchError::UnknownToken);
+        }
+        self.fill_host(&mut rec).await?;
+        let password = if share.view_only {
+            let sealed = rec
+                .view_password
+                .as_ref()
+                .ok_or(DispatchError::UnknownToken)?;
+            self.open_secret(&share.owner, sealed)?
+        } else {
+            self.reveal(&rec)?.1
+        };
+        Ok(Target {
+            host: rec.host,
+            port: rec.port,
+            username: rec.username,
+            remote_ip: rec.remote_ip,
+            expires_at: Some(timestamp(share.expires_at_ms)),
+            blade: rec.blade,
+            password,
+            cert_sha256: rec.cert_sha256,
+            lease_until: None,
+            view_only: share.view_only,
+            share_id: share.id,
+        })
+    }
+
+    /// Ends the shares of a session that ended; returns how many there were.
+    pub(super) async fn end_shares(&self, owner: &str, session_token_hash: &str) -> usize {
+        if session_token_hash.is_empty() {
+            return 0; // a legacy row: never shared
+        }
+        match self.store.remove_shares_of(owner, session_token_hash).await {
+            Ok(gone) => gone.len(),
+            Err(e) => {
+                // They resolve no more anyway (bound to the ended session); the sweeper's
+                // expiry pass removes them later.
+                tracing::warn!(error = %e, user = owner, "could not remove the ended session's shares");
+                0
+            }
+        }
+    }
+
+    /// A sealed (or, for legacy rows, plain) secret of `owner`'s, opened.
+    fn open_secret(&self, owner: &str, s: &StoredSecret) -> Result<String, DispatchError> {
+        match s {
+            StoredSecret::Sealed(v) => self.seal.open(owner, v).map_err(DispatchError::Secret),
+            StoredSecret::Plain(v) => Ok(v.clone()),
+        }
+    }
+}

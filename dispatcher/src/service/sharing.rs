@@ -1,0 +1,134 @@
+//! The sharing and audit RPCs and ws-proxy's connection reports: request checks and message
+//! shapes around [`crate::dispatch::shares`] and [`crate::dispatch::audit`].
+use super::status;
+use crate::dispatch::Dispatcher;
+use crate::dispatch::shares::share_msg;
+use crate::error::DispatchError;
+use crate::store::AuditQuery;
+use std::time::Duration;
+use tonic::{Response, Status};
+use vncdispatch_proto::v1::connection_event::Kind;
+use vncdispatch_proto::v1::{
+    AuditEntry, AuditRequest, AuditResponse, ConnectionEvent, ListSharesRequest,
+    ListSharesResponse, RecordConnectionResponse, Share, ShareSessionRequest,
+};
+
+/// ShareSession: the share with its token and password (the only time they are shown).
+pub(super) async fn share(
+    d: &Dispatcher,
+    actor: String,
+    r: ShareSessionRequest,
+) -> Result<Response<Share>, Status> {
+    let ttl = (r.ttl_seconds > 0).then(|| Duration::from_secs(u64::from(r.ttl_seconds)));
+    let grant = d
+        .share(&r.username, r.full_control, ttl, &r.note, &actor)
+        .await
+        .map_err(status)?;
+    tracing::info!(share = %grant.share.id, view_only = grant.share.view_only, %actor, "desktop shared");
+    Ok(Response::new(share_msg(
+        grant.share,
+        grant.token,
+        grant.password,
+    )))
+}
+
+/// ListShares: live shares without tokens or passwords.
+pub(super) async fn list(
+    d: &Dispatcher,
+    r: ListSharesRequest,
+) -> Result<Response<ListSharesResponse>, Status> {
+    let owner = (!r.username.is_empty()).then_some(r.username.as_str());
+    let shares = d.shares(owner).await.map_err(status)?;
+    Ok(Response::new(ListSharesResponse {
+        shares: shares
+            .into_iter()
+            .map(|s| share_msg(s, String::new(), String::new()))
+            .collect(),
+    }))
+}
+
+/// Audit: the trail, oldest first.
+pub(super) async fn audit(
+    d: &Dispatcher,
+    r: AuditRequest,
+) -> Result<Response<AuditResponse>, Status> {
+    let query = AuditQuery {
+        username: (!r.username.is_empty()).then_some(r.username),
+        since_ms: r
+            .since
+            .map(|t| t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000)),
+        limit: r.limit as usize,
+    };
+    let events = d.audit_trail(query).await.map_err(status)?;
+    Ok(Response::new(AuditResponse {
+        events: events
+            .into_iter()
+            .map(|e| AuditEntry {
+                at: Some(crate::dispatch::timestamp(e.at_ms)),
+                kind: e.kind,
+                actor: e.actor,
+                username: e.username,
+                fields: e.fields.into_iter().collect(),
+            })
+            .collect(),
+    }))
+}
+
+/// RecordConnection: ws-proxy's report of a browser connecting or leaving, recorded as the
+/// proxy reports it (the actor names the proxy) once its fields pass the rules.
+pub(super) fn connection(
+    d: &Dispatcher,
+    actor: String,
+    e: ConnectionEvent,
+) -> Result<Response<RecordConnectionResponse>, Status> {
+    let kind = match Kind::try_from(e.kind) {
+        Ok(Kind::Connected) => "connect",
+        Ok(Kind::Disconnected) => "disconnect",
+        _ => return Err(status(bad("kind: CONNECTED or DISCONNECTED"))),
+    };
+    vncdispatch_proto::rules::validate_username(&e.username).map_err(|e| status(e.into()))?;
+    if !e.share_id.is_empty() && (e.share_id.len() != 16 || !is_hex(&e.share_id)) {
+        return Err(status(bad("share_id: empty or 16 hex digits")));
+    }
+    let client: std::net::IpAddr = e
+        .client_ip
+        .parse()
+        .map_err(|_| status(bad("client_ip: an IPv4 or IPv6 address")))?;
+    let printable = |s: &str, max: usize| s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic());
+    if !printable(&e.connection_id, 64) || !printable(&e.reason, 32) {
+        return Err(status(bad(
+            "connection_id: at most 64, reason: at most 32 printable ASCII characters",
+        )));
+    }
+    let token_kind = match (e.share_id.is_empty(), e.view_only) {
+        (true, _) => "owner",
+        (false, true) => "share_view_only",
+        (false, false) => "share_full_control",
+    };
+    let mut fields = vec![
+        ("token_kind", token_kind.to_owned()),
+        ("client_ip", client.to_string()),
+        ("connection", e.connection_id),
+    ];
+    if !e.share_id.is_empty() {
+        fields.push(("share", e.share_id));
+    }
+    if kind == "disconnect" {
+        fields.extend([
+            ("bytes_up", e.bytes_up.to_string()),
+            ("bytes_down", e.bytes_down.to_string()),
+            ("duration_ms", e.duration_ms.to_string()),
+            ("reason", e.reason),
+        ]);
+    }
+    d.record(kind, &actor, &e.username, &fields);
+    Ok(Response::new(RecordConnectionResponse {}))
+}
+
+fn bad(why: &str) -> DispatchError {
+    DispatchError::BadArgument(why.to_owned())
+}
+
+fn is_hex(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_hexdigit())
+}
