@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "vncdispatch.v1.Session",
             "vncdispatch.v1.Target",
             "vncdispatch.v1.ResolveTokenRequest",
+            "vncdispatch.v1.Share",
         ])
         .compile_protos(&protos, &["."])?;
     for p in protos {

@@ -78,7 +78,12 @@ impl BladeAgent for AgentService {
             result.as_ref().ok().map(|s| s.reused),
             started,
         );
-        log_err(result).map(Response::new)
+        // Written with the rest, or the start failed: a success with one means it is in.
+        let view_only = !r.view_only_password.is_empty();
+        log_err(result).map(|mut server| {
+            server.view_only = view_only;
+            Response::new(server)
+        })
     }
 
     #[tracing::instrument(

@@ -33,6 +33,12 @@ pub enum DispatchError {
         "{0:?}'s desktop was started before sharing existed and has no view-only password; end it (EndSession) and the next Dispatch starts one that can be shared"
     )]
     NotShareable(String),
+    /// The desktop has the most live shares allowed.
+    #[error(
+        "{0:?}'s desktop already has {max} live shares; revoke some (ListShares, RevokeShare) first",
+        max = crate::dispatch::shares::SHARES_PER_SESSION
+    )]
+    TooManyShares(String),
     /// No such blade.
     #[error("no blade named {0:?}")]
     UnknownBlade(String),
@@ -75,7 +81,9 @@ impl From<DispatchError> for Status {
         let code = match &e {
             DispatchError::Field(_) | DispatchError::BadArgument(_) => Code::InvalidArgument,
             DispatchError::NoBlade(_) | DispatchError::Busy(_) => Code::Unavailable,
-            DispatchError::NoCapacity(_) => Code::ResourceExhausted,
+            DispatchError::NoCapacity(_) | DispatchError::TooManyShares(_) => {
+                Code::ResourceExhausted
+            }
             DispatchError::UnknownToken
             | DispatchError::UnknownBlade(_)
             | DispatchError::NoSession(_) => Code::NotFound,

@@ -1,6 +1,6 @@
 //! Debug output for messages that carry secrets: passwords are never shown and tokens only by
 //! their first 8 characters, enough to correlate log lines, too little to use.
-use crate::v1::{ResolveTokenRequest, Session, StartSessionRequest, Target};
+use crate::v1::{ResolveTokenRequest, Session, Share, StartSessionRequest, Target};
 use std::fmt;
 
 /// A token shortened for logs.
@@ -52,6 +52,19 @@ impl fmt::Debug for Target {
             .field("remote_ip", &self.remote_ip)
             .field("blade", &self.blade)
             .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl fmt::Debug for Share {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Share")
+            .field("id", &self.id)
+            .field("token", &format_args!("{}…", token_prefix(&self.token)))
+            .field("owner", &self.owner)
+            .field("view_only", &self.view_only)
+            .field("created_by", &self.created_by)
+            .field("note", &self.note)
             .finish()
     }
 }

@@ -547,6 +547,8 @@ impl Agent {
                 .get(&running.pid)
                 .map(|p| p.to_hex())
                 .unwrap_or_default(),
+            // Set by the StartSession handler, which knows what it was sent.
+            view_only: false,
         }
     }
 

@@ -348,7 +348,9 @@ impl Dispatcher {
                 cert_sha256: launched.cert_sha256,
                 lease_until_ms: None,
                 stops_at_ms: Some(self.stops_at(now, now + self.ttl_ms(), None)),
-                view_password: Some(StoredSecret::Sealed(sealed_view.clone())),
+                view_password: launched
+                    .view_only
+                    .then(|| StoredSecret::Sealed(sealed_view.clone())),
             };
             if let Err(e) = self.store.complete(&rec, &claim.id).await {
                 // The claim was taken over and the winner adopted this very desktop (same

@@ -20,32 +20,44 @@ use crate::store::{ShareRecord, StoredSecret};
 use std::time::Duration;
 use vncdispatch_proto::rules::validate_username;
 
-/// A share as made: the record, and what only its maker is told.
-#[derive(Debug)]
+/// A share as made: the record, and the token only its maker is told.
 pub struct Grant {
     /// The stored share.
     pub share: ShareRecord,
     /// The viewer's token (stored only hashed).
     pub token: String,
-    /// The password for the share's rights, for viewers without auth-proxy.
-    pub password: String,
 }
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("share", &self.share)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Most live shares one desktop may have: a portal bug or a hostile portal cannot grow the
+/// share table (scanned at every sweep) without bound.
+pub const SHARES_PER_SESSION: usize = 20;
 
 /// Longest note kept with a share.
 const NOTE_MAX: usize = 200;
 
-/// A note a person can read in a listing: printable, no control characters, bounded.
+/// A note a person can read in a listing: letters, digits, spaces and ASCII punctuation,
+/// bounded — nothing that moves or hides text (controls, bidi overrides, zero widths).
 fn check_note(note: &str) -> Result<(), DispatchError> {
-    if note.chars().count() > NOTE_MAX || note.chars().any(char::is_control) {
+    let readable = |c: char| c.is_alphanumeric() || c == ' ' || c.is_ascii_punctuation();
+    if note.chars().count() > NOTE_MAX || !note.chars().all(readable) {
         return Err(DispatchError::BadArgument(format!(
-            "note: at most {NOTE_MAX} characters, no control characters"
+            "note: at most {NOTE_MAX} letters, digits, spaces and ASCII punctuation"
         )));
     }
     Ok(())
 }
 
-/// The protobuf message for a share (token and password only when given).
-pub fn share_msg(s: ShareRecord, token: String, password: String) -> vncdispatch_proto::v1::Share {
+/// The protobuf message for a share (the token only when given: at its making).
+pub fn share_msg(s: ShareRecord, token: String) -> vncdispatch_proto::v1::Share {
     vncdispatch_proto::v1::Share {
         id: s.id,
         token,
@@ -55,7 +67,6 @@ pub fn share_msg(s: ShareRecord, token: String, password: String) -> vncdispatch
         created_at: Some(timestamp(s.created_at_ms)),
         expires_at: Some(timestamp(s.expires_at_ms)),
         note: s.note,
-        password,
     }
 }
 
@@ -85,18 +96,22 @@ impl Dispatcher {
             .await?
             .filter(|r| r.is_ready() && !r.is_due(self.now_ms()))
             .ok_or_else(no_desktop)?;
-        let Some(view_password) = rec.view_password.clone() else {
+        // Rows of the original service have no token hash to bind a share to.
+        if rec.token_hash.is_empty() || (!full_control && rec.view_password.is_none()) {
             return Err(DispatchError::NotShareable(owner.to_owned()));
-        };
+        }
         if !self.alive_cached(&rec).await {
             return Err(no_desktop());
         }
-        let (_, full) = self.reveal(&rec)?;
-        let password = if full_control {
-            full
-        } else {
-            self.open_secret(owner, &view_password)?
-        };
+        let live = self
+            .shares(Some(owner))
+            .await?
+            .into_iter()
+            .filter(|s| s.session_token_hash == rec.token_hash)
+            .count();
+        if live >= SHARES_PER_SESSION {
+            return Err(DispatchError::TooManyShares(owner.to_owned()));
+        }
         let token = secrets::new_token().map_err(DispatchError::Secret)?;
         let id = secrets::new_token().map_err(DispatchError::Secret)?[..16].to_owned();
         let now = self.now_ms();
@@ -125,11 +140,7 @@ impl Dispatcher {
                 ("blade", rec.blade.clone()),
             ],
         ));
-        Ok(Grant {
-            share,
-            token,
-            password,
-        })
+        Ok(Grant { share, token })
     }
 
     /// Revokes the share `id`; false if there was none.
@@ -142,6 +153,11 @@ impl Dispatcher {
         let Some(gone) = self.store.remove_share(id).await? else {
             return Ok(false);
         };
+        // One that had already expired is removed all the same, but was no longer live.
+        if gone.expires_at_ms <= self.now_ms() {
+            return Ok(false);
+        }
+        tracing::info!(share = %gone.id, owner = %gone.owner, "share revoked");
         self.audit.record(event(
             self.now_ms(),
             "revoke_share",
@@ -155,14 +171,30 @@ impl Dispatcher {
         Ok(true)
     }
 
-    /// Live shares, oldest first: everyone's or one user's.
+    /// Live shares, oldest first: everyone's or one user's — not expired, and of a session
+    /// that still runs (one whose end could not remove its shares is not listed either).
     pub async fn shares(&self, owner: Option<&str>) -> Result<Vec<ShareRecord>, DispatchError> {
-        if let Some(o) = owner {
-            validate_username(o)?;
+        let sessions: std::collections::HashSet<(String, String)> = match owner {
+            Some(o) => {
+                validate_username(o)?;
+                self.store
+                    .get_session(o)
+                    .await?
+                    .into_iter()
+                    .collect::<Vec<_>>()
+            }
+            None => self.store.list_sessions().await?.into_iter().collect(),
         }
+        .into_iter()
+        .filter(|r| r.is_ready())
+        .map(|r| (r.username, r.token_hash))
+        .collect();
         let now = self.now_ms();
         let mut live = self.store.list_shares(owner).await?;
-        live.retain(|s| s.expires_at_ms > now);
+        live.retain(|s| {
+            s.expires_at_ms > now
+                && sessions.contains(&(s.owner.clone(), s.session_token_hash.clone()))
+        });
         Ok(live)
     }
 
@@ -234,5 +266,87 @@ impl Dispatcher {
             StoredSecret::Sealed(v) => self.seal.open(owner, v).map_err(DispatchError::Secret),
             StoredSecret::Plain(v) => Ok(v.clone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::setup;
+    use super::SHARES_PER_SESSION;
+    use crate::error::DispatchError;
+    use crate::store::EndReason;
+    use std::time::Duration;
+
+    fn gone(r: Result<super::Target, DispatchError>) -> bool {
+        matches!(r, Err(DispatchError::UnknownToken))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_share_leads_to_its_session_until_it_expires_is_revoked_or_the_session_ends() {
+        let (d, _rec, _dir) = setup(&["b1"], Duration::from_secs(3600)).await;
+        let s = d.dispatch("u", "192.0.2.1", "t").await.unwrap();
+        let ttl = Some(Duration::from_secs(60));
+        let view = d.share("u", false, ttl, "", "portal:p").await.unwrap();
+        let t = d.resolve(&view.token, true).await.unwrap();
+        let owner = d.resolve(&s.token, false).await.unwrap();
+        assert!(t.view_only && t.share_id == view.share.id && t.lease_until.is_none());
+        assert_ne!(
+            t.password, owner.password,
+            "a view-only share gets the view-only password"
+        );
+        let control = d.share("u", true, ttl, "", "admin:a").await.unwrap();
+        assert_eq!(
+            d.resolve(&control.token, false).await.unwrap().password,
+            owner.password
+        );
+        // Listed while live, without anything secret in the record.
+        assert_eq!(d.shares(Some("u")).await.unwrap().len(), 2);
+
+        assert!(d.revoke_share(&control.share.id, "portal:p").await.unwrap());
+        assert!(gone(d.resolve(&control.token, false).await));
+        assert!(!d.revoke_share(&control.share.id, "portal:p").await.unwrap());
+
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(gone(d.resolve(&view.token, false).await), "expired");
+        assert!(d.shares(None).await.unwrap().is_empty());
+
+        let kept = d.share("u", false, None, "", "portal:p").await.unwrap();
+        assert!(d.end("u", EndReason::Portal, "portal:p").await.unwrap());
+        d.dispatch("u", "192.0.2.1", "t").await.unwrap();
+        assert!(
+            gone(d.resolve(&kept.token, false).await),
+            "not the user's next desktop"
+        );
+        assert!(d.shares(Some("u")).await.unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bad_shares_are_refused() {
+        let (d, _rec, _dir) = setup(&["b1"], Duration::from_secs(3600)).await;
+        assert!(matches!(
+            d.share("nobody", false, None, "", "p").await,
+            Err(DispatchError::NoSession(_))
+        ));
+        d.dispatch("u", "192.0.2.1", "t").await.unwrap();
+        for note in ["a\nb", "\u{202e}evil", &"x".repeat(201)] {
+            assert!(matches!(
+                d.share("u", false, None, note, "p").await,
+                Err(DispatchError::BadArgument(_))
+            ));
+        }
+        let long = Some(Duration::from_secs(25 * 3600));
+        assert!(matches!(
+            d.share("u", false, long, "", "p").await,
+            Err(DispatchError::BadArgument(_))
+        ));
+        for _ in 0..SHARES_PER_SESSION {
+            d.share("u", false, None, "ticket #1: ok", "p")
+                .await
+                .unwrap();
+        }
+        assert!(matches!(
+            d.share("u", false, None, "", "p").await,
+            Err(DispatchError::TooManyShares(_))
+        ));
     }
 }

@@ -74,6 +74,7 @@ impl Launcher for Recording {
             port: 5901,
             vnc_pid: pid,
             cert_sha256: format!("{pid:064x}"),
+            view_only: true,
         })
     }
     async fn stop(

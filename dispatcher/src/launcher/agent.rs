@@ -167,6 +167,7 @@ impl Launcher for AgentLauncher {
             port: server.port,
             vnc_pid: server.vnc_pid,
             cert_sha256: server.cert_sha256,
+            view_only: server.view_only,
         })
     }
 

@@ -45,6 +45,9 @@ pub struct Launched {
     /// SHA-256 (hex) of the desktop's VeNCrypt certificate, as the agent made it; empty when
     /// it offers none (SSH blades report none).
     pub cert_sha256: String,
+    /// The desktop's password file holds the view-only password (false from agents that
+    /// predate it: such a desktop cannot be shared view-only).
+    pub view_only: bool,
 }
 
 /// Load figures of a blade.

@@ -249,6 +249,8 @@ impl Launcher for SshLauncher {
             port: 5900 + display,
             vnc_pid,
             cert_sha256: pin.map(|p| p.to_hex()).unwrap_or_default(),
+            // An older cloudvnc refuses two stdin lines (exit 10): a success took both.
+            view_only: true,
         })
     }
 

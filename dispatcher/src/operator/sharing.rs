@@ -19,7 +19,11 @@ pub(crate) async fn share(c: ClientArgs, command: ShareCommand) -> anyhow::Resul
                 Some(t) => u32::try_from(t.as_secs())
                     .ok()
                     .filter(|s| *s > 0)
-                    .ok_or_else(|| anyhow::anyhow!("--ttl: from 1s to about 136 years"))?,
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--ttl: at least 1s (at most the dispatcher's --max-share-ttl)"
+                        )
+                    })?,
                 None => 0,
             };
             let s = client
@@ -45,11 +49,7 @@ pub(crate) async fn share(c: ClientArgs, command: ShareCommand) -> anyhow::Resul
             println!("expires:  {}", when(s.expires_at.as_ref()));
             println!("token:    {}", s.token);
             println!(
-                "password: {} (only for a ws-proxy without --auth-proxy)",
-                s.password
-            );
-            println!(
-                "viewer:   https://WS-PROXY/vnc.html?path=websockify%3Ftoken%3D{}",
+                "viewer:   https://WS-PROXY/vnc.html?path=websockify%3Ftoken%3D{} (a ws-proxy with --auth-proxy)",
                 s.token
             );
         }
@@ -144,7 +144,16 @@ pub(crate) async fn audit(
         let details: Vec<String> = fields
             .iter()
             .filter(|(_, v)| !v.is_empty())
-            .map(|(k, v)| format!("{k}={v}"))
+            // Quoted when a value could pass for more fields or lines.
+            .map(|(k, v)| {
+                if v.chars()
+                    .all(|c| c.is_alphanumeric() || "._:-/".contains(c))
+                {
+                    format!("{k}={v}")
+                } else {
+                    format!("{k}={v:?}")
+                }
+            })
             .collect();
         println!(
             "{:<20} {:<14} {:<28} {:<20} {}",

@@ -39,12 +39,17 @@ fn actor<T>(req: &Request<T>) -> String {
 #[derive(Debug, Clone)]
 pub struct DispatcherService {
     inner: Arc<Dispatcher>,
+    /// Connection reports taken per proxy identity this second.
+    reports: Arc<sharing::ReportBudget>,
 }
 
 impl DispatcherService {
     /// Wraps the domain object.
     pub fn new(inner: Arc<Dispatcher>) -> Self {
-        DispatcherService { inner }
+        DispatcherService {
+            inner,
+            reports: Arc::default(),
+        }
     }
 }
 
@@ -351,7 +356,8 @@ impl DispatcherRpc for DispatcherService {
         sharing::share(&self.inner, actor(&req), req.into_inner()).await
     }
 
-    #[tracing::instrument(name = "RevokeShare", skip_all, fields(share = %req.get_ref().id))]
+    // The id is logged once it passed the rules (see `revoke_share`), never before.
+    #[tracing::instrument(name = "RevokeShare", skip_all)]
     async fn revoke_share(
         &self,
         req: Request<RevokeShareRequest>,
@@ -381,6 +387,6 @@ impl DispatcherRpc for DispatcherService {
         &self,
         req: Request<ConnectionEvent>,
     ) -> Result<Response<RecordConnectionResponse>, Status> {
-        sharing::connection(&self.inner, actor(&req), req.into_inner())
+        sharing::connection(&self.inner, &self.reports, actor(&req), req.into_inner())
     }
 }

@@ -13,7 +13,7 @@ use vncdispatch_proto::v1::{
     ListSharesResponse, RecordConnectionResponse, Share, ShareSessionRequest,
 };
 
-/// ShareSession: the share with its token and password (the only time they are shown).
+/// ShareSession: the share with its token (the only time it is shown).
 pub(super) async fn share(
     d: &Dispatcher,
     actor: String,
@@ -25,11 +25,7 @@ pub(super) async fn share(
         .await
         .map_err(status)?;
     tracing::info!(share = %grant.share.id, view_only = grant.share.view_only, %actor, "desktop shared");
-    Ok(Response::new(share_msg(
-        grant.share,
-        grant.token,
-        grant.password,
-    )))
+    Ok(Response::new(share_msg(grant.share, grant.token)))
 }
 
 /// ListShares: live shares without tokens or passwords.
@@ -42,7 +38,7 @@ pub(super) async fn list(
     Ok(Response::new(ListSharesResponse {
         shares: shares
             .into_iter()
-            .map(|s| share_msg(s, String::new(), String::new()))
+            .map(|s| share_msg(s, String::new()))
             .collect(),
     }))
 }
@@ -74,13 +70,48 @@ pub(super) async fn audit(
     }))
 }
 
+/// Most connection reports one proxy identity may send a second (two per relayed connection:
+/// 500 connections opened and closed a second). Beyond it they are refused, so a compromised
+/// proxy cannot flood the audit queue and crowd out everyone else's events.
+pub(super) const REPORTS_PER_SECOND: u32 = 1000;
+
+/// Connection reports counted per proxy identity, for the current second.
+#[derive(Debug, Default)]
+pub(super) struct ReportBudget(std::sync::Mutex<std::collections::HashMap<String, (u64, u32)>>);
+
+impl ReportBudget {
+    /// Counts one report of `actor`'s; false when it is over this second's budget.
+    fn take(&self, actor: &str) -> bool {
+        let second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() > 1000 {
+            m.clear(); // identities come from the CA: a handful; never grow without bound
+        }
+        let e = m.entry(actor.to_owned()).or_insert((second, 0));
+        if e.0 != second {
+            *e = (second, 0);
+        }
+        e.1 += 1;
+        e.1 <= REPORTS_PER_SECOND
+    }
+}
+
 /// RecordConnection: ws-proxy's report of a browser connecting or leaving, recorded as the
 /// proxy reports it (the actor names the proxy) once its fields pass the rules.
 pub(super) fn connection(
     d: &Dispatcher,
+    budget: &ReportBudget,
     actor: String,
     e: ConnectionEvent,
 ) -> Result<Response<RecordConnectionResponse>, Status> {
+    if !budget.take(&actor) {
+        metrics::counter!("vncdispatch_dispatcher_audit_dropped_total").increment(1);
+        return Err(Status::resource_exhausted(format!(
+            "over {REPORTS_PER_SECOND} connection reports a second from {actor}; this one is not recorded"
+        )));
+    }
     let kind = match Kind::try_from(e.kind) {
         Ok(Kind::Connected) => "connect",
         Ok(Kind::Disconnected) => "disconnect",

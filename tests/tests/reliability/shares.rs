@@ -47,6 +47,7 @@ pub(crate) async fn cases(rec: &Record) {
     ])
     .await;
     hostile_viewer(rec, &s, &proxy).await;
+    without_auth_proxy(rec, &s).await;
     kept_after_the_session(rec, &s, &proxy).await;
     hostile_requests(rec, &s).await;
 }
@@ -143,6 +144,58 @@ async fn hostile_viewer(rec: &Record, s: &Rig, proxy: &WsProxyProc) {
             owner_closed.map_or("still open".into(), |c| format!("closed ({c})"))
         ),
         login.is_ok() && moved == (20, 30) && owner_closed.is_none(),
+    );
+}
+
+/// A share's token at a ws-proxy that would hand the viewer the VNC handshake (no
+/// --auth-proxy), and at one binding tokens to the owner's IP.
+async fn without_auth_proxy(rec: &Record, s: &Rig) {
+    let d = s.user_with_desktop("127.0.0.1").await;
+    let mut c = d.client.clone();
+    let share = c
+        .share_session(view_only(&d.user.name))
+        .await
+        .expect("share")
+        .into_inner();
+    let plain = WsProxyProc::start(&[
+        "--dispatcher".into(),
+        format!("http://{}", s.dispatcher.addr),
+    ])
+    .await;
+    let refused = ws_from(plain.addr, [127, 0, 0, 1], &share.token)
+        .await
+        .err()
+        .unwrap_or(101);
+    let owner_ok = ws_from(plain.addr, [127, 0, 0, 1], &d.session.token)
+        .await
+        .is_ok();
+    let bound = WsProxyProc::start(&[
+        "--dispatcher".into(),
+        format!("http://{}", s.dispatcher.addr),
+        "--auth-proxy".into(),
+        "--bind-token-to-ip".into(),
+    ])
+    .await;
+    let mut viewer = ws_from(bound.addr, [127, 0, 0, 9], &share.token).await;
+    let viewer_in = match &mut viewer {
+        Ok(ws) => none_login_as(ws, true).await.is_ok(),
+        Err(_) => false,
+    };
+    let owner_elsewhere = ws_from(bound.addr, [127, 0, 0, 9], &d.session.token)
+        .await
+        .err()
+        .unwrap_or(101);
+    rec.bad_inputs(2);
+    rec.case(
+        "a share's token at a ws-proxy without --auth-proxy",
+        "a view-only share's token at a ws-proxy that relays the VNC handshake to the browser; then at one with --auth-proxy --bind-token-to-ip, from another address than the owner's",
+        "403 share_needs_auth_proxy (the viewer would need a VNC password that outlives the share, and could lock the owner out with wrong ones) while the owner's token works there; with auth-proxy the viewer gets in from anywhere (a share is not bound to the owner's IP) and the owner's token from that address is 403",
+        &format!(
+            "without auth-proxy: share {refused}, owner {}; bound: viewer {}, owner from elsewhere {owner_elsewhere}",
+            if owner_ok { "relayed" } else { "refused" },
+            if viewer_in { "in" } else { "refused" }
+        ),
+        refused == 403 && owner_ok && viewer_in && owner_elsewhere == 403,
     );
 }
 

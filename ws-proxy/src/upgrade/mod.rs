@@ -124,6 +124,13 @@ impl Refusal {
         "unreachable",
         "the desktop is not reachable",
     );
+    /// A share's token at a proxy without `--auth-proxy`: the viewer would have to be given a
+    /// VNC password that outlives the share, and could lock the owner out with wrong ones.
+    pub const SHARE_NEEDS_AUTH_PROXY: Refusal = Refusal::new(
+        StatusCode::FORBIDDEN,
+        "share_needs_auth_proxy",
+        "shared desktops are served only by a ws-proxy with --auth-proxy",
+    );
     /// In auth-proxy mode, the VNC server refused the proxy's login.
     pub const VNC_LOGIN: Refusal = Refusal::new(
         StatusCode::BAD_GATEWAY,
@@ -232,6 +239,7 @@ async fn open(proxy: &Proxy, up: &Upgrade) -> Result<stages::Opened, Refusal> {
     stages::not_guessing(&proxy.guesses, up.client)?;
     let target =
         stages::resolve(proxy.tokens.as_ref(), &proxy.guesses, &up.token, up.client).await?;
+    stages::share_allowed(proxy.cfg.auth_proxy, &target)?;
     stages::bound_to_ip(proxy.cfg.bind_to_ip, &target, up.client)?;
     let slot = stages::take_slot(&proxy.limits, &up.token, up.client)?;
     let (target, tcp) = stages::connect(proxy.tokens.as_ref(), &up.token, target).await?;
@@ -266,6 +274,7 @@ mod tests {
             Refusal::OVER_TOKEN,
             Refusal::OVER_IP,
             Refusal::UNREACHABLE,
+            Refusal::SHARE_NEEDS_AUTH_PROXY,
             Refusal::VNC_LOGIN,
         ];
         let auth: Vec<&str> = all

@@ -69,15 +69,31 @@ pub(super) async fn resolve(
 }
 
 /// With `--bind-token-to-ip`, only the remote IP recorded at Dispatch may use the token
-/// ([`checks::ip_binding`]): 403 `wrong_ip`, logging the recorded address.
+/// ([`checks::ip_binding`]): 403 `wrong_ip`, logging the recorded address. A share's token
+/// is not bound: its viewer is elsewhere by design.
 pub(super) fn bound_to_ip(
     bind_to_ip: bool,
     target: &Target,
     client: IpAddr,
 ) -> Result<(), Refusal> {
+    // The recorded IP is the owner's browser; a share's viewer is somewhere else by design.
+    if !target.share_id.is_empty() {
+        return Ok(());
+    }
     checks::ip_binding(bind_to_ip, &target.remote_ip, client).inspect_err(|_| {
         tracing::warn!(recorded = %target.remote_ip, "refused: token used from another IP");
     })
+}
+
+/// A share's token is served only in auth-proxy mode (403 `share_needs_auth_proxy`
+/// otherwise): there ws-proxy logs the viewer in with the password for the share's rights,
+/// and the viewer never holds a password that would outlive the share.
+pub(super) fn share_allowed(auth_proxy: bool, target: &Target) -> Result<(), Refusal> {
+    if target.share_id.is_empty() || auth_proxy {
+        return Ok(());
+    }
+    tracing::warn!(share = %target.share_id, "refused: a share's token needs --auth-proxy");
+    Err(Refusal::SHARE_NEEDS_AUTH_PROXY)
 }
 
 /// Takes the connection's slot in the per-token and per-IP limits (a token usable by any
@@ -320,7 +336,12 @@ pub(super) fn spawn_relay(
                 report.bytes_up = stats.up;
                 report.bytes_down = stats.down;
                 report.duration = began.elapsed();
-                report.reason = stats.ended.chars().take(32).collect();
+                // For a share, a re-check that found it gone: revoked, expired, or its session
+                // over — the share's end either way.
+                report.reason = match stats.ended.as_str() {
+                    "session_ended" if !report.share_id.is_empty() => "share_ended".to_owned(),
+                    other => other.chars().take(32).collect(),
+                };
                 tokens.report(report);
             }
         },
