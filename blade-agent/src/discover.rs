@@ -68,6 +68,17 @@ pub fn scan(comm: &str) -> io::Result<Vec<RunningXvnc>> {
     Ok(found)
 }
 
+/// Process `pid` if it is a live `comm` (an Xvnc) with a display on its command line: the
+/// same answer [`scan`] gives for it, without reading every process (a start checks the one
+/// Xvnc it started; on a blade of thousands of processes a scan costs milliseconds).
+pub fn one(comm: &str, pid: u32) -> Option<RunningXvnc> {
+    let name = fs::read(format!("/proc/{pid}/comm")).ok()?;
+    if name.strip_suffix(b"\n").unwrap_or(&name) != comm.as_bytes() {
+        return None;
+    }
+    read_process(pid)
+}
+
 /// A live process's owner, start time and arguments: enough to tell whether it is what a file
 /// in /tmp claims (an X lock naming it) and to signal it later without hitting a reused pid.
 #[derive(Debug, Clone, PartialEq, Eq)]

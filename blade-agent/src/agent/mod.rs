@@ -234,6 +234,7 @@ impl Agent {
         secrets: &Secrets,
         geometry: (u32, u32),
     ) -> Result<(VncServer, Option<RunningXvnc>), AgentError> {
+        let looked = std::time::Instant::now();
         if let Some(running) = self.running_for(&account).await? {
             let rfbauth = running.rfbauth.clone();
             self.run_helper(
@@ -261,9 +262,14 @@ impl Agent {
             };
             return Ok((self.describe(&account.name, &running, true), left));
         }
+        let lookup = looked.elapsed();
         let mut skip = HashSet::new();
         for attempt in 1..=START_ATTEMPTS {
+            // Where a start's time goes, in its log line: the agent's own work before and
+            // after the helper, and the helper (PAM, files, Xvnc until it answers, session).
+            let began = std::time::Instant::now();
             let slot = self.reserve_display(&skip).await?;
+            let reserved = began.elapsed();
             match self
                 .run_helper(
                     &account,
@@ -275,6 +281,7 @@ impl Agent {
                 .await
             {
                 Ok(Some((pid, pin))) => {
+                    let helper = began.elapsed() - reserved;
                     let running = match self.check_ready(&account, pid, slot.display).await? {
                         Ok(running) => running,
                         Err(why) if attempt < START_ATTEMPTS => {
@@ -290,10 +297,15 @@ impl Agent {
                             });
                         }
                     };
+                    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
                     tracing::info!(
                         display = running.display,
                         pid,
                         tls = pin.is_some(),
+                        lookup_ms = ms(lookup),
+                        reserve_ms = ms(reserved),
+                        helper_ms = ms(helper),
+                        check_ms = ms(began.elapsed() - reserved - helper),
                         "started desktop"
                     );
                     {
@@ -350,13 +362,15 @@ impl Agent {
         n: u32,
     ) -> Result<Result<RunningXvnc, String>, AgentError> {
         let port = self.cfg.port_of(n).unwrap_or(0);
-        // By pid: should the user have another Xvnc too, the first found is not this one.
-        let Some(running) = self
-            .desktops()
-            .await?
-            .into_iter()
-            .find(|(a, r)| a.uid == account.uid && r.pid == pid)
-            .map(|(_, r)| r)
+        // By pid: should the user have another Xvnc too, the first found is not this one. Only
+        // this process is read (what a scan would say of it), not all of /proc.
+        let (comm, uid) = (self.xvnc_comm(), account.uid.as_raw());
+        let range = self.cfg.display_first..=self.cfg.display_last();
+        let Some(running) = blocking(move || {
+            Ok(discover::one(&comm, pid)
+                .filter(|r| r.uid == uid && range.contains(&r.display) && r.rfbauth.is_some()))
+        })
+        .await?
         else {
             let holders =
                 blocking(move || Ok(ports::listeners_on(port).unwrap_or_default())).await?;

@@ -1,4 +1,6 @@
-//! Whose sockets listen on an RFB port, read from /proc: the agent reports a desktop READY only
+//! Whose sockets listen on an RFB port, asked of the kernel's sock_diag netlink interface (what
+//! `ss` uses; /proc/net/tcp walks every hash bucket of the host's TCP tables, milliseconds on
+//! a large machine, and is the fallback): the agent reports a desktop READY only
 //! when every listener on its port belongs to the Xvnc it started. A desktop user can bind a
 //! free port before Xvnc does (the port is visible in the helper's arguments), or hold
 //! `[::]:PORT` with `IPV6_V6ONLY` beside Xvnc's `0.0.0.0:PORT`; either would put the browser in
@@ -37,11 +39,34 @@ fn bind_dual_stack(port: u16) -> io::Result<()> {
     s.listen(1)
 }
 
-/// Every listening TCP socket on `port`, IPv4 and IPv6, in this network namespace.
+/// A /proc table, read in large chunks: a proc file has no size, and reading it the way
+/// `read_to_string` does (a 32-byte probe, then doubling) costs a syscall per small chunk,
+/// each regenerating part of the table.
+fn read_table(path: &str) -> io::Result<String> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(256 * 1024);
+    fs::File::open(path)?.read_to_end(&mut buf)?;
+    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Every listening TCP socket on `port`, IPv4 and IPv6, in this network namespace: from
+/// sock_diag, which walks only the listening sockets of that port (tens of microseconds),
+/// or, where netlink is not allowed, from /proc/net.
 pub(super) fn listeners_on(port: u16) -> io::Result<Vec<Listener>> {
-    let mut out = parse_listeners(&fs::read_to_string("/proc/net/tcp")?, port);
+    match sock_diag::listeners_on(port) {
+        Ok(l) => Ok(l),
+        Err(e) => {
+            tracing::debug!(error = %e, "sock_diag unavailable; reading /proc/net");
+            listeners_in_proc(port)
+        }
+    }
+}
+
+/// [`listeners_on`] from /proc/net/tcp and tcp6.
+fn listeners_in_proc(port: u16) -> io::Result<Vec<Listener>> {
+    let mut out = parse_listeners(&read_table("/proc/net/tcp")?, port);
     // A kernel without IPv6 has no tcp6 table, and nothing can listen there.
-    if let Ok(text) = fs::read_to_string("/proc/net/tcp6") {
+    if let Ok(text) = read_table("/proc/net/tcp6") {
         out.extend(parse_listeners(&text, port));
     }
     Ok(out)
@@ -94,6 +119,94 @@ pub(super) fn foreign_listener(pid: u32, port: u16) -> Option<String> {
                 .join(", ")
         )
     })
+}
+
+/// The kernel's socket dump for TCP listeners of one port (NETLINK_SOCK_DIAG, inet_diag).
+mod sock_diag {
+    use super::Listener;
+    use netlink_packet_core::{
+        NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    };
+    use netlink_packet_sock_diag::SockDiagMessage;
+    use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+    use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+    use std::io;
+
+    /// Listening TCP sockets on `port`, both families. The kernel filters by state and
+    /// source port for listeners, so only that port's listeners are visited.
+    pub(super) fn listeners_on(port: u16) -> io::Result<Vec<Listener>> {
+        let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        let mut out = Vec::new();
+        for (family, mut id) in [
+            (AF_INET, SocketId::new_v4()),
+            (AF_INET6, SocketId::new_v6()),
+        ] {
+            id.source_port = port;
+            dump(&socket, family, id, port, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn dump(
+        socket: &Socket,
+        family: u8,
+        id: SocketId,
+        port: u16,
+        out: &mut Vec<Listener>,
+    ) -> io::Result<()> {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let mut packet = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: IPPROTO_TCP,
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::LISTEN,
+                socket_id: id,
+            })
+            .into(),
+        );
+        packet.finalize();
+        let mut request = vec![0; packet.buffer_len()];
+        packet.serialize(&mut request);
+        socket.send(&request, 0)?;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let size = socket.recv(&mut &mut buf[..], 0)?;
+            let mut offset = 0;
+            while offset < size {
+                let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&buf[offset..size])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let len = msg.header.length as usize;
+                match msg.payload {
+                    // Filtered by the kernel for listeners; checked again all the same.
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
+                        if r.header.socket_id.source_port == port =>
+                    {
+                        out.push(Listener {
+                            inode: u64::from(r.header.inode),
+                            uid: r.header.uid,
+                        });
+                    }
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    // A kernel without IPv6 has no such table: nothing listens there.
+                    NetlinkPayload::Error(e) if family == AF_INET6 && e.code.is_some() => {
+                        return Ok(());
+                    }
+                    NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                    _ => {}
+                }
+                if len == 0 {
+                    break;
+                }
+                offset += len;
+            }
+        }
+    }
 }
 
 /// The LISTEN rows for `port` of a /proc/net/tcp or tcp6 table: `sl local_address

@@ -196,8 +196,9 @@ fn wait_ready(args: &HelperArgs, mut xvnc: Option<&mut Child>, home: &Path) -> R
     };
     let addr = SocketAddr::new(ip, args.port);
     let deadline = Instant::now() + Duration::from_millis(args.timeout_ms);
-    // Xvnc is typically ready in 10-40 ms: poll often, a connect attempt costs microseconds.
-    let mut pause = Duration::from_millis(1);
+    // Xvnc is typically ready in 30-60 ms: poll every millisecond (a refused connect costs
+    // microseconds), so the desktop is reported at most a millisecond after it is ready.
+    let pause = Duration::from_millis(1);
     loop {
         if rfb_banner(addr) {
             return Ok(());
@@ -225,7 +226,6 @@ fn wait_ready(args: &HelperArgs, mut xvnc: Option<&mut Child>, home: &Path) -> R
             });
         }
         std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(4));
     }
 }
 
