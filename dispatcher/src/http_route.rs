@@ -221,21 +221,14 @@ impl Route {
                 .and_then(|v| v.to_str().ok()),
         );
         let span = tracing::info_span!("http Dispatch", user = %username, request_id = %id);
-        let started = std::time::Instant::now();
-        let result = tracing::Instrument::instrument(
-            self.dispatcher.dispatch(username, remote_ip, &id),
+        // Counted, logged and audited as the gRPC Dispatch is, so dashboards and alerts see both.
+        let s = tracing::Instrument::instrument(
+            self.dispatcher
+                .dispatch_as((username, remote_ip, ""), &id, &actor, "http"),
             span,
         )
-        .await;
-        // Counted and logged as the gRPC Dispatch is, so dashboards and alerts see both.
-        vncdispatch_proto::metrics::record_start(
-            "vncdispatch_dispatcher_dispatches_total",
-            "vncdispatch_dispatcher_dispatch_duration_seconds",
-            result.as_ref().ok().map(|s| s.reused),
-            started,
-        );
-        let s = result.map_err(crate::service::status)?;
-        self.dispatcher.record_dispatch(&s, "", &actor, "http");
+        .await
+        .map_err(crate::service::status)?;
         Ok(serde_json::json!({
             "username": s.username,
             "password": s.password,

@@ -92,10 +92,12 @@ fn tls_flags(files: &TlsFiles) -> Vec<String> {
     .collect()
 }
 
-/// `dispatcher audit --user USER --json` as the operator `admin-ops`: the events, oldest first.
-fn audit(d: &DispatcherProc, admin: &TlsFiles, user: &str) -> Vec<Value> {
+/// `dispatcher audit [--user USER] --json` as the operator `admin-ops`: the events, oldest
+/// first.
+fn audit(d: &DispatcherProc, admin: &TlsFiles, user: Option<&str>) -> Vec<Value> {
     let out = Command::new(workspace_bin("dispatcher"))
-        .args(["audit", "--user", user, "--json", "--limit", "1000"])
+        .args(["audit", "--json", "--limit", "1000"])
+        .args(user.map(|u| ["--user", u]).into_iter().flatten())
         .args(["--dispatcher", &format!("https://{}", d.addr)])
         .args(tls_flags(admin))
         .output()
@@ -313,13 +315,13 @@ async fn a_view_only_viewer_cannot_move_the_pointer_and_every_action_is_audited(
 
     // The audit trail: every action once, by who did it. ws-proxy reports disconnects as the
     // relays end, so those are waited for.
-    let mut events = audit(&d, &admin_files, &user.name);
+    let mut events = audit(&d, &admin_files, Some(&user.name));
     for _ in 0..50 {
         if tally(&events).get(&key("disconnect", "proxy:proxy-edge1")) == Some(&3) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        events = audit(&d, &admin_files, &user.name);
+        events = audit(&d, &admin_files, Some(&user.name));
     }
     let t = tally(&events);
     let expected: BTreeMap<(String, String), usize> = [
@@ -361,6 +363,21 @@ async fn a_view_only_viewer_cannot_move_the_pointer_and_every_action_is_audited(
             .iter()
             .all(|b| b.parse::<u64>().is_ok_and(|n| n > 0)),
         "{events:#?}"
+    );
+    // The operator's registration of the blade is there too, with no user and the admin who
+    // did it (the test wrapper's own admin certificate).
+    let everyone = audit(&d, &admin_files, None);
+    let blade_adds: Vec<&Value> = everyone
+        .iter()
+        .filter(|e| e["kind"] == "blade_add")
+        .collect();
+    assert_eq!(blade_adds.len(), 1, "{everyone:#?}");
+    assert_eq!(blade_adds[0]["fields"]["blade"], "b1");
+    assert!(
+        blade_adds[0]["actor"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("admin:admin-")),
+        "{everyone:#?}"
     );
     assert!(
         field("connect", "client_ip")

@@ -447,8 +447,34 @@ impl Dispatcher {
         });
     }
 
+    /// A Dispatch as the services serve it (gRPC, the HTTP route): [`Dispatcher::dispatch_in`],
+    /// counted and timed in the Dispatch metrics and, when it succeeds, recorded in the audit
+    /// trail as done by `actor` over `via`.
+    pub async fn dispatch_as(
+        self: &Arc<Self>,
+        (username, remote_ip, pool): (&str, &str, &str),
+        request_id: &str,
+        actor: &str,
+        via: &str,
+    ) -> Result<Session, DispatchError> {
+        let started = std::time::Instant::now();
+        let result = self
+            .dispatch_in(username, remote_ip, pool, request_id)
+            .await;
+        vncdispatch_proto::metrics::record_start(
+            "vncdispatch_dispatcher_dispatches_total",
+            "vncdispatch_dispatcher_dispatch_duration_seconds",
+            result.as_ref().ok().map(|s| s.reused),
+            started,
+        );
+        if let Ok(s) = &result {
+            self.record_dispatch(s, pool, actor, via);
+        }
+        result
+    }
+
     /// Records a successful Dispatch by `actor` in the audit trail.
-    pub fn record_dispatch(&self, s: &Session, pool: &str, actor: &str, via: &str) {
+    fn record_dispatch(&self, s: &Session, pool: &str, actor: &str, via: &str) {
         self.record(
             "dispatch",
             actor,

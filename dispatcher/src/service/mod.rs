@@ -155,19 +155,11 @@ impl DispatcherRpc for DispatcherService {
         tracing::Span::current().record("request_id", tracing::field::display(&id));
         let actor = actor(&req);
         let r = req.into_inner();
-        let started = std::time::Instant::now();
-        let result = self
+        let s = self
             .inner
-            .dispatch_in(&r.username, &r.remote_ip, &r.pool, &id)
-            .await;
-        vncdispatch_proto::metrics::record_start(
-            "vncdispatch_dispatcher_dispatches_total",
-            "vncdispatch_dispatcher_dispatch_duration_seconds",
-            result.as_ref().ok().map(|s| s.reused),
-            started,
-        );
-        let s = result.map_err(status)?;
-        self.inner.record_dispatch(&s, &r.pool, &actor, "grpc");
+            .dispatch_as((&r.username, &r.remote_ip, &r.pool), &id, &actor, "grpc")
+            .await
+            .map_err(status)?;
         // Reconnects are routine; new sessions are what an operator wants to see.
         if s.reused {
             tracing::debug!(blade = %s.blade, token = token_prefix(&s.token), "reconnected");

@@ -18,15 +18,7 @@ pub(super) async fn create_indexes(audit: &Collection<Document>) -> StoreResult<
             .keys(doc! { "username": 1, "at": 1, "_id": 1 })
             .build(),
     ];
-    // One at a time: FerretDB v1.24 drops the connection (a panic in its handler) on a
-    // createIndexes listing several indexes that exist already, i.e. on every reconnect.
-    for index in indexes {
-        audit
-            .create_index(index)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("creating the indexes on audit: {e}")))?;
-    }
-    Ok(())
+    super::create_indexes(audit, "audit", indexes).await
 }
 
 /// Inserts `events` in one `insert_many`, in order.

@@ -71,6 +71,23 @@ pub struct MongoStore {
     legacy: LegacyBlades,
 }
 
+/// Creates `indexes` on `collection` (named `what` in errors), one call each: FerretDB v1.24
+/// drops the connection (a panic in its handler) on a createIndexes listing several indexes
+/// that exist already, i.e. on every reconnect.
+async fn create_indexes(
+    collection: &Collection<Document>,
+    what: &str,
+    indexes: impl IntoIterator<Item = IndexModel>,
+) -> StoreResult<()> {
+    for index in indexes {
+        collection
+            .create_index(index)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("creating the indexes on {what}: {e}")))?;
+    }
+    Ok(())
+}
+
 fn unavailable(e: mongodb::error::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }

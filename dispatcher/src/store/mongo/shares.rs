@@ -25,15 +25,7 @@ pub(super) async fn create_indexes(shares: &Collection<Document>) -> StoreResult
             .build(),
         IndexModel::builder().keys(doc! { "owner": 1 }).build(),
     ];
-    // One at a time: FerretDB v1.24 drops the connection (a panic in its handler) on a
-    // createIndexes listing several indexes that exist already, i.e. on every reconnect.
-    for index in indexes {
-        shares
-            .create_index(index)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("creating the indexes on shares: {e}")))?;
-    }
-    Ok(())
+    super::create_indexes(shares, "shares", indexes).await
 }
 
 /// Inserts `share`; a taken id or token hash is refused, never overwritten.
