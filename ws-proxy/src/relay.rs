@@ -113,6 +113,47 @@ impl<T: tokio::io::AsyncRead + Send> ChunkRead for tokio::io::ReadHalf<T> {
     }
 }
 
+/// Browser messages on their way to the VNC server: gathered while more are already there and
+/// written together (input events are a few bytes each), larger ones written straight
+/// through. The buffer is allocated when a message arrives and given back once written, so an
+/// idle connection holds none (a `BufWriter` would keep its 16 KiB for the connection's life).
+struct Coalesce<'a, W> {
+    w: &'a mut W,
+    buf: Vec<u8>,
+}
+
+impl<'a, W: tokio::io::AsyncWrite + Unpin> Coalesce<'a, W> {
+    fn new(w: &'a mut W) -> Self {
+        Coalesce { w, buf: Vec::new() }
+    }
+
+    /// Queues `data`, writing what is queued first when it would not fit.
+    async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if self.buf.len() + data.len() > UP_BUF {
+            self.write_queued().await?;
+        }
+        if data.len() >= UP_BUF {
+            return self.w.write_all(data).await;
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    async fn write_queued(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.w.write_all(&self.buf).await?;
+        }
+        self.buf = Vec::new();
+        Ok(())
+    }
+
+    /// Writes what is queued and flushes the stream (TLS holds records until flushed).
+    async fn flush(&mut self) -> std::io::Result<()> {
+        self.write_queued().await?;
+        self.w.flush().await
+    }
+}
+
 /// Relays until either side ends or a limit closes the connection.
 ///
 /// The two directions run concurrently: a relay that awaited its write to the VNC server while
@@ -186,7 +227,7 @@ where
             up_bytes.fetch_add(pending.len() as u64, Ordering::Relaxed);
         }
         // Messages already received are written together: flushed once none is waiting.
-        let mut tcp_w = tokio::io::BufWriter::with_capacity(UP_BUF, &mut tcp_w);
+        let mut tcp_w = Coalesce::new(&mut tcp_w);
         loop {
             let next = match stream.next().now_or_never() {
                 Some(next) => next,
@@ -200,7 +241,7 @@ where
             match next {
                 Some(Ok(Message::Binary(data))) => {
                     heard();
-                    if tcp_w.write_all(&data).await.is_err() {
+                    if tcp_w.write(&data).await.is_err() {
                         return close(CloseCode::Away, "VNC server closed the connection");
                     }
                     up_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
