@@ -72,8 +72,10 @@ pub fn scan(comm: &str) -> io::Result<Vec<RunningXvnc>> {
 /// same answer [`scan`] gives for it, without reading every process (a start checks the one
 /// Xvnc it started; on a blade of thousands of processes a scan costs milliseconds).
 pub fn one(comm: &str, pid: u32) -> Option<RunningXvnc> {
+    // Cut to 15 bytes as the kernel does, as [`scan`] compares.
+    let comm = &comm.as_bytes()[..comm.len().min(15)];
     let name = fs::read(format!("/proc/{pid}/comm")).ok()?;
-    if name.strip_suffix(b"\n").unwrap_or(&name) != comm.as_bytes() {
+    if name.strip_suffix(b"\n").unwrap_or(&name) != comm {
         return None;
     }
     read_process(pid)

@@ -135,6 +135,9 @@ impl<'a, W: tokio::io::AsyncWrite + Unpin> Coalesce<'a, W> {
         if data.len() >= UP_BUF {
             return self.w.write_all(data).await;
         }
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(UP_BUF); // never more, however it fills
+        }
         self.buf.extend_from_slice(data);
         Ok(())
     }

@@ -56,7 +56,15 @@ pub(super) fn listeners_on(port: u16) -> io::Result<Vec<Listener>> {
     match sock_diag::listeners_on(port) {
         Ok(l) => Ok(l),
         Err(e) => {
-            tracing::debug!(error = %e, "sock_diag unavailable; reading /proc/net");
+            // Once at warn (a unit without AF_NETLINK, a kernel without inet_diag): each start
+            // then costs milliseconds more on a big host; later at debug.
+            static WARNED: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(error = %e, "sock_diag unavailable (allow AF_NETLINK in the unit's RestrictAddressFamilies); reading /proc/net/tcp instead, slower on large hosts");
+            } else {
+                tracing::debug!(error = %e, "sock_diag unavailable; reading /proc/net");
+            }
             listeners_in_proc(port)
         }
     }
@@ -192,18 +200,24 @@ mod sock_diag {
                             uid: r.header.uid,
                         });
                     }
-                    NetlinkPayload::Done(_) => return Ok(()),
-                    // A kernel without IPv6 has no such table: nothing listens there.
-                    NetlinkPayload::Error(e) if family == AF_INET6 && e.code.is_some() => {
-                        return Ok(());
+                    // A dump's own failure (tcp_diag not loadable, …) is in its DONE message.
+                    NetlinkPayload::Done(d) if d.code != 0 => {
+                        return Err(io::Error::from_raw_os_error(-d.code));
                     }
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    // Any error, for either family, falls back to /proc: never "nobody listens"
+                    // for a table that could not be read (that is where a squatter would hide).
                     NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
                     _ => {}
                 }
+                // Messages are 4-byte aligned; a zero length would never advance.
                 if len == 0 {
-                    break;
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "empty netlink message",
+                    ));
                 }
-                offset += len;
+                offset += (len + 3) & !3;
             }
         }
     }
@@ -256,6 +270,36 @@ mod tests {
             }]
         );
         assert!(parse_listeners("header\ngarbage line\n", 5900).is_empty());
+    }
+
+    /// The check's two sources agree, for an IPv4 listener and a V6ONLY IPv6 one beside it on
+    /// the same port (the squat the check exists for), and for a port nobody listens on.
+    #[test]
+    fn sock_diag_and_proc_see_the_same_listeners() {
+        use socket2::{Domain, Socket, Type};
+        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = v4.local_addr().unwrap().port();
+        let v6 = Socket::new(Domain::IPV6, Type::STREAM, None)
+            .ok()
+            .and_then(|s| {
+                s.set_only_v6(true).ok()?;
+                s.bind(&SocketAddr::from((Ipv6Addr::LOCALHOST, port)).into())
+                    .ok()?;
+                s.listen(1).ok()?;
+                Some(s)
+            });
+        let sorted = |mut l: Vec<Listener>| {
+            l.sort_by_key(|l| l.inode);
+            l
+        };
+        let diag = sorted(sock_diag::listeners_on(port).expect("sock_diag"));
+        let proc = sorted(listeners_in_proc(port).expect("/proc/net"));
+        assert_eq!(diag, proc);
+        assert_eq!(diag.len(), 1 + usize::from(v6.is_some()), "{diag:?}");
+        let own = socket_inodes(std::process::id()).unwrap();
+        assert!(diag.iter().all(|l| own.contains(&l.inode)));
+        drop((v4, v6));
+        assert!(sock_diag::listeners_on(port).expect("sock_diag").is_empty());
     }
 
     #[test]
