@@ -45,7 +45,6 @@ impl RunningXvnc {
 /// Every live Xvnc process whose `comm` is `comm` (the binary's name, cut to 15 bytes as the
 /// kernel does). Processes that vanish mid-scan are skipped.
 pub fn scan(comm: &str) -> io::Result<Vec<RunningXvnc>> {
-    let comm = &comm.as_bytes()[..comm.len().min(15)];
     let mut found = Vec::new();
     for entry in fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
@@ -56,11 +55,7 @@ pub fn scan(comm: &str) -> io::Result<Vec<RunningXvnc>> {
         else {
             continue;
         };
-        match fs::read(format!("/proc/{pid}/comm")) {
-            Ok(c) if c.strip_suffix(b"\n").unwrap_or(&c) == comm => {}
-            _ => continue,
-        }
-        if let Some(x) = read_process(pid) {
+        if let Some(x) = one(comm, pid) {
             found.push(x);
         }
     }
@@ -72,7 +67,7 @@ pub fn scan(comm: &str) -> io::Result<Vec<RunningXvnc>> {
 /// same answer [`scan`] gives for it, without reading every process (a start checks the one
 /// Xvnc it started; on a blade of thousands of processes a scan costs milliseconds).
 pub fn one(comm: &str, pid: u32) -> Option<RunningXvnc> {
-    // Cut to 15 bytes as the kernel does, as [`scan`] compares.
+    // Cut to 15 bytes, as the kernel keeps it.
     let comm = &comm.as_bytes()[..comm.len().min(15)];
     let name = fs::read(format!("/proc/{pid}/comm")).ok()?;
     if name.strip_suffix(b"\n").unwrap_or(&name) != comm {
