@@ -203,6 +203,11 @@ pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
     }
 }
 
+/// A protobuf timestamp as Unix milliseconds (the inverse of [`timestamp`]).
+pub fn millis(t: &prost_types::Timestamp) -> i64 {
+    t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000)
+}
+
 impl Dispatcher {
     /// A dispatcher over `store`, launching through `launchers`, on the wall clock.
     pub fn new(
@@ -265,14 +270,18 @@ impl Dispatcher {
 
     /// The record's token and password in clear: sealed ones opened, legacy ones as stored.
     fn reveal(&self, rec: &SessionRecord) -> Result<(String, String), DispatchError> {
-        let open = |s: &StoredSecret| match s {
-            StoredSecret::Sealed(v) => self
-                .seal
-                .open(&rec.username, v)
-                .map_err(DispatchError::Secret),
+        Ok((
+            self.open_secret(&rec.username, &rec.token)?,
+            self.open_secret(&rec.username, &rec.password)?,
+        ))
+    }
+
+    /// A secret of `owner`'s in clear: a sealed one opened, a legacy one as stored.
+    fn open_secret(&self, owner: &str, s: &StoredSecret) -> Result<String, DispatchError> {
+        match s {
+            StoredSecret::Sealed(v) => self.seal.open(owner, v).map_err(DispatchError::Secret),
             StoredSecret::Plain(v) => Ok(v.clone()),
-        };
-        Ok((open(&rec.token)?, open(&rec.password)?))
+        }
     }
 
     /// What the portal is handed for `rec`.

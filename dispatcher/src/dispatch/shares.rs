@@ -12,11 +12,10 @@
 //! same user is not shared by it). ws-proxy re-checks open connections, so a revoked or
 //! expired share's viewer is closed within its re-check interval. A viewer renews no lease:
 //! watching does not keep a desktop alive.
-use super::audit::event;
 use super::{Dispatcher, Target, timestamp};
 use crate::error::DispatchError;
 use crate::secrets;
-use crate::store::{ShareRecord, StoredSecret};
+use crate::store::ShareRecord;
 use std::time::Duration;
 use vncdispatch_proto::rules::validate_username;
 
@@ -54,6 +53,12 @@ fn check_note(note: &str) -> Result<(), DispatchError> {
         )));
     }
     Ok(())
+}
+
+/// Whether `id` has the form of a share's id (16 hex digits, as [`Dispatcher::share`] makes
+/// them).
+pub fn is_share_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// The protobuf message for a share (the token only when given: at its making).
@@ -103,18 +108,20 @@ impl Dispatcher {
         if !self.alive_cached(&rec).await {
             return Err(no_desktop());
         }
+        // This session's live shares (the session was just read: no second read).
+        let now = self.now_ms();
         let live = self
-            .shares(Some(owner))
+            .store
+            .list_shares(Some(owner))
             .await?
             .into_iter()
-            .filter(|s| s.session_token_hash == rec.token_hash)
+            .filter(|s| s.expires_at_ms > now && s.session_token_hash == rec.token_hash)
             .count();
         if live >= SHARES_PER_SESSION {
             return Err(DispatchError::TooManyShares(owner.to_owned()));
         }
         let token = secrets::new_token().map_err(DispatchError::Secret)?;
         let id = secrets::new_token().map_err(DispatchError::Secret)?[..16].to_owned();
-        let now = self.now_ms();
         let share = ShareRecord {
             id,
             token_hash: secrets::token_hash(&token),
@@ -127,8 +134,7 @@ impl Dispatcher {
             expires_at_ms: now + ttl.as_millis() as i64,
         };
         self.store.put_share(&share).await?;
-        self.audit.record(event(
-            now,
+        self.record(
             "share",
             actor,
             owner,
@@ -139,13 +145,13 @@ impl Dispatcher {
                 ("note", share.note.clone()),
                 ("blade", rec.blade.clone()),
             ],
-        ));
+        );
         Ok(Grant { share, token })
     }
 
     /// Revokes the share `id`; false if there was none.
     pub async fn revoke_share(&self, id: &str, actor: &str) -> Result<bool, DispatchError> {
-        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !is_share_id(id) {
             return Err(DispatchError::BadArgument(
                 "share id: 16 hex digits, as ShareSession and ListShares give it".into(),
             ));
@@ -158,8 +164,7 @@ impl Dispatcher {
             return Ok(false);
         }
         tracing::info!(share = %gone.id, owner = %gone.owner, "share revoked");
-        self.audit.record(event(
-            self.now_ms(),
+        self.record(
             "revoke_share",
             actor,
             &gone.owner,
@@ -167,7 +172,7 @@ impl Dispatcher {
                 ("share", gone.id.clone()),
                 ("view_only", gone.view_only.to_string()),
             ],
-        ));
+        );
         Ok(true)
     }
 
@@ -257,14 +262,6 @@ impl Dispatcher {
                 tracing::warn!(error = %e, user = owner, "could not remove the ended session's shares");
                 0
             }
-        }
-    }
-
-    /// A sealed (or, for legacy rows, plain) secret of `owner`'s, opened.
-    fn open_secret(&self, owner: &str, s: &StoredSecret) -> Result<String, DispatchError> {
-        match s {
-            StoredSecret::Sealed(v) => self.seal.open(owner, v).map_err(DispatchError::Secret),
-            StoredSecret::Plain(v) => Ok(v.clone()),
         }
     }
 }

@@ -126,9 +126,7 @@ pub(crate) async fn audit(
     for e in events {
         let fields: std::collections::BTreeMap<_, _> = e.fields.into_iter().collect();
         if json {
-            let at =
-                e.at.as_ref()
-                    .map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000));
+            let at = e.at.as_ref().map_or(0, dispatcher::dispatch::millis);
             println!(
                 "{}",
                 dispatcher::dispatch::audit::json_line(&dispatcher::store::AuditEvent {

@@ -65,13 +65,19 @@ fn request_id<T>(req: &Request<T>) -> String {
 /// A caller's request id if it is a sane one (≤ 64 printable ASCII), else a fresh one.
 pub(crate) fn request_id_of(given: Option<&str>) -> String {
     given
-        .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|v| printable(v, 64))
         .map(str::to_owned)
         .unwrap_or_else(|| {
             crate::secrets::new_token()
                 .map(|t| t[..16].to_owned())
                 .unwrap_or_default()
         })
+}
+
+/// At most `max` bytes of printable ASCII without spaces: what a caller-chosen id or code may
+/// be before it goes into a log line or the audit trail.
+pub(crate) fn printable(s: &str, max: usize) -> bool {
+    s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// The status for a failed call, logged: failures as warnings, refusals as information.

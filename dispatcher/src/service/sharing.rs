@@ -1,8 +1,8 @@
 //! The sharing and audit RPCs and ws-proxy's connection reports: request checks and message
 //! shapes around [`crate::dispatch::shares`] and [`crate::dispatch::audit`].
-use super::status;
+use super::{printable, status};
 use crate::dispatch::Dispatcher;
-use crate::dispatch::shares::share_msg;
+use crate::dispatch::shares::{is_share_id, share_msg};
 use crate::error::DispatchError;
 use crate::store::AuditQuery;
 use std::time::Duration;
@@ -50,9 +50,7 @@ pub(super) async fn audit(
 ) -> Result<Response<AuditResponse>, Status> {
     let query = AuditQuery {
         username: (!r.username.is_empty()).then_some(r.username),
-        since_ms: r
-            .since
-            .map(|t| t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000)),
+        since_ms: r.since.as_ref().map(crate::dispatch::millis),
         limit: r.limit as usize,
     };
     let events = d.audit_trail(query).await.map_err(status)?;
@@ -118,14 +116,13 @@ pub(super) fn connection(
         _ => return Err(status(bad("kind: CONNECTED or DISCONNECTED"))),
     };
     vncdispatch_proto::rules::validate_username(&e.username).map_err(|e| status(e.into()))?;
-    if !e.share_id.is_empty() && (e.share_id.len() != 16 || !is_hex(&e.share_id)) {
+    if !e.share_id.is_empty() && !is_share_id(&e.share_id) {
         return Err(status(bad("share_id: empty or 16 hex digits")));
     }
     let client: std::net::IpAddr = e
         .client_ip
         .parse()
         .map_err(|_| status(bad("client_ip: an IPv4 or IPv6 address")))?;
-    let printable = |s: &str, max: usize| s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic());
     if !printable(&e.connection_id, 64) || !printable(&e.reason, 32) {
         return Err(status(bad(
             "connection_id: at most 64, reason: at most 32 printable ASCII characters",
@@ -158,8 +155,4 @@ pub(super) fn connection(
 
 fn bad(why: &str) -> DispatchError {
     DispatchError::BadArgument(why.to_owned())
-}
-
-fn is_hex(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_hexdigit())
 }

@@ -47,16 +47,19 @@ pub(super) fn find(tx: &ReadTransaction, token_hash: &str) -> StoreResult<Option
     found.map(|v| decode(v.value())).transpose()
 }
 
-/// Shares (`owner`'s only, when given), oldest first: by creation time, then id.
-pub(super) fn list(tx: &ReadTransaction, owner: Option<&str>) -> StoreResult<Vec<ShareRecord>> {
-    let shares = tx.open_table(SHARES).map_err(err)?;
+/// Every share in `shares`, decoded, in id order.
+fn all(shares: &impl ReadableTable<&'static str, &'static [u8]>) -> StoreResult<Vec<ShareRecord>> {
     let mut out = Vec::new();
     for row in shares.iter().map_err(err)? {
-        let share: ShareRecord = decode(row.map_err(err)?.1.value())?;
-        if owner.is_none_or(|o| o == share.owner) {
-            out.push(share);
-        }
+        out.push(decode(row.map_err(err)?.1.value())?);
     }
+    Ok(out)
+}
+
+/// Shares (`owner`'s only, when given), oldest first: by creation time, then id.
+pub(super) fn list(tx: &ReadTransaction, owner: Option<&str>) -> StoreResult<Vec<ShareRecord>> {
+    let mut out = all(&tx.open_table(SHARES).map_err(err)?)?;
+    out.retain(|s| owner.is_none_or(|o| o == s.owner));
     out.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
     Ok(out)
 }
@@ -84,16 +87,11 @@ pub(super) fn remove_where(
     tx: &WriteTransaction,
     doomed: impl Fn(&ShareRecord) -> bool,
 ) -> StoreResult<Vec<ShareRecord>> {
-    let mut picked = Vec::new();
-    {
-        let shares = tx.open_table(SHARES).map_err(err)?;
-        for row in shares.iter().map_err(err)? {
-            let share: ShareRecord = decode(row.map_err(err)?.1.value())?;
-            if doomed(&share) {
-                picked.push(share.id);
-            }
-        }
-    }
+    let picked: Vec<String> = all(&tx.open_table(SHARES).map_err(err)?)?
+        .into_iter()
+        .filter(|s| doomed(s))
+        .map(|s| s.id)
+        .collect();
     let mut out = Vec::with_capacity(picked.len());
     for id in picked {
         out.extend(remove(tx, &id)?);

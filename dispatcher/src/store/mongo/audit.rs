@@ -49,17 +49,17 @@ pub(super) async fn newest(
     if let Some(since) = query.since_ms {
         filter.insert("at", doc! { "$gte": DateTime::from_millis(since) });
     }
-    let mut cursor = audit
+    let cursor = audit
         .find(filter)
         .sort(doc! { "at": -1, "_id": -1 })
         .limit(i64::try_from(query.limit).unwrap_or(i64::MAX))
         .await
         .map_err(unavailable)?;
-    let mut out = Vec::new();
-    while cursor.advance().await.map_err(unavailable)? {
-        let d = cursor.deserialize_current().map_err(unavailable)?;
-        out.push(from_doc(&d)?);
-    }
+    let mut out = super::documents(cursor)
+        .await?
+        .iter()
+        .map(from_doc)
+        .collect::<StoreResult<Vec<_>>>()?;
     out.reverse();
     Ok(out)
 }

@@ -50,20 +50,17 @@ pub(super) async fn newest(
         Some(u) => doc! { "username": u },
         None => doc! {},
     };
-    let mut cursor = history
+    let cursor = history
         .find(filter)
         .sort(doc! { "ended_at": -1 })
         .limit(i64::try_from(limit).unwrap_or(i64::MAX))
         .await
         .map_err(unavailable)?;
-    let mut out = Vec::new();
-    while cursor.advance().await.map_err(unavailable)? {
-        let d = cursor.deserialize_current().map_err(unavailable)?;
-        if let Some(e) = from_doc(&d) {
-            out.push(e);
-        }
-    }
-    Ok(out)
+    Ok(super::documents(cursor)
+        .await?
+        .iter()
+        .filter_map(from_doc)
+        .collect())
 }
 
 fn to_doc(e: &EndedSession) -> Document {

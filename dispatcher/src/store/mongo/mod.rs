@@ -71,6 +71,15 @@ pub struct MongoStore {
     legacy: LegacyBlades,
 }
 
+/// Every document a query's cursor yields, in its order.
+async fn documents(mut cursor: mongodb::Cursor<Document>) -> StoreResult<Vec<Document>> {
+    let mut out = Vec::new();
+    while cursor.advance().await.map_err(unavailable)? {
+        out.push(cursor.deserialize_current().map_err(unavailable)?);
+    }
+    Ok(out)
+}
+
 /// Creates `indexes` on `collection` (named `what` in errors), one call each: FerretDB v1.24
 /// drops the connection (a panic in its handler) on a createIndexes listing several indexes
 /// that exist already, i.e. on every reconnect.
@@ -457,16 +466,16 @@ impl Store for MongoStore {
     }
 
     async fn list_sessions(&self) -> StoreResult<Vec<SessionRecord>> {
-        let mut cursor = self
+        let cursor = self
             .tokenizer
             .find(doc! { "claim_id": { "$exists": false } })
             .await
             .map_err(unavailable)?;
-        let mut out = Vec::new();
-        while cursor.advance().await.map_err(unavailable)? {
-            let d = cursor.deserialize_current().map_err(unavailable)?;
-            out.push(record_from_doc(&d));
-        }
+        let mut out: Vec<SessionRecord> = documents(cursor)
+            .await?
+            .iter()
+            .map(record_from_doc)
+            .collect();
         out.sort_by(|a, b| a.username.cmp(&b.username));
         Ok(out)
     }
@@ -482,11 +491,8 @@ impl Store for MongoStore {
         };
         let mut expired = due();
         expired.insert("claim_id", doc! { "$exists": false });
-        let mut cursor = self.tokenizer.find(expired).await.map_err(unavailable)?;
-        let mut candidates = Vec::new();
-        while cursor.advance().await.map_err(unavailable)? {
-            candidates.push(cursor.deserialize_current().map_err(unavailable)?);
-        }
+        let cursor = self.tokenizer.find(expired).await.map_err(unavailable)?;
+        let candidates = documents(cursor).await?;
         let mut swept = Vec::new();
         for d in candidates {
             // Delete only if still due: a concurrent Dispatch or lease may have just moved it.

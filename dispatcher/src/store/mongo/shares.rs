@@ -57,17 +57,16 @@ pub(super) async fn list(
     shares: &Collection<Document>,
     filter: Document,
 ) -> StoreResult<Vec<ShareRecord>> {
-    let mut cursor = shares
+    let cursor = shares
         .find(filter)
         .sort(doc! { "created_at": 1, "_id": 1 })
         .await
         .map_err(unavailable)?;
-    let mut out = Vec::new();
-    while cursor.advance().await.map_err(unavailable)? {
-        let d = cursor.deserialize_current().map_err(unavailable)?;
-        out.push(from_doc(&d)?);
-    }
-    Ok(out)
+    super::documents(cursor)
+        .await?
+        .iter()
+        .map(from_doc)
+        .collect()
 }
 
 /// Deletes the shares matching `filter` (see the module docs); returns those this call deleted.
