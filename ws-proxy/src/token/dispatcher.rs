@@ -1,7 +1,7 @@
 //! Tokens resolved by the dispatcher's `ResolveToken`, cached briefly: a positive answer for a
 //! few seconds (a page reload opens several connections), a negative one for a second (so a
 //! flood of guesses costs the dispatcher little). Only well-formed tokens are asked about.
-use super::{ConnectionReport, Target, TokenError, TokenSource};
+use super::{Target, TokenError, TokenSource};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -149,10 +149,9 @@ impl TokenSource for DispatcherTokens {
 
     /// Sent in the background, bounded: a slow dispatcher never holds a relay up, and a
     /// report it missed is still in this proxy's log.
-    fn report(&self, report: ConnectionReport) {
+    fn report(&self, event: vncdispatch_proto::v1::ConnectionEvent) {
         let mut client = self.client.clone();
         tokio::spawn(async move {
-            let event = report.into_event();
             let sent = tokio::time::timeout(
                 std::time::Duration::from_secs(5),
                 client.record_connection(event),

@@ -48,54 +48,6 @@ impl std::fmt::Debug for Target {
     }
 }
 
-/// A browser's connection to a desktop, for the dispatcher's audit trail.
-#[derive(Debug, Clone)]
-pub struct ConnectionReport {
-    /// Connected (false: disconnected).
-    pub connected: bool,
-    /// What the token resolved to.
-    pub username: String,
-    /// The share's id, when the token was a share's.
-    pub share_id: String,
-    /// Whether that share is view-only.
-    pub view_only: bool,
-    /// The browser's address.
-    pub client_ip: std::net::IpAddr,
-    /// This proxy's id for the connection, pairing its two reports.
-    pub connection_id: String,
-    /// Disconnected only: bytes up and down, how long, and why it ended.
-    pub bytes_up: u64,
-    /// Bytes from the desktop to the browser.
-    pub bytes_down: u64,
-    /// How long the relay lasted.
-    pub duration: std::time::Duration,
-    /// Why it ended (a short code: browser_closed, session_ended, idle_timeout, ...).
-    pub reason: String,
-}
-
-impl ConnectionReport {
-    /// The report as the dispatcher's RecordConnection takes it.
-    pub fn into_event(self) -> vncdispatch_proto::v1::ConnectionEvent {
-        use vncdispatch_proto::v1::connection_event::Kind;
-        vncdispatch_proto::v1::ConnectionEvent {
-            kind: if self.connected {
-                Kind::Connected
-            } else {
-                Kind::Disconnected
-            } as i32,
-            username: self.username,
-            share_id: self.share_id,
-            view_only: self.view_only,
-            client_ip: self.client_ip.to_string(),
-            connection_id: self.connection_id,
-            bytes_up: self.bytes_up,
-            bytes_down: self.bytes_down,
-            duration_ms: self.duration.as_millis() as u64,
-            reason: self.reason,
-        }
-    }
-}
-
 /// Why a token did not resolve.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -118,6 +70,7 @@ pub trait TokenSource: Send + Sync + std::fmt::Debug + 'static {
     async fn recheck(&self, token: &str) -> Result<Target, TokenError> {
         self.resolve(token).await
     }
-    /// Reports a connection for the audit trail (token files keep none: nothing to do).
-    fn report(&self, _report: ConnectionReport) {}
+    /// Reports a browser's connection (connected, then disconnected) for the dispatcher's
+    /// audit trail; token files keep none: nothing to do.
+    fn report(&self, _event: vncdispatch_proto::v1::ConnectionEvent) {}
 }

@@ -6,7 +6,7 @@ use super::{Refusal, checks};
 use crate::http::{Body, Proxy};
 use crate::limits::{Guesses, Limits, Over, Slot};
 use crate::relay::{Upstream, relay};
-use crate::token::{ConnectionReport, Target, TokenError, TokenSource};
+use crate::token::{Target, TokenError, TokenSource};
 use http_body_util::BodyExt;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
@@ -18,6 +18,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use vncdispatch_proto::v1::ConnectionEvent;
+use vncdispatch_proto::v1::connection_event::Kind;
 use vncdispatch_proto::vencrypt::CertPin;
 
 /// Longest wait for a token lookup, and for a VNC server to accept a connection.
@@ -76,7 +78,6 @@ pub(super) fn bound_to_ip(
     target: &Target,
     client: IpAddr,
 ) -> Result<(), Refusal> {
-    // The recorded IP is the owner's browser; a share's viewer is somewhere else by design.
     if !target.share_id.is_empty() {
         return Ok(());
     }
@@ -295,23 +296,16 @@ pub(super) fn spawn_relay(
                 Vec::new()
             };
             tracing::info!(host = %target.host, port = target.port, user = %target.username, share = %target.share_id, view_only = target.view_only, "relaying");
-            let mut report = ConnectionReport {
-                connected: true,
+            let mut report = ConnectionEvent {
+                kind: Kind::Connected as i32,
                 username: target.username.clone(),
                 share_id: target.share_id.clone(),
                 view_only: target.view_only,
-                client_ip: client,
+                client_ip: client.to_string(),
                 connection_id: connection_id(),
-                bytes_up: 0,
-                bytes_down: 0,
-                duration: Duration::ZERO,
-                reason: String::new(),
+                ..ConnectionEvent::default()
             };
-            // Token files name no user: nothing for an audit trail.
-            let audited = !target.username.is_empty();
-            if audited {
-                tokens.report(report.clone());
-            }
+            tokens.report(report.clone());
             let began = std::time::Instant::now();
             metrics::counter!("vncdispatch_wsproxy_connections_total").increment(1);
             let active = metrics::gauge!("vncdispatch_wsproxy_connections_active");
@@ -331,19 +325,17 @@ pub(super) fn spawn_relay(
             // every earlier return the slot is freed as the task ends.
             drop(slot);
             tracing::info!(up = stats.up, down = stats.down, ended = %stats.ended, "relay ended");
-            if audited {
-                report.connected = false;
-                report.bytes_up = stats.up;
-                report.bytes_down = stats.down;
-                report.duration = began.elapsed();
-                // For a share, a re-check that found it gone: revoked, expired, or its session
-                // over — the share's end either way.
-                report.reason = match stats.ended.as_str() {
-                    "session_ended" if !report.share_id.is_empty() => "share_ended".to_owned(),
-                    other => other.chars().take(32).collect(),
-                };
-                tokens.report(report);
-            }
+            report.kind = Kind::Disconnected as i32;
+            report.bytes_up = stats.up;
+            report.bytes_down = stats.down;
+            report.duration_ms = began.elapsed().as_millis() as u64;
+            // For a share, a re-check that found it gone: revoked, expired, or its session
+            // over — the share's end either way.
+            report.reason = match stats.ended.as_str() {
+                "session_ended" if !report.share_id.is_empty() => "share_ended".to_owned(),
+                other => other.chars().take(32).collect(),
+            };
+            tokens.report(report);
         },
         span,
     ));
