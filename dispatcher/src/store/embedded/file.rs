@@ -27,6 +27,14 @@ pub(super) const AUDIT: TableDefinition<'_, (i64, u64), &[u8]> = TableDefinition
 /// The keys of `audit` by user: (username, time, sequence number).
 pub(super) const AUDIT_BY_USER: TableDefinition<'_, (&str, i64, u64), ()> =
     TableDefinition::new("audit_by_user");
+/// Usernames by when the sweeper must look at them, (deadline, username): a claim's expiry, a
+/// session's stop deadline, or [`UNDATED`] for the original's rows without one. A sweep reads
+/// what is due instead of every session, and one with nothing due writes nothing.
+pub(super) const DUE: TableDefinition<'_, (i64, &str), ()> = TableDefinition::new("due");
+/// The deadline key of rows with none (the original's, until `date_legacy` dates them).
+pub(super) const UNDATED: i64 = i64::MIN;
+/// Set in `meta` once `due` holds every session (files from before it are indexed at open).
+const DUE_INDEXED: &str = "due_indexed";
 
 /// A blade with its registration order.
 #[derive(Serialize, Deserialize)]
@@ -79,7 +87,7 @@ impl EmbeddedStore {
             tx.open_table(SHARE_TOKENS).map_err(err)?;
             tx.open_table(AUDIT).map_err(err)?;
             tx.open_table(AUDIT_BY_USER).map_err(err)?;
-            Ok(())
+            index_due(tx)
         })?;
         Ok(store)
     }
@@ -211,10 +219,64 @@ pub(super) fn get_session(
     found.map(|v| decode(v.value())).transpose()
 }
 
+/// Where a row sits in [`DUE`].
+fn due_key(rec: &SessionRecord) -> i64 {
+    match &rec.claim {
+        Some(c) => c.expires_at_ms,
+        None => rec.stop_deadline().unwrap_or(UNDATED),
+    }
+}
+
+/// Fills [`DUE`] from the sessions once, for a file written before it existed.
+fn index_due(tx: &WriteTransaction) -> StoreResult<()> {
+    let mut meta = tx.open_table(META).map_err(err)?;
+    if meta.get(DUE_INDEXED).map_err(err)?.is_some() {
+        return Ok(());
+    }
+    let sessions = tx.open_table(SESSIONS).map_err(err)?;
+    let mut due = tx.open_table(DUE).map_err(err)?;
+    for row in sessions.iter().map_err(err)? {
+        let (user, v) = row.map_err(err)?;
+        let rec: SessionRecord = decode(v.value())?;
+        due.insert((due_key(&rec), user.value()), ()).map_err(err)?;
+    }
+    meta.insert(DUE_INDEXED, 1).map_err(err)?;
+    Ok(())
+}
+
+/// Takes the stored row of `username` (if any) out of [`DUE`].
+fn unindex_due(tx: &WriteTransaction, username: &str) -> StoreResult<()> {
+    if let Some(old) = get_session(tx, username)? {
+        tx.open_table(DUE)
+            .map_err(err)?
+            .remove((due_key(&old), username))
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The usernames in [`DUE`] with a key in `from..=to`.
+pub(super) fn due_between(
+    due: &impl ReadableTable<(i64, &'static str), ()>,
+    from: i64,
+    to: i64,
+) -> StoreResult<Vec<String>> {
+    let mut out = Vec::new();
+    for row in due.range((from, "")..=(to, "\u{10ffff}")).map_err(err)? {
+        out.push(row.map_err(err)?.0.value().1.to_owned());
+    }
+    Ok(out)
+}
+
 pub(super) fn put_session(tx: &WriteTransaction, rec: &SessionRecord) -> StoreResult<()> {
+    unindex_due(tx, &rec.username)?;
     tx.open_table(SESSIONS)
         .map_err(err)?
         .insert(rec.username.as_str(), encode(rec)?.as_slice())
+        .map_err(err)?;
+    tx.open_table(DUE)
+        .map_err(err)?
+        .insert((due_key(rec), rec.username.as_str()), ())
         .map_err(err)?;
     if !rec.token_hash.is_empty() {
         tx.open_table(TOKENS)
@@ -226,6 +288,7 @@ pub(super) fn put_session(tx: &WriteTransaction, rec: &SessionRecord) -> StoreRe
 }
 
 pub(super) fn remove_session(tx: &WriteTransaction, rec: &SessionRecord) -> StoreResult<()> {
+    unindex_due(tx, &rec.username)?;
     tx.open_table(SESSIONS)
         .map_err(err)?
         .remove(rec.username.as_str())

@@ -18,8 +18,8 @@ use super::{
     ShareRecord, Store, StoreError, StoreResult,
 };
 use file::{
-    BLADES, SESSIONS, StoredBlade, TOKENS, blades_sorted, bump, decode, encode, err, get_session,
-    put_session, remove_session,
+    BLADES, DUE, SESSIONS, StoredBlade, TOKENS, UNDATED, blades_sorted, bump, decode, due_between,
+    encode, err, get_session, put_session, remove_session,
 };
 use redb::{Database, Durability, ReadableTable};
 use std::path::PathBuf;
@@ -172,23 +172,31 @@ impl Store for EmbeddedStore {
 
     async fn date_legacy(&self, expires_at_ms: i64) -> StoreResult<u64> {
         self.blocking(move |s| {
+            // Read first: there are none once dated, and a write would commit (fsync) nothing.
+            let undated = due_between(
+                &s.read_tx()?.open_table(DUE).map_err(err)?,
+                UNDATED,
+                UNDATED,
+            )?;
+            if undated.is_empty() {
+                return Ok(0);
+            }
             s.write(Durability::Immediate, |tx| {
-                let mut undated = Vec::new();
-                {
-                    let table = tx.open_table(SESSIONS).map_err(err)?;
-                    for row in table.iter().map_err(err)? {
-                        let rec: SessionRecord = decode(row.map_err(err)?.1.value())?;
-                        if rec.is_ready() && rec.expires_at_ms.is_none() {
-                            undated.push(rec);
-                        }
+                let mut dated = 0;
+                // Collected first: the table must be closed before put_session opens it.
+                let undated = due_between(&tx.open_table(DUE).map_err(err)?, UNDATED, UNDATED)?;
+                for user in undated {
+                    let Some(mut rec) = get_session(tx, &user)? else {
+                        continue;
+                    };
+                    if rec.is_ready() && rec.expires_at_ms.is_none() {
+                        rec.expires_at_ms = Some(expires_at_ms);
+                        rec.stops_at_ms = Some(expires_at_ms);
+                        put_session(tx, &rec)?;
+                        dated += 1;
                     }
                 }
-                for mut rec in undated.iter().cloned() {
-                    rec.expires_at_ms = Some(expires_at_ms);
-                    rec.stops_at_ms = Some(expires_at_ms);
-                    put_session(tx, &rec)?;
-                }
-                Ok(undated.len() as u64)
+                Ok(dated)
             })
         })
         .await
@@ -275,19 +283,24 @@ impl Store for EmbeddedStore {
 
     async fn sweep_expired(&self, now_ms: i64) -> StoreResult<Vec<SessionRecord>> {
         self.blocking(move |s| {
+            // Only rows whose deadline passed are read; most sweeps find none and write nothing.
+            let (from, to) = (UNDATED + 1, now_ms);
+            if due_between(&s.read_tx()?.open_table(DUE).map_err(err)?, from, to)?.is_empty() {
+                return Ok(Vec::new());
+            }
             s.write(Durability::Immediate, |tx| {
                 let mut doomed = Vec::new();
-                {
-                    let table = tx.open_table(SESSIONS).map_err(err)?;
-                    for row in table.iter().map_err(err)? {
-                        let rec: SessionRecord = decode(row.map_err(err)?.1.value())?;
-                        let stale_claim = rec
-                            .claim
-                            .as_ref()
-                            .is_some_and(|c| c.expires_at_ms <= now_ms);
-                        if stale_claim || (rec.is_ready() && rec.is_due(now_ms)) {
-                            doomed.push(rec);
-                        }
+                let due = due_between(&tx.open_table(DUE).map_err(err)?, from, to)?;
+                for user in due {
+                    let Some(rec) = get_session(tx, &user)? else {
+                        continue;
+                    };
+                    let stale_claim = rec
+                        .claim
+                        .as_ref()
+                        .is_some_and(|c| c.expires_at_ms <= now_ms);
+                    if stale_claim || (rec.is_ready() && rec.is_due(now_ms)) {
+                        doomed.push(rec);
                     }
                 }
                 for rec in &doomed {
@@ -515,5 +528,41 @@ mod tests {
             Some(rec)
         );
         assert!(store.list_blades().await.unwrap()[0].draining);
+    }
+
+    // A file from before the `due` index: its sessions are indexed at open, so the sweeper
+    // still finds the ones due.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_file_without_the_due_index_gets_it_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions.redb");
+        {
+            let store = EmbeddedStore::open(&path).unwrap();
+            let claim = Claim {
+                id: "k".into(),
+                expires_at_ms: i64::MAX,
+            };
+            store.claim("dora", &claim, 0).await.unwrap();
+            let rec = SessionRecord {
+                username: "dora".into(),
+                expires_at_ms: Some(10),
+                ..Default::default()
+            };
+            store.complete(&rec, "k").await.unwrap();
+            store
+                .write(Durability::Immediate, |tx| {
+                    tx.delete_table(DUE).map_err(err)?;
+                    tx.open_table(file::META)
+                        .map_err(err)?
+                        .remove("due_indexed")
+                        .map_err(err)?;
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let store = EmbeddedStore::open(&path).unwrap();
+        let swept = store.sweep_expired(20).await.unwrap();
+        assert_eq!(swept.len(), 1);
+        assert_eq!(swept[0].username, "dora");
     }
 }

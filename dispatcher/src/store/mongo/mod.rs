@@ -168,6 +168,16 @@ impl MongoStore {
             )
             .await
             .map_err(unavailable)?;
+        // The sweeper's queries: what is due is read, not every session.
+        create_indexes(
+            &store.tokenizer,
+            "tokenizer",
+            [
+                IndexModel::builder().keys(doc! { "stops_at": 1 }).build(),
+                IndexModel::builder().keys(doc! { "claim_expires": 1 }).build(),
+            ],
+        )
+        .await?;
         history::create_index(&store.history).await?;
         shares::create_indexes(&store.shares).await?;
         audit::create_indexes(&store.audit).await?;
