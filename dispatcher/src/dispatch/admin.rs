@@ -4,6 +4,7 @@
 use super::{BladeHealth, Dispatcher, timestamp};
 use crate::error::DispatchError;
 use crate::store::{BladeRecord, EndReason, Method, SessionRecord};
+use std::collections::HashMap;
 use vncdispatch_proto::rules::{
     DEFAULT_POOL, validate_blade_host, validate_blade_name, validate_pool,
 };
@@ -83,6 +84,7 @@ impl Dispatcher {
                 .unwrap_or(0),
         };
         self.store.put_blade(&blade).await?;
+        self.directory.forget();
         // What is known of the blade holds while it stays where it was (a cap or pool
         // changed); at a new address it is learnt again.
         let moved = existing.is_none_or(|b| {
@@ -106,12 +108,15 @@ impl Dispatcher {
         &self,
     ) -> Result<Vec<(BladeRecord, Option<BladeHealth>, usize)>, DispatchError> {
         let blades = self.store.list_blades().await?;
-        let sessions = self.store.list_sessions().await?;
+        let mut stored: HashMap<String, usize> = HashMap::new();
+        for s in self.store.list_sessions().await? {
+            *stored.entry(s.blade).or_default() += 1;
+        }
         let health = self.health_view();
         Ok(blades
             .into_iter()
             .map(|b| {
-                let n = sessions.iter().filter(|s| s.blade == b.name).count();
+                let n = stored.get(&b.name).copied().unwrap_or(0);
                 let h = health.get(&b.name).cloned();
                 (b, h, n)
             })
@@ -121,10 +126,9 @@ impl Dispatcher {
     /// Drains (or undrains) a blade.
     pub async fn drain(&self, name: &str, draining: bool) -> Result<BladeRecord, DispatchError> {
         validate_blade_name(name)?;
-        self.store
-            .set_draining(name, draining)
-            .await?
-            .ok_or_else(|| DispatchError::UnknownBlade(name.to_owned()))
+        let drained = self.store.set_draining(name, draining).await;
+        self.directory.forget();
+        drained?.ok_or_else(|| DispatchError::UnknownBlade(name.to_owned()))
     }
 
     /// Forgets a blade; with `force`, revokes and stops its sessions first (ended by `actor`).
@@ -164,7 +168,9 @@ impl Dispatcher {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
-        Ok(self.store.remove_blade(name).await?)
+        let removed = self.store.remove_blade(name).await;
+        self.directory.forget();
+        Ok(removed?)
     }
 }
 

@@ -45,6 +45,7 @@ use std::time::Duration;
 mod admin;
 pub mod audit;
 pub mod capacity;
+mod directory;
 mod lifecycle;
 mod placement;
 mod session;
@@ -182,6 +183,8 @@ pub struct Dispatcher {
     seal: SealKey,
     /// Settings from the command line.
     cfg: DispatchConfig,
+    /// This process's copy of the registered blades.
+    directory: directory::Directory,
     /// This process's view of blade health: the poller's answers and launch failures.
     health: Arc<RwLock<HashMap<String, BladeHealth>>>,
     /// The time stored expiries and claim deadlines are measured against.
@@ -223,6 +226,7 @@ impl Dispatcher {
             launchers,
             seal,
             cfg,
+            directory: directory::Directory::default(),
             health: Arc::default(),
             clock: Arc::new(WallClock),
             alive_seen: std::sync::Mutex::default(),

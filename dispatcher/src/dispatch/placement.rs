@@ -25,41 +25,52 @@ impl Dispatcher {
         &self,
         pool: &str,
     ) -> Result<Vec<BladeRecord>, DispatchError> {
-        let all = self.store.list_blades().await?;
-        if all.is_empty() {
+        let mut blades = self.blade_list().await?;
+        if blades.pool(pool).next().is_none() {
+            // Added through another dispatcher a moment ago, perhaps: ask the store.
+            blades = self.blade_list_now().await?;
+        }
+        if blades.all().is_empty() {
             return Err(DispatchError::NoBlade(
                 "no blades are registered (dispatcher blade add NAME HOST)".into(),
             ));
         }
-        let in_pool: Vec<BladeRecord> = all.iter().filter(|b| b.pool == pool).cloned().collect();
-        if in_pool.is_empty() {
-            let mut pools: Vec<&str> = all.iter().map(|b| b.pool.as_str()).collect();
-            pools.sort_unstable();
-            pools.dedup();
+        if blades.pool(pool).next().is_none() {
             return Err(DispatchError::EmptyPool(format!(
                 "no blade serves pool `{pool}` (pools with blades: {}); add one with `dispatcher blade add NAME HOST --pool {pool}`, or ask for another pool",
-                pools.join(", ")
+                blades.pools().join(", ")
             )));
         }
-        let health = self.health_view();
-        let (usable, last_resort): (Vec<BladeRecord>, Vec<BladeRecord>) = in_pool
-            .iter()
-            .filter(|b| !b.draining)
-            .cloned()
-            .partition(|b| health.get(&b.name).is_none_or(|h| h.healthy));
-        if usable.is_empty() && last_resort.is_empty() {
+        // Sorted under the read lock (no await in it): the health map is not copied, and
+        // only this pool's blades are looked at.
+        let (mut usable, last_resort, draining) = {
+            let health = self.health.read().unwrap_or_else(|p| p.into_inner());
+            let (mut usable, mut last_resort, mut draining) = (Vec::new(), Vec::new(), 0);
+            for b in blades.pool(pool) {
+                let h = health.get(&b.name);
+                if b.draining {
+                    draining += 1;
+                } else if h.is_some_and(|h| !h.healthy) {
+                    last_resort.push(b.clone());
+                } else {
+                    // A blade with no room gets no new desktop (admission, not overload).
+                    let r = room(b, h);
+                    if r.fits() {
+                        usable.push((score(b, h), r.used, b.clone()));
+                    }
+                }
+            }
+            (usable, last_resort, draining)
+        };
+        let in_pool = blades.pool(pool).count();
+        if draining == in_pool {
             return Err(DispatchError::NoBlade(format!(
-                "no usable blade: all {} blades of pool `{pool}` are draining",
-                in_pool.len()
+                "no usable blade: all {in_pool} blades of pool `{pool}` are draining"
             )));
         }
-        // A blade with no room gets no new desktop (admission, not overload); when that is
-        // every healthy blade, Dispatch says so at once.
-        let usable: Vec<BladeRecord> = usable
-            .into_iter()
-            .filter(|b| room(b, health.get(&b.name)).fits())
-            .collect();
+        // When no healthy blade has room, Dispatch says so at once.
         if usable.is_empty() && last_resort.is_empty() {
+            let in_pool: Vec<BladeRecord> = blades.pool(pool).cloned().collect();
             return Err(self.no_capacity(pool, &in_pool));
         }
         if usable.is_empty() {
@@ -69,30 +80,20 @@ impl Dispatcher {
             Policy::RoundRobin => {
                 let n = self.store.next_round_robin().await?;
                 let start = (n % usable.len() as u64) as usize;
-                usable[start..]
-                    .iter()
-                    .chain(&usable[..start])
-                    .cloned()
-                    .collect()
+                usable.rotate_left(start);
+                usable.into_iter().map(|(_, _, b)| b).collect()
             }
             Policy::Score => {
-                let mut scored: Vec<(f64, u32, BladeRecord)> = usable
-                    .into_iter()
-                    .map(|b| {
-                        let h = health.get(&b.name);
-                        (score(&b, h), room(&b, h).used, b)
-                    })
-                    .collect();
                 // Stable: equal scores and desktops keep registration order.
-                scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-                scored.into_iter().map(|(_, _, b)| b).collect()
+                usable.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                usable.into_iter().map(|(_, _, b)| b).collect()
             }
         };
         ordered.extend(last_resort);
         Ok(ordered)
     }
 
-    /// A copy of the health map, so no lock is held across awaits.
+    /// A copy of the health map (for listings and the poller's pass, not per Dispatch).
     pub(super) fn health_view(&self) -> HashMap<String, BladeHealth> {
         self.health
             .read()
@@ -137,7 +138,7 @@ impl Dispatcher {
 
     /// The refusal when no blade of `pool` has room, with what an operator needs to act on.
     pub(super) fn no_capacity(&self, pool: &str, in_pool: &[BladeRecord]) -> DispatchError {
-        let health = self.health_view();
+        let health = self.health.read().unwrap_or_else(|p| p.into_inner());
         let rooms: Vec<Room> = in_pool
             .iter()
             .filter(|b| !b.draining && health.get(&b.name).is_none_or(|h| h.healthy))
@@ -145,6 +146,7 @@ impl Dispatcher {
             .collect();
         let used: u32 = rooms.iter().map(|r| r.used).sum();
         let total: u32 = rooms.iter().filter_map(Room::capacity).sum();
+        drop(health);
         metrics::counter!("vncdispatch_dispatcher_admission_refusals_total", "pool" => pool.to_owned()).increment(1);
         DispatchError::NoCapacity(format!(
             "no free desktop in pool `{pool}`: all {} usable blades are full ({used} of {total} desktops in use); add blades to the pool, raise their --display-count or max_sessions, or end idle sessions",
@@ -187,14 +189,15 @@ impl Dispatcher {
         }
     }
 
-    /// Asks every blade for its health and records the answers (run periodically).
+    /// Asks every blade for its health and records the answers (run periodically); reads
+    /// the blade list afresh on the way.
     pub async fn check_blades(&self) {
-        let Ok(blades) = self.store.list_blades().await else {
+        let Ok(blades) = self.blade_list_now().await else {
             return;
         };
         // Each blade is marked as its answer comes: a hung blade must not hold up the news
         // that another is back.
-        let checks = blades.iter().map(|blade| async move {
+        let checks = blades.all().iter().map(|blade| async move {
             let result = match self.launchers.get(blade.method) {
                 Ok(l) => tokio::time::timeout(Duration::from_secs(5), l.health(blade))
                     .await
@@ -214,32 +217,47 @@ impl Dispatcher {
             }
         });
         futures_util::future::join_all(checks).await;
-        // Per-blade gauges ride on this periodic pass rather than on every Dispatch.
-        let health = self.health_view();
-        // Without the stored sessions there is nothing to count SSH blades by: keep what was.
-        let Ok(sessions) = self.store.list_sessions().await else {
-            return;
+        // Blades that report no figures (SSH) are placed by the sessions stored on them, so
+        // the score does not rank them first for ever. Only then are the sessions read: with
+        // agents alone, a pass costs nothing that grows with the sessions.
+        let unreported: Vec<&str> = {
+            let health = self.health.read().unwrap_or_else(|p| p.into_inner());
+            blades
+                .all()
+                .iter()
+                .filter(|b| health.get(&b.name).is_some_and(|h| !h.load.reported))
+                .map(|b| b.name.as_str())
+                .collect()
         };
-        for blade in blades {
-            let live = sessions.iter().filter(|s| s.blade == blade.name).count();
-            let healthy = health.get(&blade.name).is_some_and(|h| h.healthy);
-            // Blades that report no figures (SSH) are placed by the sessions stored on them,
-            // so the score does not rank them first for ever.
-            if health.get(&blade.name).is_some_and(|h| !h.load.reported) {
-                let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-                if let Some(h) = map.get_mut(&blade.name) {
-                    h.load.sessions = u32::try_from(live).unwrap_or(u32::MAX);
-                    h.load.vnc_pids = sessions
-                        .iter()
-                        .filter(|s| s.blade == blade.name)
-                        .map(|s| s.vnc_pid)
-                        .collect();
-                    settle(h);
-                }
+        let mut stored: HashMap<&str, Vec<u32>> = HashMap::new();
+        let sessions = if unreported.is_empty() {
+            Vec::new()
+        } else {
+            // Without them there is nothing to count those blades by: keep what was.
+            let Ok(sessions) = self.store.list_sessions().await else {
+                return;
+            };
+            sessions
+        };
+        for s in &sessions {
+            stored.entry(s.blade.as_str()).or_default().push(s.vnc_pid);
+        }
+        let mut health = self.health.write().unwrap_or_else(|p| p.into_inner());
+        for name in unreported {
+            if let Some(h) = health.get_mut(name) {
+                h.load.vnc_pids = stored.get(name).cloned().unwrap_or_default();
+                h.load.sessions = u32::try_from(h.load.vnc_pids.len()).unwrap_or(u32::MAX);
+                settle(h);
             }
+        }
+        // Per-blade gauges ride on this periodic pass rather than on every Dispatch.
+        for blade in blades.all() {
+            let h = health.get(&blade.name);
+            let live = h.map_or(0, |h| h.load.sessions);
+            let healthy = h.is_some_and(|h| h.healthy);
             metrics::gauge!("vncdispatch_dispatcher_sessions_live", "blade" => blade.name.clone())
-                .set(live as f64);
-            metrics::gauge!("vncdispatch_dispatcher_blade_healthy", "blade" => blade.name)
+                .set(f64::from(live));
+            metrics::gauge!("vncdispatch_dispatcher_blade_healthy", "blade" => blade.name.clone())
                 .set(f64::from(u8::from(healthy)));
         }
     }

@@ -142,12 +142,7 @@ impl Dispatcher {
     /// the original's blade names were host names, if it is not registered).
     pub(super) async fn fill_host(&self, rec: &mut SessionRecord) -> Result<(), DispatchError> {
         if rec.host.is_empty() {
-            let blade = self
-                .store
-                .list_blades()
-                .await?
-                .into_iter()
-                .find(|b| b.name == rec.blade);
+            let blade = self.blade_named(&rec.blade).await?;
             rec.host = blade.map(|b| b.host).unwrap_or_else(|| rec.blade.clone());
         }
         Ok(())
@@ -156,12 +151,10 @@ impl Dispatcher {
     /// Whether the record's Xvnc still runs, as its blade says; when the blade cannot tell,
     /// yes (see below).
     pub(super) async fn alive(&self, rec: &SessionRecord) -> bool {
-        let blades = match self.store.list_blades().await {
-            Ok(b) => b,
+        let blade = match self.blade_named(&rec.blade).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return false,
             Err(_) => return true, // cannot tell; the store error surfaces elsewhere
-        };
-        let Some(blade) = blades.into_iter().find(|b| b.name == rec.blade) else {
-            return false;
         };
         // No launcher for the blade's method here (an SSH blade without --ssh-key): cannot
         // tell, so keep it, as below.
@@ -377,13 +370,7 @@ impl Dispatcher {
             return Ok(self.session(&rec, token, password, false));
         }
         if full > 0 && full == tried {
-            let in_pool: Vec<BladeRecord> = self
-                .store
-                .list_blades()
-                .await?
-                .into_iter()
-                .filter(|b| b.pool == pool)
-                .collect();
+            let in_pool: Vec<BladeRecord> = self.blade_list().await?.pool(pool).cloned().collect();
             return Err(self.no_capacity(pool, &in_pool));
         }
         Err(DispatchError::NoBlade(format!(
@@ -510,8 +497,7 @@ impl Dispatcher {
     /// Asks the record's blade to stop its desktop; a failure is logged, not returned (the
     /// token is already revoked).
     pub(super) async fn stop_desktop(&self, rec: &SessionRecord) {
-        let blades = self.store.list_blades().await.unwrap_or_default();
-        let Some(blade) = blades.into_iter().find(|b| b.name == rec.blade) else {
+        let Ok(Some(blade)) = self.blade_named(&rec.blade).await else {
             return;
         };
         let Ok(launcher) = self.launchers.get(blade.method) else {

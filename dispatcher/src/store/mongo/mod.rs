@@ -174,7 +174,9 @@ impl MongoStore {
             "tokenizer",
             [
                 IndexModel::builder().keys(doc! { "stops_at": 1 }).build(),
-                IndexModel::builder().keys(doc! { "claim_expires": 1 }).build(),
+                IndexModel::builder()
+                    .keys(doc! { "claim_expires": 1 })
+                    .build(),
             ],
         )
         .await?;

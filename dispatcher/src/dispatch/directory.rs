@@ -1,0 +1,127 @@
+//! This dispatcher's copy of the registered blades, indexed by name and by pool, so a Dispatch
+//! neither reads the whole blade list from the store nor walks blades of other pools.
+//!
+//! The copy is read again when it is older than [`MAX_AGE`], at once after this dispatcher
+//! changed a blade, and whenever a lookup misses (a blade or pool added through another
+//! dispatcher is found on first use). What another dispatcher drains or removes is seen here
+//! within [`MAX_AGE`]: a start may land on a blade drained a moment ago, as it may today when
+//! the drain comes while the start is under way.
+use super::Dispatcher;
+use crate::store::{BladeRecord, StoreError};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long a copy serves before it is read again: one store read a second per dispatcher,
+/// whatever the request rate.
+const MAX_AGE: Duration = Duration::from_secs(1);
+
+/// The registered blades at one moment.
+#[derive(Debug, Default)]
+pub(super) struct Blades {
+    /// In registration order (round-robin and equal scores follow it).
+    all: Vec<BladeRecord>,
+    by_name: HashMap<String, usize>,
+    by_pool: HashMap<String, Vec<usize>>,
+}
+
+impl Blades {
+    fn new(all: Vec<BladeRecord>) -> Self {
+        let mut by_name = HashMap::with_capacity(all.len());
+        let mut by_pool: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, b) in all.iter().enumerate() {
+            by_name.insert(b.name.clone(), i);
+            by_pool.entry(b.pool.clone()).or_default().push(i);
+        }
+        Blades {
+            all,
+            by_name,
+            by_pool,
+        }
+    }
+
+    /// Every blade, in registration order.
+    pub(super) fn all(&self) -> &[BladeRecord] {
+        &self.all
+    }
+
+    /// The blade named `name`.
+    pub(super) fn get(&self, name: &str) -> Option<&BladeRecord> {
+        self.by_name.get(name).map(|&i| &self.all[i])
+    }
+
+    /// The blades of `pool`, in registration order.
+    pub(super) fn pool<'a>(&'a self, pool: &str) -> impl Iterator<Item = &'a BladeRecord> + 'a {
+        let idx = self.by_pool.get(pool).map_or(&[][..], Vec::as_slice);
+        idx.iter().map(|&i| &self.all[i])
+    }
+
+    /// The pools that have blades, sorted.
+    pub(super) fn pools(&self) -> Vec<&str> {
+        let mut pools: Vec<&str> = self.by_pool.keys().map(String::as_str).collect();
+        pools.sort_unstable();
+        pools
+    }
+}
+
+/// The cached copy and when it was read.
+#[derive(Debug, Default)]
+pub(super) struct Directory {
+    current: RwLock<Option<(Arc<Blades>, Instant)>>,
+    /// One store read at a time: callers arriving meanwhile take its result.
+    reading: tokio::sync::Mutex<()>,
+}
+
+impl Directory {
+    fn fresh(&self, newer_than: Option<Instant>) -> Option<Arc<Blades>> {
+        let guard = self.current.read().unwrap_or_else(|p| p.into_inner());
+        let (blades, at) = guard.as_ref()?;
+        let fresh = match newer_than {
+            Some(t) => *at > t,
+            None => at.elapsed() < MAX_AGE,
+        };
+        fresh.then(|| Arc::clone(blades))
+    }
+
+    /// Drops the copy: the next use reads the store.
+    pub(super) fn forget(&self) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+impl Dispatcher {
+    /// The registered blades, from the copy if it is recent.
+    pub(super) async fn blade_list(&self) -> Result<Arc<Blades>, StoreError> {
+        match self.directory.fresh(None) {
+            Some(b) => Ok(b),
+            None => self.blade_list_now().await,
+        }
+    }
+
+    /// The registered blades as the store has them now.
+    pub(super) async fn blade_list_now(&self) -> Result<Arc<Blades>, StoreError> {
+        let asked = Instant::now();
+        let _one = self.directory.reading.lock().await;
+        // Read by the caller before us while we waited: as good as our own read.
+        if let Some(b) = self.directory.fresh(Some(asked)) {
+            return Ok(b);
+        }
+        let blades = Arc::new(Blades::new(self.store.list_blades().await?));
+        *self
+            .directory
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some((Arc::clone(&blades), Instant::now()));
+        Ok(blades)
+    }
+
+    /// The blade named `name`: from the copy, or from the store if the copy lacks it (added
+    /// through another dispatcher a moment ago).
+    pub(super) async fn blade_named(&self, name: &str) -> Result<Option<BladeRecord>, StoreError> {
+        if let Some(b) = self.blade_list().await?.get(name) {
+            return Ok(Some(b.clone()));
+        }
+        Ok(self.blade_list_now().await?.get(name).cloned())
+    }
+}
