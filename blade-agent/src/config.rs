@@ -72,6 +72,13 @@ pub struct DesktopConfig {
     /// How long to wait for a new Xvnc to accept connections before giving up.
     #[arg(long, env = "BLADE_AGENT_START_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub start_timeout: Duration,
+    /// How often Health and listing reread all of /proc for desktops this agent did not start
+    /// (by `cloudvnc`, by hand, from before a restart); in between they check only the
+    /// desktops already known, so their cost follows the number of desktops rather than of
+    /// processes on the host. Such a desktop is counted within this time; the agent's own
+    /// starts and stops show at once. 0s: every call scans.
+    #[arg(long, env = "BLADE_AGENT_RESCAN_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub rescan_interval: Duration,
     /// Directory for per-user lock files (root-only).
     #[arg(long, env = "BLADE_AGENT_RUN_DIR", default_value = "/run/blade-agent")]
     pub run_dir: PathBuf,

@@ -9,7 +9,8 @@
 //!
 //! Layout: this file holds the calls and the per-user locks; `display.rs` picks and reserves a
 //! free display (and clears what dead X servers left in /tmp); `session.rs` runs the per-user
-//! helper ([`crate::helper`]) and reads its answer.
+//! helper ([`crate::helper`]) and reads its answer; `registry.rs` keeps the desktops known in
+//! the range, so Health and listing check those alone instead of scanning all of /proc.
 use crate::account::{self, Account};
 use crate::config::{DesktopConfig, check_geometry};
 use crate::discover::{self, RunningXvnc};
@@ -28,8 +29,10 @@ use vncdispatch_proto::vencrypt::CertPin;
 
 mod display;
 mod ports;
+mod registry;
 mod session;
 
+use registry::Registry;
 use session::HelperError::{Busy, Other};
 use session::HelperRequest;
 
@@ -52,6 +55,9 @@ pub struct Agent {
     reserved: Arc<Mutex<HashSet<u32>>>,
     /// Desktops last seen per user, for cheap liveness checks (see [`Agent::find`]).
     seen: Mutex<HashMap<String, RunningXvnc>>,
+    /// The desktops in the range, checked by pid and start time at each use and rescanned
+    /// from /proc now and then (see [`Agent::desktops`]).
+    registry: Arc<Registry>,
     /// Certificate pins of the desktops this process started, by Xvnc pid. Not kept across
     /// restarts: a desktop adopted after one is reported without a pin (the dispatcher keeps
     /// the pin it stored at the start).
@@ -96,7 +102,13 @@ impl Agent {
             check_pam_service(service)?;
         }
         let host = cfg.host();
+        let registry = Arc::new(Registry::new(
+            xvnc_comm(&cfg),
+            cfg.display_first..=cfg.display_last(),
+            cfg.rescan_interval,
+        ));
         Ok(Agent {
+            registry,
             cfg,
             helper,
             host,
@@ -185,6 +197,7 @@ impl Agent {
                 "the caller went away while its desktop started; stopping it (no session points at it)"
             );
             terminate(&started).await;
+            self.registry.forget(&started);
             return;
         }
         tracing::info!(
@@ -204,6 +217,7 @@ impl Agent {
                 "the call waiting for the user did not take the desktop; stopping it"
             );
             terminate(&left).await;
+            self.registry.forget(&left);
         }
         drop(again);
     }
@@ -315,6 +329,7 @@ impl Agent {
                         });
                         started.insert((pid, running.start_ticks));
                     }
+                    self.registry.note(&running);
                     if let Some(pin) = pin {
                         let mut pins = lock(&self.pins);
                         // Pids are reused: forget pins of desktops that are gone.
@@ -412,6 +427,7 @@ impl Agent {
             return Ok(false);
         }
         terminate(&running).await;
+        self.registry.forget(&running);
         tracing::info!(
             display = running.display,
             pid = running.pid,
@@ -422,7 +438,8 @@ impl Agent {
 
     /// The user's running desktop, if any. Cheap when the desktop was seen before: the
     /// remembered process is checked by its /proc entry alone (pid and start time), and only
-    /// a miss scans /proc — this is the dispatcher's per-reconnect liveness check.
+    /// a miss looks further (the registry, then a /proc scan when the user has no desktop
+    /// there) — this is the dispatcher's per-reconnect liveness check.
     pub async fn find(&self, username: &str) -> Result<Option<VncServer>, AgentError> {
         validate_username(username)?;
         let remembered = lock(&self.seen).get(username).cloned();
@@ -450,7 +467,7 @@ impl Agent {
 
     /// Session count, free displays, load and memory.
     pub async fn health(&self) -> Result<AgentHealth, AgentError> {
-        let live = self.desktops().await?;
+        let live = self.desktop_processes().await?;
         let (load1, meminfo) = blocking(|| {
             let load1 = fs::read_to_string("/proc/loadavg")
                 .ok()
@@ -462,8 +479,8 @@ impl Agent {
             ))
         })
         .await?;
-        // Both are in the range: desktops() keeps to it, and displays are reserved from it.
-        let live_displays: HashSet<u32> = live.iter().map(|(_, r)| r.display).collect();
+        // Both are in the range: the registry keeps to it, and displays are reserved from it.
+        let live_displays: HashSet<u32> = live.iter().map(|r| r.display).collect();
         let used: HashSet<u32> = live_displays
             .iter()
             .chain(lock(&self.reserved).iter())
@@ -484,7 +501,7 @@ impl Agent {
                 * 1024
         };
         Ok(AgentHealth {
-            vnc_pids: live.iter().map(|(_, r)| r.pid).collect(),
+            vnc_pids: live.iter().map(|r| r.pid).collect(),
             // Reserved displays whose desktop does not run yet (live ones are in `used` too).
             starting: (used.len() - live_displays.len()) as u32,
             sessions: live.len() as u32,
@@ -498,54 +515,8 @@ impl Agent {
         })
     }
 
-    /// Every Xvnc on the blade that is a desktop of a desktop user: owned by an account in the
-    /// allowed uid range and checking a VNC password file (the fast path passes `~/.vncpasswd`;
-    /// the vncserver wrapper a private copy of it). Only desktops in this agent's display range
-    /// are its own: another agent on the same host (tests, a second range) keeps its
-    /// desktops, and no stop or reuse here reaches them. A /proc scan and NSS lookups: run on
-    /// a blocking thread.
-    async fn desktops(&self) -> Result<Vec<(Account, RunningXvnc)>, AgentError> {
-        let (comm, uids) = (self.xvnc_comm(), self.uids());
-        let range = self.cfg.display_first..=self.cfg.display_last();
-        blocking(move || {
-            let mut accounts: HashMap<u32, Option<Account>> = HashMap::new();
-            let mut out = Vec::new();
-            for running in discover::scan(&comm)
-                .map_err(|e| AgentError::io("reading /proc", e))?
-                .into_iter()
-                .filter(|r| range.contains(&r.display))
-            {
-                let account = accounts
-                    .entry(running.uid)
-                    .or_insert_with(|| account::lookup_uid(running.uid, uids).ok())
-                    .clone();
-                if let Some(account) = account
-                    && running.rfbauth.is_some()
-                {
-                    out.push((account, running));
-                }
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    async fn running_for(&self, account: &Account) -> Result<Option<RunningXvnc>, AgentError> {
-        Ok(self
-            .desktops()
-            .await?
-            .into_iter()
-            .find(|(a, _)| a.uid == account.uid)
-            .map(|(_, r)| r))
-    }
-
     fn xvnc_comm(&self) -> String {
-        self.cfg
-            .xvnc
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("Xtigervnc")
-            .to_owned()
+        xvnc_comm(&self.cfg)
     }
 
     fn describe(&self, username: &str, running: &RunningXvnc, reused: bool) -> VncServer {
@@ -603,6 +574,15 @@ impl Agent {
             inproc,
         })
     }
+}
+
+/// The Xvnc binary's name, as /proc shows it in `comm`.
+fn xvnc_comm(cfg: &DesktopConfig) -> String {
+    cfg.xvnc
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("Xtigervnc")
+        .to_owned()
 }
 
 /// Refuses a helper that anyone but root could replace: the file and every directory above
