@@ -73,4 +73,9 @@ impl FerretDb {
     pub fn log(&self) -> String {
         self.child.log()
     }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.pid()
+    }
 }

@@ -36,6 +36,7 @@ pub mod procs;
 pub mod reliability;
 pub mod rfb;
 pub mod rig;
+pub mod scale;
 pub mod sshd;
 pub mod users;
 pub mod vnc_echo;
@@ -58,10 +59,20 @@ pub fn artifact(name: &str) -> PathBuf {
     repo().join("tests/artifacts").join(name)
 }
 
-/// Path of a binary of this workspace, next to the test executable's `deps/` directory.
+/// Path of a binary of this workspace, next to the test executable's `deps/` directory — or
+/// in `VNCDISPATCH_BIN_DIR` when set, so a bench can run another build (the one before a
+/// change) under the same measurements.
 pub fn workspace_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let dir = match std::env::var_os("VNCDISPATCH_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().expect("test executable path");
+            exe.parent()
+                .and_then(|d| d.parent())
+                .expect("target dir")
+                .to_owned()
+        }
+    };
     let bin = dir.join(name);
     assert!(
         bin.is_file(),
