@@ -9,6 +9,7 @@
 use super::Dispatcher;
 use crate::store::{BladeRecord, StoreError};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -65,12 +66,17 @@ impl Blades {
     }
 }
 
-/// The cached copy and when it was read.
+/// The cached copy and when its read began.
 #[derive(Debug, Default)]
 pub(super) struct Directory {
     current: RwLock<Option<(Arc<Blades>, Instant)>>,
+    /// Bumped by [`Directory::forget`]: a read begun before a local change is not kept.
+    generation: AtomicU64,
     /// One store read at a time: callers arriving meanwhile take its result.
     reading: tokio::sync::Mutex<()>,
+    /// The last failed read (when it began, why): callers that waited for it fail with it
+    /// instead of each waiting out the store's timeout in turn.
+    failed: std::sync::Mutex<Option<(Instant, String)>>,
 }
 
 impl Directory {
@@ -78,14 +84,15 @@ impl Directory {
         let guard = self.current.read().unwrap_or_else(|p| p.into_inner());
         let (blades, at) = guard.as_ref()?;
         let fresh = match newer_than {
-            Some(t) => *at > t,
+            Some(t) => *at >= t,
             None => at.elapsed() < MAX_AGE,
         };
         fresh.then(|| Arc::clone(blades))
     }
 
-    /// Drops the copy: the next use reads the store.
+    /// Drops the copy: the next use reads the store, and a read under way is not kept.
     pub(super) fn forget(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
@@ -99,20 +106,53 @@ impl Dispatcher {
         }
     }
 
-    /// The registered blades as the store has them now.
+    /// The registered blades as the store has them now: read by this call, or by one that
+    /// began after this call did.
     pub(super) async fn blade_list_now(&self) -> Result<Arc<Blades>, StoreError> {
         let asked = Instant::now();
         let _one = self.directory.reading.lock().await;
-        // Read by the caller before us while we waited: as good as our own read.
         if let Some(b) = self.directory.fresh(Some(asked)) {
             return Ok(b);
         }
-        let blades = Arc::new(Blades::new(self.store.list_blades().await?));
-        *self
+        let failed = self
+            .directory
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some((at, why)) = failed
+            && at >= asked
+        {
+            return Err(StoreError::Unavailable(why));
+        }
+        let (began, generation) = (
+            Instant::now(),
+            self.directory.generation.load(Ordering::SeqCst),
+        );
+        let blades = match self.store.list_blades().await {
+            Ok(b) => Arc::new(Blades::new(b)),
+            Err(e) => {
+                let why = match &e {
+                    StoreError::Unavailable(m) => m.clone(),
+                    other => other.to_string(),
+                };
+                *self
+                    .directory
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some((began, why));
+                return Err(e);
+            }
+        };
+        // Kept only if no local change came while it was read (it may predate that change).
+        let mut current = self
             .directory
             .current
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some((Arc::clone(&blades), Instant::now()));
+            .unwrap_or_else(|p| p.into_inner());
+        if self.directory.generation.load(Ordering::SeqCst) == generation {
+            *current = Some((Arc::clone(&blades), began));
+        }
         Ok(blades)
     }
 

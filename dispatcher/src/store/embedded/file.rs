@@ -33,8 +33,6 @@ pub(super) const AUDIT_BY_USER: TableDefinition<'_, (&str, i64, u64), ()> =
 pub(super) const DUE: TableDefinition<'_, (i64, &str), ()> = TableDefinition::new("due");
 /// The deadline key of rows with none (the original's, until `date_legacy` dates them).
 pub(super) const UNDATED: i64 = i64::MIN;
-/// Set in `meta` once `due` holds every session (files from before it are indexed at open).
-const DUE_INDEXED: &str = "due_indexed";
 
 /// A blade with its registration order.
 #[derive(Serialize, Deserialize)]
@@ -227,12 +225,11 @@ fn due_key(rec: &SessionRecord) -> i64 {
     }
 }
 
-/// Fills [`DUE`] from the sessions once, for a file written before it existed.
+/// Builds [`DUE`] afresh from the sessions, at every open: one pass at start keeps it right
+/// for a file written before it existed, or by an older build after a rollback (which leaves
+/// the table as it was while changing sessions).
 fn index_due(tx: &WriteTransaction) -> StoreResult<()> {
-    let mut meta = tx.open_table(META).map_err(err)?;
-    if meta.get(DUE_INDEXED).map_err(err)?.is_some() {
-        return Ok(());
-    }
+    tx.delete_table(DUE).map_err(err)?;
     let sessions = tx.open_table(SESSIONS).map_err(err)?;
     let mut due = tx.open_table(DUE).map_err(err)?;
     for row in sessions.iter().map_err(err)? {
@@ -240,7 +237,6 @@ fn index_due(tx: &WriteTransaction) -> StoreResult<()> {
         let rec: SessionRecord = decode(v.value())?;
         due.insert((due_key(&rec), user.value()), ()).map_err(err)?;
     }
-    meta.insert(DUE_INDEXED, 1).map_err(err)?;
     Ok(())
 }
 
