@@ -16,10 +16,11 @@
 //! per held connection; the dispatchers' and FerretDB's memory and their CPU while idle (the
 //! health poller and the sweeper: what grows with blades and sessions without requests).
 //!
-//! Env: SCALE_BLADES (10,50,100,200), SCALE_SESSIONS (1000,5000,10000,20000), SCALE_STORES
+//! Env: SCALE_BLADES (10,50,100,200), SCALE_SESSIONS (1000,5000,10000: each desktop here costs
+//! 1.4 MiB, 20,000 need more than 24 GiB), SCALE_STORES
 //! (embedded,ferretdb), SCALE_SESSIONS_FERRETDB / _EMBEDDED (that store's own session
 //! counts), SCALE_OUT (docs/scale), SCALE_CALLS (300 sequential calls; ten times that with 32
-//! callers; SCALE_CALLS_FERRETDB / _EMBEDDED for one store), SCALE_OPENS (600 browser opens).
+//! callers; SCALE_CALLS_FERRETDB / _EMBEDDED for one store), SCALE_OPENS (600 browser opens; _FERRETDB / _EMBEDDED).
 use futures_util::StreamExt;
 use rand::Rng;
 use std::io::Write;
@@ -40,9 +41,13 @@ type Client = DispatcherClient<Channel>;
 
 /// Sample users for new-session Dispatch at each point (ended after).
 const NEW_SAMPLES: usize = 30;
-/// Browser connections opened and held at each point (SCALE_OPENS overrides).
-fn opens() -> usize {
-    numbers("SCALE_OPENS", "600")[0]
+/// Browser connections opened and held at each point (SCALE_OPENS, or SCALE_OPENS_<STORE>).
+fn opens(store: &str) -> usize {
+    let var = format!("SCALE_OPENS_{}", store.to_uppercase());
+    match std::env::var(&var) {
+        Ok(_) => numbers(&var, "")[0],
+        Err(_) => numbers("SCALE_OPENS", "600")[0],
+    }
 }
 /// The idle window CPU is measured over.
 const IDLE: Duration = Duration::from_secs(10);
@@ -369,7 +374,7 @@ impl System {
                 .sum()
         };
         let t = Instant::now();
-        let opens = opens();
+        let opens = opens(&self.store);
         let mut held = Vec::with_capacity(opens);
         for n in 0..opens {
             let token = self.tokens[self.random_live()].clone().expect("token");
@@ -489,7 +494,7 @@ async fn run_store(
 fn main() -> anyhow::Result<()> {
     vncdispatch_tests::require_root_and_tigervnc();
     let blades = numbers("SCALE_BLADES", "10,50,100,200");
-    let sessions = numbers("SCALE_SESSIONS", "1000,5000,10000,20000");
+    let sessions = numbers("SCALE_SESSIONS", "1000,5000,10000");
     let stores = list("SCALE_STORES", "embedded,ferretdb");
     let calls = numbers("SCALE_CALLS", "300")[0];
     let out_dir = std::path::PathBuf::from(std::env::var("SCALE_OUT").unwrap_or_else(|_| {

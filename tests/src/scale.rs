@@ -57,34 +57,52 @@ pub fn user_name(i: usize) -> String {
 ///
 /// Written to /etc/passwd and /etc/shadow directly: `useradd` and `newusers` take 20–25 ms
 /// an account (a password hash and a rewrite of the files each), 8 minutes for 20,000. The
-/// lines are what they would write (a locked password, group `users`); the rig is the only
-/// writer while it runs. They stay after the run: the next run finds them.
+/// lines are what they would write (a locked password, group `users`); run the rig while
+/// nothing else changes accounts. They stay after the run for the next one;
+/// `scripts/scale.sh clean` removes them.
 pub fn ensure_users(n: usize) -> Vec<String> {
     let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
-    let have: HashSet<&str> = passwd.lines().filter_map(|l| l.split(':').next()).collect();
+    let shadow = std::fs::read_to_string("/etc/shadow").expect("read /etc/shadow");
+    let field = |line: &str, i: usize| line.split(':').nth(i).unwrap_or("").to_owned();
+    let names_in = |text: &str| -> HashSet<String> { text.lines().map(|l| field(l, 0)).collect() };
+    let (in_passwd, in_shadow) = (names_in(&passwd), names_in(&shadow));
+    let uids: std::collections::HashMap<String, String> =
+        passwd.lines().map(|l| (field(l, 2), field(l, 0))).collect();
     let days = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() / 86400);
     let (mut pw, mut sh) = (String::new(), String::new());
     let names: Vec<String> = (0..n).map(user_name).collect();
     for (i, name) in names.iter().enumerate() {
-        if have.contains(name.as_str()) {
-            continue;
-        }
         let uid = FIRST_UID + i as u32;
         let home = format!("/home/{name}");
-        pw.push_str(&format!("{name}:x:{uid}:100::{home}:/bin/sh\n"));
-        sh.push_str(&format!("{name}:!:{days}:0:99999:7:::\n"));
-        std::fs::create_dir_all(&home).expect("create home");
-        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-        nix::unistd::chown(
-            Path::new(&home),
-            Some(nix::unistd::Uid::from_raw(uid)),
-            Some(nix::unistd::Gid::from_raw(100)),
-        )
-        .expect("chown home");
+        if !in_passwd.contains(name) {
+            if let Some(other) = uids.get(&uid.to_string()) {
+                panic!(
+                    "uid {uid} belongs to {other}: the rig's accounts need uids {FIRST_UID}..{}",
+                    FIRST_UID as usize + n
+                );
+            }
+            pw.push_str(&format!("{name}:x:{uid}:100::{home}:/bin/sh\n"));
+        }
+        // Also for a name whose shadow line a crash between the two appends left out.
+        if !in_shadow.contains(name) {
+            sh.push_str(&format!("{name}:!:{days}:0:99999:7:::\n"));
+        }
+        if !Path::new(&home).is_dir() {
+            std::fs::create_dir_all(&home).expect("create home");
+            std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+            nix::unistd::chown(
+                Path::new(&home),
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(100)),
+            )
+            .expect("chown home");
+        }
     }
-    for (file, lines) in [("/etc/passwd", pw), ("/etc/shadow", sh)] {
+    // Shadow first: a crash between the two leaves a shadow line without an account (inert),
+    // never an account without its shadow line.
+    for (file, lines) in [("/etc/shadow", sh), ("/etc/passwd", pw)] {
         if !lines.is_empty() {
             let mut f = std::fs::OpenOptions::new()
                 .append(true)
