@@ -92,6 +92,7 @@ async fn local_user() {
     x11_unix_swapped_for_a_symlink(&rec).await;
     trapped_lock_files(&rec).await;
     fake_x_servers_on_every_display(&rec).await;
+    x_server_behind_the_agents_back(&rec).await;
     squatted_ports(&rec).await;
     squatter_racing_the_helper(&rec).await;
     fifo_as_the_password_file(&rec).await;
@@ -323,6 +324,67 @@ async fn fake_x_servers_on_every_display(rec: &Record) {
             }
         ),
         got.is_ok() && alive == 1 && warned,
+    );
+}
+
+/// An X server a user starts in the agent's range behind its back, after its last full scan
+/// of /proc: Health learns of it within `--rescan-interval` (it checks only the desktops it
+/// knows in between), and choosing a display — which still reads /proc — never hands that
+/// display to another user meanwhile.
+async fn x_server_behind_the_agents_back(rec: &Record) {
+    let (first, count) = range(10, 2);
+    let agent = AgentProc::start(AgentOptions {
+        displays: Some((first, count)),
+        extra: vec!["--rescan-interval".into(), "2s".into()],
+        ..Default::default()
+    })
+    .await;
+    let mut client = agent.client().await;
+    let sessions = async || {
+        client
+            .clone()
+            .health(AgentHealthRequest::default())
+            .await
+            .map_or(u32::MAX, |h| h.into_inner().sessions)
+    };
+    let before = sessions().await;
+    // A script named Xtigervnc with a display and a password file on its command line: what
+    // the agent takes for a desktop of this user.
+    let attacker = TestUser::create();
+    let fake = attacker.home.join("Xtigervnc");
+    std::fs::write(&fake, "#!/bin/sh\nwhile :; do sleep 1; done\n").expect("fake");
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut server = as_user(
+        &attacker,
+        &format!(
+            "exec {} :{first} -rfbauth {}/.vncpasswd",
+            fake.display(),
+            attacker.home.display()
+        ),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let soon = sessions().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let later = sessions().await;
+    let user = TestUser::create();
+    let got = client.start_session(start(&user.name)).await;
+    let display = got.as_ref().ok().map(|s| s.get_ref().display);
+    let left_alone = matches!(server.try_wait(), Ok(None));
+    let _ = client.stop_session(stop(&user.name)).await;
+    let _ = server.kill();
+    let _ = server.wait();
+    rec.case(
+        "an X server started behind the agent's back",
+        "with --rescan-interval 2s, a user starts a script named Xtigervnc on the first of a two-display range (with -rfbauth, as a desktop has) after the agent's last scan; Health is read at once and after 2.5 s; another user asks for a desktop",
+        "Health counts it within the rescan interval; the other user's desktop gets the other display; the user's server is left running (it is their only one)",
+        &format!(
+            "Health sessions: {before} before, {soon} at once, {later} after 2.5 s; other user's desktop {}; the user's server still running: {left_alone}",
+            match display {
+                Some(d) => format!("on :{}", d - first),
+                None => format!("refused: {:?}", got.err()),
+            }
+        ),
+        later == before.saturating_add(1) && display == Some(first + 1) && left_alone,
     );
 }
 
