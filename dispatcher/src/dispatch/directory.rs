@@ -84,7 +84,7 @@ impl Directory {
         let guard = self.current.read().unwrap_or_else(|p| p.into_inner());
         let (blades, at) = guard.as_ref()?;
         let fresh = match newer_than {
-            Some(t) => *at >= t,
+            Some(t) => *at > t,
             None => at.elapsed() < MAX_AGE,
         };
         fresh.then(|| Arc::clone(blades))
@@ -121,7 +121,7 @@ impl Dispatcher {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         if let Some((at, why)) = failed
-            && at >= asked
+            && at > asked
         {
             return Err(StoreError::Unavailable(why));
         }
@@ -163,5 +163,50 @@ impl Dispatcher {
             return Ok(Some(b.clone()));
         }
         Ok(self.blade_list_now().await?.get(name).cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::setup;
+    use crate::store::{BladeRecord, Method};
+    use std::time::Duration;
+
+    fn blade(name: &str, pool: &str, draining: bool) -> BladeRecord {
+        BladeRecord {
+            name: name.into(),
+            host: "127.0.0.9".into(),
+            port: 7501,
+            method: Method::Agent,
+            draining,
+            pool: pool.into(),
+            max_sessions: 0,
+        }
+    }
+
+    // What another dispatcher sharing the store does, written to the store behind this one's
+    // back: a new pool is found on first use; a drain is seen once the copy is a second old;
+    // a drain made here is seen at once.
+    #[tokio::test(start_paused = true)]
+    async fn changes_through_the_store_are_seen_on_a_miss_or_within_a_second() {
+        let (d, rec, _dir) = setup(&["b1"], Duration::from_secs(3600)).await;
+        d.dispatch("u1", "192.0.2.1", "t").await.unwrap();
+        d.store()
+            .put_blade(&blade("gpu1", "gpu", false))
+            .await
+            .unwrap();
+        d.dispatch_in("u2", "192.0.2.1", "gpu", "t").await.unwrap();
+        assert_eq!(rec.starts.lock().unwrap().get("gpu1"), Some(&1));
+
+        d.store()
+            .put_blade(&blade("gpu1", "gpu", true))
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_millis(1100)).await;
+        assert!(d.dispatch_in("u3", "192.0.2.1", "gpu", "t").await.is_err());
+
+        d.drain("b1", true).await.unwrap();
+        assert!(d.dispatch("u4", "192.0.2.1", "t").await.is_err());
+        assert_eq!(rec.starts.lock().unwrap().get("b1"), Some(&1));
     }
 }
