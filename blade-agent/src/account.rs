@@ -39,6 +39,13 @@ pub struct UidRange {
     pub max: u32,
 }
 
+impl UidRange {
+    /// True for a uid that may have a desktop: in the range, and never root.
+    pub fn allows(self, uid: u32) -> bool {
+        uid != 0 && (self.min..=self.max).contains(&uid)
+    }
+}
+
 /// Looks up `name` for a desktop: it must pass the shared username rules, exist, and have a uid
 /// in `uids` (never 0, whatever the configuration says). Blocking (NSS).
 pub fn lookup(name: &str, uids: UidRange) -> Result<Account, AgentError> {
@@ -59,7 +66,7 @@ pub fn lookup_uid(uid: u32, uids: UidRange) -> Result<Account, AgentError> {
 
 fn from_user(user: User, uids: UidRange) -> Result<Account, AgentError> {
     let uid = user.uid.as_raw();
-    if uid == 0 || uid < uids.min || uid > uids.max {
+    if !uids.allows(uid) {
         return Err(AgentError::SystemAccount {
             user: user.name,
             uid,

@@ -4,9 +4,8 @@
 //! drift from them, only what it read of them (the agent's registry), checked against /proc by
 //! pid and start time at every use. That is what lets a restarted agent (or a one-shot
 //! `cloudvnc`) re-adopt desktops it did not start, and makes a killed Xvnc vanish from the list
-//! at once. A process
-//! counts as a desktop when it is an Xvnc (by `comm`) whose arguments name a display and an
-//! rfbauth file; the caller then checks it belongs to a desktop user.
+//! at once. A process counts as a desktop when it is an Xvnc (by `comm`) whose arguments name
+//! a display and an rfbauth file; the caller then checks it belongs to a desktop user.
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;

@@ -56,7 +56,7 @@ impl Agent {
         let search = Search {
             displays: self.cfg.display_first..=self.cfg.display_last(),
             port_base: self.cfg.port_base,
-            comm: self.xvnc_comm(),
+            comm: super::xvnc_comm(&self.cfg),
             users: self.cfg.min_uid.max(1)..=self.cfg.max_uid,
             reserved: self.reserved.clone(),
             skip: skip.clone(),

@@ -379,7 +379,7 @@ impl Agent {
         let port = self.cfg.port_of(n).unwrap_or(0);
         // By pid: should the user have another Xvnc too, the first found is not this one. Only
         // this process is read (what a scan would say of it), not all of /proc.
-        let (comm, uid) = (self.xvnc_comm(), account.uid.as_raw());
+        let (comm, uid) = (xvnc_comm(&self.cfg), account.uid.as_raw());
         let range = self.cfg.display_first..=self.cfg.display_last();
         let Some(running) = blocking(move || {
             Ok(discover::one(&comm, pid)
@@ -513,10 +513,6 @@ impl Agent {
             cpus: std::thread::available_parallelism()
                 .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
         })
-    }
-
-    fn xvnc_comm(&self) -> String {
-        xvnc_comm(&self.cfg)
     }
 
     fn describe(&self, username: &str, running: &RunningXvnc, reused: bool) -> VncServer {

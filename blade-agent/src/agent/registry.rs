@@ -185,15 +185,7 @@ impl Agent {
     /// desktop started in the range by something else shows within `--rescan-interval`.
     /// /proc reads and NSS lookups: run on a blocking thread.
     pub(super) async fn desktops(&self) -> Result<Vec<(Account, RunningXvnc)>, AgentError> {
-        self.desktops_as_of(Fresh::Recent).await
-    }
-
-    /// [`Agent::desktops`], from a registry at least as fresh as `fresh`.
-    async fn desktops_as_of(
-        &self,
-        fresh: Fresh,
-    ) -> Result<Vec<(Account, RunningXvnc)>, AgentError> {
-        let live = self.desktop_processes_as_of(fresh).await?;
+        let live = self.desktop_processes().await?;
         let uids = self.uids();
         blocking(move || {
             let mut accounts: HashMap<u32, Option<Account>> = HashMap::new();
@@ -212,21 +204,17 @@ impl Agent {
         .await
     }
 
-    /// The desktops' processes without their accounts: what Health counts, and what a start
-    /// or stop looks through for one user. No NSS lookup per desktop — with a large passwd
-    /// file (or a slow directory service) those would cost more than the rest together.
+    /// The desktops' processes without their accounts: what Health counts. No NSS lookup per
+    /// desktop — with a large passwd file (or a slow directory service) those would cost more
+    /// than the rest together.
     pub(super) async fn desktop_processes(&self) -> Result<Vec<RunningXvnc>, AgentError> {
-        self.desktop_processes_as_of(Fresh::Recent).await
-    }
-
-    async fn desktop_processes_as_of(&self, fresh: Fresh) -> Result<Vec<RunningXvnc>, AgentError> {
-        self.registry.refresh(fresh).await?;
+        self.registry.refresh(Fresh::Recent).await?;
         let (registry, uids) = (self.registry.clone(), self.uids());
         blocking(move || {
             Ok(registry
                 .alive()
                 .into_iter()
-                .filter(|r| r.uid != 0 && (uids.min..=uids.max).contains(&r.uid))
+                .filter(|r| uids.allows(r.uid))
                 .collect())
         })
         .await

@@ -70,8 +70,7 @@ impl Dispatcher {
         }
         // When no healthy blade has room, Dispatch says so at once.
         if usable.is_empty() && last_resort.is_empty() {
-            let in_pool: Vec<BladeRecord> = blades.pool(pool).cloned().collect();
-            return Err(self.no_capacity(pool, &in_pool));
+            return Err(self.no_capacity(pool, blades.pool(pool)));
         }
         if usable.is_empty() {
             return Ok(last_resort);
@@ -137,10 +136,13 @@ impl Dispatcher {
     }
 
     /// The refusal when no blade of `pool` has room, with what an operator needs to act on.
-    pub(super) fn no_capacity(&self, pool: &str, in_pool: &[BladeRecord]) -> DispatchError {
+    pub(super) fn no_capacity<'a>(
+        &self,
+        pool: &str,
+        in_pool: impl Iterator<Item = &'a BladeRecord>,
+    ) -> DispatchError {
         let health = self.health.read().unwrap_or_else(|p| p.into_inner());
         let rooms: Vec<Room> = in_pool
-            .iter()
             .filter(|b| !b.draining && health.get(&b.name).is_none_or(|h| h.healthy))
             .map(|b| room(b, health.get(&b.name)))
             .collect();

@@ -370,8 +370,8 @@ impl Dispatcher {
             return Ok(self.session(&rec, token, password, false));
         }
         if full > 0 && full == tried {
-            let in_pool: Vec<BladeRecord> = self.blade_list().await?.pool(pool).cloned().collect();
-            return Err(self.no_capacity(pool, &in_pool));
+            let blades = self.blade_list().await?;
+            return Err(self.no_capacity(pool, blades.pool(pool)));
         }
         Err(DispatchError::NoBlade(format!(
             "no blade could start a desktop for {username:?}: {}",
