@@ -51,7 +51,10 @@ impl Launcher for Instant0 {
     }
     async fn health(&self, b: &BladeRecord) -> Result<BladeLoad, LaunchError> {
         // A spread of loads, fixed by the name, so no two blades tie.
-        let h = b.name.bytes().fold(7u64, |h, c| h.wrapping_mul(31) + u64::from(c));
+        let h = b
+            .name
+            .bytes()
+            .fold(7u64, |h, c| h.wrapping_mul(31) + u64::from(c));
         Ok(BladeLoad {
             free_displays: 60,
             cpus: 8,
@@ -122,7 +125,11 @@ async fn measure(
     }
     dispatches.sort();
     ends.sort();
-    Ok((pct(&dispatches, 0.5), pct(&dispatches, 0.99), pct(&ends, 0.5)))
+    Ok((
+        pct(&dispatches, 0.5),
+        pct(&dispatches, 0.99),
+        pct(&ends, 0.5),
+    ))
 }
 
 #[tokio::main]

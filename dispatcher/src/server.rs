@@ -93,6 +93,14 @@ async fn background(
             d.check_blades().await;
         }
     };
+    let blade_list = async {
+        let mut tick = tokio::time::interval(crate::dispatch::BLADE_LIST_REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            d.refresh_blades().await;
+        }
+    };
     let sweeper = async {
         let mut tick = tokio::time::interval(every.sweep);
         loop {
@@ -102,5 +110,5 @@ async fn background(
             }
         }
     };
-    tokio::join!(store_watch, blade_watch, sweeper);
+    tokio::join!(store_watch, blade_watch, blade_list, sweeper);
 }

@@ -92,13 +92,12 @@ impl Dispatcher {
         });
         if moved {
             // Starts under way there still end their reservations on this entry.
-            let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-            if let Some(h) = map.get_mut(name) {
+            self.ranking_mut().update_known(name, |h| {
                 *h = BladeHealth {
                     starting: h.starting,
                     ..BladeHealth::unchecked()
-                };
-            }
+                }
+            });
         }
         Ok(blade)
     }
@@ -164,10 +163,7 @@ impl Dispatcher {
                 self.stop_desktop(rec).await;
             }
         }
-        self.health
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.ranking_mut().forget(name);
         let removed = self.store.remove_blade(name).await;
         self.directory.forget();
         Ok(removed?)

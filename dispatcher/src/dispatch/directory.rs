@@ -1,8 +1,10 @@
 //! This dispatcher's copy of the registered blades, indexed by name and by pool, so a Dispatch
 //! neither reads the whole blade list from the store nor walks blades of other pools.
 //!
-//! The copy is read again when it is older than [`MAX_AGE`], at once after this dispatcher
-//! changed a blade, and whenever a lookup misses (a blade or pool added through another
+//! The server reads it again every [`REFRESH`] in the background
+//! ([`Dispatcher::refresh_blades`]), so no Dispatch waits on a read of every blade; a
+//! Dispatch reads it itself only when the copy is older than [`MAX_AGE`] (the loop is late or
+//! not running), at once after this dispatcher changed a blade, and whenever a lookup misses (a blade or pool added through another
 //! dispatcher is found on first use). What another dispatcher drains or removes is seen here
 //! within [`MAX_AGE`]: a start may land on a blade drained a moment ago, as it may today when
 //! the drain comes while the start is under way.
@@ -18,6 +20,10 @@ use tokio::time::Instant;
 /// whatever the request rate.
 const MAX_AGE: Duration = Duration::from_secs(1);
 
+/// How often the server's loop reads the blade list: within [`MAX_AGE`], so requests find
+/// a fresh copy.
+pub(crate) const REFRESH: Duration = Duration::from_millis(400);
+
 /// The registered blades at one moment.
 #[derive(Debug, Default)]
 pub(super) struct Blades {
@@ -25,10 +31,12 @@ pub(super) struct Blades {
     all: Vec<BladeRecord>,
     by_name: HashMap<String, usize>,
     by_pool: HashMap<String, Vec<usize>>,
+    /// Which read of the store this is: later reads have higher numbers.
+    seq: u64,
 }
 
 impl Blades {
-    fn new(all: Vec<BladeRecord>) -> Self {
+    pub(super) fn new(all: Vec<BladeRecord>, seq: u64) -> Self {
         let mut by_name = HashMap::with_capacity(all.len());
         let mut by_pool: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, b) in all.iter().enumerate() {
@@ -39,7 +47,13 @@ impl Blades {
             all,
             by_name,
             by_pool,
+            seq,
         }
+    }
+
+    /// Which read of the store this is (see [`super::ranking::Ranking::sync`]).
+    pub(super) fn seq(&self) -> u64 {
+        self.seq
     }
 
     /// Every blade, in registration order.
@@ -72,6 +86,8 @@ pub(super) struct Directory {
     current: RwLock<Option<(Arc<Blades>, Instant)>>,
     /// Bumped by [`Directory::forget`]: a read begun before a local change is not kept.
     generation: AtomicU64,
+    /// Reads begun, numbering them.
+    reads: AtomicU64,
     /// One store read at a time: callers arriving meanwhile take its result.
     reading: tokio::sync::Mutex<()>,
     /// The last failed read (when it began, why): callers that waited for it fail with it
@@ -129,8 +145,22 @@ impl Dispatcher {
             Instant::now(),
             self.directory.generation.load(Ordering::SeqCst),
         );
-        let blades = match self.store.list_blades().await {
-            Ok(b) => Arc::new(Blades::new(b)),
+        let seq = self.directory.reads.fetch_add(1, Ordering::SeqCst) + 1;
+        let listed = self.store.list_blades().await;
+        // Unchanged: the same copy serves on (its placement order stays sorted).
+        let same = match (
+            &listed,
+            self.directory
+                .current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref(),
+        ) {
+            (Ok(b), Some((copy, _))) if copy.all == *b => Some(Arc::clone(copy)),
+            _ => None,
+        };
+        let blades = match listed {
+            Ok(b) => same.unwrap_or_else(|| Arc::new(Blades::new(b, seq))),
             Err(e) => {
                 let why = match &e {
                     StoreError::Unavailable(m) => m.clone(),
@@ -154,6 +184,15 @@ impl Dispatcher {
             *current = Some((Arc::clone(&blades), began));
         }
         Ok(blades)
+    }
+
+    /// Reads the blade list again and sorts what changed into placement (the server runs
+    /// this every [`REFRESH`]); a store that does not answer is the store watch's to report.
+    pub async fn refresh_blades(&self) {
+        match self.blade_list_now().await {
+            Ok(blades) => self.ranking_mut().sync(&blades),
+            Err(e) => tracing::debug!(error = %e, "could not read the blade list"),
+        }
     }
 
     /// The blade named `name`: from the copy, or from the store if the copy lacks it (added

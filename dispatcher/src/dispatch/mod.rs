@@ -48,6 +48,10 @@ pub mod capacity;
 mod directory;
 mod lifecycle;
 mod placement;
+mod ranking;
+
+/// How often the server reads the blade list again in the background.
+pub(crate) use directory::REFRESH as BLADE_LIST_REFRESH;
 mod session;
 pub mod shares;
 mod tokens;
@@ -185,8 +189,9 @@ pub struct Dispatcher {
     cfg: DispatchConfig,
     /// This process's copy of the registered blades.
     directory: directory::Directory,
-    /// This process's view of blade health: the poller's answers and launch failures.
-    health: Arc<RwLock<HashMap<String, BladeHealth>>>,
+    /// This process's view of blade health (the poller's answers, starts under way, launch
+    /// failures) and the pools' placement order that follows from it.
+    ranking: Arc<RwLock<ranking::Ranking>>,
     /// The time stored expiries and claim deadlines are measured against.
     clock: Arc<dyn Clock>,
     /// Desktops a blade recently confirmed alive, (blade, user, pid) → when: every open
@@ -227,7 +232,7 @@ impl Dispatcher {
             seal,
             cfg,
             directory: directory::Directory::default(),
-            health: Arc::default(),
+            ranking: Arc::default(),
             clock: Arc::new(WallClock),
             alive_seen: std::sync::Mutex::default(),
         }

@@ -5,9 +5,11 @@
 //! known to be down, with room — see [`super::capacity`]) come first, ordered by the policy:
 //! the lowest placement score, or round-robin from one atomic counter in the store (the
 //! original's `last_blade`, so several dispatchers share the rotation). Blades last seen down
-//! come after them — health is a periodic view and may be stale. A blade is reserved before
-//! its start is asked for ([`Dispatcher::reserve`]), so concurrent calls cannot overfill it.
-use super::capacity::{Room, room, score};
+//! come after them — health is a periodic view and may be stale. The order is kept as health
+//! changes ([`super::ranking`]), so a Dispatch takes the next blade without a pass over the
+//! pool. A blade is reserved as it is taken ([`Dispatcher::take_blade`]), before its start is
+//! asked for, so concurrent calls cannot overfill it.
+use super::ranking::{Ranking, Walk};
 use super::{BladeHealth, Dispatcher, Policy};
 use crate::error::DispatchError;
 use crate::launcher::BladeLoad;
@@ -17,14 +19,12 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 impl Dispatcher {
-    /// The blades of `pool` to try, in order: usable ones (not draining, not known to be
-    /// down, with room) by the configured policy, then the ones last seen down. Health is a
-    /// periodic view and may be stale (a blade back up a moment ago): a blade marked down is
-    /// tried after the others rather than never.
-    pub(super) async fn choose_blades(
-        &self,
-        pool: &str,
-    ) -> Result<Vec<BladeRecord>, DispatchError> {
+    /// Where a new desktop in `pool` may go: the walk [`Dispatcher::take_blade`] follows —
+    /// usable blades (not draining, not known to be down, with room) by the configured
+    /// policy, then the ones last seen down. Health is a periodic view and may be stale (a
+    /// blade back up a moment ago): a blade marked down is tried after the others rather
+    /// than never. Fails at once, saying why, when the pool has nowhere to put one.
+    pub(super) async fn placement(&self, pool: &str) -> Result<Walk, DispatchError> {
         let mut blades = self.blade_list().await?;
         if blades.pool(pool).next().is_none() {
             // Added through another dispatcher a moment ago, perhaps: ask the store.
@@ -41,90 +41,65 @@ impl Dispatcher {
                 blades.pools().join(", ")
             )));
         }
-        // Sorted under the read lock (no await in it): the health map is not copied, and
-        // only this pool's blades are looked at.
-        let (mut usable, last_resort, draining) = {
-            let health = self.health.read().unwrap_or_else(|p| p.into_inner());
-            let (mut usable, mut last_resort, mut draining) = (Vec::new(), Vec::new(), 0);
-            for b in blades.pool(pool) {
-                let h = health.get(&b.name);
-                if b.draining {
-                    draining += 1;
-                } else if h.is_some_and(|h| !h.healthy) {
-                    last_resort.push(b.clone());
-                } else {
-                    // A blade with no room gets no new desktop (admission, not overload).
-                    let r = room(b, h);
-                    if r.fits() {
-                        usable.push((score(b, h), r.used, b.clone()));
-                    }
-                }
+        let state = {
+            let synced = self.ranking().synced_with(blades.seq());
+            if synced {
+                self.ranking().pool_state(pool)
+            } else {
+                let mut ranking = self.ranking_mut();
+                ranking.sync(&blades);
+                ranking.pool_state(pool)
             }
-            (usable, last_resort, draining)
         };
-        let in_pool = blades.pool(pool).count();
-        if draining == in_pool {
+        if state.draining == state.blades {
             return Err(DispatchError::NoBlade(format!(
-                "no usable blade: all {in_pool} blades of pool `{pool}` are draining"
+                "no usable blade: all {} blades of pool `{pool}` are draining",
+                state.blades
             )));
         }
         // When no healthy blade has room, Dispatch says so at once.
-        if usable.is_empty() && last_resort.is_empty() {
-            return Err(self.no_capacity(pool, blades.pool(pool)));
+        if state.usable == 0 && state.down == 0 {
+            return Err(self.no_capacity(pool));
         }
-        if usable.is_empty() {
-            return Ok(last_resort);
-        }
-        let mut ordered: Vec<BladeRecord> = match self.cfg.policy {
-            Policy::RoundRobin => {
-                let n = self.store.next_round_robin().await?;
-                let start = (n % usable.len() as u64) as usize;
-                usable.rotate_left(start);
-                usable.into_iter().map(|(_, _, b)| b).collect()
-            }
-            Policy::Score => {
-                // Stable: equal scores and desktops keep registration order.
-                usable.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-                usable.into_iter().map(|(_, _, b)| b).collect()
-            }
+        let rotation = match self.cfg.policy {
+            Policy::RoundRobin if state.usable > 0 => Some(self.store.next_round_robin().await?),
+            _ => None,
         };
-        ordered.extend(last_resort);
-        Ok(ordered)
+        Ok(Walk::new(pool, rotation))
     }
 
-    /// A copy of the health map (for listings and the poller's pass, not per Dispatch).
-    pub(super) fn health_view(&self) -> HashMap<String, BladeHealth> {
-        self.health
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Counts a desktop about to be started on `blade`, if it still has room: checked and
-    /// counted under one lock, so concurrent Dispatch calls cannot overfill a blade. The count
-    /// holds until [`Reservation::started`] or the reservation is dropped (a failed start, a
-    /// late one's clean-up ending, a panic).
-    pub(super) fn reserve(&self, blade: &BladeRecord) -> Option<Reservation> {
-        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-        let entry = map
-            .entry(blade.name.clone())
-            .or_insert_with(BladeHealth::unchecked);
-        if !room(blade, Some(entry)).fits() {
-            return None;
-        }
-        entry.starting += 1;
-        Some(Reservation {
-            health: Arc::clone(&self.health),
+    /// The walk's next blade, with a start counted on it (so concurrent calls cannot
+    /// overfill it) until [`Reservation::started`] or the reservation is dropped (a failed
+    /// start, a late one's clean-up ending, a panic); None when the walk has tried them all.
+    pub(super) fn take_blade(&self, walk: &mut Walk) -> Option<(BladeRecord, Reservation)> {
+        let blade = self.ranking_mut().take(walk)?;
+        let reservation = Reservation {
+            ranking: Arc::clone(&self.ranking),
             blade: blade.name.clone(),
             done: false,
-        })
+        };
+        Some((blade, reservation))
+    }
+
+    /// Reads what is known of blades (no await may happen while it is held).
+    pub(super) fn ranking(&self) -> std::sync::RwLockReadGuard<'_, Ranking> {
+        self.ranking.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes what is known of blades (no await may happen while it is held).
+    pub(super) fn ranking_mut(&self) -> std::sync::RwLockWriteGuard<'_, Ranking> {
+        self.ranking.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of what is known of every blade's health (for listings, not per Dispatch).
+    pub(super) fn health_view(&self) -> HashMap<String, BladeHealth> {
+        self.ranking().view()
     }
 
     /// Counts the desktop of Xvnc `pid` stopped on `blade`, so its room is used before a
     /// report says it is gone.
     pub(super) fn freed(&self, blade: &str, pid: u32) {
-        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = map.get_mut(blade) {
+        self.ranking_mut().update_known(blade, |h| {
             h.full = false;
             if let Some(i) = h.placed.iter().position(|(p, _)| *p == pid) {
                 // Never counted by a report: forgetting it is enough.
@@ -132,63 +107,30 @@ impl Dispatcher {
             } else if h.load.vnc_pids.contains(&pid) {
                 h.ended.push((pid, 0));
             }
-        }
+        });
     }
 
     /// The refusal when no blade of `pool` has room, with what an operator needs to act on.
-    pub(super) fn no_capacity<'a>(
-        &self,
-        pool: &str,
-        in_pool: impl Iterator<Item = &'a BladeRecord>,
-    ) -> DispatchError {
-        let health = self.health.read().unwrap_or_else(|p| p.into_inner());
-        let rooms: Vec<Room> = in_pool
-            .filter(|b| !b.draining && health.get(&b.name).is_none_or(|h| h.healthy))
-            .map(|b| room(b, health.get(&b.name)))
-            .collect();
-        let used: u32 = rooms.iter().map(|r| r.used).sum();
-        let total: u32 = rooms.iter().filter_map(Room::capacity).sum();
-        drop(health);
+    pub(super) fn no_capacity(&self, pool: &str) -> DispatchError {
+        let state = self.ranking().pool_state(pool);
         metrics::counter!("vncdispatch_dispatcher_admission_refusals_total", "pool" => pool.to_owned()).increment(1);
         DispatchError::NoCapacity(format!(
-            "no free desktop in pool `{pool}`: all {} usable blades are full ({used} of {total} desktops in use); add blades to the pool, raise their --display-count or max_sessions, or end idle sessions",
-            rooms.len()
+            "no free desktop in pool `{pool}`: all {} usable blades are full ({} of {} desktops in use); add blades to the pool, raise their --display-count or max_sessions, or end idle sessions",
+            state.open, state.used, state.capacity
         ))
     }
 
     /// Records that a start found `blade` without a free display, until the next health
     /// report says otherwise.
     pub(super) fn mark_full(&self, blade: &str) {
-        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-        let entry = map
-            .entry(blade.to_owned())
-            .or_insert_with(BladeHealth::unchecked);
-        entry.full = true;
+        self.ranking_mut().update(blade, |h| h.full = true);
     }
 
     /// Records what was learnt about a blade: from the poller (with its report) or from a
     /// failed start (without).
     pub(super) fn mark(&self, blade: &str, healthy: bool, load: Option<BladeLoad>) {
-        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-        let entry = map
-            .entry(blade.to_owned())
-            .or_insert_with(BladeHealth::unchecked);
-        entry.healthy = healthy;
-        match load {
-            Some(l) if l.reported => {
-                entry.load = l;
-                settle(entry);
-            }
-            // No figures (SSH): the poller counts its desktops from the store.
-            Some(l) => {
-                entry.load = BladeLoad {
-                    sessions: entry.load.sessions,
-                    vnc_pids: std::mem::take(&mut entry.load.vnc_pids),
-                    ..l
-                };
-            }
-            None => {}
-        }
+        self.ranking_mut()
+            .update(blade, |entry| mark_health(entry, healthy, load));
     }
 
     /// Asks every blade for its health and records the answers (run periodically); reads
@@ -197,6 +139,7 @@ impl Dispatcher {
         let Ok(blades) = self.blade_list_now().await else {
             return;
         };
+        self.ranking_mut().sync(&blades);
         // Each blade is marked as its answer comes: a hung blade must not hold up the news
         // that another is back.
         let checks = blades.all().iter().map(|blade| async move {
@@ -223,11 +166,11 @@ impl Dispatcher {
         // the score does not rank them first for ever. Only then are the sessions read: with
         // agents alone, a pass costs nothing that grows with the sessions.
         let unreported: Vec<&str> = {
-            let health = self.health.read().unwrap_or_else(|p| p.into_inner());
+            let ranking = self.ranking();
             blades
                 .all()
                 .iter()
-                .filter(|b| health.get(&b.name).is_some_and(|h| !h.load.reported))
+                .filter(|b| ranking.health(&b.name).is_some_and(|h| !h.load.reported))
                 .map(|b| b.name.as_str())
                 .collect()
         };
@@ -244,17 +187,17 @@ impl Dispatcher {
         for s in &sessions {
             stored.entry(s.blade.as_str()).or_default().push(s.vnc_pid);
         }
-        let mut health = self.health.write().unwrap_or_else(|p| p.into_inner());
+        let mut ranking = self.ranking_mut();
         for name in unreported {
-            if let Some(h) = health.get_mut(name) {
+            ranking.update_known(name, |h| {
                 h.load.vnc_pids = stored.get(name).cloned().unwrap_or_default();
                 h.load.sessions = u32::try_from(h.load.vnc_pids.len()).unwrap_or(u32::MAX);
                 settle(h);
-            }
+            });
         }
         // Per-blade gauges ride on this periodic pass rather than on every Dispatch.
         for blade in blades.all() {
-            let h = health.get(&blade.name);
+            let h = ranking.health(&blade.name);
             let live = h.map_or(0, |h| h.load.sessions);
             let healthy = h.is_some_and(|h| h.healthy);
             metrics::gauge!("vncdispatch_dispatcher_sessions_live", "blade" => blade.name.clone())
@@ -265,10 +208,10 @@ impl Dispatcher {
     }
 }
 
-/// A start counted on a blade (see [`Dispatcher::reserve`]).
+/// A start counted on a blade (see [`Dispatcher::take_blade`]).
 #[derive(Debug)]
 pub(super) struct Reservation {
-    health: Arc<RwLock<HashMap<String, BladeHealth>>>,
+    ranking: Arc<RwLock<Ranking>>,
     blade: String,
     done: bool,
 }
@@ -277,14 +220,14 @@ impl Reservation {
     /// The start gave the desktop of Xvnc `pid`: counted as placed until a report lists it.
     pub(super) fn started(mut self, pid: u32) {
         self.done = true;
-        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = map.get_mut(&self.blade) {
+        let mut ranking = self.ranking.write().unwrap_or_else(|p| p.into_inner());
+        ranking.update_known(&self.blade, |h| {
             h.starting = h.starting.saturating_sub(1);
             // A report that came in while the answer travelled may list it already.
             if !h.load.vnc_pids.contains(&pid) {
                 h.placed.push((pid, 0));
             }
-        }
+        });
     }
 }
 
@@ -293,10 +236,8 @@ impl Drop for Reservation {
         if self.done {
             return;
         }
-        let mut map = self.health.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = map.get_mut(&self.blade) {
-            h.starting = h.starting.saturating_sub(1);
-        }
+        let mut ranking = self.ranking.write().unwrap_or_else(|p| p.into_inner());
+        ranking.update_known(&self.blade, |h| h.starting = h.starting.saturating_sub(1));
     }
 }
 
@@ -315,6 +256,26 @@ fn settle(h: &mut BladeHealth) {
         listed.contains(pid) && *seen < 2
     });
     h.full = false;
+}
+
+/// What the poller (with a report) or a failed start (without) says of a blade.
+fn mark_health(entry: &mut BladeHealth, healthy: bool, load: Option<BladeLoad>) {
+    entry.healthy = healthy;
+    match load {
+        Some(l) if l.reported => {
+            entry.load = l;
+            settle(entry);
+        }
+        // No figures (SSH): the poller counts its desktops from the store.
+        Some(l) => {
+            entry.load = BladeLoad {
+                sessions: entry.load.sessions,
+                vnc_pids: std::mem::take(&mut entry.load.vnc_pids),
+                ..l
+            };
+        }
+        None => {}
+    }
 }
 
 #[cfg(test)]

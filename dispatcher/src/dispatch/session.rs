@@ -236,7 +236,7 @@ impl Dispatcher {
         claim: &Claim,
         request_id: &str,
     ) -> Result<Session, DispatchError> {
-        let order = self.choose_blades(pool).await?;
+        let mut walk = self.placement(pool).await?;
         let token = secrets::new_token().map_err(DispatchError::Secret)?;
         let passwords = secrets::new_passwords().map_err(DispatchError::Secret)?;
         let password = passwords.full.clone();
@@ -255,20 +255,15 @@ impl Dispatcher {
             .map_err(DispatchError::Secret)?;
         let mut failures = Vec::new();
         let mut full = 0;
-        let tried = order.len();
-        for blade in order {
+        // Each blade is taken when the one before it failed, so it is the best by what
+        // that failure taught (a blade found down or full has left the usable ones).
+        while let Some((blade, reservation)) = self.take_blade(&mut walk) {
             let launcher = match self.launchers.get(blade.method) {
                 Ok(l) => l,
                 Err(e) => {
                     failures.push(format!("{}: {e}", blade.name));
                     continue;
                 }
-            };
-            // Filled by concurrent calls since the blades were chosen: the next one.
-            let Some(reservation) = self.reserve(&blade) else {
-                full += 1;
-                failures.push(format!("{}: full", blade.name));
-                continue;
             };
             let started = tokio::time::timeout(
                 self.cfg.launch_timeout,
@@ -369,9 +364,8 @@ impl Dispatcher {
             tracing::info!(blade = %rec.blade, display = rec.display, pid = rec.vnc_pid, "session started");
             return Ok(self.session(&rec, token, password, false));
         }
-        if full > 0 && full == tried {
-            let blades = self.blade_list().await?;
-            return Err(self.no_capacity(pool, blades.pool(pool)));
+        if full > 0 && full == walk.tried() {
+            return Err(self.no_capacity(pool));
         }
         Err(DispatchError::NoBlade(format!(
             "no blade could start a desktop for {username:?}: {}",
