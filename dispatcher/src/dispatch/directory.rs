@@ -2,10 +2,10 @@
 //! neither reads the whole blade list from the store nor walks blades of other pools.
 //!
 //! The server reads it again every [`REFRESH`] in the background
-//! ([`Dispatcher::refresh_blades`]), so no Dispatch waits on a read of every blade; a
+//! ([`Dispatcher::refresh_blades`]), so no Dispatch waits on a read of every blade. A
 //! Dispatch reads it itself only when the copy is older than [`MAX_AGE`] (the loop is late or
-//! not running), at once after this dispatcher changed a blade, and whenever a lookup misses (a blade or pool added through another
-//! dispatcher is found on first use). What another dispatcher drains or removes is seen here
+//! not running), at once after this dispatcher changed a blade, and whenever a lookup misses
+//! (a blade or pool added through another dispatcher is found on first use). What another dispatcher drains or removes is seen here
 //! within [`MAX_AGE`]: a start may land on a blade drained a moment ago, as it may today when
 //! the drain comes while the start is under way.
 use super::Dispatcher;
@@ -22,7 +22,7 @@ const MAX_AGE: Duration = Duration::from_secs(1);
 
 /// How often the server's loop reads the blade list: within [`MAX_AGE`], so requests find
 /// a fresh copy.
-pub(crate) const REFRESH: Duration = Duration::from_millis(400);
+pub(crate) const REFRESH: Duration = Duration::from_millis(800);
 
 /// The registered blades at one moment.
 #[derive(Debug, Default)]

@@ -13,7 +13,9 @@
 //! - `session.rs`: a session's life — dispatch (claim, reuse or launch), clean-up after a
 //!   start that answered too late, and the end of a session.
 //! - `placement.rs`: which blades to try, in what order, and the health poller behind it;
-//!   `capacity.rs`: a blade's room and placement score, as pure functions.
+//!   `capacity.rs`: a blade's room and placement score, as pure functions; `ranking.rs`:
+//!   what is known of each blade's health, and each pool's placement order kept with it;
+//!   `directory.rs`: this dispatcher's copy of the registered blades.
 //! - `tokens.rs`: resolving a token for ws-proxy, which renews a client's lease.
 //! - `lifecycle.rs`: when a desktop is stopped (the policy below), the sweeper, and why each
 //!   session ended (the history).
@@ -49,12 +51,12 @@ mod directory;
 mod lifecycle;
 mod placement;
 mod ranking;
-
-/// How often the server reads the blade list again in the background.
-pub(crate) use directory::REFRESH as BLADE_LIST_REFRESH;
 mod session;
 pub mod shares;
 mod tokens;
+
+/// How often the server reads the blade list again in the background.
+pub(crate) use directory::REFRESH as BLADE_LIST_REFRESH;
 
 #[cfg(test)]
 mod testkit;

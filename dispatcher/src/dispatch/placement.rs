@@ -51,6 +51,12 @@ impl Dispatcher {
                 ranking.pool_state(pool)
             }
         };
+        if state.blades == 0 {
+            // The list this dispatcher sorted last (newer than `blades`) has no such pool.
+            return Err(DispatchError::EmptyPool(format!(
+                "no blade serves pool `{pool}` any more; add one with `dispatcher blade add NAME HOST --pool {pool}`, or ask for another pool"
+            )));
+        }
         if state.draining == state.blades {
             return Err(DispatchError::NoBlade(format!(
                 "no usable blade: all {} blades of pool `{pool}` are draining",

@@ -4,13 +4,15 @@
 //! Choosing a blade is then a look at the front of an ordered set, O(log B), instead of
 //! scoring and sorting the whole pool on every Dispatch; each change (a report, a start
 //! reserved or settled, a stop, a failure) moves only its own blade. The blade list is sorted
-//! in afresh only when it changes ([`Ranking::sync`]).
+//! in afresh only when it changes ([`Ranking::sync`]). A walk that goes past blades (each
+//! start failing) pays for the blades it passes, as any walk must.
 //!
 //! In its pool a blade is in one of four classes, from its record and health:
 //! - **usable**: not draining, not last seen down, with room; ordered by (score, desktops,
 //!   registration order) for `--policy score`, and by registration order for the rotation;
 //! - **full**: up (or never checked) and not draining, but without room;
-//! - **down**: last seen down; tried in registration order once no usable one is left;
+//! - **down**: last seen down; those with room are tried in registration order once no
+//!   usable one is left;
 //! - **draining**.
 //!
 //! Each pool also keeps the sums a refusal reports (desktops and capacity of its usable and
@@ -20,7 +22,7 @@ use super::capacity::{room, score};
 use super::directory::Blades;
 use crate::store::BladeRecord;
 use std::cmp::Ordering;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// Health by blade, and the pools' placement order.
 #[derive(Debug, Default)]
@@ -46,7 +48,7 @@ struct Slot {
     class: Class,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 enum Class {
     Usable(Rank),
     Full { used: u32, capacity: Option<u32> },
@@ -108,8 +110,11 @@ pub(super) struct Walk {
     pool: String,
     /// The rotation counter's value (`--policy round-robin`); None: by score.
     rotation: Option<u64>,
-    last: Option<usize>,
-    tried: Vec<String>,
+    /// The blade the rotation took last (by name: the list may be re-sorted meanwhile).
+    last: Option<String>,
+    /// Blades last seen down are taken from this registration position on.
+    down_from: usize,
+    tried: HashSet<String>,
 }
 
 impl Walk {
@@ -119,7 +124,8 @@ impl Walk {
             pool: pool.to_owned(),
             rotation,
             last: None,
-            tried: Vec::new(),
+            down_from: 0,
+            tried: HashSet::new(),
         }
     }
 
@@ -130,7 +136,7 @@ impl Walk {
 }
 
 /// A pool's counts, for what Dispatch says when it cannot place.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default)]
 pub(super) struct PoolState {
     pub(super) blades: usize,
     pub(super) draining: usize,
@@ -205,7 +211,12 @@ impl Pool {
     }
 
     /// The next usable blade of the rotation not yet tried.
-    fn next_in_rotation(&self, n: u64, last: Option<usize>, tried: &[String]) -> Option<usize> {
+    fn next_in_rotation(
+        &self,
+        n: u64,
+        last: Option<usize>,
+        tried: &HashSet<String>,
+    ) -> Option<usize> {
         let total = self.usable.total();
         let mut at = match last {
             // The n-th usable blade, counting from the first registered.
@@ -247,7 +258,6 @@ impl Ranking {
         if self.synced_with(blades.seq()) {
             return;
         }
-        self.synced = Some(blades.seq());
         self.pools.clear();
         for known in self.blades.values_mut() {
             known.slot = None;
@@ -276,6 +286,8 @@ impl Ranking {
         }
         self.blades
             .retain(|_, k| k.slot.is_some() || k.health.is_some());
+        // Last: a rebuild cut short (a panic) must not pass for current.
+        self.synced = Some(blades.seq());
     }
 
     /// Changes `name`'s health (an unchecked one if none is known) and moves it in its pool.
@@ -312,10 +324,9 @@ impl Ranking {
         let Some(slot) = known.slot.as_mut() else {
             return;
         };
+        // Always out and back in: a usable blade's key ignores its capacity, which the
+        // pool's sums must follow too.
         let class = classify(&slot.record, slot.order, known.health.as_ref());
-        if class == slot.class {
-            return;
-        }
         if let Some(pool) = self.pools.get_mut(&slot.record.pool) {
             pool.leave(slot.class);
             pool.enter(class);
@@ -345,7 +356,15 @@ impl Ranking {
     pub(super) fn take(&mut self, walk: &mut Walk) -> Option<BladeRecord> {
         let pool = self.pools.get(&walk.pool)?;
         let usable = match walk.rotation {
-            Some(n) => pool.next_in_rotation(n, walk.last, &walk.tried),
+            Some(n) => {
+                let last = walk
+                    .last
+                    .as_ref()
+                    .and_then(|name| self.blades.get(name)?.slot.as_ref())
+                    .filter(|s| s.record.pool == walk.pool)
+                    .map(|s| s.order);
+                pool.next_in_rotation(n, last, &walk.tried)
+            }
             None => pool
                 .by_score
                 .iter()
@@ -353,22 +372,26 @@ impl Ranking {
                 .map(|r| r.order),
         };
         let order = match usable {
-            Some(o) => {
-                walk.last = Some(o);
+            Some(o) => o,
+            None => {
+                let o = *pool.down.range(walk.down_from..).find(|&&o| {
+                    let name = &pool.names[o];
+                    !walk.tried.contains(name)
+                        && self.blades.get(name).is_some_and(|k| {
+                            k.slot
+                                .as_ref()
+                                .is_some_and(|s| room(&s.record, k.health.as_ref()).fits())
+                        })
+                })?;
+                walk.down_from = o + 1;
                 o
             }
-            None => *pool.down.iter().find(|&&o| {
-                let name = &pool.names[o];
-                !walk.tried.contains(name)
-                    && self.blades.get(name).is_some_and(|k| {
-                        k.slot
-                            .as_ref()
-                            .is_some_and(|s| room(&s.record, k.health.as_ref()).fits())
-                    })
-            })?,
         };
         let name = pool.names[order].clone();
-        walk.tried.push(name.clone());
+        if usable.is_some() {
+            walk.last = Some(name.clone());
+        }
+        walk.tried.insert(name.clone());
         self.update(&name, |h| h.starting += 1);
         let record = self.blades.get(&name)?.slot.as_ref()?.record.clone();
         Some(record)
@@ -473,9 +496,15 @@ mod tests {
     }
 
     /// What a walk must give, worked out the slow way (the pass and sort every Dispatch
-    /// made before this index): usable blades by (score, desktops, registration), then
-    /// those last seen down that have room, in registration order.
-    fn slow_order(ranking: &Ranking, blades: &[BladeRecord], pool: &str) -> Vec<String> {
+    /// made before this index): usable blades by (score, desktops, registration) — or, for
+    /// the rotation's `n`, in registration order from the n-th on, wrapping — then those last
+    /// seen down that have room, in registration order.
+    fn slow_order(
+        ranking: &Ranking,
+        blades: &[BladeRecord],
+        pool: &str,
+        rotation: Option<u64>,
+    ) -> Vec<String> {
         let mut usable = Vec::new();
         let mut down = Vec::new();
         for b in blades.iter().filter(|b| b.pool == pool && !b.draining) {
@@ -488,7 +517,14 @@ mod tests {
                 usable.push((score(b, h), room(b, h).used, b.name.clone()));
             }
         }
-        usable.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        match rotation {
+            Some(n) if !usable.is_empty() => {
+                let start = (n % usable.len() as u64) as usize;
+                usable.rotate_left(start);
+            }
+            Some(_) => {}
+            None => usable.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))),
+        }
         usable.into_iter().map(|(_, _, n)| n).chain(down).collect()
     }
 
@@ -510,13 +546,19 @@ mod tests {
         )
     }
 
+    /// Takes every blade of the walk, then gives their reservations back.
     fn walk_all(ranking: &mut Ranking, walk: &mut Walk) -> Vec<String> {
-        std::iter::from_fn(|| ranking.take(walk).map(|b| b.name)).collect()
+        let taken: Vec<String> =
+            std::iter::from_fn(|| ranking.take(walk).map(|b| b.name)).collect();
+        for name in &taken {
+            ranking.update_known(name, |h| h.starting -= 1);
+        }
+        taken
     }
 
-    // Through random reports, failures, starts, stops, drains and list changes, a walk by
-    // score gives exactly the order the full sort gives, and the pool's figures match a
-    // recount.
+    // Through random reports, failures, starts, stops, drains, caps and blades leaving and
+    // coming back, a walk gives exactly the order the full sort (or the rotation over the
+    // usable blades) gives, and the pool's figures match a recount.
     #[test]
     fn walks_match_the_full_sort_through_random_changes() {
         let mut rng = Lcg(7);
@@ -525,32 +567,23 @@ mod tests {
         let mut records: Vec<BladeRecord> = (0..40)
             .map(|i| blade(i, ["a", "b"][i % 2], false, 0))
             .collect();
+        let mut listed = vec![true; 40];
         for round in 0..300 {
-            if round % 10 == 0 {
+            if round % 5 == 0 {
                 // The list changes: a drain, a cap, a blade gone or back.
                 let i = rng.below(40) as usize;
                 records[i].draining = rng.below(4) == 0;
                 records[i].max_sessions = [0, 2, 5][rng.below(3) as usize];
+                let j = rng.below(40) as usize;
+                listed[j] = !listed[j];
                 seq += 1;
-                let listed: Vec<_> = records
+                let now: Vec<_> = records
                     .iter()
-                    .filter(|b| b.name != format!("b{:02}", (round / 10) % 40))
-                    .cloned()
+                    .zip(&listed)
+                    .filter(|(_, l)| **l)
+                    .map(|(b, _)| b.clone())
                     .collect();
-                ranking.sync(&Blades::new(listed.clone(), seq));
-                records = records
-                    .into_iter()
-                    .map(|b| {
-                        if listed.contains(&b) {
-                            b
-                        } else {
-                            BladeRecord {
-                                pool: "gone".into(),
-                                ..b
-                            }
-                        }
-                    })
-                    .collect();
+                ranking.sync(&Blades::new(now, seq));
             }
             for _ in 0..20 {
                 let name = format!("b{:02}", rng.below(40));
@@ -580,23 +613,72 @@ mod tests {
                     _ => ranking.forget(&name),
                 }
             }
+            let now: Vec<BladeRecord> = records
+                .iter()
+                .zip(&listed)
+                .filter(|(_, l)| **l)
+                .map(|(b, _)| b.clone())
+                .collect();
             for pool in ["a", "b"] {
                 let state = ranking.pool_state(pool);
                 assert_eq!(
                     (state.open, state.used, state.capacity),
-                    slow_state(&ranking, &records, pool),
+                    slow_state(&ranking, &now, pool),
                     "round {round}"
                 );
-                let want = slow_order(&ranking, &records, pool);
-                let down = state.down;
-                let got = walk_all(&mut ranking, &mut Walk::new(pool, None));
-                assert_eq!(got, want, "round {round}, pool {pool}");
-                taken += got.len();
-                down_taken += usize::from(down > 0 && !got.is_empty());
+                for rotation in [None, Some(round as u64)] {
+                    let want = slow_order(&ranking, &now, pool, rotation);
+                    let got = walk_all(&mut ranking, &mut Walk::new(pool, rotation));
+                    assert_eq!(got, want, "round {round}, pool {pool}, {rotation:?}");
+                    taken += got.len();
+                    down_taken += got
+                        .iter()
+                        .filter(|n| ranking.health(n).is_some_and(|h| !h.healthy))
+                        .count();
+                }
             }
         }
         // The cases are not empty: walks take many blades, and down ones too.
-        assert!(taken > 2000 && down_taken > 100, "{taken} {down_taken}");
+        assert!(taken > 4000 && down_taken > 300, "{taken} {down_taken}");
+    }
+
+    // A blade with nothing on it whose free displays change keeps its score (0 desktops of
+    // any size is 0): the refusal's capacity must still follow.
+    #[test]
+    fn a_change_of_capacity_alone_reaches_the_pool_figures() {
+        let mut ranking = Ranking::default();
+        ranking.sync(&Blades::new(vec![blade(0, "p", false, 0)], 1));
+        for free in [4, 9, 2] {
+            ranking.update("b00", |h| {
+                h.load = BladeLoad {
+                    free_displays: free,
+                    reported: true,
+                    ..Default::default()
+                }
+            });
+            assert_eq!(ranking.pool_state("p").capacity, u64::from(free));
+        }
+    }
+
+    // A walk that outlives a re-sort of the list goes on from the blade it took last, by
+    // name, and takes none twice.
+    #[test]
+    fn a_rotation_survives_a_re_sort() {
+        let records: Vec<_> = (0..4).map(|i| blade(i, "p", false, 0)).collect();
+        let mut ranking = Ranking::default();
+        ranking.sync(&Blades::new(records.clone(), 1));
+        let mut walk = Walk::new("p", Some(1));
+        assert_eq!(ranking.take(&mut walk).unwrap().name, "b01");
+        // b00 goes: every position shifts by one.
+        ranking.sync(&Blades::new(records[1..].to_vec(), 2));
+        assert_eq!(ranking.take(&mut walk).unwrap().name, "b02");
+        assert_eq!(ranking.take(&mut walk).unwrap().name, "b03");
+        assert!(ranking.take(&mut walk).is_none());
+        // An older list does not undo a newer one.
+        ranking.sync(&Blades::new(records.clone(), 1));
+        assert_eq!(ranking.pool_state("p").blades, 3);
+        // Nor does a rebuild lose what was counted on a blade meanwhile.
+        assert_eq!(ranking.health("b02").map(|h| h.starting), Some(1));
     }
 
     // The rotation: the n-th usable blade (counting full, down and draining ones out), then
@@ -609,13 +691,7 @@ mod tests {
         ranking.update("b01", |h| h.healthy = false);
         ranking.update("b02", |h| h.full = true);
         // Usable: b00, b03, b05.
-        let order = |ranking: &mut Ranking, n| {
-            let got = walk_all(ranking, &mut Walk::new("p", Some(n)));
-            for name in &got {
-                ranking.update_known(name, |h| h.starting -= 1);
-            }
-            got
-        };
+        let order = |ranking: &mut Ranking, n| walk_all(ranking, &mut Walk::new("p", Some(n)));
         assert_eq!(order(&mut ranking, 0), ["b00", "b03", "b05", "b01"]);
         assert_eq!(order(&mut ranking, 1), ["b03", "b05", "b00", "b01"]);
         assert_eq!(order(&mut ranking, 5), ["b05", "b00", "b03", "b01"]);

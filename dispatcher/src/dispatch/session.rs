@@ -226,8 +226,8 @@ impl Dispatcher {
         result
     }
 
-    /// Tries the chosen blades of `pool` in order until one starts the desktop, then stores
-    /// the session.
+    /// Takes blades of `pool` one after another, best first, until one starts the desktop,
+    /// then stores the session.
     async fn launch(
         &self,
         username: &str,
@@ -364,7 +364,9 @@ impl Dispatcher {
             tracing::info!(blade = %rec.blade, display = rec.display, pid = rec.vnc_pid, "session started");
             return Ok(self.session(&rec, token, password, false));
         }
-        if full > 0 && full == walk.tried() {
+        // Every blade tried was full — or none was left to try, concurrent calls having
+        // filled the pool since it was looked at: either way, out of room.
+        if full == walk.tried() {
             return Err(self.no_capacity(pool));
         }
         Err(DispatchError::NoBlade(format!(
