@@ -41,6 +41,11 @@ type Client = DispatcherClient<Channel>;
 
 /// Sample users for new-session Dispatch at each point (ended after).
 const NEW_SAMPLES: usize = 30;
+/// The first blades run the real Xtigervnc, each capped at [`REAL_XVNC_CAP`] desktops (a real
+/// one holds tens of MiB): a sample that the stand-in behaves like the real thing where it
+/// counts — started by the same path, reached through ws-proxy, greeting with RFB.
+const REAL_XVNC_BLADES: usize = 2;
+const REAL_XVNC_CAP: u32 = 8;
 /// Browser connections opened and held at each point (SCALE_OPENS, or SCALE_OPENS_<STORE>).
 fn opens(store: &str) -> usize {
     let var = format!("SCALE_OPENS_{}", store.to_uppercase());
@@ -86,14 +91,16 @@ struct Row {
     dispatcher_idle_cpu_pct: f64,
     db_rss_mib: f64,
     db_idle_cpu_pct: f64,
+    /// Desktops on the real-Xvnc blades, and how many of them greeted through ws-proxy.
+    real_xvnc: (usize, usize),
 }
 
-const HEADER: &str = "store\tblades\tsessions\treconnect_p50_ms\treconnect_p99_ms\treconnect_per_s\tnew_p50_ms\tnew_p99_ms\tresolve_p50_ms\tresolve_p99_ms\tresolve_per_s\tws_opens_per_s\tws_kib_per_conn\tdispatcher_rss_mib\tdispatcher_idle_cpu_pct\tdb_rss_mib\tdb_idle_cpu_pct";
+const HEADER: &str = "store\tblades\tsessions\treconnect_p50_ms\treconnect_p99_ms\treconnect_per_s\tnew_p50_ms\tnew_p99_ms\tresolve_p50_ms\tresolve_p99_ms\tresolve_per_s\tws_opens_per_s\tws_kib_per_conn\tdispatcher_rss_mib\tdispatcher_idle_cpu_pct\tdb_rss_mib\tdb_idle_cpu_pct\treal_xvnc_desktops\treal_xvnc_greeted";
 
 impl Row {
     fn tsv(&self) -> String {
         format!(
-            "{}\t{}\t{}\t{:.2}\t{:.2}\t{:.0}\t{:.1}\t{:.1}\t{:.2}\t{:.2}\t{:.0}\t{:.0}\t{:.1}\t{:.1}\t{:.2}\t{:.1}\t{:.2}",
+            "{}\t{}\t{}\t{:.2}\t{:.2}\t{:.0}\t{:.1}\t{:.1}\t{:.2}\t{:.2}\t{:.0}\t{:.0}\t{:.1}\t{:.1}\t{:.2}\t{:.1}\t{:.2}\t{}\t{}",
             self.store,
             self.blades,
             self.sessions,
@@ -110,7 +117,9 @@ impl Row {
             self.dispatcher_rss_mib,
             self.dispatcher_idle_cpu_pct,
             self.db_rss_mib,
-            self.db_idle_cpu_pct
+            self.db_idle_cpu_pct,
+            self.real_xvnc.0,
+            self.real_xvnc.1
         )
     }
 }
@@ -132,6 +141,8 @@ struct System {
     users: Vec<String>,
     /// Token of each user with a session, by user index.
     tokens: Vec<Option<String>>,
+    /// Users whose desktop is on a real-Xvnc blade.
+    on_real_xvnc: Vec<usize>,
     /// Users 0..live have sessions.
     live: usize,
     registered: usize,
@@ -205,6 +216,7 @@ impl System {
             proxies_rss_idle,
             users,
             tokens: vec![None; n],
+            on_real_xvnc: Vec::new(),
             live: 0,
             registered: 0,
         }
@@ -221,6 +233,7 @@ impl System {
                 host: a.addr.ip().to_string(),
                 port: u32::from(a.addr.port()),
                 method: 1,
+                max_sessions: (i < REAL_XVNC_BLADES).then_some(REAL_XVNC_CAP),
                 ..Default::default()
             };
             self.client(0).add_blade(req).await.expect("AddBlade");
@@ -239,7 +252,7 @@ impl System {
                 let (mut c, user) = (self.client(i), self.users[i].clone());
                 async move {
                     let s = c.dispatch(dispatch_req(&user)).await;
-                    (i, s.map(|r| r.into_inner().token))
+                    (i, s.map(|r| r.into_inner()))
                 }
             })
             .buffer_unordered(16)
@@ -247,7 +260,13 @@ impl System {
             .await;
         for (i, r) in results {
             match r {
-                Ok(token) => self.tokens[i] = Some(token),
+                Ok(s) => {
+                    let real = (0..REAL_XVNC_BLADES).any(|b| s.blade == format!("blade{b:03}"));
+                    if real {
+                        self.on_real_xvnc.push(i);
+                    }
+                    self.tokens[i] = Some(s.token);
+                }
                 Err(e) => panic!("Dispatch for {}: {e}", self.users[i]),
             }
         }
@@ -399,6 +418,28 @@ impl System {
         row.proxy_kib_per_conn =
             rss(self).saturating_sub(self.proxies_rss_idle) as f64 / opens as f64;
         drop(held);
+
+        // The real-Xvnc sample: each of its desktops greets through ws-proxy as a browser
+        // would see it.
+        let mut greeted = 0;
+        for (n, &i) in self.on_real_xvnc.iter().enumerate() {
+            let token = self.tokens[i].clone().expect("token");
+            let proxy = &self.proxies[n % self.proxies.len()];
+            let url = format!("ws://{}/websockify?token={token}", proxy.addr);
+            if let Ok(mut ws) = ws_connect(&url).await
+                && let Some(Ok(banner)) = ws.next().await
+                && banner.into_data().starts_with(b"RFB 003.008")
+            {
+                greeted += 1;
+            }
+        }
+        row.real_xvnc = (self.on_real_xvnc.len(), greeted);
+        eprintln!(
+            "[{}] real Xvnc sample: {greeted} of {} desktops greeted through ws-proxy; {} real Xtigervnc running",
+            self.store,
+            self.on_real_xvnc.len(),
+            scale::real_xvnc_running()
+        );
         row
     }
 
@@ -453,15 +494,26 @@ async fn run_store(
     let max_sessions = *sessions.iter().max().expect("session counts");
     // Room for every session and the samples with 15% to spare, spread evenly; also for the
     // first session count on the fewest blades.
-    let per_blade = (((max_sessions + NEW_SAMPLES) as f64 * 1.15 / max_blades as f64).ceil()
-        as usize)
-        .max(((sessions[0] + NEW_SAMPLES) as f64 * 1.15 / blades[0] as f64).ceil() as usize)
-        as u32;
+    // The capped real-Xvnc blades take few: the rest must hold the others.
+    let room = |sessions: usize, blades: usize| {
+        ((sessions + NEW_SAMPLES) as f64 * 1.15
+            / blades.saturating_sub(REAL_XVNC_BLADES).max(1) as f64)
+            .ceil() as usize
+    };
+    let per_blade = room(max_sessions, max_blades).max(room(sessions[0], blades[0])) as u32;
     let t = Instant::now();
     let mut agents = Vec::new();
     for chunk in (0..max_blades).collect::<Vec<_>>().chunks(25) {
         let starts = chunk.iter().map(|&i| {
-            scale::start_agent(i, 100 + i as u32 * per_blade, per_blade, standin, &secret)
+            let real = i < REAL_XVNC_BLADES;
+            scale::start_agent(
+                i,
+                100 + i as u32 * per_blade,
+                per_blade,
+                standin,
+                real,
+                &secret,
+            )
         });
         agents.extend(futures_util::future::join_all(starts).await);
     }

@@ -130,13 +130,14 @@ pub struct RigAgent {
 }
 
 /// Starts blade agent `i` serving displays `first..first+count` on [`blade_ip`]`(i)`, with the
-/// stand-in as Xvnc and session, VNC authentication only (no certificate per desktop), plain
-/// gRPC with `secret`.
+/// stand-in as session and, unless `real_xvnc`, as Xvnc too (else the real Xtigervnc); VNC
+/// authentication only (no certificate per desktop), plain gRPC with `secret`.
 pub async fn start_agent(
     i: usize,
     first: u32,
     count: u32,
     standin: &Standin,
+    real_xvnc: bool,
     secret: &Path,
 ) -> RigAgent {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -169,8 +170,12 @@ pub async fn start_agent(
         "--run-dir".into(),
         dir.path().join("run").display().to_string(),
     ])
-    .arg("--xvnc")
-    .arg(&standin.xvnc)
+    .args(
+        (!real_xvnc)
+            .then(|| ["--xvnc".into(), standin.xvnc.display().to_string()])
+            .into_iter()
+            .flatten(),
+    )
     .arg("--session-command")
     .arg(&standin.session)
     .ready_within(std::time::Duration::from_secs(30))
@@ -181,6 +186,19 @@ pub async fn start_agent(
         addr,
         _dir: dir,
     }
+}
+
+/// How many real Xtigervnc servers run on this machine (the stand-in has the same name: told
+/// apart by the program file).
+pub fn real_xvnc_running() -> usize {
+    let real = std::fs::canonicalize("/usr/bin/Xtigervnc").ok();
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| real.is_some() && std::fs::read_link(e.path().join("exe")).ok() == real)
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// A process's resident memory and the CPU time it and its waited-for children used.
