@@ -149,8 +149,68 @@ where
     ws.send(bin(&[u8::from(shared)]))
         .await
         .map_err(|e| e.to_string())?; // ClientInit
-    let at = 18;
-    fill(ws, &mut got, at + 24).await?;
+    server_init(ws, &mut got, 18).await
+}
+
+/// A browser's VNC-authentication login through a ws-proxy without `--auth-proxy`, on an
+/// open WebSocket `ws`, through ClientInit (shared) and ServerInit: what noVNC does with the
+/// password. Err says which step broke.
+pub async fn vnc_login_ws<S>(ws: &mut S, password: &str) -> Result<ServerInit, String>
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>>
+        + Sink<Message, Error = tungstenite::Error>
+        + Unpin,
+{
+    let bin = |b: &[u8]| Message::Binary(b.to_vec().into());
+    let mut got = Vec::new();
+    fill(ws, &mut got, 12).await?;
+    if &got[..4] != b"RFB " {
+        return Err(format!(
+            "not RFB: {:?}",
+            String::from_utf8_lossy(&got[..12])
+        ));
+    }
+    ws.send(bin(b"RFB 003.008\n"))
+        .await
+        .map_err(|e| e.to_string())?;
+    fill(ws, &mut got, 13).await?;
+    let n = usize::from(got[12]);
+    if n == 0 {
+        // A reason follows ("Too many security failures": Xvnc's blacklist).
+        fill(ws, &mut got, 17).await?;
+        let len = u32::from_be_bytes([got[13], got[14], got[15], got[16]]).min(4096) as usize;
+        fill(ws, &mut got, 17 + len).await?;
+        return Err(format!(
+            "the server refused the connection: {}",
+            String::from_utf8_lossy(&got[17..17 + len])
+        ));
+    }
+    fill(ws, &mut got, 13 + n).await?;
+    if !got[13..13 + n].contains(&2) {
+        return Err(format!("no VNC authentication in {:?}", &got[13..13 + n]));
+    }
+    ws.send(bin(&[2])).await.map_err(|e| e.to_string())?;
+    let at = 13 + n;
+    fill(ws, &mut got, at + 16).await?;
+    let mut challenge = [0u8; 16];
+    challenge.copy_from_slice(&got[at..at + 16]);
+    ws.send(bin(&challenge_response(password.as_bytes(), &challenge)))
+        .await
+        .map_err(|e| e.to_string())?;
+    fill(ws, &mut got, at + 20).await?;
+    if got[at + 16..at + 20] != [0; 4] {
+        return Err(format!("SecurityResult {:?}", &got[at + 16..at + 20]));
+    }
+    ws.send(bin(&[1])).await.map_err(|e| e.to_string())?; // ClientInit: shared
+    server_init(ws, &mut got, at + 20).await
+}
+
+/// Reads the ServerInit that starts at `at` in what `ws` sends.
+async fn server_init<S>(ws: &mut S, got: &mut Vec<u8>, at: usize) -> Result<ServerInit, String>
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    fill(ws, got, at + 24).await?;
     let init = &got[at..at + 24];
     let name_len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]) as usize;
     if name_len > 4096 {
@@ -160,7 +220,7 @@ where
         u16::from_be_bytes([init[0], init[1]]),
         u16::from_be_bytes([init[2], init[3]]),
     );
-    fill(ws, &mut got, at + 24 + name_len).await?;
+    fill(ws, got, at + 24 + name_len).await?;
     Ok(ServerInit {
         width,
         height,
