@@ -3,7 +3,7 @@
 # starting a stand-in Xvnc per desktop as real accounts; one dispatcher on the embedded store
 # and two on one FerretDB; two ws-proxies; curves of latency, throughput, memory and CPU as
 # blades and sessions grow, written to docs/scale/ (scale.tsv and PNGs). Root; not part of
-# CI; about 15 minutes on a 2-core machine with the defaults. SCALE_BLADES, SCALE_SESSIONS,
+# CI; about 10 minutes on a 2-core machine with the defaults. SCALE_BLADES, SCALE_SESSIONS,
 # SCALE_STORES, SCALE_CALLS, SCALE_OPENS (and their _FERRETDB / _EMBEDDED forms) and
 # SCALE_OUT change them (see tests/benches/scale.rs).
 #

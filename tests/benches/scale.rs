@@ -6,7 +6,9 @@
 //! namespace (see `vncdispatch_tests::scale`), starting a stand-in Xvnc as real accounts
 //! through the real start path (PAM, the helper, the listener check); one dispatcher on the
 //! embedded store, or two on one FerretDB; two ws-proxies. Every session is a live "desktop"
-//! (the stand-in and its session process, under the agent's helper).
+//! (the stand-in and its session process, under the agent's helper); the first two blades run
+//! the real Xtigervnc instead, and every point logs in to each of their desktops through
+//! ws-proxy.
 //!
 //! Two curves per store: blades grow (10 → max) with the first session count, then sessions
 //! grow (→ max) on all blades. At each point, sequentially and then with 32 callers:
