@@ -93,6 +93,7 @@ async fn local_user() {
     trapped_lock_files(&rec).await;
     fake_x_servers_on_every_display(&rec).await;
     x_server_behind_the_agents_back(&rec).await;
+    hanging_up_to_blacklist_an_address(&rec).await;
     squatted_ports(&rec).await;
     squatter_racing_the_helper(&rec).await;
     fifo_as_the_password_file(&rec).await;
@@ -385,6 +386,48 @@ async fn x_server_behind_the_agents_back(rec: &Record) {
             }
         ),
         later == before.saturating_add(1) && display == Some(first + 1) && left_alone,
+    );
+}
+
+/// A desktop user hangs up on a neighbour's desktop again and again from the blade itself:
+/// the address the agent's readiness check, and a ws-proxy on the same host, connect from.
+/// TigerVNC counts each connection that ends before a login as a failure and, after five,
+/// refuses that address for a while ("Too many security failures"): the owner, reaching the
+/// desktop from there, would be locked out.
+async fn hanging_up_to_blacklist_an_address(rec: &Record) {
+    let (first, count) = range(11, 2);
+    let agent = AgentProc::start(AgentOptions {
+        displays: Some((first, count)),
+        ..Default::default()
+    })
+    .await;
+    let mut client = agent.client().await;
+    let owner = TestUser::create();
+    let port = client
+        .start_session(start(&owner.name))
+        .await
+        .ok()
+        .map(|s| s.into_inner().port as u16);
+    let attacker = TestUser::create();
+    let hangups = port.is_some_and(|p| {
+        let script = attacker.home.join("hangup.py");
+        std::fs::write(
+            &script,
+            format!(
+                "import socket\nfor i in range(12):\n    s = socket.create_connection(('127.0.0.1', {p}))\n    s.recv(12)\n    s.close()\n"
+            ),
+        )
+        .expect("script");
+        as_user_done(&attacker, &format!("exec python3 {}", script.display()))
+    });
+    let after = port.and_then(|p| banner(([127, 0, 0, 1], p).into()));
+    let _ = client.stop_session(stop(&owner.name)).await;
+    rec.case(
+        "hanging up on a neighbour's desktop to have an address blacklisted",
+        "a second user on the blade connects to the first user's desktop from 127.0.0.1 twelve times, reads its banner and hangs up before any login (ws-proxy on the same host, and the agent's own readiness check, connect from there)",
+        "the desktop still greets 127.0.0.1 with RFB 003.008: the agent starts Xvnc with its blacklist off (-UseBlacklist=0), so no one can lock a neighbour out; the password is random, and guessing it costs a connection a try all the same",
+        &format!("desktop on port {port:?}; hang-ups done: {hangups}; then 127.0.0.1 is greeted with {after:?}"),
+        hangups && after.as_deref() == Some("RFB 003.008"),
     );
 }
 
