@@ -127,16 +127,7 @@ where
 {
     let bin = |b: &[u8]| Message::Binary(b.to_vec().into());
     let mut got = Vec::new();
-    fill(ws, &mut got, 12).await?;
-    if &got[..12] != b"RFB 003.008\n" {
-        return Err(format!(
-            "the proxy speaks {:?}",
-            String::from_utf8_lossy(&got[..12])
-        ));
-    }
-    ws.send(bin(b"RFB 003.008\n"))
-        .await
-        .map_err(|e| e.to_string())?;
+    version(ws, &mut got, b"RFB 003.008\n").await?;
     fill(ws, &mut got, 14).await?;
     if got[12..14] != [1, 1] {
         return Err(format!("offered {:?}, not None alone", &got[12..14]));
@@ -163,16 +154,7 @@ where
 {
     let bin = |b: &[u8]| Message::Binary(b.to_vec().into());
     let mut got = Vec::new();
-    fill(ws, &mut got, 12).await?;
-    if &got[..4] != b"RFB " {
-        return Err(format!(
-            "not RFB: {:?}",
-            String::from_utf8_lossy(&got[..12])
-        ));
-    }
-    ws.send(bin(b"RFB 003.008\n"))
-        .await
-        .map_err(|e| e.to_string())?;
+    version(ws, &mut got, b"RFB ").await?;
     fill(ws, &mut got, 13).await?;
     let n = usize::from(got[12]);
     if n == 0 {
@@ -203,6 +185,26 @@ where
     }
     ws.send(bin(&[1])).await.map_err(|e| e.to_string())?; // ClientInit: shared
     server_init(ws, &mut got, at + 20).await
+}
+
+/// Reads the server's ProtocolVersion into `got` (it must start with `expect`) and answers
+/// 3.8.
+async fn version<S>(ws: &mut S, got: &mut Vec<u8>, expect: &[u8]) -> Result<(), String>
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>>
+        + Sink<Message, Error = tungstenite::Error>
+        + Unpin,
+{
+    fill(ws, got, 12).await?;
+    if !got[..12].starts_with(expect) {
+        return Err(format!(
+            "the server speaks {:?}",
+            String::from_utf8_lossy(&got[..12])
+        ));
+    }
+    ws.send(Message::Binary(b"RFB 003.008\n".to_vec().into()))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Reads the ServerInit that starts at `at` in what `ws` sends.

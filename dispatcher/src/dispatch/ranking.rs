@@ -546,6 +546,16 @@ mod tests {
         )
     }
 
+    /// The records whose `listed` flag is set: the blade list of the moment.
+    fn present(records: &[BladeRecord], listed: &[bool]) -> Vec<BladeRecord> {
+        records
+            .iter()
+            .zip(listed)
+            .filter(|(_, l)| **l)
+            .map(|(b, _)| b.clone())
+            .collect()
+    }
+
     /// Takes every blade of the walk, then gives their reservations back.
     fn walk_all(ranking: &mut Ranking, walk: &mut Walk) -> Vec<String> {
         let taken: Vec<String> =
@@ -577,13 +587,7 @@ mod tests {
                 let j = rng.below(40) as usize;
                 listed[j] = !listed[j];
                 seq += 1;
-                let now: Vec<_> = records
-                    .iter()
-                    .zip(&listed)
-                    .filter(|(_, l)| **l)
-                    .map(|(b, _)| b.clone())
-                    .collect();
-                ranking.sync(&Blades::new(now, seq));
+                ranking.sync(&Blades::new(present(&records, &listed), seq));
             }
             for _ in 0..20 {
                 let name = format!("b{:02}", rng.below(40));
@@ -613,12 +617,7 @@ mod tests {
                     _ => ranking.forget(&name),
                 }
             }
-            let now: Vec<BladeRecord> = records
-                .iter()
-                .zip(&listed)
-                .filter(|(_, l)| **l)
-                .map(|(b, _)| b.clone())
-                .collect();
+            let now = present(&records, &listed);
             for pool in ["a", "b"] {
                 let state = ranking.pool_state(pool);
                 assert_eq!(
