@@ -289,8 +289,9 @@ impl System {
     }
 
     /// A random user with a session on a stand-in: the browser opens below read the banner
-    /// and hang up, which a real Xvnc counts as a failed login (five and it refuses the
-    /// proxy's address for a while: its blacklist).
+    /// and hang up, and the real-Xvnc sample is checked by a full login instead (an Xvnc
+    /// with its blacklist on, as agents before `-UseBlacklist=0` started it, refuses an
+    /// address after five such hang-ups).
     fn random_on_standin(&self) -> usize {
         loop {
             let i = self.random_live();

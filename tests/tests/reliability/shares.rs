@@ -189,7 +189,7 @@ async fn without_auth_proxy(rec: &Record, s: &Rig) {
     rec.case(
         "a share's token at a ws-proxy without --auth-proxy",
         "a view-only share's token at a ws-proxy that relays the VNC handshake to the browser; then at one with --auth-proxy --bind-token-to-ip, from another address than the owner's",
-        "403 share_needs_auth_proxy (the viewer would need a VNC password that outlives the share, and could lock the owner out with wrong ones) while the owner's token works there; with auth-proxy the viewer gets in from anywhere (a share is not bound to the owner's IP) and the owner's token from that address is 403",
+        "403 share_needs_auth_proxy (the viewer would need a VNC password that outlives the share) while the owner's token works there; with auth-proxy the viewer gets in from anywhere (a share is not bound to the owner's IP) and the owner's token from that address is 403",
         &format!(
             "without auth-proxy: share {refused}, owner {}; bound: viewer {}, owner from elsewhere {owner_elsewhere}",
             if owner_ok { "relayed" } else { "refused" },

@@ -125,7 +125,7 @@ impl Refusal {
         "the desktop is not reachable",
     );
     /// A share's token at a proxy without `--auth-proxy`: the viewer would have to be given a
-    /// VNC password that outlives the share, and could lock the owner out with wrong ones.
+    /// VNC password that outlives the share.
     pub const SHARE_NEEDS_AUTH_PROXY: Refusal = Refusal::new(
         StatusCode::FORBIDDEN,
         "share_needs_auth_proxy",
