@@ -7,8 +7,10 @@
 # SCALE_STORES, SCALE_CALLS, SCALE_OPENS (and their _FERRETDB / _EMBEDDED forms) and
 # SCALE_OUT change them (see tests/benches/scale.rs).
 #
-# It leaves accounts vsc00000… (and their homes) for the next run: `scripts/scale.sh clean`
-# removes them and the rig's stand-in programs.
+# It removes the accounts vsc00000… it made (and their homes) when it ends, however it ends:
+# left in /etc/passwd and /etc/shadow, tens of thousands of lines make every PAM login and
+# NSS lookup on the machine slower (a desktop start here, +10 ms). SCALE_KEEP_ACCOUNTS=1 keeps
+# them for the next run; `scripts/scale.sh clean` removes them and the stand-in programs.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -16,11 +18,18 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "scale.sh: must run as root (it creates accounts and starts desktops as them)" >&2
   exit 1
 fi
-if [ "${1:-}" = clean ]; then
+remove_accounts() {
   sed -i '/^vsc[0-9]\{5\}:/d' /etc/passwd /etc/shadow
-  rm -rf /home/vsc[0-9][0-9][0-9][0-9][0-9] /var/cache/vncdispatch/scale-bin
+  find /home -maxdepth 1 -name 'vsc[0-9][0-9][0-9][0-9][0-9]' -exec rm -rf {} +
+}
+if [ "${1:-}" = clean ]; then
+  remove_accounts
+  rm -rf /var/cache/vncdispatch/scale-bin
   echo "scale.sh: removed the rig's accounts, homes and stand-in programs"
   exit 0
+fi
+if [ "${SCALE_KEEP_ACCOUNTS:-0}" != 1 ]; then
+  trap 'remove_accounts; echo "scale.sh: removed the rig'"'"'s accounts (SCALE_KEEP_ACCOUNTS=1 keeps them)"' EXIT
 fi
 # cargo installed by rustup for root, when the shell has not sourced its env
 [ -d "$HOME/.cargo/bin" ] && PATH="$HOME/.cargo/bin:$PATH"
