@@ -5,9 +5,12 @@
 //! ([`Dispatcher::refresh_blades`]), so no Dispatch waits on a read of every blade. A
 //! Dispatch reads it itself only when the copy is older than [`MAX_AGE`] (the loop is late or
 //! not running), at once after this dispatcher changed a blade, and whenever a lookup misses
-//! (a blade or pool added through another dispatcher is found on first use). What another dispatcher drains or removes is seen here
-//! within [`MAX_AGE`]: a start may land on a blade drained a moment ago, as it may today when
-//! the drain comes while the start is under way.
+//! (a blade or pool added through another dispatcher is found on first use). What another
+//! dispatcher drains or removes is seen here within [`MAX_AGE`]: a start may land on a blade
+//! drained a moment ago, as it may today when the drain comes while the start is under way.
+//!
+//! Every new copy is sorted into the pools' placement order ([`super::ranking`]) as it is
+//! read, so whoever holds a copy finds the order at least that recent.
 use super::Dispatcher;
 use crate::store::{BladeRecord, StoreError};
 use std::collections::HashMap;
@@ -175,23 +178,26 @@ impl Dispatcher {
             }
         };
         // Kept only if no local change came while it was read (it may predate that change).
-        let mut current = self
-            .directory
-            .current
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        if self.directory.generation.load(Ordering::SeqCst) == generation {
-            *current = Some((Arc::clone(&blades), began));
+        {
+            let mut current = self
+                .directory
+                .current
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            if self.directory.generation.load(Ordering::SeqCst) == generation {
+                *current = Some((Arc::clone(&blades), began));
+            }
         }
+        // Nothing to do for a copy already sorted in (unchanged) or older than the last one.
+        self.ranking_mut().sync(&blades);
         Ok(blades)
     }
 
-    /// Reads the blade list again and sorts what changed into placement (the server runs
+    /// Reads the blade list again, sorting what changed into placement (the server runs
     /// this every [`REFRESH`]); a store that does not answer is the store watch's to report.
     pub async fn refresh_blades(&self) {
-        match self.blade_list_now().await {
-            Ok(blades) => self.ranking_mut().sync(&blades),
-            Err(e) => tracing::debug!(error = %e, "could not read the blade list"),
+        if let Err(e) = self.blade_list_now().await {
+            tracing::debug!(error = %e, "could not read the blade list");
         }
     }
 

@@ -41,16 +41,8 @@ impl Dispatcher {
                 blades.pools().join(", ")
             )));
         }
-        let state = {
-            let synced = self.ranking().synced_with(blades.seq());
-            if synced {
-                self.ranking().pool_state(pool)
-            } else {
-                let mut ranking = self.ranking_mut();
-                ranking.sync(&blades);
-                ranking.pool_state(pool)
-            }
-        };
+        // Sorted from `blades` or a later list (each copy is sorted in as it is read).
+        let state = self.ranking().pool_state(pool);
         if state.blades == 0 {
             // The list this dispatcher sorted last (newer than `blades`) has no such pool.
             return Err(DispatchError::EmptyPool(format!(
@@ -145,7 +137,6 @@ impl Dispatcher {
         let Ok(blades) = self.blade_list_now().await else {
             return;
         };
-        self.ranking_mut().sync(&blades);
         // Each blade is marked as its answer comes: a hung blade must not hold up the news
         // that another is back.
         let checks = blades.all().iter().map(|blade| async move {

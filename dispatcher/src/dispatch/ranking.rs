@@ -248,7 +248,7 @@ impl Ranking {
     }
 
     /// Whether the pools are sorted from blade list `seq` or a later one.
-    pub(super) fn synced_with(&self, seq: u64) -> bool {
+    fn synced_with(&self, seq: u64) -> bool {
         self.synced.is_some_and(|s| s >= seq)
     }
 
