@@ -335,18 +335,9 @@ impl System {
 
         let users = &self.users;
         let pick: Vec<usize> = (0..calls * 11).map(|_| self.random_live()).collect();
-        let mut lat = Vec::with_capacity(calls);
-        for (n, &i) in pick[..calls].iter().enumerate() {
-            let t = Instant::now();
-            let s = self
-                .client(n)
-                .dispatch(dispatch_req(&users[i]))
-                .await
-                .expect("reconnect");
-            lat.push(t.elapsed());
-            assert!(s.into_inner().reused, "{} lost its session", users[i]);
-        }
-        lat.sort();
+        let lat = self
+            .timed_dispatches(pick[..calls].iter().copied(), true)
+            .await;
         let tput = self
             .concurrently(&pick[calls..], |mut c, user, _| async move {
                 c.dispatch(dispatch_req(&user)).await.map(drop)
@@ -380,18 +371,8 @@ impl System {
             .await;
         row.resolve = (pct(&lat, 0.5), pct(&lat, 0.99), tput);
 
-        let mut lat = Vec::new();
         let samples = users.len() - NEW_SAMPLES..users.len();
-        for (n, i) in samples.clone().enumerate() {
-            let t = Instant::now();
-            let s = self
-                .client(n)
-                .dispatch(dispatch_req(&users[i]))
-                .await
-                .expect("new session");
-            lat.push(t.elapsed());
-            assert!(!s.into_inner().reused, "{} already had a session", users[i]);
-        }
+        let lat = self.timed_dispatches(samples.clone(), false).await;
         for i in samples {
             self.client(0)
                 .end_session(EndSessionRequest {
@@ -400,7 +381,6 @@ impl System {
                 .await
                 .expect("EndSession");
         }
-        lat.sort();
         row.new = (pct(&lat, 0.5), pct(&lat, 0.99));
 
         let rss = |s: &System| -> u64 {
@@ -462,6 +442,34 @@ impl System {
             scale::real_xvnc_running()
         );
         row
+    }
+
+    /// Sequential Dispatch calls for `users` (by index), each timed and checked to be a
+    /// reconnect (`reused`) or a new session; the times sorted.
+    async fn timed_dispatches(
+        &self,
+        users: impl IntoIterator<Item = usize>,
+        reused: bool,
+    ) -> Vec<Duration> {
+        let mut lat = Vec::new();
+        for (n, i) in users.into_iter().enumerate() {
+            let user = &self.users[i];
+            let t = Instant::now();
+            let s = self
+                .client(n)
+                .dispatch(dispatch_req(user))
+                .await
+                .unwrap_or_else(|e| panic!("Dispatch for {user}: {e}"));
+            lat.push(t.elapsed());
+            let why = if reused {
+                "lost its session"
+            } else {
+                "already had a session"
+            };
+            assert_eq!(s.into_inner().reused, reused, "{user} {why}");
+        }
+        lat.sort();
+        lat
     }
 
     /// `pick`'s calls by 32 callers spread over the dispatchers; calls per second.

@@ -39,17 +39,18 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let user = TestUser::create();
     let (dispatch, costs) = rt.block_on(dispatch_starts(&user, n))?;
-    let (fast, split) = rt.block_on(agent_starts_split(&user, "fast", &[], n))?;
+    let (fast, split) = rt.block_on(agent_starts(&user, "fast", &[], n))?;
     let rows = vec![
         ("bare Xtigervnc (floor)", measure(n, || bare_xvnc(&user))?),
         ("agent fast path (PAM)", fast),
         (
             "agent fast path, --no-pam",
-            rt.block_on(agent_starts(&user, "fast", &["--no-pam"], n))?,
+            rt.block_on(agent_starts(&user, "fast", &["--no-pam"], n))?
+                .0,
         ),
         (
             "agent vncserver wrapper",
-            rt.block_on(agent_starts(&user, "wrapper", &[], n))?,
+            rt.block_on(agent_starts(&user, "wrapper", &[], n))?.0,
         ),
         (
             "original: su - USER -c vncserver",
@@ -374,19 +375,9 @@ fn agent_split(log: &str) -> [f64; 4] {
     sums.map(|s| s / n)
 }
 
+/// `n` starts and stops through an agent in `mode` with `extra` flags: each start's time, and
+/// the agent's split of them ([`agent_split`]).
 async fn agent_starts(
-    user: &TestUser,
-    mode: &'static str,
-    extra: &[&str],
-    n: usize,
-) -> anyhow::Result<Vec<Duration>> {
-    agent_starts_split(user, mode, extra, n)
-        .await
-        .map(|(samples, _)| samples)
-}
-
-/// [`agent_starts`], with the agent's split of its starts ([`agent_split`]).
-async fn agent_starts_split(
     user: &TestUser,
     mode: &'static str,
     extra: &[&str],
