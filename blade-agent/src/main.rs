@@ -13,7 +13,7 @@ use anyhow::Context;
 use blade_agent::agent::Agent;
 use blade_agent::config::DesktopConfig;
 use blade_agent::error::AgentError;
-use blade_agent::helper::{self, HelperArgs};
+use blade_agent::helper;
 use clap::{Parser, Subcommand};
 use std::io::Read;
 use std::net::SocketAddr;
@@ -130,15 +130,15 @@ enum Command {
         /// Where to write it; an existing file is left alone.
         path: PathBuf,
     },
-    /// Internal: the per-session helper the agent runs as the user.
+    /// Internal: the per-session helper the agent runs; it reads its request on stdin.
     #[command(hide = true)]
-    SessionHelper(HelperArgs),
+    SessionHelper,
 }
 
 fn main() -> ExitCode {
     let cli: Cli = vncdispatch_proto::config::parse();
     match cli.command {
-        Command::SessionHelper(args) => helper::main(args),
+        Command::SessionHelper => helper::main(),
         Command::Serve {
             config,
             listen,
@@ -229,6 +229,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     vncdispatch_proto::metrics::install(metrics_listen).map_err(anyhow::Error::msg)?;
     let agent = Arc::new(Agent::new(desktop)?);
+    agent.keep_spare_helper();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;

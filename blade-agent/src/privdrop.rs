@@ -1,48 +1,52 @@
-//! Running a program as a user, and the other process-level steps that need `unsafe`
-//! (with [`crate::pam`]'s FFI, the crate's only `unsafe`).
+//! Starting the session helper and dropping to a user, and the other process-level steps that
+//! need `unsafe` (with [`crate::pam`]'s FFI, the crate's only `unsafe`).
 //!
-//! std's `CommandExt::uid`/`gid` clear supplementary groups to none rather than set the
-//! user's own (`CommandExt::groups` is unstable), and do not start a new session. So the child
-//! does it itself between fork and exec: new session (no controlling terminal, its own process
-//! group, out of reach of signals aimed at the agent's group), the user's groups, gid, uid — in
-//! that order, since each step needs the privileges the next one drops.
+//! The agent starts the helper as root in a session of its own ([`as_root`]); the helper, once
+//! its request names the user, sets the user's environment and drops to the user's groups,
+//! gid and uid ([`become_user`]) — in that order, since each step needs the privileges the next
+//! one drops. std's `CommandExt::uid`/`gid` would clear supplementary groups to none rather
+//! than set the user's own (`CommandExt::groups` is unstable).
 use crate::account::Account;
-use nix::unistd::{ForkResult, Gid, Uid, fork, setgid, setgroups, setsid, setuid};
+use nix::unistd::{ForkResult, Uid, fork, setgid, setgroups, setsid, setuid};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-/// Makes `cmd` run as `account` in a session of its own, with an environment holding only
-/// HOME, USER, LOGNAME, SHELL and PATH (plus what the caller adds afterwards).
-pub fn as_user(cmd: &mut Command, account: &Account) {
-    user_env(cmd, account);
-    let groups: Vec<Gid> = account.groups.clone();
-    let (uid, gid): (Uid, Gid) = (account.uid, account.gid);
+/// Makes `cmd` run as root in a session of its own (no controlling terminal, its own process
+/// group, out of reach of signals aimed at the agent's group), with an environment holding
+/// only PATH and `/` as its directory: the session helper, which drops to the user itself
+/// ([`become_user`]) once its request names them.
+pub fn as_root(cmd: &mut Command) {
+    cmd.env_clear()
+        .env("PATH", PATH)
+        // The helper changes into HOME itself, as the user, so a missing or unreadable home is
+        // reported as such rather than hidden by root being able to enter it.
+        .current_dir("/");
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-    // calls are allowed. It calls setsid, setgroups, setgid and setuid — thin wrappers over the
-    // syscalls of those names — on data captured before the fork, and allocates nothing.
-    // In the single-threaded child glibc's set*id broadcast has no other thread to signal.
-    unsafe {
-        cmd.pre_exec(move || {
-            setsid()?;
-            setgroups(&groups)?;
-            setgid(gid)?;
-            setuid(uid)?;
-            Ok(())
-        });
-    }
-}
-
-/// Makes `cmd` run still as root, in a session of its own, with the environment of
-/// [`as_user`]: for the helper when it runs PAM first and then drops to the user itself
-/// ([`become_user`]).
-pub fn as_root_for(cmd: &mut Command, account: &Account) {
-    user_env(cmd, account);
-    // SAFETY: as in `as_user`: only setsid, in the child before exec.
+    // calls are allowed: setsid is a thin wrapper over the syscall, and allocates nothing.
     unsafe {
         cmd.pre_exec(|| {
             setsid()?;
             Ok(())
         });
+    }
+}
+
+/// The PATH of the helper and the desktop's programs.
+const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Sets HOME, USER, LOGNAME and SHELL from `account`, and PATH, in this process's environment,
+/// for the desktop's programs. Call it while single-threaded (the helper is).
+pub fn set_user_env(account: &Account) {
+    let vars = [
+        ("HOME", account.home.as_os_str()),
+        ("USER", account.name.as_ref()),
+        ("LOGNAME", account.name.as_ref()),
+        ("SHELL", account.shell.as_os_str()),
+        ("PATH", PATH.as_ref()),
+    ];
+    for (key, value) in vars {
+        // SAFETY: the helper has no other thread that could read the environment meanwhile.
+        unsafe { std::env::set_var(key, value) };
     }
 }
 
@@ -68,16 +72,4 @@ pub fn fork_single_threaded() -> std::io::Result<Option<nix::unistd::Pid>> {
         ForkResult::Parent { child } => Ok(Some(child)),
         ForkResult::Child => Ok(None),
     }
-}
-
-fn user_env(cmd: &mut Command, account: &Account) {
-    cmd.env_clear()
-        .env("HOME", &account.home)
-        .env("USER", &account.name)
-        .env("LOGNAME", &account.name)
-        .env("SHELL", &account.shell)
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        // The helper changes into HOME itself, as the user, so a missing or unreadable home is
-        // reported as such rather than hidden by root being able to enter it.
-        .current_dir("/");
 }

@@ -7,6 +7,8 @@ use std::os::unix::fs::MetadataExt;
 pub struct Proc {
     /// Process id.
     pub pid: u32,
+    /// Parent's pid.
+    pub ppid: u32,
     /// Owner.
     pub uid: u32,
     /// `comm`.
@@ -25,17 +27,15 @@ pub fn all() -> Vec<Proc> {
     dir.filter_map(|e| {
         let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
         let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let state = stat
-            .rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .next()?
-            .to_owned();
+        let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+        let state = fields.next()?.to_owned();
+        let ppid = fields.next()?.parse().ok()?;
         if state == "Z" || state == "X" {
             return None;
         }
         Some(Proc {
             pid,
+            ppid,
             uid: fs::metadata(format!("/proc/{pid}")).ok()?.uid(),
             comm: fs::read_to_string(format!("/proc/{pid}/comm"))
                 .ok()?
@@ -58,6 +58,18 @@ pub fn xvnc_of(uid: u32) -> Vec<Proc> {
     of_uid(uid)
         .into_iter()
         .filter(|p| p.comm == "Xtigervnc")
+        .collect()
+}
+
+/// The session helpers agent `agent` keeps started ahead, waiting for a request: its root
+/// `session-helper` children with no child of their own (a helper at work has one: Xvnc, or
+/// the user's side of a PAM session).
+pub fn waiting_helpers(agent: u32) -> Vec<Proc> {
+    let all = all();
+    all.iter()
+        .filter(|p| p.ppid == agent && p.uid == 0 && contains(&p.cmdline, b"session-helper"))
+        .filter(|p| !all.iter().any(|c| c.ppid == p.pid))
+        .cloned()
         .collect()
 }
 

@@ -532,7 +532,8 @@ async fn squatted_ports(rec: &Record) {
 async fn squatter_racing_the_helper(rec: &Record) {
     let (first, count) = range(4, 5);
     let attacker = TestUser::create();
-    // Watches /proc for the helper and binds its --port on both families at once.
+    // Watches /proc for Xvnc (or a helper naming its port) and binds that port on both
+    // families at once.
     let script = attacker.home.join("race.py");
     std::fs::write(
         &script,
@@ -553,8 +554,14 @@ while True:
             args = open("/proc/%s/cmdline" % pid, "rb").read().split(b"\0")
         except OSError:
             continue
-        if b"session-helper" not in args or b"--port" not in args: continue
-        port = int(args[args.index(b"--port") + 1])
+        # The port shows in Xvnc's arguments from its exec on (the helper gets its request
+        # on stdin, so its own arguments no longer name it).
+        flag = next((f for f in (b"-rfbport", b"--port") if f in args[:-1]), None)
+        if flag is None: continue
+        try:
+            port = int(args[args.index(flag) + 1])
+        except ValueError:
+            continue
         if port in held: continue
         held[port] = []
         for fam, addr in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
@@ -597,7 +604,7 @@ while True:
     rec.faults(5);
     rec.case(
         "a squatter racing the helper for its port",
-        "a user watches /proc for the session helper and binds its --port on [::] (V6ONLY) and 0.0.0.0 the moment it appears, answering with a fake RFB banner; five desktops are started and stopped",
+        "a user watches /proc for the desktop's Xvnc and binds its -rfbport on [::] (V6ONLY) and 0.0.0.0 the moment it appears, before Xvnc can, answering with a fake RFB banner; five desktops are started and stopped",
         "no desktop is ever reported READY where the squatter answers: each is READY with the real Xvnc on both families, or refused with an error that names the uid holding the ports",
         &format!(
             "READY with the real Xvnc {ready_real}, refused {refused}, READY at the squatter {fooled}; racer watching: {ready}; last refusal: {why}"

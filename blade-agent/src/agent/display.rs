@@ -11,7 +11,7 @@
 //! /tmp/.X11-unix is kept root's with mode 1777. All of it is blocking /proc and /tmp work,
 //! run off the async runtime, and the reservation lock is held only to claim a display.
 use super::{Agent, blocking, lock, ports};
-use crate::discover::{self, Process};
+use crate::discover::{self, Process, RunningXvnc};
 use crate::error::AgentError;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -45,6 +45,9 @@ struct Search {
     skip: HashSet<u32>,
     /// Desktops this agent started (pid, start time): never the ones stopped as extras.
     ours: HashSet<(u32, u64)>,
+    /// The X servers a scan of /proc begun since the start asked found, when there is one:
+    /// a server started since is caught by its lock file, its port, or Xvnc's own refusal.
+    found: Option<Arc<Vec<RunningXvnc>>>,
 }
 
 impl Agent {
@@ -52,6 +55,7 @@ impl Agent {
     pub(super) async fn reserve_display(
         &self,
         skip: &HashSet<u32>,
+        found: Option<Arc<Vec<RunningXvnc>>>,
     ) -> Result<Reservation, AgentError> {
         let search = Search {
             displays: self.cfg.display_first..=self.cfg.display_last(),
@@ -61,6 +65,7 @@ impl Agent {
             reserved: self.reserved.clone(),
             skip: skip.clone(),
             ours: lock(&self.started).clone(),
+            found,
         };
         blocking(move || search.run()).await
     }
@@ -127,7 +132,13 @@ impl Search {
     /// root's (`sockets_ours`), so no unlink goes through a directory a user controls.
     fn holders(&self, sockets_ours: bool) -> Result<BTreeMap<u32, Held>, AgentError> {
         let mut held = BTreeMap::new();
-        for x in discover::scan(&self.comm).map_err(|e| AgentError::io("reading /proc", e))? {
+        let found = match &self.found {
+            Some(found) => Arc::clone(found),
+            None => Arc::new(
+                discover::scan(&self.comm).map_err(|e| AgentError::io("reading /proc", e))?,
+            ),
+        };
+        for x in found.iter() {
             if self.displays.contains(&x.display)
                 && let Some(p) = Process::read(x.pid)
             {

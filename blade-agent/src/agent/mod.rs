@@ -9,7 +9,8 @@
 //!
 //! Layout: this file holds the calls and the per-user locks; `display.rs` picks and reserves a
 //! free display (and clears what dead X servers left in /tmp); `session.rs` runs the per-user
-//! helper ([`crate::helper`]) and reads its answer; `registry.rs` keeps the desktops known in
+//! helper ([`crate::helper`]) and reads its answer; `spare.rs` keeps a helper started ahead
+//! for the next call; `registry.rs` keeps the desktops known in
 //! the range, so Health and listing check those alone instead of scanning all of /proc.
 use crate::account::{self, Account};
 use crate::config::{DesktopConfig, check_geometry};
@@ -20,7 +21,6 @@ use nix::unistd::Pid;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vncdispatch_proto::rules::{validate_password, validate_username, validate_view_only_password};
@@ -31,10 +31,12 @@ mod display;
 mod ports;
 mod registry;
 mod session;
+mod spare;
 
 use registry::Registry;
 use session::HelperError::{Busy, Other};
 use session::HelperRequest;
+use spare::Spares;
 
 /// Attempts at starting on successive displays when one turns out to be taken.
 const START_ATTEMPTS: usize = 3;
@@ -45,8 +47,8 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Agent {
     cfg: DesktopConfig,
-    /// Binary run as the per-session helper.
-    helper: PathBuf,
+    /// The per-session helper's binary, and the helper kept waiting for the next call.
+    spares: Arc<Spares>,
     /// Host reported to callers.
     host: String,
     /// Serializes calls per user inside this process (the flock does it across processes).
@@ -95,8 +97,7 @@ impl Agent {
             None => std::env::current_exe()
                 .map_err(|e| AgentError::io("finding own binary for the session helper", e))?,
         };
-        // With PAM the helper starts as root: a file a user could change would be theirs to
-        // run as root.
+        // The helper starts as root: a file a user could change would be theirs to run as root.
         check_root_owned(&helper)?;
         if let Some(service) = cfg.pam_service() {
             check_pam_service(service)?;
@@ -110,7 +111,7 @@ impl Agent {
         Ok(Agent {
             registry,
             cfg,
-            helper,
+            spares: Arc::new(Spares::new(helper)),
             host,
             user_locks: Mutex::default(),
             reserved: Arc::default(),
@@ -120,6 +121,14 @@ impl Agent {
             starts: tokio_util::task::TaskTracker::new(),
             unclaimed: Mutex::default(),
         })
+    }
+
+    /// Keeps a session helper started ahead of the next call from now on (`serve` does; a
+    /// one-shot command, which makes one call, does not): about 2 ms off every start and
+    /// password change. The helper waits as root, knowing no user (see `spare.rs`).
+    pub fn keep_spare_helper(&self) {
+        let spares = Arc::clone(&self.spares);
+        tokio::task::spawn_blocking(move || spares.keep_one());
     }
 
     /// The configuration in force.
@@ -168,7 +177,11 @@ impl Agent {
             async move {
                 let user = account.name.clone();
                 let result = this.start_locked(account, &secrets, geometry).await;
-                if let Err(Ok((_, Some(started)))) = answer.send(result) {
+                let caller_gone = answer.send(result);
+                // The next call's helper starts once this call has its answer, off its path.
+                let spares = Arc::clone(&this.spares);
+                tokio::task::spawn_blocking(move || spares.refill());
+                if let Err(Ok((_, Some(started)))) = caller_gone {
                     this.caller_gone(&user, started, guard).await;
                 }
             }
@@ -282,7 +295,11 @@ impl Agent {
             // Where a start's time goes, in its log line: the agent's own work before and
             // after the helper, and the helper (PAM, files, Xvnc until it answers, session).
             let began = std::time::Instant::now();
-            let slot = self.reserve_display(&skip).await?;
+            // The first search takes the scan the lookup just made; a retry scans again.
+            let found = (attempt == 1)
+                .then(|| self.registry.found_since(looked))
+                .flatten();
+            let slot = self.reserve_display(&skip, found).await?;
             let reserved = began.elapsed();
             match self
                 .run_helper(

@@ -18,7 +18,7 @@ use crate::discover::{self, RunningXvnc};
 use crate::error::AgentError;
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How fresh a caller needs the registry's view of desktops started by others.
@@ -51,6 +51,9 @@ struct Known {
     desktops: HashMap<u32, Entry>,
     /// When the last full scan began; none before the first.
     scanned: Option<Instant>,
+    /// Every Xvnc that scan found, in the range or not: a start's display search takes it
+    /// rather than reading all of /proc again a millisecond later.
+    found: Arc<Vec<RunningXvnc>>,
     /// Full scans so far.
     scans: u64,
 }
@@ -120,6 +123,7 @@ impl Registry {
                 .await?;
         let took = began.elapsed();
         let mut known = lock(&self.known);
+        known.found = Arc::new(found.clone());
         // Entries noted while the scan ran stay: it may have read /proc before their Xvnc
         // existed. The rest is replaced by what the scan found, and so re-checked in full.
         known.desktops.retain(|_, e| e.noted >= began);
@@ -138,6 +142,12 @@ impl Registry {
             "scanned /proc for desktops"
         );
         Ok(())
+    }
+
+    /// Every Xvnc the last full scan found, if that scan began at or after `since`.
+    pub(super) fn found_since(&self, since: Instant) -> Option<Arc<Vec<RunningXvnc>>> {
+        let known = lock(&self.known);
+        (known.scanned? >= since).then(|| Arc::clone(&known.found))
     }
 
     /// The known desktops whose process still runs (same pid and start time), ordered by

@@ -1,15 +1,16 @@
-//! The agent's side of the session helper ([`crate::helper`]): run it as the user with the
-//! desktop's settings as arguments, send the password (then the view-only password, if any) on
-//! its stdin, a line each, and turn its one-line answer into a pid or an [`AgentError`].
+//! The agent's side of the session helper ([`crate::helper`]): take one (`spare.rs`), send it
+//! the request — the user and the desktop's settings, as arguments — and the password (then
+//! the view-only password, if any) on its stdin, a line each, and turn its one-line answer into
+//! a pid or an [`AgentError`].
+use super::spare::Helper;
 use super::{Agent, Secrets};
 use crate::account::Account;
 use crate::error::AgentError;
-use crate::helper::{FailKind, StartMode};
-use crate::privdrop;
+use crate::helper::{FailKind, StartMode, encode_request};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use vncdispatch_proto::vencrypt::CertPin;
@@ -18,7 +19,7 @@ use vncdispatch_proto::vencrypt::CertPin;
 const MAX_ANSWER: u64 = 4096;
 
 impl Agent {
-    /// Runs the session helper as the user; for `Start`, the started Xvnc's pid and its
+    /// Runs the session helper for the user; for `Start`, the started Xvnc's pid and its
     /// certificate's pin when the desktop offers VeNCrypt.
     pub(super) async fn run_helper(
         &self,
@@ -34,49 +35,37 @@ impl Agent {
             StartMode::Fast => "fast",
             StartMode::Wrapper => "wrapper",
         };
-        let mut cmd = std::process::Command::new(&self.helper);
-        cmd.arg("session-helper");
+        let mut args = Request::default();
         match &request {
-            HelperRequest::Start => cmd.args(["--action", "start"]),
-            HelperRequest::Passwd { rfbauth: None } => cmd.args(["--action", "passwd"]),
-            HelperRequest::Passwd {
-                rfbauth: Some(path),
-            } => cmd.args(["--action", "passwd", "--rfbauth"]).arg(path),
-        };
-        cmd.args(["--mode", mode])
-            .args([
-                "--display",
-                &display.to_string(),
-                "--port",
-                &port.to_string(),
-            ])
-            .arg("--xvnc")
-            .arg(&self.cfg.xvnc)
-            .arg("--vncserver")
-            .arg(&self.cfg.vncserver)
-            .arg("--session")
-            .arg(&self.cfg.session_command)
-            .args(["--geometry", &format!("{}x{}", geometry.0, geometry.1)])
-            .args(["--interface", &self.cfg.rfb_listen.to_string()])
-            .args([
-                "--timeout-ms",
-                &self.cfg.start_timeout.as_millis().to_string(),
-            ])
-            .args(["--rfb-security", self.cfg.rfb_security.xvnc_name()]);
-        match self.cfg.pam_service() {
-            // The helper starts as root, runs PAM, and drops to the user itself.
-            Some(service) => {
-                cmd.args(["--pam-service", service, "--user", &account.name])
-                    .args(["--uid", &account.uid.to_string()]);
-                privdrop::as_root_for(&mut cmd, account);
+            HelperRequest::Start => {
+                args.flag("--action", "start");
             }
-            None => privdrop::as_user(&mut cmd, account),
+            HelperRequest::Passwd { rfbauth } => {
+                args.flag("--action", "passwd");
+                if let Some(path) = rfbauth {
+                    args.flag("--rfbauth", path);
+                }
+            }
         }
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            // A process the user controls must not write into root's log: the helper logs
-            // into the desktop's own log, and its answer comes on stdout, bounded.
-            .stderr(Stdio::null());
+        args.flag("--mode", mode)
+            .flag("--display", display.to_string())
+            .flag("--port", port.to_string())
+            .flag("--xvnc", &self.cfg.xvnc)
+            .flag("--vncserver", &self.cfg.vncserver)
+            .flag("--session", &self.cfg.session_command)
+            .flag("--geometry", format!("{}x{}", geometry.0, geometry.1))
+            .flag("--interface", self.cfg.rfb_listen.to_string())
+            .flag(
+                "--timeout-ms",
+                self.cfg.start_timeout.as_millis().to_string(),
+            )
+            .flag("--rfb-security", self.cfg.rfb_security.xvnc_name())
+            .flag("--user", &account.name)
+            .flag("--uid", account.uid.to_string());
+        // Without PAM the helper drops to the user as soon as it has looked them up.
+        if let Some(service) = self.cfg.pam_service() {
+            args.flag("--pam-service", service);
+        }
         let user = account.name.clone();
         let helper_err = |detail: String| {
             Other(AgentError::Helper {
@@ -84,32 +73,29 @@ impl Agent {
                 detail,
             })
         };
-        let mut child = tokio::process::Command::from(cmd).spawn().map_err(|e| {
-            helper_err(format!(
-                "cannot run {} as the user: {e} (it must be executable by desktop users)",
-                self.helper.display()
-            ))
-        })?;
-        let helper_pid = child.id();
-        let mut stdin = child
-            .stdin
-            .take()
-            .ok_or_else(|| helper_err("no stdin pipe".into()))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| helper_err("no stdout pipe".into()))?;
-        // One write of both lines: the helper reads them with bounded reads (see
-        // `crate::helper`); no view-only password, no second line.
-        let mut secret = Vec::with_capacity(32);
+        // The request, then both password lines, in one write: the helper reads them with
+        // bounded reads (see `crate::helper`); no view-only password, no second line.
+        let mut secret =
+            encode_request(&args.0).map_err(|e| helper_err(format!("argument {e}")))?;
         for line in std::iter::once(&secrets.password).chain(&secrets.view_only) {
             secret.extend_from_slice(line.as_bytes());
             secret.push(b'\n');
         }
+        let Helper {
+            mut child,
+            mut stdin,
+            stdout,
+        } = self.spares.take().map_err(|e| {
+            helper_err(format!(
+                "cannot run {}: {e} (it must be root's, and executable by root)",
+                self.spares.path().display()
+            ))
+        })?;
+        let helper_pid = child.id();
         stdin
             .write_all(&secret)
             .await
-            .map_err(|e| helper_err(format!("sending password: {e}")))?;
+            .map_err(|e| helper_err(format!("sending the request: {e}")))?;
         drop(stdin);
         let mut line = String::new();
         let limit = self.cfg.start_timeout + Duration::from_secs(5);
@@ -185,6 +171,18 @@ fn parse_ready(rest: &str) -> Option<(u32, Option<CertPin>)> {
         None => None,
     };
     words.next().is_none().then_some((pid, pin))
+}
+
+/// A helper request's arguments.
+#[derive(Default)]
+struct Request(Vec<OsString>);
+
+impl Request {
+    fn flag(&mut self, flag: &str, value: impl AsRef<OsStr>) -> &mut Self {
+        self.0.push(flag.into());
+        self.0.push(value.as_ref().to_owned());
+        self
+    }
 }
 
 /// What the helper is asked to do.

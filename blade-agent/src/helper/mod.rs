@@ -1,13 +1,19 @@
-//! The per-session helper: `blade-agent session-helper`, run by the agent as the desktop's user.
+//! The per-session helper: `blade-agent session-helper`, which does a start or a password
+//! change as the desktop's user.
 //!
 //! Everything that touches the user's files or starts the user's programs happens here, in a
 //! process that already has only the user's uid, gid and groups, so the kernel — not a check
-//! the agent might get wrong — keeps it inside the user's rights. The agent execs it through
-//! [`crate::privdrop`] and talks to it over pipes:
+//! the agent might get wrong — keeps it inside the user's rights. The agent starts it as root,
+//! in a session of its own, with an empty environment, ahead of need (see
+//! `agent/spare.rs`), and talks to it over pipes:
 //!
-//! 1. stdin: the VNC password and a newline, then optionally the desktop's view-only password
-//!    and a newline (never argv or environment); each line is read with a bounded read and
-//!    checked against the shared rules, and the view-only one must differ from the password.
+//! 0. before any request: it loads NSS's configuration and modules, then waits on stdin.
+//! 1. stdin: the request, one line of arguments ([`HelperArgs`]) each ended by a NUL, then
+//!    the VNC password and a newline, then optionally the desktop's view-only password and a
+//!    newline (never argv or environment); each line is read with a bounded read, the
+//!    passwords are checked against the shared rules, and the view-only one must differ from
+//!    the password. The helper looks the user up again, sets HOME, USER, LOGNAME and SHELL
+//!    from the entry, runs PAM when asked (`login.rs`), and drops to the user.
 //! 2. the helper writes `~/.vncpasswd` (O_NOFOLLOW, 0600, checked to be a plain file of the
 //!    user's with one link) in the rfbauth format of `vncpasswd -f`: 8 bytes, the obfuscated
 //!    password, then 8 more, the obfuscated view-only password, when there is one (Xvnc lets a
@@ -30,10 +36,12 @@
 //! `files.rs` opens and writes the user's files without following links; `start.rs` starts
 //! Xvnc or the vncserver wrapper and waits for it; `supervise.rs` is what the helper does
 //! after READY.
-use clap::ValueEnum;
+use clap::{Args, FromArgMatches, ValueEnum};
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, BufRead, Read, Write};
 use std::net::IpAddr;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vncdispatch_proto::vencrypt::CertPin;
@@ -68,7 +76,8 @@ pub enum StartMode {
     Wrapper,
 }
 
-/// Arguments of `blade-agent session-helper` (set by the agent, not meant for people).
+/// A request to `blade-agent session-helper`, as the agent sends it on stdin (not meant for
+/// people).
 #[derive(Debug, Clone, clap::Args)]
 pub struct HelperArgs {
     /// passwd or start.
@@ -108,16 +117,15 @@ pub struct HelperArgs {
     /// RFB security types the desktop offers (a fresh certificate for the TLS ones).
     #[arg(long, value_enum, default_value = "vnc")]
     pub rfb_security: RfbSecurity,
-    /// Run this PAM service's account and session stages first (the helper then starts as
-    /// root and drops to --user itself).
+    /// Run this PAM service's account and session stages before dropping to --user.
     #[arg(long)]
     pub pam_service: Option<String>,
-    /// The user to become after PAM.
+    /// The user to become.
     #[arg(long)]
-    pub user: Option<String>,
+    pub user: String,
     /// That user's uid, as the agent checked it.
     #[arg(long)]
-    pub uid: Option<u32>,
+    pub uid: u32,
     /// Environment the PAM session set, for the desktop's programs.
     #[arg(skip)]
     pub pam_env: Vec<(String, String)>,
@@ -213,15 +221,19 @@ fn ready(pid: u32, pin: Option<CertPin>) -> String {
 }
 
 /// Runs the helper; the exit code is for humans, the agent reads stdout.
-pub fn main(mut args: HelperArgs) -> ExitCode {
-    if let Some(service) = args.pam_service.clone() {
-        match login::begin(&mut args, &service) {
-            Ok(login::After::AsUser) => {}
-            Ok(login::After::Done(code)) => return code,
-            Err(f) => return fail(f),
-        }
+pub fn main() -> ExitCode {
+    login::warm_up();
+    let mut input = io::stdin().lock();
+    let mut args = match read_request(&mut input) {
+        Ok(args) => args,
+        Err(f) => return fail(f),
+    };
+    match login::begin(&mut args) {
+        Ok(login::After::AsUser) => {}
+        Ok(login::After::Done(code)) => return code,
+        Err(f) => return fail(f),
     }
-    match run(&args) {
+    match run(&args, &mut input) {
         Ok(Outcome::Supervise(mut desktop, pin)) => {
             answer(&ready(desktop.xvnc_pid, pin));
             desktop.supervise();
@@ -254,8 +266,58 @@ fn answer(line: &str) {
     let _ = writeln!(out, "{line}").and_then(|_| out.flush());
 }
 
-fn run(args: &HelperArgs) -> Result<Outcome, Failure> {
-    let passwords = read_passwords(&mut io::stdin().lock())?;
+/// Longest request line (its real requests are under 1 KiB).
+const MAX_REQUEST: u64 = 16 * 1024;
+
+/// A request line: each argument followed by a NUL, then a newline. An argument holding a NUL
+/// or a newline cannot be sent (none the agent builds does: they are paths from its
+/// configuration, names and numbers).
+pub(crate) fn encode_request(args: &[OsString]) -> Result<Vec<u8>, String> {
+    let mut line = Vec::with_capacity(512);
+    for arg in args {
+        let bytes = arg.as_bytes();
+        if bytes.contains(&0) || bytes.contains(&b'\n') {
+            return Err(format!("{arg:?} holds a NUL or a newline"));
+        }
+        line.extend_from_slice(bytes);
+        line.push(0);
+    }
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// Reads and parses the request line (see [`encode_request`]).
+fn read_request(input: &mut impl BufRead) -> Result<HelperArgs, Failure> {
+    let mut line = Vec::with_capacity(512);
+    input
+        .by_ref()
+        .take(MAX_REQUEST)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| failed(format!("reading the request from stdin: {e}")))?;
+    if line.pop() != Some(b'\n') {
+        return Err(failed("no request on stdin (the agent sends one line)"));
+    }
+    let words: Vec<OsString> = match line.strip_suffix(&[0]) {
+        Some(body) => body
+            .split(|b| *b == 0)
+            .map(|w| OsString::from_vec(w.to_vec()))
+            .collect(),
+        None if line.is_empty() => Vec::new(),
+        None => return Err(failed("the request line does not end with a NUL")),
+    };
+    let cmd = HelperArgs::augment_args(clap::Command::new("session-helper").no_binary_name(true));
+    let matches = cmd.try_get_matches_from(words).map_err(|e| {
+        let text = e.to_string();
+        failed(format!(
+            "bad request: {}",
+            text.lines().next().unwrap_or("")
+        ))
+    })?;
+    HelperArgs::from_arg_matches(&matches).map_err(|e| failed(format!("bad request: {e}")))
+}
+
+fn run(args: &HelperArgs, input: &mut impl BufRead) -> Result<Outcome, Failure> {
+    let passwords = read_passwords(input)?;
     let rfbauth = passwords.rfbauth();
     let home = PathBuf::from(std::env::var_os("HOME").ok_or_else(|| failed("HOME is not set"))?);
     let home_fd = open_home(&home)?;
@@ -352,7 +414,47 @@ fn read_line(input: &mut impl BufRead, what: &str) -> Result<Vec<u8>, Failure> {
 
 #[cfg(test)]
 mod tests {
-    use super::{FailKind, read_passwords};
+    use super::{FailKind, encode_request, read_passwords, read_request};
+    use std::ffi::OsString;
+
+    #[test]
+    fn a_request_round_trips_and_a_bad_one_is_refused() {
+        let args: Vec<OsString> = [
+            "--action",
+            "start",
+            "--user",
+            "alice",
+            "--uid",
+            "1000",
+            "--session",
+            "/opt/my session",
+        ]
+        .map(OsString::from)
+        .to_vec();
+        let mut input = encode_request(&args).expect("encodes");
+        input.extend_from_slice(b"secret1\n");
+        let mut reader = &input[..];
+        let parsed = read_request(&mut reader).expect("parses");
+        assert_eq!((parsed.user.as_str(), parsed.uid), ("alice", 1000));
+        assert_eq!(parsed.session, std::path::Path::new("/opt/my session"));
+        // The passwords follow, unread.
+        assert_eq!(reader, b"secret1\n");
+        for bad in ["a\nb", "a\0b"] {
+            assert!(encode_request(&[OsString::from(bad)]).is_err(), "{bad:?}");
+        }
+        for input in [
+            &b""[..],                                 // EOF: the agent went away
+            b"--user\0alice\0",                       // no newline
+            b"--user\0alice\n",                       // no final NUL
+            b"--action\0start\0--user\0alice\0\n",    // no --uid
+            b"--user\0alice\0--uid\0x\0\n",           // a bad number
+            b"--user\0alice\0--uid\x001\0--evil\0\n", // an unknown flag
+        ] {
+            assert!(read_request(&mut &input[..]).is_err(), "{input:?}");
+        }
+        let long = vec![b'a'; 20_000];
+        assert!(read_request(&mut &long[..]).is_err(), "over the bound");
+    }
     use vncdispatch_proto::vncauth::obfuscate;
 
     #[test]

@@ -1,6 +1,6 @@
 //! Display and process faults on a blade: a stale X lock and socket, every display taken, an
-//! Xvnc that fails or never listens, an Xvnc killed mid-session, and the agent stopped and
-//! restarted under running desktops.
+//! Xvnc that fails or never listens, an Xvnc killed mid-session, the helper kept waiting for the
+//! next start killed, and the agent stopped and restarted under running desktops.
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -47,8 +47,31 @@ async fn display_process() {
 
     // All displays taken: the next user gets a clear error, health says NOT_SERVING until a
     // display is free again.
+    // On the way, the helper the agent keeps started ahead for the next call is killed: that
+    // start runs on a helper of its own, and another waits after it.
+    let agent_pid = agent.pid().unwrap_or(0);
+    let waiting = procs::waiting_helpers(agent_pid);
+    for h in &waiting {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(h.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    rec.faults(1);
     let second = TestUser::create();
     let r2 = c.start_session(start(&second.name)).await;
+    let refilled = eventually(5, || procs::waiting_helpers(agent_pid).len() == 1).await;
+    rec.case(
+        "the helper waiting for the next start killed",
+        "SIGKILL to the session helper the agent keeps started ahead (root, knowing no user yet), then a start",
+        "the start runs on a helper of its own; one helper waits again after it",
+        &format!(
+            "waiting before: {}; start {}; one waiting after: {refilled}",
+            waiting.len(),
+            code(&r2)
+        ),
+        waiting.len() == 1 && r2.is_ok() && refilled,
+    );
     let third = TestUser::create();
     let r3 = c.start_session(start(&third.name)).await;
     let full = wait_health(agent.addr, "NotServing", 10).await;
@@ -192,8 +215,22 @@ async fn display_process() {
     let other_first = dispatch_as(&rec, &s.dispatcher, &other.name)
         .await
         .expect("Dispatch");
+    let spare: Vec<u32> = s.agents[0]
+        .pid()
+        .map(|p| procs::waiting_helpers(p).iter().map(|h| h.pid).collect())
+        .unwrap_or_default();
     s.agents[0].stop();
     rec.faults(1);
+    // The helper the agent kept waiting exits with it, on its closed stdin: no root process
+    // is left behind.
+    let spare_gone = eventually(5, || procs::all().iter().all(|p| !spare.contains(&p.pid))).await;
+    rec.case(
+        "agent stopped: the helper it kept waiting",
+        "the agent stopped (SIGTERM) while a session helper waits, started ahead, for its next call",
+        "the waiting helper exits with it (its stdin closed); nothing of the agent's runs as root after",
+        &format!("waiting helpers {spare:?}; gone after the stop: {spare_gone}"),
+        spare.len() == 1 && spare_gone,
+    );
     let survived = procs::xvnc_of(user.uid).len() == 1 && procs::xvnc_of(other.uid).len() == 1;
     s.agents[0].restart().await;
     // A listing that fails fails the case, with its error shown.
