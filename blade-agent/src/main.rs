@@ -132,13 +132,17 @@ enum Command {
     },
     /// Internal: the per-session helper the agent runs; it reads its request on stdin.
     #[command(hide = true)]
-    SessionHelper,
+    SessionHelper {
+        /// The PAM service requests will name, loaded before one comes.
+        #[arg(long)]
+        pam_service: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli: Cli = vncdispatch_proto::config::parse();
     match cli.command {
-        Command::SessionHelper => helper::main(),
+        Command::SessionHelper { pam_service } => helper::main(pam_service.as_deref()),
         Command::Serve {
             config,
             listen,

@@ -16,6 +16,7 @@ const PAM_BUF_ERR: c_int = 5;
 const PAM_CONV_ERR: c_int = 19;
 const PAM_ERROR_MSG: c_int = 3;
 const PAM_TEXT_INFO: c_int = 4;
+const PAM_USER: c_int = 2;
 const PAM_TTY: c_int = 3;
 const PAM_SILENT: c_int = 0x8000;
 const PAM_ESTABLISH_CRED: c_int = 0x0002;
@@ -58,52 +59,57 @@ pub struct Pam {
 }
 
 impl Pam {
-    /// Starts a transaction of `service` for `user`. The tty item is `tty`, never an X display
-    /// (`:N`): pam_systemd would connect to that display's socket as root, and a user can plant
-    /// one that never answers; the session type goes in the PAM environment instead.
-    pub fn start(service: &str, user: &str, tty: &str) -> Result<Pam, PamError> {
-        let err = |message: String| PamError {
-            stage: "start",
-            code: -1,
-            message,
-        };
-        let c_service = CString::new(service).map_err(|_| err("bad service name".into()))?;
-        let c_user = CString::new(user).map_err(|_| err("bad user name".into()))?;
-        let c_tty = CString::new(tty).map_err(|_| err("bad tty".into()))?;
+    /// Starts a transaction of `service` for nobody yet: libpam reads the service's files and
+    /// loads its modules now (most of what PAM costs a start), which the helper does before
+    /// its request comes; [`Pam::for_user`] names the user. No module runs before that.
+    pub fn start(service: &str) -> Result<Pam, PamError> {
+        let c_service =
+            CString::new(service).map_err(|_| start_error("bad service name".into()))?;
         let said = Box::into_raw(Box::new(Vec::<String>::new()));
         let conv = Box::into_raw(Box::new(PamConversation {
             conv: Some(converse),
             data_ptr: said.cast(),
         }));
         let mut handle: *const PamHandle = std::ptr::null();
-        // SAFETY: the strings are NUL-terminated and outlive the call (libpam copies them);
-        // `conv` and `said` are leaked boxes that stay valid until `Drop` frees them after
-        // pam_end, or right below if pam_start fails.
-        let rc = unsafe { raw::pam_start(c_service.as_ptr(), c_user.as_ptr(), conv, &mut handle) };
+        // SAFETY: the service string is NUL-terminated and outlives the call (libpam copies
+        // it); a NULL user is PAM's own way to name the user later (pam_set_item), as login
+        // does; `conv` and `said` are leaked boxes that stay valid until `Drop` frees them
+        // after pam_end, or right below if pam_start fails.
+        let rc = unsafe { raw::pam_start(c_service.as_ptr(), std::ptr::null(), conv, &mut handle) };
         if rc != PAM_SUCCESS || handle.is_null() {
             // SAFETY: libpam kept nothing; these are the boxes leaked above, freed once.
             unsafe {
                 drop(Box::from_raw(conv));
                 drop(Box::from_raw(said));
             }
-            return Err(err(format!("pam_start failed ({rc})")));
+            return Err(start_error(format!("pam_start failed ({rc})")));
         }
-        let mut pam = Pam {
+        Ok(Pam {
             handle: handle as *mut PamHandle,
             conv,
             said,
             session_open: false,
-        };
-        // SAFETY: the handle is live; libpam copies the string item.
-        let rc = unsafe { raw::pam_set_item(pam.handle, PAM_TTY, c_tty.as_ptr().cast()) };
-        pam.check("start", rc)?;
-        for var in ["XDG_SESSION_TYPE=x11", "XDG_SESSION_CLASS=user"] {
-            let v = CString::new(var).map_err(|_| err("bad variable".into()))?;
-            // SAFETY: the handle is live; libpam copies the string.
-            let rc = unsafe { raw::pam_putenv(pam.handle, v.as_ptr()) };
-            pam.check("start", rc)?;
+        })
+    }
+
+    /// Names the transaction's user, and its tty item `tty` — never an X display (`:N`):
+    /// pam_systemd would connect to that display's socket as root, and a user can plant one
+    /// that never answers; the session type goes in the PAM environment instead.
+    pub fn for_user(&mut self, user: &str, tty: &str) -> Result<(), PamError> {
+        let c_user = CString::new(user).map_err(|_| start_error("bad user name".into()))?;
+        let c_tty = CString::new(tty).map_err(|_| start_error("bad tty".into()))?;
+        for (item, value) in [(PAM_USER, &c_user), (PAM_TTY, &c_tty)] {
+            // SAFETY: the handle is live; libpam copies the string item.
+            let rc = unsafe { raw::pam_set_item(self.handle, item, value.as_ptr().cast()) };
+            self.check("start", rc)?;
         }
-        Ok(pam)
+        for var in ["XDG_SESSION_TYPE=x11", "XDG_SESSION_CLASS=user"] {
+            let v = CString::new(var).map_err(|_| start_error("bad variable".into()))?;
+            // SAFETY: the handle is live; libpam copies the string.
+            let rc = unsafe { raw::pam_putenv(self.handle, v.as_ptr()) };
+            self.check("start", rc)?;
+        }
+        Ok(())
     }
 
     /// The account stage: may this user log in now (expiry, lock, nologin, access rules)?
@@ -208,6 +214,14 @@ impl Drop for Pam {
             drop(Box::from_raw(self.conv));
             drop(Box::from_raw(self.said));
         }
+    }
+}
+
+fn start_error(message: String) -> PamError {
+    PamError {
+        stage: "start",
+        code: -1,
+        message,
     }
 }
 

@@ -103,6 +103,7 @@ impl Agent {
             check_pam_service(service)?;
         }
         let host = cfg.host();
+        let pam_service = cfg.pam_service().map(str::to_owned);
         let registry = Arc::new(Registry::new(
             xvnc_comm(&cfg),
             cfg.display_first..=cfg.display_last(),
@@ -111,7 +112,7 @@ impl Agent {
         Ok(Agent {
             registry,
             cfg,
-            spares: Arc::new(Spares::new(helper)),
+            spares: Arc::new(Spares::new(helper, pam_service)),
             host,
             user_locks: Mutex::default(),
             reserved: Arc::default(),

@@ -6,10 +6,11 @@
 //! it at once: there is one way to run a helper, only its timing differs.
 //!
 //! A waiting helper is what every helper is until its request comes: root, in a session of
-//! its own, with an empty environment and `/` as its directory ([`privdrop::as_root`]). Its
-//! stdin is a pipe only the agent holds; it exits when that closes, the agent gone. It knows
-//! nothing of any user until the request names one, so it cannot have been prepared for the
-//! wrong one.
+//! its own, with an empty environment and `/` as its directory ([`privdrop::as_root`]), with
+//! NSS and the PAM service's modules loaded (a PAM transaction for no user yet). Its stdin is
+//! a pipe only the agent holds; it exits when that closes, the agent gone. It knows nothing
+//! of any user until the request names one, so it cannot have been prepared for the wrong
+//! one; an edit of the PAM service's file reaches helpers started after it.
 use super::lock;
 use crate::privdrop;
 use std::path::{Path, PathBuf};
@@ -30,15 +31,18 @@ pub(super) struct Helper {
 #[derive(Debug)]
 pub(super) struct Spares {
     path: PathBuf,
+    /// The PAM service requests name, which a helper loads before its request comes.
+    pam_service: Option<String>,
     /// Whether a helper is kept waiting: by `serve`, not by one-shot commands.
     keep: AtomicBool,
     waiting: Mutex<Option<Helper>>,
 }
 
 impl Spares {
-    pub(super) fn new(path: PathBuf) -> Self {
+    pub(super) fn new(path: PathBuf, pam_service: Option<String>) -> Self {
         Spares {
             path,
+            pam_service,
             keep: AtomicBool::new(false),
             waiting: Mutex::new(None),
         }
@@ -65,7 +69,7 @@ impl Spares {
                 gone => tracing::warn!(status = ?gone, "the waiting session helper had exited"),
             }
         }
-        spawn(&self.path)
+        self.spawn()
     }
 
     /// Starts a helper to wait for the next request, when none waits and one is kept. Forks
@@ -74,7 +78,7 @@ impl Spares {
         if !self.keep.load(Ordering::Relaxed) || lock(&self.waiting).is_some() {
             return;
         }
-        match spawn(&self.path) {
+        match self.spawn() {
             // Two refills racing: the second helper is dropped, and exits on its closed stdin.
             Ok(helper) => {
                 lock(&self.waiting).get_or_insert(helper);
@@ -88,22 +92,27 @@ impl Spares {
     }
 }
 
-fn spawn(path: &Path) -> std::io::Result<Helper> {
-    let mut cmd = std::process::Command::new(path);
-    cmd.arg("session-helper");
-    privdrop::as_root(&mut cmd);
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        // A process the user controls must not write into root's log: the helper logs into
-        // the desktop's own log, and its answer comes on stdout, bounded.
-        .stderr(Stdio::null());
-    let mut child = tokio::process::Command::from(cmd).spawn()?;
-    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-        return Err(std::io::Error::other("no pipes to the session helper"));
-    };
-    Ok(Helper {
-        child,
-        stdin,
-        stdout,
-    })
+impl Spares {
+    fn spawn(&self) -> std::io::Result<Helper> {
+        let mut cmd = std::process::Command::new(&self.path);
+        cmd.arg("session-helper");
+        if let Some(service) = &self.pam_service {
+            cmd.args(["--pam-service", service]);
+        }
+        privdrop::as_root(&mut cmd);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            // A process the user controls must not write into root's log: the helper logs
+            // into the desktop's own log, and its answer comes on stdout, bounded.
+            .stderr(Stdio::null());
+        let mut child = tokio::process::Command::from(cmd).spawn()?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(std::io::Error::other("no pipes to the session helper"));
+        };
+        Ok(Helper {
+            child,
+            stdin,
+            stdout,
+        })
+    }
 }

@@ -7,7 +7,8 @@
 //! in a session of its own, with an empty environment, ahead of need (see
 //! `agent/spare.rs`), and talks to it over pipes:
 //!
-//! 0. before any request: it loads NSS's configuration and modules, then waits on stdin.
+//! 0. before any request: it loads NSS's configuration and modules, and the PAM service's
+//!    files and modules when its `--pam-service` names one, then waits on stdin.
 //! 1. stdin: the request, one line of arguments ([`HelperArgs`]) each ended by a NUL, then
 //!    the VNC password and a newline, then optionally the desktop's view-only password and a
 //!    newline (never argv or environment); each line is read with a bounded read, the
@@ -221,14 +222,16 @@ fn ready(pid: u32, pin: Option<CertPin>) -> String {
 }
 
 /// Runs the helper; the exit code is for humans, the agent reads stdout.
-pub fn main() -> ExitCode {
-    login::warm_up();
+///
+/// `pam_service` is the service the agent will name in requests, loaded before one comes.
+pub fn main(pam_service: Option<&str>) -> ExitCode {
+    let ahead = login::warm_up(pam_service);
     let mut input = io::stdin().lock();
     let mut args = match read_request(&mut input) {
         Ok(args) => args,
         Err(f) => return fail(f),
     };
-    match login::begin(&mut args) {
+    match login::begin(&mut args, ahead) {
         Ok(login::After::AsUser) => {}
         Ok(login::After::Done(code)) => return code,
         Err(f) => return fail(f),
