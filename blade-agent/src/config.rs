@@ -89,13 +89,15 @@ pub struct DesktopConfig {
     /// PAM uses /etc/pam.d/other).
     #[arg(long = "pam-service", env = "BLADE_AGENT_PAM_SERVICE", default_value = "vncdispatch", value_parser = parse_pam_service)]
     pub pam_service_name: String,
-    /// Start desktops without PAM (no account expiry check, no limits; the helper then starts
-    /// as the user): only for blades without a PAM configuration.
+    /// Start desktops without PAM (no account expiry check, no limits; the helper drops to
+    /// the user as soon as it has looked them up): only for blades without a PAM
+    /// configuration.
     #[arg(long, env = "BLADE_AGENT_NO_PAM")]
     pub no_pam: bool,
-    /// The blade-agent binary run as the per-session helper; this binary when unset. With PAM
-    /// it starts as root: it and every directory above it must be root's and not writable by
-    /// others (checked at start). It must be executable by desktop users.
+    /// The blade-agent binary run as the per-session helper; this binary when unset. It
+    /// starts as root (one is kept started ahead of the next call) and drops to the user
+    /// itself: it and every directory above it must be root's and not writable by others
+    /// (checked at start).
     #[arg(long, env = "BLADE_AGENT_HELPER")]
     pub helper: Option<PathBuf>,
 }

@@ -70,8 +70,17 @@ pub fn scan(comm: &str) -> io::Result<Vec<RunningXvnc>> {
 pub fn one(comm: &str, pid: u32) -> Option<RunningXvnc> {
     // Cut to 15 bytes, as the kernel keeps it.
     let comm = &comm.as_bytes()[..comm.len().min(15)];
-    let name = fs::read(format!("/proc/{pid}/comm")).ok()?;
-    if name.strip_suffix(b"\n").unwrap_or(&name) != comm {
+    // One read into a stack buffer (the file holds 16 bytes at most): a scan does this for
+    // every process on the host, and `fs::read` would add a stat, a second read and a heap
+    // buffer each time.
+    let mut name = [0u8; 17];
+    let n = io::Read::read(
+        &mut fs::File::open(format!("/proc/{pid}/comm")).ok()?,
+        &mut name,
+    )
+    .ok()?;
+    let name = &name[..n];
+    if name.strip_suffix(b"\n").unwrap_or(name) != comm {
         return None;
     }
     read_process(pid)

@@ -3,9 +3,10 @@
 //! Layout:
 //! - [`agent`]: the domain logic — start (one Xvnc per user), stop, list, health; with its
 //!   display choice and the agent's side of the helper protocol in submodules.
-//! - [`helper`]: the per-session helper process that runs as the user, writes `~/.vncpasswd`
-//!   and starts and supervises Xvnc and the session (files, start, supervise submodules).
-//! - [`privdrop`]: running a program as a user; [`pam`]: the PAM account and session stages
+//! - [`helper`]: the per-session helper process, started as root ahead of its request, which
+//!   drops to the user, writes `~/.vncpasswd` and starts and supervises Xvnc and the session
+//!   (login, files, start, supervise submodules).
+//! - [`privdrop`]: starting the helper, dropping to a user; [`pam`]: the PAM account and session stages
 //!   (the crate's only `unsafe`, FFI and fork: the crate denies `unsafe_code` elsewhere).
 //! - [`discover`]: finding running Xvnc servers in /proc (the agent's source of truth).
 //! - [`account`]: which accounts may have a desktop.

@@ -61,6 +61,15 @@ pub fn become_user(account: &Account) -> std::io::Result<()> {
             "could regain root after dropping to the user",
         ));
     }
+    // Not ptraceable by the user (the kernel does this on a uid change only while
+    // fs.suid_dumpable is 0; exec makes the desktop's own programs dumpable again), and no
+    // descriptor root opened (NSS, PAM modules) passes into the programs it runs.
+    nix::sys::prctl::set_dumpable(false)?;
+    // SAFETY: close_range only flags descriptors of this process close-on-exec; it touches
+    // no memory.
+    if unsafe { libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
 }
 

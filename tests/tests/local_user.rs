@@ -102,6 +102,7 @@ async fn local_user() {
     helper_a_user_could_replace(&rec).await;
     expired_account(&rec).await;
     limits_from_pam(&rec).await;
+    pam_tightened_while_a_helper_waits(&rec).await;
     rec.finish();
 }
 
@@ -818,5 +819,48 @@ async fn limits_from_pam(rec: &Record) {
             if got.is_ok() { "started" } else { "refused" }
         ),
         line == "Max open files 777 777 files",
+    );
+}
+
+async fn pam_tightened_while_a_helper_waits(rec: &Record) {
+    // The agent's PAM service, a file of this case's own: first what the agent ships.
+    let service = format!("vdt-pam-{}", std::process::id());
+    let file = std::path::PathBuf::from("/etc/pam.d").join(&service);
+    let shipped = std::fs::read_to_string("/etc/pam.d/vncdispatch").expect("the shipped PAM file");
+    std::fs::write(&file, shipped).expect("PAM file");
+    let agent = AgentProc::start(AgentOptions {
+        displays: Some(range(12, 2)),
+        extra: vec!["--pam-service".into(), service.clone()],
+        ..Default::default()
+    })
+    .await;
+    let agent_pid = agent.pid().unwrap_or(0);
+    let waiting = vncdispatch_tests::eventually(5, || {
+        vncdispatch_tests::procs::waiting_helpers(agent_pid).len() == 1
+    })
+    .await;
+    // The administrator shuts desktops out while that helper waits with the old file loaded.
+    std::fs::write(
+        &file,
+        "account requisite pam_deny.so\nsession required pam_permit.so\n",
+    )
+    .expect("PAM file");
+    let user = TestUser::create();
+    let got = agent.client().await.start_session(start(&user.name)).await;
+    let xvnc = vncdispatch_tests::procs::xvnc_of(user.uid).len();
+    let _ = std::fs::remove_file(&file);
+    let (code, kind) = match &got {
+        Ok(_) => ("OK".to_owned(), None),
+        Err(e) => (format!("{:?}", e.code()), RefusalKind::from_status(e)),
+    };
+    rec.case(
+        "PAM tightened while a helper waits",
+        "an administrator replaces the agent's PAM service with one denying every account while a session helper waits, started ahead with the old one loaded; then a desktop is asked for",
+        "PermissionDenied, reason ACCOUNT_DENIED: the waiting helper is not used, the new rule applies; no Xvnc",
+        &format!("a helper waiting before: {waiting}; {code} {kind:?}; Xvnc running {xvnc}"),
+        waiting
+            && code == "PermissionDenied"
+            && kind == Some(RefusalKind::AccountDenied)
+            && xvnc == 0,
     );
 }

@@ -139,8 +139,10 @@ impl Search {
             ),
         };
         for x in found.iter() {
+            // Still the process the scan saw: a pid reused since is not the X server.
             if self.displays.contains(&x.display)
                 && let Some(p) = Process::read(x.pid)
+                    .filter(|p| p.start_ticks == x.start_ticks && p.uid == x.uid)
             {
                 let desktop = x.rfbauth.is_some();
                 held.insert(x.display, Held { p, desktop });

@@ -399,24 +399,30 @@ impl Agent {
         // this process is read (what a scan would say of it), not all of /proc.
         let (comm, uid) = (xvnc_comm(&self.cfg), account.uid.as_raw());
         let range = self.cfg.display_first..=self.cfg.display_last();
-        let Some(running) = blocking(move || {
-            Ok(discover::one(&comm, pid)
-                .filter(|r| r.uid == uid && range.contains(&r.display) && r.rfbauth.is_some()))
-        })
-        .await?
-        else {
-            let holders =
-                blocking(move || Ok(ports::listeners_on(port).unwrap_or_default())).await?;
-            return Ok(Err(match holders.first() {
-                Some(l) => format!(
-                    "port {port} was taken by another program (uid {}) as Xvnc started",
-                    l.uid
+        // One trip to a blocking thread: the process, then who listens on its port.
+        let (running, why) = blocking(move || {
+            let running = discover::one(&comm, pid)
+                .filter(|r| r.uid == uid && range.contains(&r.display) && r.rfbauth.is_some());
+            let why = match &running {
+                Some(r) => ports::foreign_listener(pid, r.port),
+                None => Some(
+                    match ports::listeners_on(port).unwrap_or_default().first() {
+                        Some(l) => format!(
+                            "port {port} was taken by another program (uid {}) as Xvnc started",
+                            l.uid
+                        ),
+                        None => format!("Xvnc (pid {pid}) exited right after starting"),
+                    },
                 ),
-                None => format!("Xvnc (pid {pid}) exited right after starting"),
-            }));
+            };
+            Ok((running, why))
+        })
+        .await?;
+        let Some(running) = running else {
+            return Ok(Err(why.unwrap_or_default()));
         };
-        let port = running.port;
-        if let Some(why) = blocking(move || Ok(ports::foreign_listener(pid, port))).await? {
+        if let Some(why) = why {
+            let port = running.port;
             tracing::warn!(display = n, port, %why, "RFB port not the desktop's alone; stopping it");
             terminate(&running).await;
             return Ok(Err(why));

@@ -150,6 +150,14 @@ impl Registry {
         (known.scanned? >= since).then(|| Arc::clone(&known.found))
     }
 
+    /// True when some known desktop (alive or not) is `uid`'s.
+    fn knows(&self, uid: u32) -> bool {
+        lock(&self.known)
+            .desktops
+            .values()
+            .any(|e| e.running.uid == uid)
+    }
+
     /// The known desktops whose process still runs (same pid and start time), ordered by
     /// display; the others are dropped. Reads /proc: call on a blocking thread.
     fn alive(&self) -> Vec<RunningXvnc> {
@@ -253,6 +261,10 @@ impl Agent {
     ) -> Result<Option<RunningXvnc>, AgentError> {
         self.registry.refresh(fresh).await?;
         let (registry, uid) = (self.registry.clone(), account.uid.as_raw());
+        // No entry, nothing to check in /proc: a new user's start skips the blocking thread.
+        if !registry.knows(uid) {
+            return Ok(None);
+        }
         blocking(move || Ok(registry.alive_of(Some(uid)).into_iter().next())).await
     }
 }

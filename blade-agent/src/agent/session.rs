@@ -81,21 +81,30 @@ impl Agent {
             secret.extend_from_slice(line.as_bytes());
             secret.push(b'\n');
         }
-        let Helper {
-            mut child,
-            mut stdin,
-            stdout,
-        } = self.spares.take().map_err(|e| {
+        let cannot_run = |e: std::io::Error| {
             helper_err(format!(
                 "cannot run {}: {e} (it must be root's, and executable by root)",
                 self.spares.path().display()
             ))
-        })?;
+        };
+        let mut helper = self.spares.take().map_err(&cannot_run)?;
+        if let Err(e) = helper.stdin.write_all(&secret).await {
+            // Gone as it was taken (killed, out of memory): one more, started now.
+            tracing::warn!(error = %e, "the session helper was gone; starting another");
+            helper = self.spares.start_one().map_err(&cannot_run)?;
+            helper
+                .stdin
+                .write_all(&secret)
+                .await
+                .map_err(|e| helper_err(format!("sending the request: {e}")))?;
+        }
+        let Helper {
+            mut child,
+            stdin,
+            stdout,
+            ..
+        } = helper;
         let helper_pid = child.id();
-        stdin
-            .write_all(&secret)
-            .await
-            .map_err(|e| helper_err(format!("sending the request: {e}")))?;
         drop(stdin);
         let mut line = String::new();
         let limit = self.cfg.start_timeout + Duration::from_secs(5);
@@ -178,9 +187,13 @@ fn parse_ready(rest: &str) -> Option<(u32, Option<CertPin>)> {
 struct Request(Vec<OsString>);
 
 impl Request {
+    /// `--flag=value`, one argument: a value starting with `-` (a path in the user's own
+    /// Xvnc command line, for `--rfbauth`) stays a value.
     fn flag(&mut self, flag: &str, value: impl AsRef<OsStr>) -> &mut Self {
-        self.0.push(flag.into());
-        self.0.push(value.as_ref().to_owned());
+        let mut arg = OsString::from(flag);
+        arg.push("=");
+        arg.push(value);
+        self.0.push(arg);
         self
     }
 }

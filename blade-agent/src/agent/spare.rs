@@ -1,23 +1,30 @@
 //! Session helpers started ahead of need. Forking the agent and exec'ing, linking and starting
-//! a helper takes about 2 ms, on the path of every start and password change; so the server
-//! keeps one helper waiting — started, its NSS configuration loaded — for the next request,
-//! and starts the next one once a call has taken it and read its answer. A call that finds
+//! a helper, then loading NSS and the PAM service, takes about 3 ms, on the path of every start
+//! and password change; so the server keeps one helper waiting — started, NSS and PAM loaded —
+//! for the next request, and starts the next one once a call has its answer. A call that finds
 //! none waiting (concurrent starts, a one-shot command) starts its own the same way and uses
 //! it at once: there is one way to run a helper, only its timing differs.
 //!
 //! A waiting helper is what every helper is until its request comes: root, in a session of
-//! its own, with an empty environment and `/` as its directory ([`privdrop::as_root`]), with
-//! NSS and the PAM service's modules loaded (a PAM transaction for no user yet). Its stdin is
-//! a pipe only the agent holds; it exits when that closes, the agent gone. It knows nothing
-//! of any user until the request names one, so it cannot have been prepared for the wrong
-//! one; an edit of the PAM service's file reaches helpers started after it.
+//! its own, with only PATH in its environment and `/` as its directory
+//! ([`privdrop::as_root`]), with NSS and the PAM service's modules loaded (a PAM transaction
+//! for no user yet). Its stdin is a pipe only the agent holds; it exits when that closes, the
+//! agent gone. It knows nothing of any user until the request names one, so it cannot have
+//! been prepared for the wrong one. What it loaded can grow stale, so it is not used (and is
+//! left to exit) once it has waited [`MAX_WAIT`], or when the PAM service's file, /etc/pam.d,
+//! /etc/nsswitch.conf or the helper binary changed after it started.
 use super::lock;
 use crate::privdrop;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::process::{Child, ChildStdin, ChildStdout};
+
+/// Longest a helper is kept waiting: what it loaded (PAM modules, NSS configuration) is at
+/// most this old when a start uses it.
+const MAX_WAIT: Duration = Duration::from_secs(300);
 
 /// A running helper waiting for its request.
 #[derive(Debug)]
@@ -25,6 +32,8 @@ pub(super) struct Helper {
     pub(super) child: Child,
     pub(super) stdin: ChildStdin,
     pub(super) stdout: ChildStdout,
+    /// When it was started, by the monotonic clock and by the files' clock.
+    started: (Instant, SystemTime),
 }
 
 /// The helper binary, and the one helper kept waiting.
@@ -35,6 +44,8 @@ pub(super) struct Spares {
     pam_service: Option<String>,
     /// Whether a helper is kept waiting: by `serve`, not by one-shot commands.
     keep: AtomicBool,
+    /// A refill under way: the calls that end together start one helper, not one each.
+    refilling: AtomicBool,
     waiting: Mutex<Option<Helper>>,
 }
 
@@ -44,6 +55,7 @@ impl Spares {
             path,
             pam_service,
             keep: AtomicBool::new(false),
+            refilling: AtomicBool::new(false),
             waiting: Mutex::new(None),
         }
     }
@@ -59,45 +71,75 @@ impl Spares {
         self.refill();
     }
 
-    /// A helper for one request: the waiting one while it still runs, else a new one.
+    /// A helper for one request: the waiting one while it still runs and is fresh, else a
+    /// new one.
     pub(super) fn take(&self) -> std::io::Result<Helper> {
         let waiting = lock(&self.waiting).take();
         if let Some(mut helper) = waiting {
-            match helper.child.try_wait() {
-                Ok(None) => return Ok(helper),
-                // Killed by someone, or out of memory: a new one serves.
-                gone => tracing::warn!(status = ?gone, "the waiting session helper had exited"),
+            match (helper.child.try_wait(), self.stale(&helper)) {
+                (Ok(None), None) => return Ok(helper),
+                // Dropped: its stdin closes and it exits; tokio reaps it.
+                (Ok(None), Some(why)) => tracing::info!(why, "not using a stale waiting helper"),
+                // Killed by root, or out of memory: a new one serves.
+                (gone, _) => {
+                    tracing::warn!(status = ?gone, "the waiting session helper had exited")
+                }
             }
         }
-        self.spawn()
+        self.start_one()
     }
 
     /// Starts a helper to wait for the next request, when none waits and one is kept. Forks
     /// and execs: call it on a blocking thread, off any request's path.
     pub(super) fn refill(&self) {
-        if !self.keep.load(Ordering::Relaxed) || lock(&self.waiting).is_some() {
+        if !self.keep.load(Ordering::Relaxed)
+            || lock(&self.waiting).is_some()
+            || self.refilling.swap(true, Ordering::AcqRel)
+        {
             return;
         }
-        match self.spawn() {
-            // Two refills racing: the second helper is dropped, and exits on its closed stdin.
-            Ok(helper) => {
-                lock(&self.waiting).get_or_insert(helper);
-            }
+        match self.start_one() {
+            Ok(helper) => *lock(&self.waiting) = Some(helper),
             Err(e) => tracing::warn!(
                 helper = %self.path.display(),
                 error = %e,
                 "cannot start a session helper ahead; the next start will start its own"
             ),
         }
+        self.refilling.store(false, Ordering::Release);
     }
-}
 
-impl Spares {
-    fn spawn(&self) -> std::io::Result<Helper> {
+    /// Why `helper` should not serve: waited too long, or a file it loaded changed since.
+    fn stale(&self, helper: &Helper) -> Option<&'static str> {
+        if helper.started.0.elapsed() > MAX_WAIT {
+            return Some("waited over 5 minutes");
+        }
+        let service = self
+            .pam_service
+            .as_ref()
+            .map(|s| Path::new("/etc/pam.d").join(s));
+        let files = [
+            Some(Path::new("/etc/pam.d")),
+            service.as_deref(),
+            Some(Path::new("/etc/nsswitch.conf")),
+            Some(self.path.as_path()),
+        ];
+        // A second's margin: file times come from a coarser clock than `SystemTime::now`.
+        let since = helper.started.1 - Duration::from_secs(1);
+        let changed = files.into_iter().flatten().any(|f| {
+            std::fs::metadata(f)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= since)
+        });
+        changed.then_some("a file it loaded changed since it started")
+    }
+
+    /// Starts a helper now.
+    pub(super) fn start_one(&self) -> std::io::Result<Helper> {
         let mut cmd = std::process::Command::new(&self.path);
         cmd.arg("session-helper");
         if let Some(service) = &self.pam_service {
-            cmd.args(["--pam-service", service]);
+            cmd.arg(format!("--pam-service={service}"));
         }
         privdrop::as_root(&mut cmd);
         cmd.stdin(Stdio::piped())
@@ -105,6 +147,7 @@ impl Spares {
             // A process the user controls must not write into root's log: the helper logs
             // into the desktop's own log, and its answer comes on stdout, bounded.
             .stderr(Stdio::null());
+        let started = (Instant::now(), SystemTime::now());
         let mut child = tokio::process::Command::from(cmd).spawn()?;
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(std::io::Error::other("no pipes to the session helper"));
@@ -113,6 +156,7 @@ impl Spares {
             child,
             stdin,
             stdout,
+            started,
         })
     }
 }

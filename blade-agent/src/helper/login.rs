@@ -61,6 +61,8 @@ pub(super) fn begin(args: &mut HelperArgs, ahead: Ahead) -> Result<After, Failur
         drop_to_user()?;
         return Ok(After::AsUser);
     };
+    // The agent names in requests the service it started the helper with; another (or none
+    // loaded, pam_start having failed ahead) is started now, and fails here if it must.
     let mut pam = match ahead.0 {
         Some((loaded, pam)) if loaded == service => pam,
         _ => Pam::start(service).map_err(pam_failure)?,

@@ -1,20 +1,21 @@
 //! The per-session helper: `blade-agent session-helper`, which does a start or a password
 //! change as the desktop's user.
 //!
-//! Everything that touches the user's files or starts the user's programs happens here, in a
-//! process that already has only the user's uid, gid and groups, so the kernel — not a check
+//! Everything that touches the user's files or starts the user's programs happens here, once
+//! the process has dropped to the user's uid, gid and groups, so the kernel — not a check
 //! the agent might get wrong — keeps it inside the user's rights. The agent starts it as root,
-//! in a session of its own, with an empty environment, ahead of need (see
+//! in a session of its own, with only PATH in its environment, ahead of need (see
 //! `agent/spare.rs`), and talks to it over pipes:
 //!
 //! 0. before any request: it loads NSS's configuration and modules, and the PAM service's
 //!    files and modules when its `--pam-service` names one, then waits on stdin.
-//! 1. stdin: the request, one line of arguments ([`HelperArgs`]) each ended by a NUL, then
-//!    the VNC password and a newline, then optionally the desktop's view-only password and a
-//!    newline (never argv or environment); each line is read with a bounded read, the
+//! 1. stdin: the request — its length, then its arguments ([`HelperArgs`], `--flag=value`),
+//!    each ended by a NUL, read exactly — then the VNC password and a newline, then
+//!    optionally the desktop's view-only password and a newline (never argv or environment),
+//!    read only once the helper is the user's; each line is read with a bounded read, the
 //!    passwords are checked against the shared rules, and the view-only one must differ from
-//!    the password. The helper looks the user up again, sets HOME, USER, LOGNAME and SHELL
-//!    from the entry, runs PAM when asked (`login.rs`), and drops to the user.
+//!    the password. The helper looks the user up again, sets HOME, USER, LOGNAME, SHELL and
+//!    PATH from the entry, runs PAM when asked (`login.rs`), and drops to the user.
 //! 2. the helper writes `~/.vncpasswd` (O_NOFOLLOW, 0600, checked to be a plain file of the
 //!    user's with one link) in the rfbauth format of `vncpasswd -f`: 8 bytes, the obfuscated
 //!    password, then 8 more, the obfuscated view-only password, when there is one (Xvnc lets a
@@ -226,8 +227,7 @@ fn ready(pid: u32, pin: Option<CertPin>) -> String {
 /// `pam_service` is the service the agent will name in requests, loaded before one comes.
 pub fn main(pam_service: Option<&str>) -> ExitCode {
     let ahead = login::warm_up(pam_service);
-    let mut input = io::stdin().lock();
-    let mut args = match read_request(&mut input) {
+    let mut args = match read_request(&mut RawStdin) {
         Ok(args) => args,
         Err(f) => return fail(f),
     };
@@ -236,7 +236,7 @@ pub fn main(pam_service: Option<&str>) -> ExitCode {
         Ok(login::After::Done(code)) => return code,
         Err(f) => return fail(f),
     }
-    match run(&args, &mut input) {
+    match run(&args, &mut io::stdin().lock()) {
         Ok(Outcome::Supervise(mut desktop, pin)) => {
             answer(&ready(desktop.xvnc_pid, pin));
             desktop.supervise();
@@ -269,54 +269,84 @@ fn answer(line: &str) {
     let _ = writeln!(out, "{line}").and_then(|_| out.flush());
 }
 
-/// Longest request line (its real requests are under 1 KiB).
-const MAX_REQUEST: u64 = 16 * 1024;
+/// Longest request (its real requests are under 1 KiB).
+const MAX_REQUEST: usize = 16 * 1024;
 
-/// A request line: each argument followed by a NUL, then a newline. An argument holding a NUL
-/// or a newline cannot be sent (none the agent builds does: they are paths from its
-/// configuration, names and numbers).
+/// A request: the body's length in decimal and a newline, then the body, each argument
+/// followed by a NUL. Values go as `--flag=value`, so no value is ever taken for a flag.
+/// An argument holding a NUL or a newline cannot be sent (none the agent builds does: they
+/// are paths from its configuration, names and numbers).
 pub(crate) fn encode_request(args: &[OsString]) -> Result<Vec<u8>, String> {
-    let mut line = Vec::with_capacity(512);
+    let mut body = Vec::with_capacity(512);
     for arg in args {
         let bytes = arg.as_bytes();
         if bytes.contains(&0) || bytes.contains(&b'\n') {
             return Err(format!("{arg:?} holds a NUL or a newline"));
         }
-        line.extend_from_slice(bytes);
-        line.push(0);
+        body.extend_from_slice(bytes);
+        body.push(0);
     }
-    line.push(b'\n');
-    Ok(line)
+    let mut out = format!("{}\n", body.len()).into_bytes();
+    out.extend_from_slice(&body);
+    Ok(out)
 }
 
-/// Reads and parses the request line (see [`encode_request`]).
-fn read_request(input: &mut impl BufRead) -> Result<HelperArgs, Failure> {
-    let mut line = Vec::with_capacity(512);
-    input
-        .by_ref()
-        .take(MAX_REQUEST)
-        .read_until(b'\n', &mut line)
-        .map_err(|e| failed(format!("reading the request from stdin: {e}")))?;
-    if line.pop() != Some(b'\n') {
-        return Err(failed("no request on stdin (the agent sends one line)"));
+/// stdin without std's buffer: the request is read exactly, so the passwords after it stay
+/// in the pipe until the process that uses them — with PAM, the child that drops to the
+/// user — reads them; the root parent that holds the PAM session never has them.
+struct RawStdin;
+
+impl Read for RawStdin {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::fd::AsFd;
+        nix::unistd::read(io::stdin().as_fd(), buf).map_err(io::Error::from)
     }
-    let words: Vec<OsString> = match line.strip_suffix(&[0]) {
+}
+
+/// Reads and parses a request (see [`encode_request`]), and nothing after it.
+fn read_request(input: &mut impl Read) -> Result<HelperArgs, Failure> {
+    let bad = |what: &str| failed(format!("bad request from the agent: {what}"));
+    // The length, a byte at a time (a few bytes), so as not to read past it.
+    let mut len = 0usize;
+    let mut digits = 0;
+    loop {
+        let mut byte = [0u8; 1];
+        match input.read(&mut byte) {
+            Ok(0) => return Err(failed("no request on stdin (the agent sends one)")),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(failed(format!("reading the request from stdin: {e}"))),
+        }
+        match byte[0] {
+            b'\n' if digits > 0 => break,
+            d @ b'0'..=b'9' if digits < 6 => {
+                len = len * 10 + usize::from(d - b'0');
+                digits += 1;
+            }
+            _ => return Err(bad("no length line")),
+        }
+    }
+    if len > MAX_REQUEST {
+        return Err(bad("longer than 16 KiB"));
+    }
+    let mut body = vec![0u8; len];
+    input
+        .read_exact(&mut body)
+        .map_err(|e| failed(format!("reading the request from stdin: {e}")))?;
+    let words: Vec<OsString> = match body.strip_suffix(&[0]) {
         Some(body) => body
             .split(|b| *b == 0)
             .map(|w| OsString::from_vec(w.to_vec()))
             .collect(),
-        None if line.is_empty() => Vec::new(),
-        None => return Err(failed("the request line does not end with a NUL")),
+        None if body.is_empty() => Vec::new(),
+        None => return Err(bad("an argument without its NUL")),
     };
     let cmd = HelperArgs::augment_args(clap::Command::new("session-helper").no_binary_name(true));
     let matches = cmd.try_get_matches_from(words).map_err(|e| {
         let text = e.to_string();
-        failed(format!(
-            "bad request: {}",
-            text.lines().next().unwrap_or("")
-        ))
+        bad(text.lines().next().unwrap_or(""))
     })?;
-    HelperArgs::from_arg_matches(&matches).map_err(|e| failed(format!("bad request: {e}")))
+    HelperArgs::from_arg_matches(&matches).map_err(|e| bad(&e.to_string()))
 }
 
 fn run(args: &HelperArgs, input: &mut impl BufRead) -> Result<Outcome, Failure> {
@@ -419,18 +449,17 @@ fn read_line(input: &mut impl BufRead, what: &str) -> Result<Vec<u8>, Failure> {
 mod tests {
     use super::{FailKind, encode_request, read_passwords, read_request};
     use std::ffi::OsString;
+    use vncdispatch_proto::vncauth::obfuscate;
 
     #[test]
     fn a_request_round_trips_and_a_bad_one_is_refused() {
         let args: Vec<OsString> = [
-            "--action",
-            "start",
-            "--user",
-            "alice",
-            "--uid",
-            "1000",
-            "--session",
-            "/opt/my session",
+            "--action=start",
+            "--user=alice",
+            "--uid=1000",
+            "--session=/opt/my session",
+            // A value that looks like a flag stays a value.
+            "--rfbauth=--uid=0",
         ]
         .map(OsString::from)
         .to_vec();
@@ -440,25 +469,35 @@ mod tests {
         let parsed = read_request(&mut reader).expect("parses");
         assert_eq!((parsed.user.as_str(), parsed.uid), ("alice", 1000));
         assert_eq!(parsed.session, std::path::Path::new("/opt/my session"));
-        // The passwords follow, unread.
+        assert_eq!(
+            parsed.rfbauth.as_deref(),
+            Some(std::path::Path::new("--uid=0"))
+        );
+        // The passwords after it are left unread.
         assert_eq!(reader, b"secret1\n");
         for bad in ["a\nb", "a\0b"] {
             assert!(encode_request(&[OsString::from(bad)]).is_err(), "{bad:?}");
         }
+        let framed = |body: &[u8]| {
+            let mut v = format!("{}\n", body.len()).into_bytes();
+            v.extend_from_slice(body);
+            v
+        };
         for input in [
-            &b""[..],                                 // EOF: the agent went away
-            b"--user\0alice\0",                       // no newline
-            b"--user\0alice\n",                       // no final NUL
-            b"--action\0start\0--user\0alice\0\n",    // no --uid
-            b"--user\0alice\0--uid\0x\0\n",           // a bad number
-            b"--user\0alice\0--uid\x001\0--evil\0\n", // an unknown flag
+            Vec::new(),                                  // EOF: the agent went away
+            b"\n".to_vec(),                              // no length
+            b"99999999\n".to_vec(),                      // a length too long to read
+            b"20000\n".to_vec(),                         // over the bound
+            b"30\n--user=alice\0".to_vec(),              // cut short
+            framed(b"--user=alice"),                     // no final NUL
+            framed(b"--action=start\0--user=alice\0"),   // no --uid
+            framed(b"--user=alice\0--uid=x\0"),          // a bad number
+            framed(b"--user=alice\0--uid=1\0--evil\0"),  // an unknown flag
+            framed(b"--user=alice\0--uid=1\0--uid=0\0"), // a flag given twice
         ] {
             assert!(read_request(&mut &input[..]).is_err(), "{input:?}");
         }
-        let long = vec![b'a'; 20_000];
-        assert!(read_request(&mut &long[..]).is_err(), "over the bound");
     }
-    use vncdispatch_proto::vncauth::obfuscate;
 
     #[test]
     fn one_line_gives_8_bytes_two_lines_16() {
