@@ -125,11 +125,24 @@ impl Agent {
     }
 
     /// Keeps a session helper started ahead of the next call from now on (`serve` does; a
-    /// one-shot command, which makes one call, does not): about 2 ms off every start and
-    /// password change. The helper waits as root, knowing no user (see `spare.rs`).
+    /// one-shot command, which makes one call, does not): about 3 ms off every start and
+    /// password change. The helper waits as root, knowing no user (see `spare.rs`); a stale
+    /// one is replaced within a minute.
     pub fn keep_spare_helper(&self) {
         let spares = Arc::clone(&self.spares);
-        tokio::task::spawn_blocking(move || spares.keep_one());
+        tokio::spawn(async move {
+            let keep = Arc::clone(&spares);
+            let _ = tokio::task::spawn_blocking(move || keep.keep_one()).await;
+            // A stale helper (waited too long, its PAM file edited) is replaced within a
+            // minute, not at the next start's expense.
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let renew = Arc::clone(&spares);
+                let _ = tokio::task::spawn_blocking(move || renew.renew()).await;
+            }
+        });
     }
 
     /// The configuration in force.

@@ -109,6 +109,25 @@ impl Spares {
         self.refilling.store(false, Ordering::Release);
     }
 
+    /// Replaces the waiting helper when it is stale, so that a quiet blade's next start still
+    /// finds a fresh one. Forks and execs: call it on a blocking thread.
+    pub(super) fn renew(&self) {
+        let stale = {
+            let mut waiting = lock(&self.waiting);
+            match waiting.as_ref().and_then(|h| self.stale(h)) {
+                Some(why) => {
+                    tracing::debug!(why, "replacing the waiting session helper");
+                    waiting.take()
+                }
+                None => None,
+            }
+        };
+        if stale.is_some() {
+            drop(stale);
+            self.refill();
+        }
+    }
+
     /// Why `helper` should not serve: waited too long, or a file it loaded changed since.
     fn stale(&self, helper: &Helper) -> Option<&'static str> {
         if helper.started.0.elapsed() > MAX_WAIT {
