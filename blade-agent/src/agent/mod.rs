@@ -40,6 +40,8 @@ use spare::Spares;
 
 /// Attempts at starting on successive displays when one turns out to be taken.
 const START_ATTEMPTS: usize = 3;
+/// How long after a call's answer the helper for the next call is started.
+const REFILL_AFTER: Duration = Duration::from_millis(20);
 /// How long a stopped Xvnc gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -192,9 +194,14 @@ impl Agent {
                 let user = account.name.clone();
                 let result = this.start_locked(account, &secrets, geometry).await;
                 let caller_gone = answer.send(result);
-                // The next call's helper starts once this call has its answer, off its path.
+                // The next call's helper starts once this call's answer is on its way: a
+                // moment later, so that its fork and exec (a few ms of CPU) do not compete
+                // with sending it.
                 let spares = Arc::clone(&this.spares);
-                tokio::task::spawn_blocking(move || spares.refill());
+                tokio::spawn(async move {
+                    tokio::time::sleep(REFILL_AFTER).await;
+                    let _ = tokio::task::spawn_blocking(move || spares.refill()).await;
+                });
                 if let Err(Ok((_, Some(started)))) = caller_gone {
                     this.caller_gone(&user, started, guard).await;
                 }
