@@ -70,7 +70,7 @@ pub fn scan(comm: &str) -> io::Result<Vec<RunningXvnc>> {
 pub fn one(comm: &str, pid: u32) -> Option<RunningXvnc> {
     // Cut to 15 bytes, as the kernel keeps it.
     let comm = &comm.as_bytes()[..comm.len().min(15)];
-    // One read into a stack buffer (the file holds 16 bytes at most): a scan does this for
+    // One read into a stack buffer (a longer name cannot match anyway): a scan does this for
     // every process on the host, and `fs::read` would add a stat, a second read and a heap
     // buffer each time.
     let mut name = [0u8; 17];

@@ -23,7 +23,7 @@ pub mod error;
 pub mod helper;
 #[allow(unsafe_code)] // libpam FFI: see the module doc and its SAFETY comments.
 pub mod pam;
-#[allow(unsafe_code)] // pre_exec: see the module doc and its SAFETY comment.
+#[allow(unsafe_code)] // pre_exec, fork, set_var, fcntl: see the module doc and SAFETY comments.
 pub mod privdrop;
 pub mod server;
 pub mod service;

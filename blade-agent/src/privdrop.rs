@@ -1,5 +1,6 @@
 //! Starting the session helper and dropping to a user, and the other process-level steps that
-//! need `unsafe` (with [`crate::pam`]'s FFI, the crate's only `unsafe`).
+//! need `unsafe` (pre_exec, fork, the environment, descriptor flags): with [`crate::pam`]'s
+//! FFI, the crate's only `unsafe`.
 //!
 //! The agent starts the helper as root in a session of its own ([`as_root`]); the helper, once
 //! its request names the user, sets the user's environment and drops to the user's groups,
@@ -61,14 +62,38 @@ pub fn become_user(account: &Account) -> std::io::Result<()> {
             "could regain root after dropping to the user",
         ));
     }
-    // Not ptraceable by the user (the kernel does this on a uid change only while
-    // fs.suid_dumpable is 0; exec makes the desktop's own programs dumpable again), and no
-    // descriptor root opened (NSS, PAM modules) passes into the programs it runs.
+    // No descriptor root opened (NSS, PAM modules) passes into the programs it runs, and not
+    // ptraceable by the user: the kernel marks a process that changed uid so only while
+    // fs.suid_dumpable is not 1, and exec makes the desktop's own programs dumpable again.
+    cloexec_from_3()?;
     nix::sys::prctl::set_dumpable(false)?;
-    // SAFETY: close_range only flags descriptors of this process close-on-exec; it touches
-    // no memory.
-    if unsafe { libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) } != 0 {
-        return Err(std::io::Error::last_os_error());
+    Ok(())
+}
+
+/// Marks every descriptor from 3 up close-on-exec: close_range where the kernel has it
+/// (5.11), else each one /proc/self/fd lists.
+fn cloexec_from_3() -> std::io::Result<()> {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range only flags descriptors of this process; it touches no memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd >= 3)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_SETFD on a descriptor number touches no memory; one closed since the
+        // listing (the listing's own) fails with EBADF, which is fine.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     Ok(())
 }

@@ -826,6 +826,14 @@ async fn pam_tightened_while_a_helper_waits(rec: &Record) {
     // The agent's PAM service, a file of this case's own: first what the agent ships.
     let service = format!("vdt-pam-{}", std::process::id());
     let file = std::path::PathBuf::from("/etc/pam.d").join(&service);
+    // Removed however the case ends.
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _remove = Remove(file.clone());
     let shipped = std::fs::read_to_string("/etc/pam.d/vncdispatch").expect("the shipped PAM file");
     std::fs::write(&file, shipped).expect("PAM file");
     let agent = AgentProc::start(AgentOptions {
@@ -848,7 +856,6 @@ async fn pam_tightened_while_a_helper_waits(rec: &Record) {
     let user = TestUser::create();
     let got = agent.client().await.start_session(start(&user.name)).await;
     let xvnc = vncdispatch_tests::procs::xvnc_of(user.uid).len();
-    let _ = std::fs::remove_file(&file);
     let (code, kind) = match &got {
         Ok(_) => ("OK".to_owned(), None),
         Err(e) => (format!("{:?}", e.code()), RefusalKind::from_status(e)),

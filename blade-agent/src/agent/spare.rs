@@ -11,15 +11,16 @@
 //! for no user yet). Its stdin is a pipe only the agent holds; it exits when that closes, the
 //! agent gone. It knows nothing of any user until the request names one, so it cannot have
 //! been prepared for the wrong one. What it loaded can grow stale, so it is not used (and is
-//! left to exit) once it has waited [`MAX_WAIT`], or when the PAM service's file, /etc/pam.d,
-//! /etc/nsswitch.conf or the helper binary changed after it started.
+//! left to exit) once it has waited [`MAX_WAIT`], or when a file in /etc/pam.d,
+//! /etc/nsswitch.conf or the helper binary changed after it started (by inode and change
+//! times, not by comparing clocks); the server also replaces a stale one within a minute.
 use super::lock;
 use crate::privdrop;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
 /// Longest a helper is kept waiting: what it loaded (PAM modules, NSS configuration) is at
@@ -32,9 +33,15 @@ pub(super) struct Helper {
     pub(super) child: Child,
     pub(super) stdin: ChildStdin,
     pub(super) stdout: ChildStdout,
-    /// When it was started, by the monotonic clock and by the files' clock.
-    started: (Instant, SystemTime),
+    /// When it was started.
+    started: Instant,
+    /// What the files it loads looked like just before it started.
+    loaded: Vec<FileStamp>,
 }
+
+/// A file's identity and change times: an edit in place changes the times (the change time
+/// cannot be set back), a replacement the inode; absent files are recorded as absent.
+type FileStamp = (PathBuf, Option<(u64, u64, i64, i64, i64, i64)>);
 
 /// The helper binary, and the one helper kept waiting.
 #[derive(Debug)]
@@ -92,10 +99,18 @@ impl Spares {
     /// Starts a helper to wait for the next request, when none waits and one is kept. Forks
     /// and execs: call it on a blocking thread, off any request's path.
     pub(super) fn refill(&self) {
-        if !self.keep.load(Ordering::Relaxed)
-            || lock(&self.waiting).is_some()
-            || self.refilling.swap(true, Ordering::AcqRel)
-        {
+        if !self.keep.load(Ordering::Relaxed) || self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Cleared however this ends, so that refills never stop.
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _done = Done(&self.refilling);
+        if lock(&self.waiting).is_some() {
             return;
         }
         match self.start_one() {
@@ -106,11 +121,11 @@ impl Spares {
                 "cannot start a session helper ahead; the next start will start its own"
             ),
         }
-        self.refilling.store(false, Ordering::Release);
     }
 
-    /// Replaces the waiting helper when it is stale, so that a quiet blade's next start still
-    /// finds a fresh one. Forks and execs: call it on a blocking thread.
+    /// Replaces the waiting helper when it is stale, and starts one when none waits (an
+    /// earlier refill failed), so that a quiet blade's next start still finds a fresh one.
+    /// Forks and execs: call it on a blocking thread.
     pub(super) fn renew(&self) {
         let stale = {
             let mut waiting = lock(&self.waiting);
@@ -122,35 +137,45 @@ impl Spares {
                 None => None,
             }
         };
-        if stale.is_some() {
-            drop(stale);
-            self.refill();
-        }
+        drop(stale);
+        self.refill();
     }
 
     /// Why `helper` should not serve: waited too long, or a file it loaded changed since.
     fn stale(&self, helper: &Helper) -> Option<&'static str> {
-        if helper.started.0.elapsed() > MAX_WAIT {
+        if helper.started.elapsed() > MAX_WAIT {
             return Some("waited over 5 minutes");
         }
-        let service = self
-            .pam_service
-            .as_ref()
-            .map(|s| Path::new("/etc/pam.d").join(s));
-        let files = [
-            Some(Path::new("/etc/pam.d")),
-            service.as_deref(),
-            Some(Path::new("/etc/nsswitch.conf")),
-            Some(self.path.as_path()),
-        ];
-        // A second's margin: file times come from a coarser clock than `SystemTime::now`.
-        let since = helper.started.1 - Duration::from_secs(1);
-        let changed = files.into_iter().flatten().any(|f| {
-            std::fs::metadata(f)
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t >= since)
-        });
-        changed.then_some("a file it loaded changed since it started")
+        (self.stamps() != helper.loaded).then_some("a file it loaded changed since it started")
+    }
+
+    /// The files a helper loads before its request: every file in /etc/pam.d (the service's
+    /// and what it includes), /etc/nsswitch.conf and the helper binary. A few dozen stats.
+    fn stamps(&self) -> Vec<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let mut files: Vec<PathBuf> = std::fs::read_dir("/etc/pam.d")
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.sort();
+        files.push(PathBuf::from("/etc/pam.d"));
+        files.push(PathBuf::from("/etc/nsswitch.conf"));
+        files.push(self.path.clone());
+        files
+            .into_iter()
+            .map(|f| {
+                let stamp = std::fs::metadata(&f).ok().map(|m| {
+                    (
+                        m.dev(),
+                        m.ino(),
+                        m.mtime(),
+                        m.mtime_nsec(),
+                        m.ctime(),
+                        m.ctime_nsec(),
+                    )
+                });
+                (f, stamp)
+            })
+            .collect()
     }
 
     /// Starts a helper now.
@@ -166,7 +191,8 @@ impl Spares {
             // A process the user controls must not write into root's log: the helper logs
             // into the desktop's own log, and its answer comes on stdout, bounded.
             .stderr(Stdio::null());
-        let started = (Instant::now(), SystemTime::now());
+        // Taken before it starts: an edit meanwhile makes it stale, never the other way.
+        let (started, loaded) = (Instant::now(), self.stamps());
         let mut child = tokio::process::Command::from(cmd).spawn()?;
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(std::io::Error::other("no pipes to the session helper"));
@@ -176,6 +202,7 @@ impl Spares {
             stdin,
             stdout,
             started,
+            loaded,
         })
     }
 }

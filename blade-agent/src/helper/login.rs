@@ -1,5 +1,5 @@
 //! The helper's root prologue: what `su` or `login` would do before the user's programs run.
-//! The agent starts the helper as root (in a session of its own, with an empty environment);
+//! The agent starts the helper as root (in a session of its own, with only PATH set);
 //! here it looks the user up, sets the environment from the entry and, without PAM, drops to
 //! the user at once. With PAM it runs the account stage and, for a start, opens the PAM
 //! session, then:

@@ -50,6 +50,8 @@ async fn display_process() {
     // On the way, the helper the agent keeps started ahead for the next call is killed: that
     // start runs on a helper of its own, and another waits after it.
     let agent_pid = agent.pid().unwrap_or(0);
+    // Started a moment after the last call's answer.
+    eventually(5, || procs::waiting_helpers(agent_pid).len() == 1).await;
     let waiting = procs::waiting_helpers(agent_pid);
     for h in &waiting {
         let _ = nix::sys::signal::kill(
@@ -215,10 +217,12 @@ async fn display_process() {
     let other_first = dispatch_as(&rec, &s.dispatcher, &other.name)
         .await
         .expect("Dispatch");
-    let spare: Vec<u32> = s.agents[0]
-        .pid()
-        .map(|p| procs::waiting_helpers(p).iter().map(|h| h.pid).collect())
-        .unwrap_or_default();
+    let agent_pid = s.agents[0].pid().unwrap_or(0);
+    eventually(5, || procs::waiting_helpers(agent_pid).len() == 1).await;
+    let spare: Vec<u32> = procs::waiting_helpers(agent_pid)
+        .iter()
+        .map(|h| h.pid)
+        .collect();
     s.agents[0].stop();
     rec.faults(1);
     // The helper the agent kept waiting exits with it, on its closed stdin: no root process

@@ -94,6 +94,9 @@ async fn blades_and_dispatcher(rec: &Record, rig: &mut Rig) {
         nix::sys::signal::Signal::SIGCONT,
     );
     let all: Vec<&TestUser> = users.iter().collect();
+    // A second for b2 to act on what reached it while frozen: a start it then runs for a
+    // caller long gone must have begun before "one Xvnc each" can mean it was stopped.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let settled = eventually(30, || {
         users[4..6].iter().all(|u| procs::xvnc_of(u.uid).len() == 1)
     })
