@@ -133,7 +133,7 @@ fn main() -> anyhow::Result<()> {
     println!("{:<52} {:>8.1}", "difference of the p50s", whole - bare);
     println!(
         "{:<52} {:>8.1}",
-        "= Dispatch over bare Xtigervnc, p50 of the rounds' (goal: ≤ 5)",
+        "= Dispatch over bare, median of rounds (goal ≤ 5)",
         median(over_bare)
     );
     println!("{:<52} {:>8.1}", "Dispatch, mean", costs.dispatch_ms);
@@ -170,7 +170,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "{:<52} {:>8.2}",
-        "  helper over bare Xtigervnc, p50 of the rounds'",
+        "  helper over bare Xtigervnc, median of rounds",
         median(helper_over_bare)
     );
     Ok(())
