@@ -1,6 +1,7 @@
 //! Starting the desktop, as the user: Xtigervnc and the session command directly (fast), or
-//! TigerVNC's vncserver wrapper; then waiting until the RFB port answers with a banner. A
-//! display someone else holds is reported as BUSY so the agent tries the next one.
+//! TigerVNC's vncserver wrapper; then waiting until the RFB port answers with a banner (the
+//! fast path first waits for Xvnc's `-displayfd` line). A display someone else holds is
+//! reported as BUSY so the agent tries the next one.
 use super::files::write_xauthority;
 use super::x509::DesktopCert;
 use super::{FailKind, Failure, HelperArgs, failed, log_name};
@@ -24,6 +25,9 @@ pub(super) struct Desktop {
     pub(super) xvnc_pid: u32,
     /// The session command, until it exits.
     pub(super) session: Option<Child>,
+    /// The read end of Xvnc's `-displayfd` pipe, kept open for Xvnc's life: were it closed
+    /// first, Xvnc's write would fail, which it treats as fatal.
+    pub(super) _displayfd: std::io::PipeReader,
 }
 
 /// `-SecurityTypes`, the blacklist off, and, for VeNCrypt, the desktop's certificate and key.
@@ -58,6 +62,12 @@ pub(super) fn start_fast(
     let rfbauth = home.join(".vncpasswd");
     let user = std::env::var("USER").unwrap_or_default();
     let log_err = log.try_clone().map_err(|e| failed(format!("log: {e}")))?;
+    // Xvnc writes its display number to `-displayfd` once ready for connections, right
+    // before its main loop: its stdin is that pipe's write end, and the helper waits for the
+    // line instead of polling the port every millisecond (then checks the banner once).
+    let (displayfd, ready) =
+        std::io::pipe().map_err(|e| failed(format!("pipe for -displayfd: {e}")))?;
+    let deadline = Instant::now() + Duration::from_millis(args.timeout_ms);
     let mut xvnc = Command::new(&args.xvnc)
         .envs(args.pam_env.iter().map(|(k, v)| (k, v)))
         .arg(format!(":{}", args.display))
@@ -75,14 +85,16 @@ pub(super) fn start_fast(
         .arg("24")
         .arg("-desktop")
         .arg(format!("{user}'s desktop"))
-        .args(["-nolisten", "tcp"])
-        .stdin(Stdio::null())
+        .args(["-nolisten", "tcp", "-displayfd", "0"])
+        .stdin(ready)
         .stdout(log.try_clone().map_err(|e| failed(format!("log: {e}")))?)
         .stderr(log_err)
         .spawn()
         .map_err(|e| failed(format!("cannot run {}: {e}", args.xvnc.display())))?;
     let xvnc_pid = xvnc.id();
-    if let Err(f) = wait_ready(args, Some(&mut xvnc), home) {
+    // The write end went with the Command: the pipe reads EOF should Xvnc exit first.
+    wait_readable(&displayfd, deadline);
+    if let Err(f) = wait_ready(args, Some(&mut xvnc), home, deadline) {
         let _ = xvnc.kill();
         let _ = xvnc.wait();
         return Err(f);
@@ -111,6 +123,7 @@ pub(super) fn start_fast(
         xvnc,
         xvnc_pid,
         session,
+        _displayfd: displayfd,
     })
 }
 
@@ -159,7 +172,24 @@ pub(super) fn start_wrapper(
             message,
         });
     }
-    wait_ready(args, None, home)
+    let deadline = Instant::now() + Duration::from_millis(args.timeout_ms);
+    wait_ready(args, None, home, deadline)
+}
+
+/// Waits until `pipe` has something to read (Xvnc's `-displayfd` line) or its end (Xvnc
+/// exited), or `deadline`. What it says is not needed: the banner check follows.
+fn wait_readable(pipe: &std::io::PipeReader, deadline: Instant) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            _ => return,
+        }
+    }
 }
 
 /// `-interface ADDR` for a specific address; none for "any", so that Xvnc listens on IPv4
@@ -194,15 +224,20 @@ pub(super) fn find_xvnc(args: &HelperArgs) -> Result<u32, Failure> {
 }
 
 /// Waits until the RFB port answers with an RFB version banner, Xvnc exits, or time runs out.
-fn wait_ready(args: &HelperArgs, mut xvnc: Option<&mut Child>, home: &Path) -> Result<(), Failure> {
+fn wait_ready(
+    args: &HelperArgs,
+    mut xvnc: Option<&mut Child>,
+    home: &Path,
+    deadline: Instant,
+) -> Result<(), Failure> {
     let ip = if args.interface.is_unspecified() {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
     } else {
         args.interface
     };
     let addr = SocketAddr::new(ip, args.port);
-    let deadline = Instant::now() + Duration::from_millis(args.timeout_ms);
-    // Xvnc is typically ready in 30-60 ms: poll every millisecond (a refused connect costs
+    // The fast path comes here once Xvnc said it is ready, so the first try answers. The
+    // wrapper, or an Xvnc that said nothing: poll every millisecond (a refused connect costs
     // microseconds), so the desktop is reported at most a millisecond after it is ready.
     let pause = Duration::from_millis(1);
     loop {
