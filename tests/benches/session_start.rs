@@ -1,6 +1,7 @@
 //! Session start to port-ready, four ways, side by side (issue: blade-agent foundation):
 //!
-//! - bare Xtigervnc: the floor — the server alone, started as the user, no session.
+//! - bare Xtigervnc: the floor — the server alone, started as the user, no session, waited
+//!   for as the agent's helper does (its `-displayfd` line, then the banner).
 //!
 //! "Port-ready" is the RFB banner arriving, for all four.
 //! - agent fast path: StartSession over gRPC to a real `blade-agent serve` (PAM account and
@@ -353,6 +354,9 @@ fn kill_all(user: &TestUser) {
 fn bare_xvnc(user: &TestUser) -> anyhow::Result<Duration> {
     kill_all(user);
     let port = 5900 + DISPLAY as u16;
+    // Waited for as the agent's helper does: Xvnc's `-displayfd` line (on its stdin), then
+    // the banner; polling alone would add up to a millisecond to the floor.
+    let (mut displayfd, ready) = std::io::pipe()?;
     let since = Instant::now();
     let mut child = Command::new("setpriv")
         .args([
@@ -375,10 +379,15 @@ fn bare_xvnc(user: &TestUser) -> anyhow::Result<Duration> {
             "None",
             "-nolisten",
             "tcp",
+            "-displayfd",
+            "0",
         ])
+        .stdin(ready)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
+    // The line, or the end should Xvnc exit; the read end stays open until it is stopped.
+    let _ = displayfd.read(&mut [0u8; 16]);
     let t = wait_port(port, since);
     let _ = child.kill();
     let _ = child.wait();
