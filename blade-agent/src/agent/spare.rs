@@ -79,7 +79,9 @@ impl Spares {
     }
 
     /// A helper for one request: the waiting one while it still runs and is fresh, else a
-    /// new one.
+    /// new one. Runs where the call runs: the freshness check is a few dozen stats of files
+    /// in the page cache, and the fork only happens when no helper waits (as every start
+    /// forked before helpers were kept).
     pub(super) fn take(&self) -> std::io::Result<Helper> {
         let waiting = lock(&self.waiting).take();
         if let Some(mut helper) = waiting {
