@@ -35,15 +35,15 @@ pub fn as_root(cmd: &mut Command) {
 /// The PATH of the helper and the desktop's programs.
 const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
-/// Sets HOME, USER, LOGNAME and SHELL from `account`, and PATH, in this process's environment,
-/// for the desktop's programs. Call it while single-threaded (the helper is).
+/// Sets HOME, USER, LOGNAME and SHELL from `account` in this process's environment (PATH is
+/// set by [`as_root`]), for the desktop's programs. Call it while single-threaded (the
+/// helper is).
 pub fn set_user_env(account: &Account) {
     let vars = [
         ("HOME", account.home.as_os_str()),
         ("USER", account.name.as_ref()),
         ("LOGNAME", account.name.as_ref()),
         ("SHELL", account.shell.as_os_str()),
-        ("PATH", PATH.as_ref()),
     ];
     for (key, value) in vars {
         // SAFETY: the helper has no other thread that could read the environment meanwhile.

@@ -131,12 +131,12 @@ impl Agent {
     /// password change. The helper waits as root, knowing no user (see `spare.rs`); a stale
     /// one is replaced within a minute.
     pub fn keep_spare_helper(&self) {
+        self.spares.keep();
         let spares = Arc::clone(&self.spares);
         tokio::spawn(async move {
-            let keep = Arc::clone(&spares);
-            let _ = tokio::task::spawn_blocking(move || keep.keep_one()).await;
-            // A stale helper (waited too long, its PAM file edited) is replaced within a
-            // minute, not at the next start's expense.
+            // The first tick is at once and starts the first helper; later ones replace a
+            // stale helper (waited too long, its PAM file edited) within a minute, not at the
+            // next start's expense, or start one an earlier refill failed to.
             let mut every = tokio::time::interval(Duration::from_secs(60));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -419,29 +419,30 @@ impl Agent {
         // this process is read (what a scan would say of it), not all of /proc.
         let (comm, uid) = (xvnc_comm(&self.cfg), account.uid.as_raw());
         let range = self.cfg.display_first..=self.cfg.display_last();
-        // One trip to a blocking thread: the process, then who listens on its port.
-        let (running, why) = blocking(move || {
-            let running = discover::one(&comm, pid)
+        // One trip to a blocking thread: the process (Err: why it is not there), then who
+        // else listens on its port.
+        let checked = blocking(move || {
+            let found = discover::one(&comm, pid)
                 .filter(|r| r.uid == uid && range.contains(&r.display) && r.rfbauth.is_some());
-            let why = match &running {
-                Some(r) => ports::foreign_listener(pid, r.port),
-                None => Some(
-                    match ports::listeners_on(port).unwrap_or_default().first() {
-                        Some(l) => format!(
-                            "port {port} was taken by another program (uid {}) as Xvnc started",
-                            l.uid
-                        ),
-                        None => format!("Xvnc (pid {pid}) exited right after starting"),
-                    },
+            if let Some(r) = found {
+                let foreign = ports::foreign_listener(pid, r.port);
+                return Ok(Ok((r, foreign)));
+            }
+            let holders = ports::listeners_on(port).unwrap_or_default();
+            Ok(Err(match holders.first() {
+                Some(l) => format!(
+                    "port {port} was taken by another program (uid {}) as Xvnc started",
+                    l.uid
                 ),
-            };
-            Ok((running, why))
+                None => format!("Xvnc (pid {pid}) exited right after starting"),
+            }))
         })
         .await?;
-        let Some(running) = running else {
-            return Ok(Err(why.unwrap_or_default()));
+        let (running, foreign) = match checked {
+            Ok(found) => found,
+            Err(why) => return Ok(Err(why)),
         };
-        if let Some(why) = why {
+        if let Some(why) = foreign {
             let port = running.port;
             tracing::warn!(display = n, port, %why, "RFB port not the desktop's alone; stopping it");
             terminate(&running).await;

@@ -122,12 +122,13 @@ impl Registry {
             blocking(move || discover::scan(&comm).map_err(|e| AgentError::io("reading /proc", e)))
                 .await?;
         let took = began.elapsed();
+        let found = Arc::new(found);
         let mut known = lock(&self.known);
-        known.found = Arc::new(found.clone());
+        known.found = Arc::clone(&found);
         // Entries noted while the scan ran stay: it may have read /proc before their Xvnc
         // existed. The rest is replaced by what the scan found, and so re-checked in full.
         known.desktops.retain(|_, e| e.noted >= began);
-        for running in found.into_iter().filter(|r| self.counts(r)) {
+        for running in found.iter().filter(|r| self.counts(r)).cloned() {
             known.desktops.entry(running.pid).or_insert(Entry {
                 running,
                 noted: began,

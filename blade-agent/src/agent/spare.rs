@@ -72,10 +72,9 @@ impl Spares {
         &self.path
     }
 
-    /// From now on, keeps a helper waiting; starts the first.
-    pub(super) fn keep_one(&self) {
+    /// From now on, keeps a helper waiting (refills and renewals start one).
+    pub(super) fn keep(&self) {
         self.keep.store(true, Ordering::Relaxed);
-        self.refill();
     }
 
     /// A helper for one request: the waiting one while it still runs and is fresh, else a

@@ -14,8 +14,8 @@
 //!    optionally the desktop's view-only password and a newline (never argv or environment),
 //!    read only once the helper is the user's; each line is read with a bounded read, the
 //!    passwords are checked against the shared rules, and the view-only one must differ from
-//!    the password. The helper looks the user up again, sets HOME, USER, LOGNAME, SHELL and
-//!    PATH from the entry, runs PAM when asked (`login.rs`), and drops to the user.
+//!    the password. The helper looks the user up again, sets HOME, USER, LOGNAME and SHELL
+//!    from the entry, runs PAM when asked (`login.rs`), and drops to the user.
 //! 2. the helper writes `~/.vncpasswd` (O_NOFOLLOW, 0600, checked to be a plain file of the
 //!    user's with one link) in the rfbauth format of `vncpasswd -f`: 8 bytes, the obfuscated
 //!    password, then 8 more, the obfuscated view-only password, when there is one (Xvnc lets a
