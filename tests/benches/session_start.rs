@@ -67,13 +67,13 @@ fn main() -> anyhow::Result<()> {
         .zip(&bare)
         .map(|(d, b)| (d.as_secs_f64() - b.as_secs_f64()) * 1000.0)
         .collect();
-    let helper_over_bare: Vec<f64> = fast
-        .helper_ms()
+    let starts = agent_split(&fast.agent.log());
+    let helper_over_bare: Vec<f64> = starts
         .iter()
         .zip(&bare)
-        .map(|(h, b)| h - b.as_secs_f64() * 1000.0)
+        .map(|(s, b)| s[2] - b.as_secs_f64() * 1000.0)
         .collect();
-    let (costs, split) = (dispatch.costs(), fast.split());
+    let (costs, split) = (dispatch.costs(), means(&starts));
     let rows = vec![
         ("bare Xtigervnc (floor)", bare),
         ("agent fast path (PAM)", fast.samples),
@@ -496,25 +496,15 @@ impl AgentWay {
         kill_all(user);
         Ok(())
     }
+}
 
-    /// Means of the agent's split of its starts ([`agent_split`]).
-    fn split(&self) -> [f64; 4] {
-        let rows = agent_split(&self.agent.log());
-        let n = rows.len() as f64;
-        let mut sums = [0.0; 4];
-        for row in &rows {
-            for (sum, v) in sums.iter_mut().zip(row) {
-                *sum += v;
-            }
+/// Column means of the agent's split of its starts ([`agent_split`]).
+fn means(rows: &[[f64; 4]]) -> [f64; 4] {
+    let mut sums = [0.0; 4];
+    for row in rows {
+        for (sum, v) in sums.iter_mut().zip(row) {
+            *sum += v;
         }
-        sums.map(|s| s / n)
     }
-
-    /// Each start's helper time, in order.
-    fn helper_ms(&self) -> Vec<f64> {
-        agent_split(&self.agent.log())
-            .iter()
-            .map(|r| r[2])
-            .collect()
-    }
+    sums.map(|s| s / rows.len() as f64)
 }

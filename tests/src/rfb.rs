@@ -13,6 +13,21 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::{self, Message};
 use vncdispatch_proto::vncauth::challenge_response;
 
+/// An open WebSocket as the logins here use it: binary messages both ways.
+pub trait WsStream:
+    Stream<Item = Result<Message, tungstenite::Error>>
+    + Sink<Message, Error = tungstenite::Error>
+    + Unpin
+{
+}
+
+impl<S> WsStream for S where
+    S: Stream<Item = Result<Message, tungstenite::Error>>
+        + Sink<Message, Error = tungstenite::Error>
+        + Unpin
+{
+}
+
 /// What a successful login saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerInit {
@@ -110,9 +125,7 @@ async fn read_reason(s: &mut TcpStream) -> anyhow::Result<String> {
 /// Err says which step broke.
 pub async fn none_login<S>(ws: &mut S) -> Result<ServerInit, String>
 where
-    S: Stream<Item = Result<Message, tungstenite::Error>>
-        + Sink<Message, Error = tungstenite::Error>
-        + Unpin,
+    S: WsStream,
 {
     none_login_as(ws, true).await
 }
@@ -121,9 +134,7 @@ where
 /// disconnect every other client (what a hostile viewer would try).
 pub async fn none_login_as<S>(ws: &mut S, shared: bool) -> Result<ServerInit, String>
 where
-    S: Stream<Item = Result<Message, tungstenite::Error>>
-        + Sink<Message, Error = tungstenite::Error>
-        + Unpin,
+    S: WsStream,
 {
     let bin = |b: &[u8]| Message::Binary(b.to_vec().into());
     let mut got = Vec::new();
@@ -148,9 +159,7 @@ where
 /// password. Err says which step broke.
 pub async fn vnc_login_ws<S>(ws: &mut S, password: &str) -> Result<ServerInit, String>
 where
-    S: Stream<Item = Result<Message, tungstenite::Error>>
-        + Sink<Message, Error = tungstenite::Error>
-        + Unpin,
+    S: WsStream,
 {
     let bin = |b: &[u8]| Message::Binary(b.to_vec().into());
     let mut got = Vec::new();
@@ -191,9 +200,7 @@ where
 /// 3.8.
 async fn version<S>(ws: &mut S, got: &mut Vec<u8>, expect: &[u8]) -> Result<(), String>
 where
-    S: Stream<Item = Result<Message, tungstenite::Error>>
-        + Sink<Message, Error = tungstenite::Error>
-        + Unpin,
+    S: WsStream,
 {
     fill(ws, got, 12).await?;
     if !got[..12].starts_with(expect) {
