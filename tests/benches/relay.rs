@@ -12,7 +12,8 @@
 //! taking turns, and the median shown; `BENCH_IDLE` idle connections for ws-proxy (default
 //! 10000 or what the file descriptor limit allows); `BENCH_BASELINE=/path/to/ws-proxy` adds a
 //! column for another build (the one before a change); `websocat` on PATH or in ~/.cargo/bin
-//! adds its column (`cargo install websocat`).
+//! adds its column (`cargo install websocat`). `BENCH_ONLY` (a comma-separated list of
+//! `throughput`, `rtt`, `idle`, `opens`) measures only those rows, for quick turns on one.
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -23,9 +24,12 @@ use vncdispatch_tests::workspace_bin;
 /// Environment variable that makes this binary the one-hop relay: `LISTEN_PORT:TARGET_PORT`.
 const ONE_HOP: &str = "VNCDISPATCH_BENCH_ONE_HOP";
 
-/// A way to the echo server, and the process (if any) doing the relaying.
+/// A way to an echo server, and the process (if any) doing the relaying.
 struct Way {
     name: &'static str,
+    /// The way's own echo server: connections opened through one way leave their loopback
+    /// ports in TIME_WAIT towards its echo port only, not slowing the next way's connects.
+    echo: u16,
     /// Raw TCP when None; else the port of a relay.
     port: Option<u16>,
     /// WebSocket (true) or TCP (false) at `port`.
@@ -48,14 +52,14 @@ impl Way {
         self.child.as_ref().map(Child::id)
     }
 
-    async fn connect(&self, echo: u16) -> Conn {
+    async fn connect(&self) -> Conn {
         match (self.port, self.ws) {
             (Some(port), true) => {
                 let url = format!("ws://127.0.0.1:{port}/websockify?token=bench");
                 Conn::Ws(Box::new(bench::ws_connect(&url).await.expect("ws connect")))
             }
             (port, _) => {
-                let t = TcpStream::connect(("127.0.0.1", port.unwrap_or(echo)))
+                let t = TcpStream::connect(("127.0.0.1", port.unwrap_or(self.echo)))
                     .await
                     .expect("connect");
                 let _ = t.set_nodelay(true);
@@ -65,8 +69,8 @@ impl Way {
     }
 }
 
-/// Starts `cmd` quietly as the relay on `port`.
-async fn relay(name: &'static str, port: u16, ws: bool, mut cmd: Command) -> Way {
+/// Starts `cmd` quietly as the relay on `port` to `echo`.
+async fn relay(name: &'static str, (port, echo): (u16, u16), ws: bool, mut cmd: Command) -> Way {
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -76,6 +80,7 @@ async fn relay(name: &'static str, port: u16, ws: bool, mut cmd: Command) -> Way
     wait_port(port).await;
     Way {
         name,
+        echo,
         port: Some(port),
         ws,
         child: Some(child),
@@ -84,6 +89,13 @@ async fn relay(name: &'static str, port: u16, ws: bool, mut cmd: Command) -> Way
 
 fn port() -> u16 {
     free_port([127, 0, 0, 1].into())
+}
+
+/// A token file in `dir` naming `echo` as the desktop of the token `bench`.
+fn token_file(dir: &std::path::Path, echo: u16) -> std::path::PathBuf {
+    let tokens = dir.join(format!("tokens-{echo}"));
+    std::fs::write(&tokens, format!("bench: 127.0.0.1:{echo}\n")).expect("tokens");
+    tokens
 }
 
 fn ws_proxy(bin: &std::path::Path, port: u16, tokens: &std::path::Path) -> Command {
@@ -118,48 +130,44 @@ fn websocat() -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-async fn ways(echo: u16, tokens: &std::path::Path) -> Vec<Way> {
+/// Every way, each with an echo server of its own; token files go in `dir`.
+async fn ways(dir: &std::path::Path) -> Vec<Way> {
+    let echo = vncdispatch_tests::echo_server;
     let mut ways = vec![Way {
         name: "raw TCP",
+        echo: echo().await,
         port: None,
         ws: false,
         child: None,
     }];
-    let p = port();
+    let (p, e) = (port(), echo().await);
     let mut hop = Command::new(std::env::current_exe().expect("own binary"));
-    hop.env(ONE_HOP, format!("{p}:{echo}"));
-    ways.push(relay("one-hop TCP", p, false, hop).await);
-    let p = port();
-    ways.push(
-        relay(
-            "ws-proxy",
-            p,
-            true,
-            ws_proxy(&workspace_bin("ws-proxy"), p, tokens),
-        )
-        .await,
-    );
+    hop.env(ONE_HOP, format!("{p}:{e}"));
+    ways.push(relay("one-hop TCP", (p, e), false, hop).await);
+    let (p, e) = (port(), echo().await);
+    let cmd = ws_proxy(&workspace_bin("ws-proxy"), p, &token_file(dir, e));
+    ways.push(relay("ws-proxy", (p, e), true, cmd).await);
     if let Some(old) = std::env::var_os("BENCH_BASELINE") {
-        let p = port();
-        let cmd = ws_proxy(std::path::Path::new(&old), p, tokens);
-        ways.push(relay("ws-proxy before", p, true, cmd).await);
+        let (p, e) = (port(), echo().await);
+        let cmd = ws_proxy(std::path::Path::new(&old), p, &token_file(dir, e));
+        ways.push(relay("ws-proxy before", (p, e), true, cmd).await);
     }
-    let p = port();
+    let (p, e) = (port(), echo().await);
     let mut w = Command::new("websockify");
     w.args(["--token-plugin", "TokenFile", "--token-source"])
-        .arg(tokens)
+        .arg(token_file(dir, e))
         .arg(format!("127.0.0.1:{p}"));
-    ways.push(relay("websockify", p, true, w).await);
+    ways.push(relay("websockify", (p, e), true, w).await);
     if let Some(bin) = websocat() {
-        let p = port();
+        let (p, e) = (port(), echo().await);
         let mut w = Command::new(bin);
         w.args([
             "-b",
             "-E",
             &format!("ws-l:127.0.0.1:{p}"),
-            &format!("tcp:127.0.0.1:{echo}"),
+            &format!("tcp:127.0.0.1:{e}"),
         ]);
-        ways.push(relay("websocat", p, true, w).await);
+        ways.push(relay("websocat", (p, e), true, w).await);
     }
     ways
 }
@@ -168,8 +176,11 @@ async fn ways(echo: u16, tokens: &std::path::Path) -> Vec<Way> {
 fn one_hop(spec: &str) {
     let (listen, target) = spec.split_once(':').expect("LISTEN:TARGET");
     let target: u16 = target.parse().expect("target port");
+    let listen: u16 = listen.parse().expect("listen port");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async move {
+    // Accepting in a task, as ws-proxy does: each connection then starts on the worker that
+    // accepted it, not handed over from the thread running block_on.
+    let _ = rt.block_on(rt.spawn(async move {
         let l = tokio::net::TcpListener::bind(format!("127.0.0.1:{listen}"))
             .await
             .expect("bind");
@@ -186,7 +197,7 @@ fn one_hop(spec: &str) {
                     tokio::io::copy_bidirectional_with_sizes(&mut c, &mut t, 65536, 65536).await;
             });
         }
-    });
+    }));
 }
 
 fn rss_kib(pids: &[u32]) -> u64 {
@@ -249,14 +260,14 @@ fn cpu_secs(root: u32) -> f64 {
     t as f64 / hz
 }
 
-async fn idle_kib_per_conn(way: &Way, echo: u16, n: usize) -> f64 {
+async fn idle_kib_per_conn(way: &Way, n: usize) -> f64 {
     let Some(pid) = way.pid() else {
         return f64::NAN;
     };
     let before = rss_kib(&family(pid));
     let mut held = Vec::with_capacity(n);
     for _ in 0..n {
-        let mut c = way.connect(echo).await;
+        let mut c = way.connect().await;
         bench::echo_once(&mut c).await;
         held.push(c);
     }
@@ -304,11 +315,8 @@ fn main() {
         .min(fits);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let echo = vncdispatch_tests::echo_server().await;
         let dir = tempfile::tempdir().expect("dir");
-        let tokens = dir.path().join("tokens");
-        std::fs::write(&tokens, format!("bench: 127.0.0.1:{echo}\n")).expect("tokens");
-        let ways = ways(echo, &tokens).await;
+        let ways = ways(dir.path()).await;
         println!(
             "\nrelay bench: echo target on loopback, {mib} MiB per throughput cell, median of {rounds} rounds (ways take turns)"
         );
@@ -320,12 +328,19 @@ fn main() {
         println!("{head}");
         let mut cpu = vec![0.0; ways.len()];
         let mut relayed_gib = 0.0;
-        for (msg, conns) in [(65536, 1), (65536, 8), (1024, 1), (1024, 8)] {
+        let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+        let wanted = |part: &str| only.is_empty() || only.split(',').any(|p| p.trim() == part);
+        let cells = if wanted("throughput") {
+            &[(65536, 1), (65536, 8), (1024, 1), (1024, 8)][..]
+        } else {
+            &[]
+        };
+        for &(msg, conns) in cells {
             let mut samples = vec![Vec::new(); ways.len()];
             for _ in 0..rounds {
                 for (i, w) in ways.iter().enumerate() {
                     let before = w.pid().map(cpu_secs);
-                    let mibs = bench::throughput(|| w.connect(echo), msg, conns, mib).await;
+                    let mibs = bench::throughput(|| w.connect(), msg, conns, mib).await;
                     if let (Some(b), Some(pid)) = (before, w.pid()) {
                         cpu[i] += cpu_secs(pid) - b;
                     }
@@ -340,37 +355,76 @@ fn main() {
                 0,
             );
         }
-        let per_gib: Vec<f64> = ways
+        if !cells.is_empty() {
+            let per_gib: Vec<f64> = ways
             .iter()
             .zip(&cpu)
             .map(|(w, c)| if w.pid().is_some() { c / relayed_gib } else { f64::NAN })
             .collect();
-        row("CPU s per GiB relayed", &per_gib, 2);
-        let mut p50 = Vec::new();
-        let mut p99 = Vec::new();
-        for w in &ways {
-            let (a, b) = bench::round_trips(w.connect(echo).await, 5000).await;
-            p50.push(a);
-            p99.push(b);
+            row("CPU s per GiB relayed", &per_gib, 2);
         }
-        row("round trip p50 µs, 64 B", &p50, 0);
-        row("round trip p99 µs, 64 B", &p99, 0);
-        let mut rss = Vec::new();
-        let forks_n = 300;
-        for w in &ways {
-            // websockify forks a process per connection: a few hundred tell its cost.
-            let n = if w.name == "websockify" { forks_n } else { idle };
-            rss.push(idle_kib_per_conn(w, echo, n).await);
+        if wanted("rtt") {
+            round_trip_rows(&ways).await;
         }
-        row("RSS KiB per idle connection", &rss, 1);
-        println!(
-            "(idle: {idle} connections held through each relay after one 64-byte echo each; {forks_n} through websockify, which forks a process per connection)"
-        );
+        if wanted("idle") {
+            idle_row(&ways, idle).await;
+        }
         // Last: it leaves tens of thousands of loopback ports in TIME_WAIT.
-        let mut opens = Vec::new();
-        for w in &ways {
-            opens.push(bench::opens_per_sec(|| w.connect(echo), 2.0).await);
+        if wanted("opens") {
+            open_rows(&ways, rounds).await;
         }
-        row("connections opened per s", &opens, 0);
     });
+}
+
+/// Connections opened one after the other, the ways taking turns for a second each round:
+/// as each counts an open (TCP's connect; the 101 of a WebSocket relay, which ws-proxy sends
+/// only once it has reached the target, websocat before), and opened with one 64-byte echo
+/// through (what a viewer waits for, the same for every way).
+async fn open_rows(ways: &[Way], rounds: usize) {
+    let mut opens = vec![Vec::new(); ways.len()];
+    let mut echoed = vec![Vec::new(); ways.len()];
+    for _ in 0..rounds {
+        for (i, w) in ways.iter().enumerate() {
+            opens[i].push(bench::opens_per_sec(|| w.connect(), 1.0).await);
+            let open_and_echo = || async {
+                let mut c = w.connect().await;
+                bench::echo_once(&mut c).await;
+                c
+            };
+            echoed[i].push(bench::opens_per_sec(open_and_echo, 1.0).await);
+        }
+    }
+    let median = |v: Vec<Vec<f64>>| v.into_iter().map(bench::median).collect::<Vec<_>>();
+    row("connections opened per s", &median(opens), 0);
+    row("opened + one echo, per s", &median(echoed), 0);
+}
+
+async fn round_trip_rows(ways: &[Way]) {
+    let mut p50 = Vec::new();
+    let mut p99 = Vec::new();
+    for w in ways {
+        let (a, b) = bench::round_trips(w.connect().await, 5000).await;
+        p50.push(a);
+        p99.push(b);
+    }
+    row("round trip p50 µs, 64 B", &p50, 0);
+    row("round trip p99 µs, 64 B", &p99, 0);
+}
+
+async fn idle_row(ways: &[Way], idle: usize) {
+    let mut rss = Vec::new();
+    let forks_n = 300;
+    for w in ways {
+        // websockify forks a process per connection: a few hundred tell its cost.
+        let n = if w.name == "websockify" {
+            forks_n
+        } else {
+            idle
+        };
+        rss.push(idle_kib_per_conn(w, n).await);
+    }
+    row("RSS KiB per idle connection", &rss, 1);
+    println!(
+        "(idle: {idle} connections held through each relay after one 64-byte echo each; {forks_n} through websockify, which forks a process per connection)"
+    );
 }
