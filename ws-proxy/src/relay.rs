@@ -290,8 +290,11 @@ where
     let down = async {
         // Allocated when the server sends: an idle connection holds no buffer.
         let mut buf = BytesMut::new();
-        let mut ping = tokio::time::interval(limits.ping_interval);
-        ping.tick().await;
+        // Not `interval` and its first tick: that tick, though due at once, waits for the
+        // timer wheel's next millisecond, and the server's first bytes (its RFB banner) with
+        // it (docs/bench/relay.txt, "opened + one echo").
+        let first_ping = tokio::time::Instant::now() + limits.ping_interval;
+        let mut ping = tokio::time::interval_at(first_ping, limits.ping_interval);
         let server_closed = || close(CloseCode::Normal, "VNC server closed the connection");
         loop {
             tokio::select! {
@@ -352,12 +355,12 @@ where
         }
     };
     let revoked = async {
-        // The first tick is at once: the session's lease starts when the relay does, not one
-        // interval later (a token near its expiry would lapse meanwhile).
-        let mut recheck = tokio::time::interval(limits.recheck_interval);
+        // The first re-check is at once: the session's lease starts when the relay does, not
+        // one interval later (a token near its expiry would lapse meanwhile).
+        let next = tokio::time::Instant::now() + limits.recheck_interval;
+        let mut recheck = tokio::time::interval_at(next, limits.recheck_interval);
         let mut warned = false;
         loop {
-            recheck.tick().await;
             match tokens.recheck(&token).await {
                 Err(crate::token::TokenError::Unknown) => {
                     return close(CloseCode::Policy, "session ended");
@@ -379,6 +382,7 @@ where
                 }
                 _ => {}
             }
+            recheck.tick().await;
         }
     };
     let reason = tokio::select! {
