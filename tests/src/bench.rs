@@ -9,6 +9,13 @@
 //! - [`opens_per_sec`]: connections opened and dropped one after the other for a while.
 //!
 //! The target always echoes, so every byte sent is counted once, when it comes back.
+//!
+//! Through a WebSocket, [`pump`] and [`round_trips`] drive the connection by hand once it is
+//! open ([`Framed`]): each message is one frame built and masked once, written as it is, and
+//! what comes back is counted by walking the frame headers in place. The client then costs
+//! what a TCP client does (tungstenite allocates, copies and masks every message), and on a
+//! machine whose cores the client shares with the relay a cell compares the relays, not the
+//! client libraries.
 use futures_util::{SinkExt, StreamExt};
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -62,53 +69,134 @@ pub async fn ws_connect(url: &str) -> Result<WsStream, String> {
     Ok(ws)
 }
 
+/// A WebSocket driven by hand after its handshake (see the module's comment): the frames to
+/// send are built once; the payload bytes of binary frames received are counted in place.
+#[derive(Debug, Default)]
+pub struct Framed {
+    /// A received frame's header read so far (headers may straddle reads).
+    header: Vec<u8>,
+    /// Payload bytes of the current frame still to come.
+    payload_left: usize,
+    /// Whether the current frame's payload is data (binary or continuation), not a ping.
+    data: bool,
+}
+
+impl Framed {
+    /// The raw TCP stream under an open client WebSocket. The server has sent nothing since
+    /// the last message read (it only echoes), so tungstenite holds no unread bytes.
+    pub fn take(ws: WsStream) -> TcpStream {
+        match ws.into_inner() {
+            tokio_tungstenite::MaybeTlsStream::Plain(t) => t,
+            _ => panic!("the bench speaks ws://, not wss://"),
+        }
+    }
+
+    /// One binary frame of `len` bytes of 7s, masked as a client must (a fixed key: the
+    /// relay unmasks whatever key it gets).
+    pub fn frame(len: usize) -> Vec<u8> {
+        let key = [0x5a, 0x13, 0xc4, 0x7e];
+        let mut f = vec![0x82];
+        match len {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                f.push(0x80 | 126);
+                f.extend((n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend((n as u64).to_be_bytes());
+            }
+        }
+        f.extend(key);
+        f.extend((0..len).map(|i| 7 ^ key[i % 4]));
+        f
+    }
+
+    /// Payload bytes of data frames in `bytes`, the next part of what the server sent.
+    pub fn count(&mut self, mut bytes: &[u8]) -> usize {
+        let mut got = 0;
+        while !bytes.is_empty() {
+            if self.payload_left > 0 {
+                let k = self.payload_left.min(bytes.len());
+                self.payload_left -= k;
+                if self.data {
+                    got += k;
+                }
+                bytes = &bytes[k..];
+                continue;
+            }
+            self.header.push(bytes[0]);
+            bytes = &bytes[1..];
+            let h = &self.header;
+            if h.len() < 2 {
+                continue;
+            }
+            assert_eq!(h[1] & 0x80, 0, "a server's frames are never masked");
+            let len = match h[1] & 0x7f {
+                126 if h.len() == 4 => u16::from_be_bytes([h[2], h[3]]) as usize,
+                127 if h.len() == 10 => {
+                    let mut b = [0; 8];
+                    b.copy_from_slice(&h[2..10]);
+                    u64::from_be_bytes(b) as usize
+                }
+                126 | 127 => continue,
+                n => n as usize,
+            };
+            let opcode = h[0] & 0x0f;
+            assert_ne!(opcode, 0x8, "the relay closed the WebSocket");
+            self.data = opcode <= 0x2;
+            self.payload_left = len;
+            self.header.clear();
+        }
+        got
+    }
+}
+
+/// Reads from `r` into `buf` until `want` payload bytes have come back; panics if the
+/// connection ends.
+async fn read_echo(
+    r: &mut (impl AsyncReadExt + Unpin),
+    buf: &mut [u8],
+    mut framed: Option<&mut Framed>,
+    want: usize,
+) {
+    let mut got = 0;
+    while got < want {
+        match r.read(buf).await.expect("read") {
+            0 => panic!("the connection closed after {got} bytes"),
+            k => {
+                got += match framed.as_deref_mut() {
+                    Some(f) => f.count(&buf[..k]),
+                    None => k,
+                }
+            }
+        }
+    }
+}
+
 /// Sends `total` bytes in `msg`-byte messages on `conn` and reads the echo; returns the bytes
 /// echoed. Panics if the connection breaks (a bench has no use for a partial number).
 pub async fn pump(conn: Conn, msg: usize, total: usize) -> usize {
-    let payload = vec![7u8; msg];
     let n = total / msg;
-    match conn {
-        Conn::Tcp(t) => {
-            let (mut r, mut w) = t.into_split();
-            let writer = tokio::spawn(async move {
-                for _ in 0..n {
-                    w.write_all(&payload).await.expect("write");
-                }
-                w
-            });
-            let mut got = 0;
-            let mut buf = vec![0u8; 256 * 1024];
-            while got < n * msg {
-                match r.read(&mut buf).await.expect("read") {
-                    0 => panic!("the echo closed after {got} bytes"),
-                    k => got += k,
-                }
-            }
-            let _ = writer.await;
-            got
+    let (tcp, message, mut framed) = match conn {
+        Conn::Tcp(t) => (t, vec![7u8; msg], None),
+        Conn::Ws(ws) => (
+            Framed::take(*ws),
+            Framed::frame(msg),
+            Some(Framed::default()),
+        ),
+    };
+    let (mut r, mut w) = tcp.into_split();
+    let writer = tokio::spawn(async move {
+        for _ in 0..n {
+            w.write_all(&message).await.expect("write");
         }
-        Conn::Ws(ws) => {
-            let (mut sink, mut stream) = ws.split();
-            let writer = tokio::spawn(async move {
-                for _ in 0..n {
-                    sink.send(Message::Binary(payload.clone().into()))
-                        .await
-                        .expect("send");
-                }
-                sink
-            });
-            let mut got = 0;
-            while got < n * msg {
-                match stream.next().await {
-                    Some(Ok(Message::Binary(b))) => got += b.len(),
-                    Some(Ok(_)) => {}
-                    other => panic!("relay ended: {other:?}"),
-                }
-            }
-            let _ = writer.await;
-            got
-        }
-    }
+        w
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    read_echo(&mut r, &mut buf, framed.as_mut(), n * msg).await;
+    let _ = writer.await;
+    n * msg
 }
 
 /// MiB/s of `mib` MiB in `msg`-byte messages over `conns` connections from `connect`, all
@@ -136,11 +224,21 @@ where
 }
 
 /// Round trips of 64-byte messages on `conn`, `n` times: (p50, p99) in µs.
-pub async fn round_trips(mut conn: Conn, n: usize) -> (f64, f64) {
+pub async fn round_trips(conn: Conn, n: usize) -> (f64, f64) {
+    let (mut tcp, message, mut framed) = match conn {
+        Conn::Tcp(t) => (t, vec![1u8; 64], None),
+        Conn::Ws(ws) => (
+            Framed::take(*ws),
+            Framed::frame(64),
+            Some(Framed::default()),
+        ),
+    };
     let mut lat = Vec::with_capacity(n);
+    let mut buf = vec![0u8; 4096];
     for _ in 0..n {
         let start = Instant::now();
-        echo_once(&mut conn).await;
+        tcp.write_all(&message).await.expect("write");
+        read_echo(&mut tcp, &mut buf, framed.as_mut(), 64).await;
         lat.push(start.elapsed());
     }
     lat.sort();
