@@ -93,14 +93,14 @@ fn make_room(buf: &mut BytesMut) {
 
 impl ChunkRead for tokio::net::tcp::OwnedReadHalf {
     async fn read_chunk(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
-        loop {
-            self.readable().await?;
-            make_room(buf);
-            match self.try_read_buf(buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                r => return r,
-            }
-        }
+        use tokio::io::AsyncReadExt;
+        // Room only once there is something to read; then `read_buf`, not `try_read_buf`: a
+        // read shorter than the room drained the socket, and tokio then forgets its readiness,
+        // so asking whether more is already there costs no syscall (`try_read_buf` keeps the
+        // readiness until a read fails: one more recvfrom per burst).
+        self.readable().await?;
+        make_room(buf);
+        self.read_buf(buf).await
     }
 }
 
