@@ -23,6 +23,11 @@ echo "== cargo test"
 # One id for every fault-suite group of this run, whichever test binary records it.
 export RELIABILITY_RUN="$(date +%s)-$$"
 cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"
+echo "== the relay benches still run (debug build, smallest sizes: nothing is measured here)"
+# A bench nobody runs breaks unnoticed: vencrypt_relay failed at its first connection for a day
+# once auth-proxy mode began refusing unpinned logins.
+BENCH_MIB=1 BENCH_ROUNDS=1 BENCH_ONLY=throughput \
+    cargo test --quiet -p vncdispatch-tests --bench relay --bench vencrypt_relay >/dev/null
 echo "== docs/reliability.md from the fault and bad-input suite's records"
 # Refuses records that are not one complete run at this commit, and (--check) fails when the
 # cases, what they do, expect or yield differ from the committed report, run-to-run numbers
