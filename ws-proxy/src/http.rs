@@ -123,11 +123,21 @@ pub async fn run(
     // the same worker, not handed across threads with a wake-up each way, which cost a third
     // of the rate at which connections open (docs/bench/relay.txt).
     let stop = CancellationToken::new();
-    let accepting = tokio::spawn(accept(listener, proxy.clone(), stop.clone()));
-    shutdown.await;
+    // Should this future be dropped, the loop stops too (and closes the listener).
+    let _stop_on_drop = stop.clone().drop_guard();
+    let mut accepting = tokio::spawn(accept(listener, proxy.clone(), stop.clone()));
+    let ended_early = tokio::select! {
+        _ = shutdown => false,
+        _ = &mut accepting => true,
+    };
     stop.cancel();
-    // The listener is closed once the loop has returned.
-    let _ = accepting.await;
+    if ended_early {
+        // Only a panic ends it: stop rather than run on without accepting.
+        tracing::error!("the accept loop ended unexpectedly; draining and stopping");
+    } else {
+        // The listener is closed once the loop has returned.
+        let _ = accepting.await;
+    }
     tracker.close();
     tracing::info!(open = tracker.len(), drain = ?proxy.cfg.drain_timeout, "draining");
     if tokio::time::timeout(proxy.cfg.drain_timeout, tracker.wait())
@@ -148,6 +158,8 @@ pub async fn run(
 async fn accept(listener: TcpListener, proxy: Arc<Proxy>, stop: CancellationToken) {
     loop {
         tokio::select! {
+            // Shutdown first: no connection is accepted once it has begun.
+            biased;
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
@@ -170,8 +182,8 @@ async fn serve_connection(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr
             // TLS accepts get the same deadline as request heads: a client that never finishes
             // its handshake must not hold a connection (and tonic once stopped accepting after
             // one failed TLS accept; here each accept is its own task).
-            let accept = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
-            match tokio::time::timeout(proxy.cfg.handshake_timeout, accept).await {
+            let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+            match tokio::time::timeout(proxy.cfg.handshake_timeout, handshake).await {
                 Ok(Ok(tls_stream)) => serve_http(proxy, tls_stream, peer).await,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

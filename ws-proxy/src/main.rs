@@ -108,15 +108,15 @@ struct ServeArgs {
     #[arg(long, env = "WS_PROXY_MAX_MESSAGE", default_value_t = 1 << 20)]
     max_message: usize,
     /// Ping browsers this often (keeps middleboxes from dropping idle connections).
-    #[arg(long, env = "WS_PROXY_PING_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "WS_PROXY_PING_INTERVAL", default_value = "30s", value_parser = nonzero_duration)]
     ping_interval: Duration,
     /// Close connections that send nothing, not even a pong, for this long.
-    #[arg(long, env = "WS_PROXY_IDLE_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "WS_PROXY_IDLE_TIMEOUT", default_value = "2m", value_parser = nonzero_duration)]
     idle_timeout: Duration,
     /// Re-check open connections' tokens this often: ended sessions are closed, and with
     /// --dispatcher each re-check renews the session's client lease, which keeps a desktop in
     /// use alive past its token's expiry. Keep it well under the dispatcher's --lease (90s).
-    #[arg(long, env = "WS_PROXY_RECHECK_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "WS_PROXY_RECHECK_INTERVAL", default_value = "30s", value_parser = nonzero_duration)]
     recheck_interval: Duration,
     /// Log in to the VNC server for the browser and offer it "None" (the VNC password never
     /// reaches the browser). Needs --dispatcher.
@@ -169,6 +169,8 @@ fn main() -> ExitCode {
     let Command::Serve(args) = vncdispatch_proto::config::parse::<Cli>().command;
     vncdispatch_proto::serve::init_logging(args.log_json, "info");
     vncdispatch_proto::config::log_config_file(args.config.as_deref());
+    // Two descriptors per relayed connection: the browser's and the desktop's.
+    vncdispatch_proto::serve::raise_open_files_limit(2);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -351,6 +353,15 @@ fn web_dir(given: Option<&std::path::Path>) -> Option<PathBuf> {
         }
     }
     Some(dir)
+}
+
+/// A duration that is not zero: a relay's timers cannot tick every 0 s.
+fn nonzero_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than 0s".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A path that may be empty (clap's own path parser refuses "", which means "no files" here).
