@@ -46,6 +46,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => {
             vncdispatch_proto::serve::init_logging(args.log_json, "info");
             vncdispatch_proto::config::log_config_file(args.config.as_deref());
+            // One descriptor per client connection (portal, ws-proxies, agents' channels).
+            vncdispatch_proto::serve::raise_open_files_limit(1);
             rt.block_on(serve(*args))
         }
         Command::Dispatch {

@@ -1,6 +1,6 @@
 //! What every vncdispatch service shares: the same gRPC limits, health and reflection, an
-//! accept loop that survives accept errors, one shutdown signal, logging set up one way, and
-//! the exit code for configuration errors.
+//! accept loop that survives accept errors, one shutdown signal, logging set up one way, the
+//! open-files limit raised one way, and the exit code for configuration errors.
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -123,6 +123,32 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime and most servers do,
+/// and logs what is in force: a shell's soft limit (often 1,024) would cap a proxy at a few
+/// hundred connections while the hard limit allows far more (systemd units set both). Not for
+/// the blade agent, whose children are desktop sessions that should get the limits PAM gives.
+pub fn raise_open_files_limit(per_connection: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let connections = limit / per_connection.max(1);
+    if limit < 4096 {
+        tracing::warn!(
+            open_files = limit,
+            connections,
+            "few open files allowed: about this many connections at once; raise the hard limit (LimitNOFILE= in the unit, or ulimit -Hn)"
+        );
+    } else {
+        tracing::info!(open_files = limit, connections, "open files limit");
     }
 }
 
