@@ -24,7 +24,7 @@ echo "== cargo test"
 export RELIABILITY_RUN="$(date +%s)-$$"
 cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"
 echo "== the relay benches still run (debug build, smallest sizes: nothing is measured here)"
-# A bench nobody runs breaks unnoticed: vencrypt_relay failed at its first connection, unnoticed,
+# A bench nobody runs breaks unnoticed: vencrypt_relay failed at its first connection
 # from when auth-proxy mode began refusing unpinned logins until it was next run.
 BENCH_MIB=1 BENCH_ROUNDS=1 BENCH_ONLY=throughput \
     cargo test --quiet -p vncdispatch-tests --bench relay --bench vencrypt_relay >/dev/null

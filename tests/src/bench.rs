@@ -82,8 +82,9 @@ pub struct Framed {
 }
 
 impl Framed {
-    /// The raw TCP stream under an open client WebSocket. The server has sent nothing since
-    /// the last message read (it only echoes), so tungstenite holds no unread bytes.
+    /// The raw TCP stream under an open client WebSocket. Nothing arrives unasked after the
+    /// last message read (the target echoes; an RFB login ends at ServerInit), so tungstenite
+    /// holds no unread bytes.
     pub fn take(ws: WsStream) -> TcpStream {
         match ws.into_inner() {
             tokio_tungstenite::MaybeTlsStream::Plain(t) => t,
