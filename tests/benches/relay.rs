@@ -303,8 +303,9 @@ fn main() {
         .unwrap_or(3)
         .max(1);
     // Each idle connection costs this process two descriptors (client and echo side), and a
-    // relay two: as root, room for the 10,000 of issue 16 (the hard limit is 20,000 on these
-    // machines); else stay within the hard limit. The relays inherit it.
+    // relay two: where the hard limit may be raised (CAP_SYS_RESOURCE), room for the 10,000 of
+    // issue 16; else stay within it (20,000 on these machines, whose root cannot raise it:
+    // 9,500 connections). The relays inherit it.
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
     let hard = if setrlimit(Resource::RLIMIT_NOFILE, hard.max(65536), hard.max(65536)).is_ok() {
