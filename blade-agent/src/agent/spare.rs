@@ -114,7 +114,8 @@ impl Spares {
         if lock(&self.waiting).is_some() {
             return;
         }
-        match self.start_one() {
+        // Taken before it starts: an edit meanwhile makes it stale, never the other way.
+        match self.spawn(self.stamps()) {
             Ok(helper) => *lock(&self.waiting) = Some(helper),
             Err(e) => tracing::warn!(
                 helper = %self.path.display(),
@@ -179,8 +180,14 @@ impl Spares {
             .collect()
     }
 
-    /// Starts a helper now.
+    /// Starts a helper for a request now. What it loads is not stamped: it serves at once,
+    /// and only a helper left waiting can grow stale.
     pub(super) fn start_one(&self) -> std::io::Result<Helper> {
+        self.spawn(Vec::new())
+    }
+
+    /// Starts a helper, `loaded` being the files it loads as they were just before.
+    fn spawn(&self, loaded: Vec<FileStamp>) -> std::io::Result<Helper> {
         let mut cmd = std::process::Command::new(&self.path);
         cmd.arg("session-helper");
         if let Some(service) = &self.pam_service {
@@ -192,8 +199,7 @@ impl Spares {
             // A process the user controls must not write into root's log: the helper logs
             // into the desktop's own log, and its answer comes on stdout, bounded.
             .stderr(Stdio::null());
-        // Taken before it starts: an edit meanwhile makes it stale, never the other way.
-        let (started, loaded) = (Instant::now(), self.stamps());
+        let started = Instant::now();
         let mut child = tokio::process::Command::from(cmd).spawn()?;
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(std::io::Error::other("no pipes to the session helper"));
