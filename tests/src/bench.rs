@@ -69,6 +69,21 @@ pub async fn ws_connect(url: &str) -> Result<WsStream, String> {
     Ok(ws)
 }
 
+impl Conn {
+    /// The TCP stream under the connection, one `msg`-byte message as written on it, and for
+    /// a WebSocket what counts the echoed payload ([`Framed`]).
+    fn into_raw(self, msg: usize) -> (TcpStream, Vec<u8>, Option<Framed>) {
+        match self {
+            Conn::Tcp(t) => (t, vec![7u8; msg], None),
+            Conn::Ws(ws) => (
+                Framed::take(*ws),
+                Framed::frame(msg),
+                Some(Framed::default()),
+            ),
+        }
+    }
+}
+
 /// A WebSocket driven by hand after its handshake (see the module's comment): the frames to
 /// send are built once; the payload bytes of binary frames received are counted in place.
 #[derive(Debug, Default)]
@@ -179,14 +194,7 @@ async fn read_echo(
 /// echoed. Panics if the connection breaks (a bench has no use for a partial number).
 pub async fn pump(conn: Conn, msg: usize, total: usize) -> usize {
     let n = total / msg;
-    let (tcp, message, mut framed) = match conn {
-        Conn::Tcp(t) => (t, vec![7u8; msg], None),
-        Conn::Ws(ws) => (
-            Framed::take(*ws),
-            Framed::frame(msg),
-            Some(Framed::default()),
-        ),
-    };
+    let (tcp, message, mut framed) = conn.into_raw(msg);
     let (mut r, mut w) = tcp.into_split();
     let writer = tokio::spawn(async move {
         for _ in 0..n {
@@ -226,14 +234,7 @@ where
 
 /// Round trips of 64-byte messages on `conn`, `n` times: (p50, p99) in µs.
 pub async fn round_trips(conn: Conn, n: usize) -> (f64, f64) {
-    let (mut tcp, message, mut framed) = match conn {
-        Conn::Tcp(t) => (t, vec![1u8; 64], None),
-        Conn::Ws(ws) => (
-            Framed::take(*ws),
-            Framed::frame(64),
-            Some(Framed::default()),
-        ),
-    };
+    let (mut tcp, message, mut framed) = conn.into_raw(64);
     let mut lat = Vec::with_capacity(n);
     let mut buf = vec![0u8; 4096];
     for _ in 0..n {
