@@ -19,9 +19,13 @@
 //! Bare Xtigervnc, the two fast-path ways and Dispatch take turns, a start each per round, and
 //! "Dispatch over bare" is the median of the rounds' differences: this machine's speed drifts
 //! by more than the difference measured.
-//! Run: `cargo bench -p vncdispatch-tests --bench session_start` (as root).
+//! Run: `cargo bench -p vncdispatch-tests --bench session_start` (as root); `BENCH_ONLY=turns`
+//! leaves out the wrapper and `su` ways (3 s a start each); `BENCH_BASELINE=DIR` adds a
+//! Dispatch way through DIR's `blade-agent` and `dispatcher` (another build), in turn with
+//! the others, and the median of the rounds' differences from it.
 use std::io::Read;
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vncdispatch_proto::v1::{
@@ -45,9 +49,16 @@ fn main() -> anyhow::Result<()> {
     // The ways that take tens of milliseconds take turns, one start each per round, so that
     // a machine slowing down or speeding up during the run (these VMs swing ±20%) weighs on
     // them alike; each round's Dispatch is also compared with that round's bare Xtigervnc.
-    let (mut dispatch, mut fast, mut no_pam) = rt.block_on(async {
+    // BENCH_BASELINE=DIR: the same Dispatch way with DIR's blade-agent and dispatcher (a
+    // build to compare with), taking its turn in each round too.
+    let baseline = std::env::var_os("BENCH_BASELINE").map(PathBuf::from);
+    let (mut dispatch, mut base, mut fast, mut no_pam) = rt.block_on(async {
         anyhow::Ok((
-            DispatchWay::start(&user).await?,
+            DispatchWay::start(&user, None).await?,
+            match &baseline {
+                Some(dir) => Some(DispatchWay::start(&user, Some(dir.clone())).await?),
+                None => None,
+            },
             AgentWay::start("fast", &[]).await,
             AgentWay::start("fast", &["--no-pam"]).await,
         ))
@@ -58,9 +69,20 @@ fn main() -> anyhow::Result<()> {
         rt.block_on(async {
             fast.once(&user).await?;
             no_pam.once(&user).await?;
+            if let Some(base) = &mut base {
+                base.once(&user).await?;
+            }
             dispatch.once(&user).await
         })?;
     }
+    let over_base: Option<Vec<f64>> = base.as_ref().map(|b| {
+        dispatch
+            .samples
+            .iter()
+            .zip(&b.samples)
+            .map(|(d, b)| (d.as_secs_f64() - b.as_secs_f64()) * 1000.0)
+            .collect()
+    });
     let over_bare: Vec<f64> = dispatch
         .samples
         .iter()
@@ -74,11 +96,15 @@ fn main() -> anyhow::Result<()> {
         .map(|(s, b)| s[2] - b.as_secs_f64() * 1000.0)
         .collect();
     let (costs, split) = (dispatch.costs(), means(&starts));
-    let rows = vec![
+    let mut rows = vec![
         ("bare Xtigervnc (floor)", bare),
         ("agent fast path (PAM)", fast.samples),
         ("agent fast path, --no-pam", no_pam.samples),
-        (
+    ];
+    // The two 3-second ways (vncserver's own wait) are skipped with BENCH_ONLY=turns, for a
+    // quick turn on the rows that take turns.
+    if std::env::var("BENCH_ONLY").map_or(true, |v| v != "turns") {
+        rows.push((
             "agent vncserver wrapper",
             rt.block_on(async {
                 let mut wrapper = AgentWay::start("wrapper", &[]).await;
@@ -87,13 +113,16 @@ fn main() -> anyhow::Result<()> {
                 }
                 anyhow::Ok(wrapper.samples)
             })?,
-        ),
-        (
+        ));
+        rows.push((
             "original: su - USER -c vncserver",
             measure(n, || original(&user))?,
-        ),
-        ("new-session Dispatch (embedded)", dispatch.samples),
-    ];
+        ));
+    }
+    if let Some(b) = &base {
+        rows.push(("new-session Dispatch, baseline", b.samples.clone()));
+    }
+    rows.push(("new-session Dispatch (embedded)", dispatch.samples));
     println!(
         "\nsession start to port-ready, {n} starts each (ms; the first three ways and the last take turns)"
     );
@@ -137,6 +166,13 @@ fn main() -> anyhow::Result<()> {
         "= Dispatch over bare, median of rounds (goal ≤ 5)",
         median(over_bare)
     );
+    if let Some(v) = over_base {
+        println!(
+            "{:<52} {:>8.2}",
+            "  this build over BENCH_BASELINE, median of rounds",
+            median(v)
+        );
+    }
     println!("{:<52} {:>8.1}", "Dispatch, mean", costs.dispatch_ms);
     println!(
         "{:<52} {:>8.1}",
@@ -148,6 +184,14 @@ fn main() -> anyhow::Result<()> {
         costs.dispatch_ms - costs.agent_ms
     );
     println!("{:<52} {:>8.2}", "    of which store calls", costs.store_ms);
+    println!(
+        "{:<52} {:>8.2}",
+        "      the claim (one winner per user)", costs.claim_ms
+    );
+    println!(
+        "{:<52} {:>8.2}",
+        "      the completion (the session, durable)", costs.complete_ms
+    );
     println!(
         "{:<52} {:>8.1}",
         "    durable commits (fsyncs) per new session", costs.durable_commits
@@ -183,6 +227,8 @@ struct Costs {
     dispatch_ms: f64,
     agent_ms: f64,
     store_ms: f64,
+    claim_ms: f64,
+    complete_ms: f64,
     durable_commits: f64,
     other_commits: f64,
 }
@@ -217,12 +263,16 @@ struct DispatchWay {
     samples: Vec<Duration>,
     agent_s: f64,
     store_s: f64,
+    /// The claim's and the completion's share of `store_s`.
+    claim_s: f64,
+    complete_s: f64,
     durable: f64,
     other: f64,
 }
 
 impl DispatchWay {
-    async fn start(user: &TestUser) -> anyhow::Result<Self> {
+    /// The services from `bin_dir` when given (another build), else this workspace's.
+    async fn start(user: &TestUser, bin_dir: Option<PathBuf>) -> anyhow::Result<Self> {
         kill_all(user);
         let dir = tempfile::tempdir()?;
         let secret = dir.path().join("agent-secret");
@@ -234,6 +284,7 @@ impl DispatchWay {
                 "--metrics-listen".into(),
                 format!("127.0.0.1:{agent_metrics}"),
             ],
+            bin_dir: bin_dir.clone(),
             ..Default::default()
         })
         .await;
@@ -241,6 +292,7 @@ impl DispatchWay {
         let d = DispatcherProc::start(DispatcherOptions {
             agent_secret: secret,
             extra: vec!["--metrics-listen".into(), format!("127.0.0.1:{metrics}")],
+            bin_dir,
             ..Default::default()
         })
         .await;
@@ -255,6 +307,8 @@ impl DispatchWay {
             samples: Vec::new(),
             agent_s: 0.0,
             store_s: 0.0,
+            claim_s: 0.0,
+            complete_s: 0.0,
             durable: 0.0,
             other: 0.0,
         })
@@ -284,6 +338,8 @@ impl DispatchWay {
         let delta = |a: &str, b: &str, line: &str| metric_sum(a, line) - metric_sum(b, line);
         self.agent_s += delta(&agent_after, &agent_before, agent_line);
         self.store_s += delta(&after, &before, store_line);
+        self.claim_s += delta(&after, &before, &format!("{store_line}{{op=\"claim\"}}"));
+        self.complete_s += delta(&after, &before, &format!("{store_line}{{op=\"complete\"}}"));
         self.durable += delta(&after, &before, durable_line);
         self.other += delta(&after, &before, other_line);
         self.client
@@ -302,6 +358,8 @@ impl DispatchWay {
             dispatch_ms: self.samples.iter().map(Duration::as_secs_f64).sum::<f64>() * 1000.0 / per,
             agent_ms: self.agent_s * 1000.0 / per,
             store_ms: self.store_s * 1000.0 / per,
+            claim_ms: self.claim_s * 1000.0 / per,
+            complete_ms: self.complete_s * 1000.0 / per,
             durable_commits: self.durable / per,
             other_commits: self.other / per,
         }

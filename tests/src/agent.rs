@@ -38,6 +38,8 @@ pub struct AgentOptions {
     /// Where Xvnc listens for RFB; `ip` when None (`0.0.0.0`, the production default, makes
     /// Xvnc listen on IPv4 and IPv6 both).
     pub rfb_listen: Option<IpAddr>,
+    /// Run `blade-agent` from this directory (a bench's other build); this workspace's when None.
+    pub bin_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -51,6 +53,7 @@ impl Default for AgentOptions {
             displays: None,
             tls: None,
             rfb_listen: None,
+            bin_dir: None,
         }
     }
 }
@@ -120,10 +123,11 @@ impl AgentProc {
             None => Ready::Serving(addr, ""),
         };
         args.extend(opts.extra);
-        let child = ChildProc::service("blade-agent", dir.path(), ready)
-            .args(args)
-            .start()
-            .await;
+        let child =
+            ChildProc::service_from(opts.bin_dir.as_deref(), "blade-agent", dir.path(), ready)
+                .args(args)
+                .start()
+                .await;
         AgentProc {
             child,
             addr,

@@ -102,12 +102,13 @@ impl ChildProc {
     /// One of this workspace's services (`blade-agent`, `dispatcher`, `ws-proxy`), built in
     /// the same target directory, logging at level info to `NAME.log` in `dir`.
     pub fn service(name: &str, dir: &Path, ready: Ready) -> ChildProc {
-        ChildProc::new(
-            crate::workspace_bin(name),
-            dir.join(format!("{name}.log")),
-            ready,
-        )
-        .env("RUST_LOG", "info")
+        ChildProc::service_from(None, name, dir, ready)
+    }
+
+    /// [`ChildProc::service`] from `bin_dir` when given (a bench's build to compare with).
+    pub fn service_from(bin_dir: Option<&Path>, name: &str, dir: &Path, ready: Ready) -> ChildProc {
+        let bin = bin_dir.map_or_else(|| crate::workspace_bin(name), |d| d.join(name));
+        ChildProc::new(bin, dir.join(format!("{name}.log")), ready).env("RUST_LOG", "info")
     }
 
     /// Adds one argument.

@@ -23,6 +23,8 @@ pub struct DispatcherOptions {
     /// Serve mutual TLS with these settings (the client identity should be role admin, which
     /// the wrapper's own calls need).
     pub tls: Option<crate::pki::ServiceTls>,
+    /// Run `dispatcher` from this directory (a bench's other build); this workspace's when None.
+    pub bin_dir: Option<PathBuf>,
 }
 
 /// A running dispatcher.
@@ -74,11 +76,12 @@ impl DispatcherProc {
             None => Ready::Serving(addr, "vncdispatch.v1.Dispatcher"),
         };
         args.extend(opts.extra);
-        let child = ChildProc::service("dispatcher", dir.path(), ready)
-            .args(args)
-            .ready_within(Duration::from_secs(6))
-            .start()
-            .await;
+        let child =
+            ChildProc::service_from(opts.bin_dir.as_deref(), "dispatcher", dir.path(), ready)
+                .args(args)
+                .ready_within(Duration::from_secs(6))
+                .start()
+                .await;
         DispatcherProc {
             child,
             addr,

@@ -35,13 +35,16 @@ mod spare;
 
 use registry::Registry;
 use session::HelperError::{Busy, Other};
-use session::HelperRequest;
+use session::{HelperRequest, SessionGate};
 use spare::Spares;
 
 /// Attempts at starting on successive displays when one turns out to be taken.
 const START_ATTEMPTS: usize = 3;
 /// How long after a call's answer the helper for the next call is started.
 const REFILL_AFTER: Duration = Duration::from_millis(20);
+/// How long after an answer the desktop's session command starts: long enough for the answer
+/// to reach the dispatcher and the portal, short beside a browser's connect.
+const SESSION_AFTER: Duration = Duration::from_millis(5);
 /// How long a stopped Xvnc gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -192,8 +195,18 @@ impl Agent {
         self.starts.spawn(
             async move {
                 let user = account.name.clone();
-                let result = this.start_locked(account, &secrets, geometry).await;
+                let mut gate = None;
+                let result = this
+                    .start_locked(account, &secrets, geometry, &mut gate)
+                    .await;
                 let caller_gone = answer.send(result);
+                // The session command starts a moment after the answer (see SessionGate).
+                if let Some(gate) = gate {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(SESSION_AFTER).await;
+                        drop(gate);
+                    });
+                }
                 // The next call's helper starts once this call's answer is on its way: a
                 // moment later, so that its fork and exec (a few ms of CPU) do not compete
                 // with sending it.
@@ -281,6 +294,7 @@ impl Agent {
         account: Account,
         secrets: &Secrets,
         geometry: (u32, u32),
+        gate: &mut Option<SessionGate>,
     ) -> Result<(VncServer, Option<RunningXvnc>), AgentError> {
         let looked = std::time::Instant::now();
         if let Some(running) = self.running_for(&account).await? {
@@ -291,6 +305,7 @@ impl Agent {
                 HelperRequest::Passwd { rfbauth },
                 None,
                 geometry,
+                gate,
             )
             .await
             .map_err(|e| e.into_agent_error(&account.name, running.display))?;
@@ -329,6 +344,7 @@ impl Agent {
                     HelperRequest::Start,
                     Some(slot.display),
                     geometry,
+                    gate,
                 )
                 .await
             {

@@ -20,7 +20,8 @@ const MAX_ANSWER: u64 = 4096;
 
 impl Agent {
     /// Runs the session helper for the user; for `Start`, the started Xvnc's pid and its
-    /// certificate's pin when the desktop offers VeNCrypt.
+    /// certificate's pin when the desktop offers VeNCrypt, and the helper's stdin in `gate`:
+    /// the helper starts the session command once that closes (see [`SessionGate`]).
     pub(super) async fn run_helper(
         &self,
         account: &Account,
@@ -28,6 +29,7 @@ impl Agent {
         request: HelperRequest,
         display: Option<u32>,
         geometry: (u32, u32),
+        gate: &mut Option<SessionGate>,
     ) -> Result<Option<(u32, Option<CertPin>)>, HelperError> {
         let display = display.unwrap_or(0);
         let port = self.cfg.port_of(display).unwrap_or(0);
@@ -74,10 +76,14 @@ impl Agent {
             })
         };
         // The request, then both password lines, in one write: the helper reads them with
-        // bounded reads (see `crate::helper`); no view-only password, no second line.
+        // bounded reads (see `crate::helper`). No view-only password: an empty second line,
+        // as the helper's stdin stays open after the request (see SessionGate).
         let mut secret =
             encode_request(&args.0).map_err(|e| helper_err(format!("argument {e}")))?;
-        for line in std::iter::once(&secrets.password).chain(&secrets.view_only) {
+        for line in [
+            &secrets.password,
+            secrets.view_only.as_ref().unwrap_or(&String::new()),
+        ] {
             secret.extend_from_slice(line.as_bytes());
             secret.push(b'\n');
         }
@@ -105,7 +111,7 @@ impl Agent {
             ..
         } = helper;
         let helper_pid = child.id();
-        drop(stdin);
+        *gate = Some(SessionGate { _stdin: stdin });
         let mut line = String::new();
         let limit = self.cfg.start_timeout + Duration::from_secs(5);
         // The helper runs as the user: its answer is bounded, as anything from a user is.
@@ -196,6 +202,16 @@ impl Request {
         self.0.push(arg);
         self
     }
+}
+
+/// The write end of a helper's stdin, held open after its request: a helper that started a
+/// desktop answers READY, then waits for this to close before it starts the session command,
+/// so that the desktop session's start (a window manager or a whole desktop environment,
+/// milliseconds to seconds of CPU) does not compete with the listener check and the answer
+/// on their way to the caller. Closed when dropped; a helper stops waiting after a few
+/// seconds regardless.
+pub(super) struct SessionGate {
+    _stdin: tokio::process::ChildStdin,
 }
 
 /// What the helper is asked to do.

@@ -25,9 +25,14 @@
 //!    sent), then answers `OK` and exits.
 //! 3. for `--action start` it makes the desktop's TLS key pair when `--rfb-security` asks for
 //!    VeNCrypt (`x509.rs`), starts Xvnc (or the `vncserver` wrapper), waits until the RFB
-//!    port answers with an RFB banner, starts the session command, and answers one line on
-//!    stdout: `READY <xvnc pid> [<certificate SHA-256, hex>]`, or `<KIND> <message>` with KIND one of REFUSED (unsafe home),
-//!    BUSY (display taken, try another), TIMEOUT, FAILED (`FailKind`, shared with the agent).
+//!    port answers with an RFB banner, checks the user may run the session command, and
+//!    answers one line on stdout: `READY <xvnc pid> [<certificate SHA-256, hex>]`, or
+//!    `<KIND> <message>` with KIND one of REFUSED (unsafe home), BUSY (display taken, try
+//!    another), TIMEOUT, FAILED (`FailKind`, shared with the agent). The agent sends both
+//!    password lines (the second empty when there is no view-only password) and keeps
+//!    stdin open: on the fast path the session command starts once stdin closes, which the
+//!    agent does just after its own answer (at most a few seconds later here), so that the
+//!    session's start does not compete with the answer on its way.
 //! 4. its stderr is the desktop's log `~/.vnc/HOST:N.log` (before that, none: the agent
 //!    reads only the bounded answer line from a process the user controls).
 //! 5. after READY (fast path) it stays as the session's supervisor: when the session command
@@ -209,7 +214,7 @@ enum Outcome {
     /// Only the password file was written.
     Passwd,
     /// A fast-path desktop this helper now supervises, and its certificate's pin.
-    Supervise(Desktop, Option<CertPin>),
+    Supervise(Box<Desktop>, Option<CertPin>),
     /// A wrapper-started desktop (vncserver supervises it): the Xvnc pid and the pin.
     Detached(u32, Option<CertPin>),
 }
@@ -239,6 +244,11 @@ pub fn main(pam_service: Option<&str>) -> ExitCode {
     match run(&args, &mut io::stdin().lock()) {
         Ok(Outcome::Supervise(mut desktop, pin)) => {
             answer(&ready(desktop.xvnc_pid, pin));
+            if let Err(e) = desktop.start_session() {
+                // After READY only the desktop's log can hear it (stderr is that log).
+                eprintln!("session-helper: {e}");
+                return ExitCode::FAILURE;
+            }
             desktop.supervise();
             ExitCode::SUCCESS
         }
@@ -382,7 +392,7 @@ fn run(args: &HelperArgs, input: &mut impl BufRead) -> Result<Outcome, Failure> 
     let pin = cert.as_ref().map(|c| c.pin);
     match args.mode {
         StartMode::Fast => start_fast(args, &home, &vnc_dir, cert.as_ref(), log)
-            .map(|d| Outcome::Supervise(d, pin)),
+            .map(|d| Outcome::Supervise(Box::new(d), pin)),
         StartMode::Wrapper => {
             // The wrapper daemonizes Xvnc and supervises the session itself; find its pid.
             start_wrapper(args, &home, cert.as_ref(), log)?;

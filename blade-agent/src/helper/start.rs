@@ -25,6 +25,8 @@ pub(super) struct Desktop {
     pub(super) xvnc_pid: u32,
     /// The session command, until it exits.
     pub(super) session: Option<Child>,
+    /// The session command, before [`Desktop::start_session`] runs it.
+    pending: Option<Command>,
     /// The read end of Xvnc's `-displayfd` pipe, kept open for Xvnc's life: were it closed
     /// first, Xvnc's write would fail, which it treats as fatal.
     pub(super) _displayfd: std::io::PipeReader,
@@ -99,33 +101,65 @@ pub(super) fn start_fast(
         let _ = xvnc.wait();
         return Err(f);
     }
-    let session = Command::new(&args.session)
+    // The session command runs after READY (see `Desktop::start_session`); one this user
+    // cannot run at all fails the start here, where the agent hears of it.
+    if let Err(e) = nix::unistd::access(&args.session, nix::unistd::AccessFlags::X_OK) {
+        let _ = xvnc.kill();
+        let _ = xvnc.wait();
+        return Err(failed(format!(
+            "cannot run session command {}: {e}",
+            args.session.display()
+        )));
+    }
+    let mut session = Command::new(&args.session);
+    session
         .envs(args.pam_env.iter().map(|(k, v)| (k, v)))
         .env("DISPLAY", format!(":{}", args.display))
         .env("XAUTHORITY", &xauth)
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| failed(format!("log: {e}")))?)
-        .stderr(log)
-        .spawn();
-    let session = match session {
-        Ok(s) => Some(s),
-        Err(e) => {
-            let _ = xvnc.kill();
-            let _ = xvnc.wait();
-            return Err(failed(format!(
-                "cannot run session command {}: {e}",
-                args.session.display()
-            )));
-        }
-    };
+        .stderr(log);
     Ok(Desktop {
         xvnc,
         xvnc_pid,
-        session,
+        session: None,
+        pending: Some(session),
         _displayfd: displayfd,
     })
 }
+
+impl Desktop {
+    /// Starts the session command once READY is out and the agent has closed the helper's
+    /// stdin (it holds it until its answer is sent; a few seconds at most here). Xvnc already
+    /// gone (the agent stopped it: someone else listened on its port) means no session.
+    pub(super) fn start_session(&mut self) -> Result<(), String> {
+        wait_readable(std::io::stdin(), Instant::now() + SESSION_GATE);
+        let Some(mut command) = self.pending.take() else {
+            return Ok(());
+        };
+        if !matches!(self.xvnc.try_wait(), Ok(None)) {
+            return Err("Xvnc exited before the session command started".into());
+        }
+        match command.spawn() {
+            Ok(child) => {
+                self.session = Some(child);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.xvnc.kill();
+                let _ = self.xvnc.wait();
+                Err(format!(
+                    "cannot run session command {}: {e}",
+                    command.get_program().to_string_lossy()
+                ))
+            }
+        }
+    }
+}
+
+/// Longest a started desktop waits for the agent to close the helper's stdin.
+const SESSION_GATE: Duration = Duration::from_secs(3);
 
 pub(super) fn start_wrapper(
     args: &HelperArgs,
@@ -178,13 +212,12 @@ pub(super) fn start_wrapper(
 
 /// Waits until `pipe` has something to read (Xvnc's `-displayfd` line) or its end (Xvnc
 /// exited), or `deadline`. What it says is not needed: the banner check follows.
-fn wait_readable(pipe: &std::io::PipeReader, deadline: Instant) {
+fn wait_readable(fd: impl std::os::fd::AsFd, deadline: Instant) {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    use std::os::fd::AsFd;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, timeout) {
             Err(nix::errno::Errno::EINTR) => continue,
             _ => return,
