@@ -655,7 +655,9 @@ async fn flooding_helper(rec: &Record) {
     let helper = vncdispatch_tests::user_script(
         dir.path(),
         "flooding-helper",
-        "cat >/dev/null\nhead -c 104857600 /dev/zero | tr '\\0' A",
+        // It reads a byte of its request, not to its end: the agent keeps the helper's stdin
+        // open after a start's request.
+        "head -c 1 >/dev/null\nhead -c 104857600 /dev/zero | tr '\\0' A",
     );
     let agent = AgentProc::start(AgentOptions {
         displays: Some(range(6, 2)),

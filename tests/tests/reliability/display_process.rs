@@ -1,6 +1,7 @@
 //! Display and process faults on a blade: a stale X lock and socket, every display taken, an
 //! Xvnc that fails or never listens, an Xvnc killed mid-session, the helper kept waiting for the
-//! next start killed, and the agent stopped and restarted under running desktops.
+//! next start killed, the agent stopped and restarted under running desktops, and the agent
+//! killed as its start answer leaves.
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -266,6 +267,29 @@ async fn display_process() {
                 .is_ok_and(|a| a.contains(&second.vnc_pid) && a.contains(&other_first.vnc_pid))
             && again.token == second.token
             && dup == 2,
+    );
+
+    // The agent killed as a start's answer leaves it: the helper holds the desktop's session
+    // command until the agent closes its stdin, a moment after its answer.
+    let mut quick = AgentProc::start(AgentOptions::default()).await;
+    let gated = TestUser::create();
+    let answered = quick.client().await.start_session(start(&gated.name)).await;
+    quick.kill();
+    rec.faults(1);
+    let session_up = eventually(10, || {
+        procs::of_uid(gated.uid).iter().any(|p| p.comm == "twm")
+    })
+    .await;
+    let xvnc = procs::xvnc_of(gated.uid).len();
+    rec.case(
+        "agent killed as its start answer leaves",
+        "SIGKILL to the agent as soon as StartSession answers, before it lets the helper start the session command (5 ms after an answer)",
+        "the helper sees its stdin close with the agent and starts the session anyway: twm runs in the desktop, its Xvnc keeps running",
+        &format!(
+            "answer: {}; session command running: {session_up}; {xvnc} Xvnc for the user",
+            answered.as_ref().map_or_else(|e| format!("{:?}", e.code()), |_| "READY".into())
+        ),
+        answered.is_ok() && session_up && xvnc == 1,
     );
     rec.scan_secrets(&[
         Log::new("dispatcher log", s.dispatcher.log()),
