@@ -59,7 +59,8 @@ pub struct DesktopConfig {
     )]
     pub vncserver: PathBuf,
     /// Program run as the user inside the desktop (no arguments, no shell); the desktop ends
-    /// when it exits.
+    /// when it exits. Fast mode starts it just after answering the start (a start fails if
+    /// the user may not execute it); a later failure is in the desktop's ~/.vnc log.
     #[arg(
         long,
         env = "BLADE_AGENT_SESSION_COMMAND",
