@@ -184,14 +184,13 @@ fn main() -> anyhow::Result<()> {
         costs.dispatch_ms - costs.agent_ms
     );
     println!("{:<52} {:>8.2}", "    of which store calls", costs.store_ms);
-    println!(
-        "{:<52} {:>8.2}",
-        "      the claim (one winner per user)", costs.claim_ms
-    );
-    println!(
-        "{:<52} {:>8.2}",
-        "      the completion (the session, durable)", costs.complete_ms
-    );
+    // Per store call (the claim: one winner per user, not durable; complete: the session,
+    // durable; the rest: placement's and the audit trail's), largest first.
+    let mut ops: Vec<_> = costs.store_ops.iter().collect();
+    ops.sort_by(|a, b| b.1.total_cmp(a.1));
+    for (op, ms) in ops.into_iter().filter(|(_, ms)| **ms >= 0.005) {
+        println!("{:<52} {:>8.2}", format!("      {op}"), ms);
+    }
     println!(
         "{:<52} {:>8.1}",
         "    durable commits (fsyncs) per new session", costs.durable_commits
@@ -227,8 +226,8 @@ struct Costs {
     dispatch_ms: f64,
     agent_ms: f64,
     store_ms: f64,
-    claim_ms: f64,
-    complete_ms: f64,
+    /// Store time per call kind (`op`), ms per new session.
+    store_ops: std::collections::BTreeMap<String, f64>,
     durable_commits: f64,
     other_commits: f64,
 }
@@ -239,6 +238,14 @@ fn metric_sum(text: &str, prefix: &str) -> f64 {
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The `op` labels of the store-time metric in a scrape.
+fn store_ops(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("vncdispatch_dispatcher_store_duration_seconds_sum{op=\""))
+        .filter_map(|l| Some(l.split_once('"')?.0.to_owned()))
+        .collect()
 }
 
 async fn scrape(port: u16) -> anyhow::Result<String> {
@@ -263,9 +270,8 @@ struct DispatchWay {
     samples: Vec<Duration>,
     agent_s: f64,
     store_s: f64,
-    /// The claim's and the completion's share of `store_s`.
-    claim_s: f64,
-    complete_s: f64,
+    /// `store_s` by call kind (`op`).
+    store_ops: std::collections::BTreeMap<String, f64>,
     durable: f64,
     other: f64,
 }
@@ -307,8 +313,7 @@ impl DispatchWay {
             samples: Vec::new(),
             agent_s: 0.0,
             store_s: 0.0,
-            claim_s: 0.0,
-            complete_s: 0.0,
+            store_ops: Default::default(),
             durable: 0.0,
             other: 0.0,
         })
@@ -338,8 +343,10 @@ impl DispatchWay {
         let delta = |a: &str, b: &str, line: &str| metric_sum(a, line) - metric_sum(b, line);
         self.agent_s += delta(&agent_after, &agent_before, agent_line);
         self.store_s += delta(&after, &before, store_line);
-        self.claim_s += delta(&after, &before, &format!("{store_line}{{op=\"claim\"}}"));
-        self.complete_s += delta(&after, &before, &format!("{store_line}{{op=\"complete\"}}"));
+        for op in store_ops(&after) {
+            let line = format!("{store_line}{{op=\"{op}\"}}");
+            *self.store_ops.entry(op).or_default() += delta(&after, &before, &line);
+        }
         self.durable += delta(&after, &before, durable_line);
         self.other += delta(&after, &before, other_line);
         self.client
@@ -358,8 +365,11 @@ impl DispatchWay {
             dispatch_ms: self.samples.iter().map(Duration::as_secs_f64).sum::<f64>() * 1000.0 / per,
             agent_ms: self.agent_s * 1000.0 / per,
             store_ms: self.store_s * 1000.0 / per,
-            claim_ms: self.claim_s * 1000.0 / per,
-            complete_ms: self.complete_s * 1000.0 / per,
+            store_ops: self
+                .store_ops
+                .iter()
+                .map(|(op, s)| (op.clone(), s * 1000.0 / per))
+                .collect(),
             durable_commits: self.durable / per,
             other_commits: self.other / per,
         }
