@@ -58,13 +58,16 @@ pub struct DesktopConfig {
         default_value = "/usr/bin/vncserver"
     )]
     pub vncserver: PathBuf,
-    /// Program run as the user inside the desktop (no arguments, no shell); the desktop ends
-    /// when it exits. Fast mode starts it just after answering the start (a start fails if
-    /// the user may not execute it); a later failure is in the desktop's ~/.vnc log.
+    /// Program run as the user inside the desktop (an absolute path; no arguments, no shell);
+    /// the desktop ends when it exits. Fast mode starts it just after answering the start: a
+    /// start fails if it is not a file the user may execute (a script's `#!` interpreter too);
+    /// a later failure (the user's process limit) ends the desktop, with the reason in its
+    /// ~/.vnc log.
     #[arg(
         long,
         env = "BLADE_AGENT_SESSION_COMMAND",
-        default_value = "/etc/X11/Xtigervnc-session"
+        default_value = "/etc/X11/Xtigervnc-session",
+        value_parser = parse_absolute
     )]
     pub session_command: PathBuf,
     /// Screen size when the caller gives none.
@@ -131,6 +134,19 @@ impl DesktopConfig {
     /// The last display in range.
     pub fn display_last(&self) -> u32 {
         self.display_first + self.display_count - 1
+    }
+}
+
+/// A program the agent runs for users is named by its absolute path, never looked up on a
+/// PATH (whose, as the helper has changed into the user's home?).
+fn parse_absolute(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{s:?} is not an absolute path (give it as /usr/bin/…)"
+        ))
     }
 }
 

@@ -1024,36 +1024,50 @@ async fn equal_or_bad_view_only_passwords_are_refused_and_start_nothing() {
 }
 
 /// The session command starts after READY (so that its start does not hold up the answer),
-/// but one the user cannot run still fails the start, with the reason, and leaves no Xvnc.
+/// but one the user cannot run still fails the start, with the reason, and leaves no Xvnc:
+/// a file only root may run, a directory (which `access(X_OK)` alone would pass), and a
+/// script whose interpreter is missing.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_command_the_user_cannot_run_fails_the_start_and_leaves_no_xvnc() {
     use std::os::unix::fs::PermissionsExt;
     require_root_and_tigervnc();
     let dir = tempfile::tempdir().unwrap();
-    let script = vncdispatch_tests::user_script(dir.path(), "root-only-session", "exec twm");
+    let root_only = vncdispatch_tests::user_script(dir.path(), "root-only-session", "exec twm");
     // Root's alone: the user may read the directory but not run the file.
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let agent = AgentProc::start(AgentOptions {
-        session_command: Some(script.clone().into()),
-        ..Default::default()
-    })
-    .await;
-    let user = TestUser::create();
-    let err = agent
-        .client()
-        .await
-        .start_session(start_req(&user.name, "sess-pw1"))
-        .await
-        .expect_err("a session command the user cannot run must fail the start");
-    assert!(
-        err.message().contains("cannot run session command") && err.message().contains(&script),
-        "unclear error: {err:?}"
-    );
-    assert!(
-        eventually(5, || !procs::of_uid(user.uid)
-            .iter()
-            .any(|p| p.comm.starts_with("Xtigervnc")))
-        .await,
-        "an Xvnc was left running"
-    );
+    std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let a_dir = dir.path().join("a-directory");
+    std::fs::create_dir(&a_dir).unwrap();
+    std::fs::set_permissions(&a_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let no_interpreter = dir.path().join("no-interpreter");
+    std::fs::write(&no_interpreter, "#!/nonexistent/sh\nexec twm\n").unwrap();
+    std::fs::set_permissions(&no_interpreter, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (command, why) in [
+        (std::path::PathBuf::from(&root_only), "Permission denied"),
+        (a_dir, "is not a file"),
+        (no_interpreter, "its interpreter /nonexistent/sh"),
+    ] {
+        let agent = AgentProc::start(AgentOptions {
+            session_command: Some(command.clone()),
+            ..Default::default()
+        })
+        .await;
+        let user = TestUser::create();
+        let err = agent
+            .client()
+            .await
+            .start_session(start_req(&user.name, "sess-pw1"))
+            .await
+            .expect_err("a session command the user cannot run must fail the start");
+        let message = err.message();
+        assert!(
+            message.contains("cannot run session command")
+                && message.contains(&command.display().to_string())
+                && message.contains(why),
+            "unclear error for {command:?}: {err:?}"
+        );
+        assert!(
+            procs::xvnc_of(user.uid).is_empty(),
+            "an Xvnc was left running for {command:?}"
+        );
+    }
 }

@@ -42,8 +42,9 @@ use spare::Spares;
 const START_ATTEMPTS: usize = 3;
 /// How long after a call's answer the helper for the next call is started.
 const REFILL_AFTER: Duration = Duration::from_millis(20);
-/// How long after an answer the desktop's session command starts: long enough for the answer
-/// to reach the dispatcher and the portal, short beside a browser's connect.
+/// How long after an answer the desktop's session command starts: a moment for the answer to
+/// leave the agent before the session's start-up takes the blade's cores, short beside a
+/// browser's connect.
 const SESSION_AFTER: Duration = Duration::from_millis(5);
 /// How long a stopped Xvnc gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -200,13 +201,20 @@ impl Agent {
                     .start_locked(account, &secrets, geometry, &mut gate)
                     .await;
                 let caller_gone = answer.send(result);
-                // The session command starts a moment after the answer (see SessionGate).
-                if let Some(gate) = gate {
-                    tokio::spawn(async move {
-                        tokio::time::sleep(SESSION_AFTER).await;
-                        drop(gate);
-                    });
-                }
+                // The desktop's session command starts a moment after the answer (see
+                // SessionGate), unless nobody took the answer: then `caller_gone` decides.
+                let gone = match caller_gone {
+                    Err(Ok((_, Some(started)))) => Some(started),
+                    _ => {
+                        if let Some(gate) = gate.take() {
+                            tokio::spawn(async move {
+                                tokio::time::sleep(SESSION_AFTER).await;
+                                drop(gate);
+                            });
+                        }
+                        None
+                    }
+                };
                 // The next call's helper starts once this call's answer is on its way: a
                 // moment later, so that its fork and exec (a few ms of CPU) do not compete
                 // with sending it.
@@ -215,8 +223,8 @@ impl Agent {
                     tokio::time::sleep(REFILL_AFTER).await;
                     let _ = tokio::task::spawn_blocking(move || spares.refill()).await;
                 });
-                if let Err(Ok((_, Some(started)))) = caller_gone {
-                    this.caller_gone(&user, started, guard).await;
+                if let Some(started) = gone {
+                    this.caller_gone(&user, started, guard, gate).await;
                 }
             }
             .instrument(tracing::Span::current()),
@@ -235,7 +243,15 @@ impl Agent {
     /// to start another would make the retry wait twice as long (past a dispatcher's launch
     /// deadline under load). Otherwise, or when that call went away too before taking it, the
     /// desktop is stopped: nobody was told its password and no session points at it.
-    async fn caller_gone(&self, user: &str, started: RunningXvnc, guard: UserGuard) {
+    /// The desktop's session command waits on `gate`: it is let go once Xvnc is stopped (the
+    /// helper then finds it gone and starts nothing), or at once when the desktop is left.
+    async fn caller_gone(
+        &self,
+        user: &str,
+        started: RunningXvnc,
+        guard: UserGuard,
+        gate: Option<SessionGate>,
+    ) {
         let (shown, pid) = (started.display, started.pid);
         if !guard.others_waiting() {
             tracing::warn!(
@@ -244,9 +260,11 @@ impl Agent {
                 "the caller went away while its desktop started; stopping it (no session points at it)"
             );
             terminate(&started).await;
+            drop(gate);
             self.registry.forget(&started);
             return;
         }
+        drop(gate);
         tracing::info!(
             display = shown,
             pid,
@@ -736,6 +754,13 @@ async fn terminate(running: &RunningXvnc) {
     if running.is_alive() {
         tracing::warn!(pid = running.pid, "Xvnc ignored SIGTERM; killing it");
         let _ = kill(pid, Signal::SIGKILL);
+        // Gone once its parent (the helper) reaps it, or a zombie: either counts as dead.
+        for _ in 0..50 {
+            if !running.is_alive() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 

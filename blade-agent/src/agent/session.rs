@@ -1,7 +1,7 @@
 //! The agent's side of the session helper ([`crate::helper`]): take one (`spare.rs`), send it
-//! the request — the user and the desktop's settings, as arguments — and the password (then
-//! the view-only password, if any) on its stdin, a line each, and turn its one-line answer into
-//! a pid or an [`AgentError`].
+//! the request — the user and the desktop's settings, as arguments — and the password, then
+//! the view-only password (an empty line when none), on its stdin, a line each, and turn its
+//! one-line answer into a pid or an [`AgentError`].
 use super::spare::Helper;
 use super::{Agent, Secrets};
 use crate::account::Account;
@@ -20,8 +20,9 @@ const MAX_ANSWER: u64 = 4096;
 
 impl Agent {
     /// Runs the session helper for the user; for `Start`, the started Xvnc's pid and its
-    /// certificate's pin when the desktop offers VeNCrypt, and the helper's stdin in `gate`:
-    /// the helper starts the session command once that closes (see [`SessionGate`]).
+    /// certificate's pin when the desktop offers VeNCrypt. The helper's stdin is left in
+    /// `gate`: after a start the helper starts the session command once that closes (see
+    /// [`SessionGate`]); after a password change it has exited and nothing waits on it.
     pub(super) async fn run_helper(
         &self,
         account: &Account,

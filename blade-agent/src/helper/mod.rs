@@ -10,8 +10,10 @@
 //! 0. before any request: it loads NSS's configuration and modules, and the PAM service's
 //!    files and modules when its `--pam-service` names one, then waits on stdin.
 //! 1. stdin: the request — its length, then its arguments ([`HelperArgs`], `--flag=value`),
-//!    each ended by a NUL, read exactly — then the VNC password and a newline, then
-//!    optionally the desktop's view-only password and a newline (never argv or environment),
+//!    each ended by a NUL, read exactly — then the VNC password and a newline, then the
+//!    desktop's view-only password and a newline, the line empty when there is none: the
+//!    agent keeps stdin open after them (step 3), so an absent line would never end (never
+//!    argv or environment),
 //!    read only once the helper is the user's; each line is read with a bounded read, the
 //!    passwords are checked against the shared rules, and the view-only one must differ from
 //!    the password. The helper looks the user up again, sets HOME, USER, LOGNAME and SHELL
@@ -28,11 +30,10 @@
 //!    port answers with an RFB banner, checks the user may run the session command, and
 //!    answers one line on stdout: `READY <xvnc pid> [<certificate SHA-256, hex>]`, or
 //!    `<KIND> <message>` with KIND one of REFUSED (unsafe home), BUSY (display taken, try
-//!    another), TIMEOUT, FAILED (`FailKind`, shared with the agent). The agent sends both
-//!    password lines (the second empty when there is no view-only password) and keeps
-//!    stdin open: on the fast path the session command starts once stdin closes, which the
-//!    agent does just after its own answer (at most a few seconds later here), so that the
-//!    session's start does not compete with the answer on its way.
+//!    another), TIMEOUT, FAILED (`FailKind`, shared with the agent). On the fast path the
+//!    session command starts once stdin closes, which the agent does just after its own
+//!    answer (later when it stops a desktop nobody took; the helper waits 10 s at most), so
+//!    that the session's start does not compete with the answer on its way.
 //! 4. its stderr is the desktop's log `~/.vnc/HOST:N.log` (before that, none: the agent
 //!    reads only the bounded answer line from a process the user controls).
 //! 5. after READY (fast path) it stays as the session's supervisor: when the session command
@@ -155,7 +156,8 @@ pub(crate) enum FailKind {
     Busy,
     /// TIMEOUT: Xvnc never answered with an RFB banner in time.
     Timeout,
-    /// FAILED: Xvnc, the wrapper or the session could not be started.
+    /// FAILED: Xvnc or the wrapper could not be started, or the session command is not one
+    /// the user can run (checked before READY; it is started after).
     Failed,
     /// DENIED: PAM refused the account or the session (expired, locked, limits).
     Denied,

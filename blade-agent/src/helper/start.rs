@@ -1,7 +1,8 @@
-//! Starting the desktop, as the user: Xtigervnc and the session command directly (fast), or
-//! TigerVNC's vncserver wrapper; then waiting until the RFB port answers with a banner (the
-//! fast path first waits for Xvnc's `-displayfd` line). A display someone else holds is
-//! reported as BUSY so the agent tries the next one.
+//! Starting the desktop, as the user: Xtigervnc directly (fast), or TigerVNC's vncserver
+//! wrapper; then waiting until the RFB port answers with a banner (the fast path first waits
+//! for Xvnc's `-displayfd` line). The fast path's session command is checked before READY and
+//! started after it ([`Desktop::start_session`]). A display someone else holds is reported as
+//! BUSY so the agent tries the next one.
 use super::files::write_xauthority;
 use super::x509::DesktopCert;
 use super::{FailKind, Failure, HelperArgs, failed, log_name};
@@ -11,6 +12,7 @@ use std::fs::File;
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -102,12 +104,12 @@ pub(super) fn start_fast(
         return Err(f);
     }
     // The session command runs after READY (see `Desktop::start_session`); one this user
-    // cannot run at all fails the start here, where the agent hears of it.
-    if let Err(e) = nix::unistd::access(&args.session, nix::unistd::AccessFlags::X_OK) {
+    // cannot run fails the start here, where the agent hears of it.
+    if let Err(why) = runnable(&args.session) {
         let _ = xvnc.kill();
         let _ = xvnc.wait();
         return Err(failed(format!(
-            "cannot run session command {}: {e}",
+            "cannot run session command {}: {why}",
             args.session.display()
         )));
     }
@@ -129,17 +131,56 @@ pub(super) fn start_fast(
     })
 }
 
+/// Why `path` cannot be exec'd by this process (the user), as far as can be told ahead: not a
+/// regular file, not executable, or a script whose `#!` interpreter is not. What is left —
+/// the user's process limit, a binary for another machine — shows only at exec, after READY.
+fn runnable(path: &Path) -> Result<(), String> {
+    use nix::unistd::{AccessFlags, access};
+    let is_file = |p: &Path| match std::fs::metadata(p) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(format!("{} is not a file", p.display())),
+        Err(e) => Err(format!("{}: {e}", p.display())),
+    };
+    is_file(path)?;
+    access(path, AccessFlags::X_OK).map_err(|e| e.to_string())?;
+    // A script: its interpreter must be there too (unreadable: exec will tell).
+    let mut head = [0u8; 256];
+    let n = File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .unwrap_or(0);
+    if let Some(line) = head[..n].strip_prefix(b"#!") {
+        let line = line.split(|b| *b == b'\n').next().unwrap_or_default();
+        let word = line
+            .split(|b| *b == b' ' || *b == b'\t')
+            .find(|w| !w.is_empty())
+            .unwrap_or_default();
+        let interpreter = Path::new(std::ffi::OsStr::from_bytes(word));
+        is_file(interpreter).map_err(|e| format!("its interpreter {e}"))?;
+        access(interpreter, AccessFlags::X_OK)
+            .map_err(|e| format!("its interpreter {}: {e}", interpreter.display()))?;
+    }
+    Ok(())
+}
+
 impl Desktop {
     /// Starts the session command once READY is out and the agent has closed the helper's
-    /// stdin (it holds it until its answer is sent; a few seconds at most here). Xvnc already
-    /// gone (the agent stopped it: someone else listened on its port) means no session.
+    /// stdin: it holds it until just after its answer, and longer while it stops a desktop
+    /// nobody took; this waits [`SESSION_GATE`] at most, then starts the session anyway.
+    /// Xvnc already gone (the agent stopped it: someone else listened on its port, or the
+    /// caller went away) means no session.
     pub(super) fn start_session(&mut self) -> Result<(), String> {
-        wait_readable(std::io::stdin(), Instant::now() + SESSION_GATE);
         let Some(mut command) = self.pending.take() else {
             return Ok(());
         };
-        if !matches!(self.xvnc.try_wait(), Ok(None)) {
-            return Err("Xvnc exited before the session command started".into());
+        wait_readable(std::io::stdin(), Instant::now() + SESSION_GATE);
+        match self.xvnc.try_wait() {
+            Ok(None) => {}
+            Ok(Some(_)) => return Err("Xvnc exited before the session command started".into()),
+            Err(e) => {
+                let _ = self.xvnc.kill();
+                let _ = self.xvnc.wait();
+                return Err(format!("cannot tell whether Xvnc runs: {e}; stopped it"));
+            }
         }
         match command.spawn() {
             Ok(child) => {
@@ -158,8 +199,10 @@ impl Desktop {
     }
 }
 
-/// Longest a started desktop waits for the agent to close the helper's stdin.
-const SESSION_GATE: Duration = Duration::from_secs(3);
+/// Longest a started desktop waits for the agent to close the helper's stdin: past the
+/// agent's stop of an Xvnc that ignores SIGTERM (5 s, then SIGKILL), so that a desktop the
+/// agent rejected does not start its session first.
+const SESSION_GATE: Duration = Duration::from_secs(10);
 
 pub(super) fn start_wrapper(
     args: &HelperArgs,
@@ -210,8 +253,9 @@ pub(super) fn start_wrapper(
     wait_ready(args, None, home, deadline)
 }
 
-/// Waits until `pipe` has something to read (Xvnc's `-displayfd` line) or its end (Xvnc
-/// exited), or `deadline`. What it says is not needed: the banner check follows.
+/// Waits until `fd` has something to read or its end, or `deadline`: Xvnc's `-displayfd` line
+/// or Xvnc's exit (what it says is not needed: the banner check follows), or the agent
+/// closing the helper's stdin.
 fn wait_readable(fd: impl std::os::fd::AsFd, deadline: Instant) {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     loop {

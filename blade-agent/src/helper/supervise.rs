@@ -15,8 +15,9 @@ impl Desktop {
     pub(super) fn supervise(&mut self) {
         // The agent reads until READY; from here on stdout goes nowhere so a vanished agent
         // (or SSH channel) cannot stall or kill us. Stderr is already the desktop's log.
-        if let Ok(null) = File::options().write(true).open("/dev/null") {
+        if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
             let _ = nix::unistd::dup2_stdout(null.as_fd());
+            let _ = nix::unistd::dup2_stdin(null.as_fd());
         }
         let xvnc = Pid::from_raw(self.xvnc_pid as i32);
         let session = self.session.as_ref().map(|s| Pid::from_raw(s.id() as i32));

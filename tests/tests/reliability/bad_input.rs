@@ -471,6 +471,8 @@ async fn bad_input() {
             "s3cret12\n",
         ),
         ("blade-agent", vec!["cloudvnc", "--user", &user.name], "\n"),
+        // A program run for users is named by its path, not looked up on a PATH.
+        ("blade-agent", vec!["serve", "--session-command", "twm"], ""),
         ("ws-proxy", vec!["serve", "--max-per-ip", "-1"], ""),
         // A relay's timers cannot tick every 0 s (tokio's interval panics).
         ("ws-proxy", vec!["serve", "--ping-interval", "0s"], ""),
