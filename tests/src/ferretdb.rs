@@ -26,8 +26,6 @@ impl FerretDb {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().display().to_string();
         let port = free_port([127, 0, 0, 1].into());
-        // Its metrics/debug HTTP port: the default 8088 would clash between instances.
-        let debug_port = free_port([127, 0, 0, 1].into());
         let child = ChildProc::new(
             bin,
             dir.path().join("ferretdb.log"),
@@ -37,7 +35,10 @@ impl FerretDb {
             "--handler=sqlite".to_string(),
             format!("--sqlite-url=file:{data}/"),
             format!("--listen-addr=127.0.0.1:{port}"),
-            format!("--debug-addr=127.0.0.1:{debug_port}"),
+            // No metrics/debug HTTP listener: a second port picked ahead could be taken by
+            // any outgoing connection's ephemeral port before FerretDB binds it (it then
+            // exits: seen in CI), and the default 8088 would clash between instances.
+            "--debug-addr=-".into(),
             "--telemetry=disable".into(),
             "--log-level=warn".into(),
             "--state-dir".into(),
