@@ -578,8 +578,28 @@ while True:
     .expect("racer");
     let mut racer = as_user(&attacker, &format!("exec python3 {}", script.display()));
     let ready = marked(&attacker, "racing");
-    let agent = any_address_agent((first, count)).await;
+    // A session command that notes each start: a desktop the agent rejected (its listener
+    // check found the squatter beside Xvnc) must not have started its session.
+    let dir = tempfile::tempdir().expect("dir");
+    let counting = vncdispatch_tests::user_script(
+        dir.path(),
+        "counting-session",
+        "echo \"$DISPLAY\" >> \"$HOME/.session-starts\"\nexec /usr/bin/twm",
+    );
+    let agent = AgentProc::start(AgentOptions {
+        displays: Some((first, count)),
+        rfb_listen: Some([0, 0, 0, 0].into()),
+        session_command: Some(counting.into()),
+        ..Default::default()
+    })
+    .await;
     let user = TestUser::create();
+    let starts = user.home.join(".session-starts");
+    let sessions = || {
+        std::fs::read_to_string(&starts)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
     let mut client = agent.client().await;
     let (mut ready_real, mut refused, mut fooled) = (0, 0, 0);
     let mut why = String::new();
@@ -589,6 +609,8 @@ while True:
                 let (v4, v6) = real_banners(s.get_ref().port as u16);
                 if v4.as_deref() == Some("RFB 003.008") && v6.as_deref() == Some("RFB 003.008") {
                     ready_real += 1;
+                    // Its session starts a moment after the answer; wait for it before the stop.
+                    vncdispatch_tests::eventually(3, || sessions() >= ready_real).await;
                 } else {
                     fooled += 1;
                 }
@@ -602,17 +624,20 @@ while True:
     }
     let _ = racer.kill();
     let _ = racer.wait();
+    let rejected = agent.log().matches("trying another display").count();
+    let started = sessions();
     rec.faults(5);
     rec.case(
         "a squatter racing the helper for its port",
         "a user watches /proc for the desktop's Xvnc and binds its -rfbport on [::] (V6ONLY) and 0.0.0.0 the moment it appears, before Xvnc can, answering with a fake RFB banner; five desktops are started and stopped",
-        "no desktop is ever reported READY where the squatter answers: each is READY with the real Xvnc on both families, or refused with an error that names the uid holding the ports",
+        "no desktop is ever reported READY where the squatter answers: each is READY with the real Xvnc on both families, or refused with an error that names the uid holding the ports; a desktop the agent rejected never starts its session command (one session per desktop READY)",
         &format!(
-            "READY with the real Xvnc {ready_real}, refused {refused}, READY at the squatter {fooled}; racer watching: {ready}; last refusal: {why}"
+            "READY with the real Xvnc {ready_real}, refused {refused}, READY at the squatter {fooled}; displays the agent rejected and retried: {rejected}; session commands started: {started}; racer watching: {ready}; last refusal: {why}"
         ),
         ready
             && fooled == 0
             && ready_real + refused == 5
+            && started == ready_real
             && (refused == 0 || why.contains(&format!("uid {}", attacker.uid))),
     );
 }
