@@ -13,6 +13,7 @@ use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -143,10 +144,18 @@ fn runnable(path: &Path) -> Result<(), String> {
     };
     is_file(path)?;
     access(path, AccessFlags::X_OK).map_err(|e| e.to_string())?;
-    // A script: its interpreter must be there too (unreadable: exec will tell).
+    // A script: its interpreter must be there too (unreadable: exec will tell). Opened without
+    // blocking and read only if what was opened is a file: a path swapped for a FIFO since
+    // the check above would otherwise hold the helper until the agent's deadline.
     let mut head = [0u8; 256];
-    let n = File::open(path)
-        .and_then(|mut f| f.read(&mut head))
+    let n = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .and_then(|mut f| match f.metadata()?.is_file() {
+            true => f.read(&mut head),
+            false => Ok(0),
+        })
         .unwrap_or(0);
     if let Some(line) = head[..n].strip_prefix(b"#!") {
         let line = line.split(|b| *b == b'\n').next().unwrap_or_default();
