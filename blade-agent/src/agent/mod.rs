@@ -78,8 +78,9 @@ pub struct Agent {
     starts: tokio_util::task::TaskTracker,
     /// Desktops whose start's caller went away while another call for the same user waited
     /// for the lock, by user: that call takes the desktop instead of waiting for it to be
-    /// stopped and another started (see [`Agent::caller_gone`]).
-    unclaimed: Mutex<HashMap<String, RunningXvnc>>,
+    /// stopped and another started (see [`Agent::caller_gone`]); with the gate its session
+    /// command waits on, let go by the call that takes it, or after the desktop is stopped.
+    unclaimed: Mutex<HashMap<String, (RunningXvnc, Option<SessionGate>)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -244,7 +245,8 @@ impl Agent {
     /// deadline under load). Otherwise, or when that call went away too before taking it, the
     /// desktop is stopped: nobody was told its password and no session points at it.
     /// The desktop's session command waits on `gate`: it is let go once Xvnc is stopped (the
-    /// helper then finds it gone and starts nothing), or at once when the desktop is left.
+    /// helper then finds it gone and starts nothing); a desktop left for the waiting call keeps
+    /// it, for that call to let go after its own answer, or to be let go after the stop.
     async fn caller_gone(
         &self,
         user: &str,
@@ -264,24 +266,24 @@ impl Agent {
             self.registry.forget(&started);
             return;
         }
-        drop(gate);
         tracing::info!(
             display = shown,
             pid,
             "the caller went away while its desktop started; leaving it to the call waiting for the same user"
         );
-        lock(&self.unclaimed).insert(user.to_owned(), started);
+        lock(&self.unclaimed).insert(user.to_owned(), (started, gate));
         drop(guard);
         // The lock is first come, first served: this waits behind the call it was left for.
         let again = self.lock_user(user).await;
         let left = lock(&self.unclaimed).remove(user);
-        if let Some(left) = left {
+        if let Some((left, gate)) = left {
             tracing::warn!(
                 display = shown,
                 pid,
                 "the call waiting for the user did not take the desktop; stopping it"
             );
             terminate(&left).await;
+            drop(gate);
             self.registry.forget(&left);
         }
         drop(again);
@@ -333,14 +335,20 @@ impl Agent {
                 "returning running desktop"
             );
             // A desktop left by a start whose caller went away is now this call's to answer
-            // for (see [`Agent::caller_gone`]): undone again if this caller is gone too.
+            // for (see [`Agent::caller_gone`]): undone again if this caller is gone too. Its
+            // session command waits on the gate it came with, which replaces this call's
+            // (the password helper's, which nothing waits on).
             let left = {
                 let mut unclaimed = lock(&self.unclaimed);
                 match unclaimed.get(&account.name) {
-                    Some(l) if l.pid == running.pid => unclaimed.remove(&account.name),
+                    Some((l, _)) if l.pid == running.pid => unclaimed.remove(&account.name),
                     _ => None,
                 }
             };
+            let left = left.map(|(left, left_gate)| {
+                *gate = left_gate;
+                left
+            });
             return Ok((self.describe(&account.name, &running, true), left));
         }
         let lookup = looked.elapsed();

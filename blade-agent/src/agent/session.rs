@@ -211,6 +211,7 @@ impl Request {
 /// milliseconds to seconds of CPU) does not compete with the listener check and the answer
 /// on their way to the caller. Closed when dropped; a helper stops waiting after a few
 /// seconds regardless.
+#[derive(Debug)]
 pub(super) struct SessionGate {
     _stdin: tokio::process::ChildStdin,
 }
