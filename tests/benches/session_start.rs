@@ -75,20 +75,10 @@ fn main() -> anyhow::Result<()> {
             dispatch.once(&user).await
         })?;
     }
-    let over_base: Option<Vec<f64>> = base.as_ref().map(|b| {
-        dispatch
-            .samples
-            .iter()
-            .zip(&b.samples)
-            .map(|(d, b)| (d.as_secs_f64() - b.as_secs_f64()) * 1000.0)
-            .collect()
-    });
-    let over_bare: Vec<f64> = dispatch
-        .samples
-        .iter()
-        .zip(&bare)
-        .map(|(d, b)| (d.as_secs_f64() - b.as_secs_f64()) * 1000.0)
-        .collect();
+    let over_base = base
+        .as_ref()
+        .map(|b| over_ms(&dispatch.samples, &b.samples));
+    let over_bare = over_ms(&dispatch.samples, &bare);
     let starts = agent_split(&fast.agent.log());
     let helper_over_bare: Vec<f64> = starts
         .iter()
@@ -230,6 +220,14 @@ struct Costs {
     store_ops: std::collections::BTreeMap<String, f64>,
     durable_commits: f64,
     other_commits: f64,
+}
+
+/// Each round's `a` over its `b`, in ms.
+fn over_ms(a: &[Duration], b: &[Duration]) -> Vec<f64> {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a.as_secs_f64() - b.as_secs_f64()) * 1000.0)
+        .collect()
 }
 
 /// The sum of a metric's samples whose line starts with `prefix` (any labels after it).
