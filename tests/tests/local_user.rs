@@ -660,7 +660,7 @@ while True:
     rec.case(
         "a squatter racing the helper for its port",
         "a user watches /proc for the desktop's Xvnc and binds its -rfbport on [::] (V6ONLY) and 0.0.0.0 the moment it appears, before Xvnc can, answering with a fake RFB banner; five desktops are started and stopped",
-        "no desktop is ever reported READY where the squatter answers: each is READY with the real Xvnc on both families, or refused with an error that names the uid holding the ports; at least one display rejected after READY; the session commands started are counted (a rejected desktop's is not meant to start: it waits for the agent, which stops Xvnc first; one start was seen in about seven runs, not yet explained, and it ends with its Xvnc), and the counter is shown to work on displays the racer never held",
+        "no desktop is ever reported READY where the squatter answers: each is READY with the real Xvnc on both families, or refused with an error that names the uid holding the ports; at least one display rejected after READY; one session command started per READY desktop and none for a rejected one (its helper waits for the agent's word, and the agent says no), the counter shown to work on displays the racer never held",
         &format!(
             "READY with the real Xvnc {ready_real}, refused {refused}, READY at the squatter {fooled}; rejections after READY logged: {rejected}; session commands started: {started} (on {started_on:?}); a desktop on displays the racer never held started its session: {control}; racer watching: {ready}; last refusal: {why}"
         ),
@@ -668,6 +668,7 @@ while True:
             && fooled == 0
             && ready_real + refused == 5
             && rejected >= 1
+            && started == ready_real
             && control
             && (refused == 0 || why.contains(&format!("uid {}", attacker.uid))),
     );

@@ -201,17 +201,24 @@ impl Agent {
                 let result = this
                     .start_locked(account, &secrets, geometry, &mut gate)
                     .await;
+                let answered = result.is_ok();
                 let caller_gone = answer.send(result);
                 // The desktop's session command starts a moment after the answer (see
                 // SessionGate), unless nobody took the answer: then `caller_gone` decides.
+                // A failed start refuses its gate: a desktop rejected after READY starts no
+                // session.
                 let gone = match caller_gone {
                     Err(Ok((_, Some(started)))) => Some(started),
                     _ => {
-                        if let Some(gate) = gate.take() {
-                            tokio::spawn(async move {
-                                tokio::time::sleep(SESSION_AFTER).await;
-                                drop(gate);
-                            });
+                        match gate.take() {
+                            Some(gate) if answered => {
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(SESSION_AFTER).await;
+                                    drop(gate);
+                                });
+                            }
+                            Some(gate) => gate.refuse(),
+                            None => {}
                         }
                         None
                     }
@@ -244,9 +251,9 @@ impl Agent {
     /// to start another would make the retry wait twice as long (past a dispatcher's launch
     /// deadline under load). Otherwise, or when that call went away too before taking it, the
     /// desktop is stopped: nobody was told its password and no session points at it.
-    /// The desktop's session command waits on `gate`: it is let go once Xvnc is stopped (the
-    /// helper then finds it gone and starts nothing); a desktop left for the waiting call keeps
-    /// it, for that call to let go after its own answer, or to be let go after the stop.
+    /// The desktop's session command waits on `gate`, refused (no session) once Xvnc is
+    /// stopped; a desktop left for the waiting call keeps it, for that call to let go after
+    /// its own answer, or to be refused after the stop.
     async fn caller_gone(
         &self,
         user: &str,
@@ -262,7 +269,9 @@ impl Agent {
                 "the caller went away while its desktop started; stopping it (no session points at it)"
             );
             terminate(&started).await;
-            drop(gate);
+            if let Some(gate) = gate {
+                gate.refuse();
+            }
             self.registry.forget(&started);
             return;
         }
@@ -283,7 +292,9 @@ impl Agent {
                 "the call waiting for the user did not take the desktop; stopping it"
             );
             terminate(&left).await;
-            drop(gate);
+            if let Some(gate) = gate {
+                gate.refuse();
+            }
             self.registry.forget(&left);
         }
         drop(again);
@@ -379,6 +390,10 @@ impl Agent {
                     let running = match self.check_ready(&account, pid, slot.display).await? {
                         Ok(running) => running,
                         Err(why) if attempt < START_ATTEMPTS => {
+                            // Its helper stops what is left of it, with no session.
+                            if let Some(gate) = gate.take() {
+                                gate.refuse();
+                            }
                             skip.insert(slot.display);
                             tracing::warn!(display = slot.display, %why, "trying another display");
                             continue;

@@ -6,7 +6,7 @@ use super::spare::Helper;
 use super::{Agent, Secrets};
 use crate::account::Account;
 use crate::error::AgentError;
-use crate::helper::{FailKind, StartMode, encode_request};
+use crate::helper::{FailKind, NO_SESSION, StartMode, encode_request};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::ffi::{OsStr, OsString};
@@ -112,7 +112,11 @@ impl Agent {
             ..
         } = helper;
         let helper_pid = child.id();
-        *gate = Some(SessionGate { _stdin: stdin });
+        // A gate left from an earlier attempt (its helper answered BUSY, or was rejected and
+        // refused already) is not to start anything.
+        if let Some(earlier) = gate.replace(SessionGate { stdin }) {
+            earlier.refuse();
+        }
         let mut line = String::new();
         let limit = self.cfg.start_timeout + Duration::from_secs(5);
         // The helper runs as the user: its answer is bounded, as anything from a user is.
@@ -206,14 +210,25 @@ impl Request {
 }
 
 /// The write end of a helper's stdin, held open after its request: a helper that started a
-/// desktop answers READY, then waits for this to close before it starts the session command,
-/// so that the desktop session's start (a window manager or a whole desktop environment,
+/// desktop answers READY, then waits on this before it starts the session command, so that
+/// the desktop session's start (a window manager or a whole desktop environment,
 /// milliseconds to seconds of CPU) does not compete with the listener check and the answer
-/// on their way to the caller. Closed when dropped; a helper stops waiting after a few
-/// seconds regardless.
+/// on their way to the caller. Dropped, it closes and the session starts (as when the agent
+/// dies or restarts mid-start: the desktop lives on, and is found again in /proc; the helper
+/// also stops waiting after a few seconds). [`SessionGate::refuse`] says no first.
 #[derive(Debug)]
 pub(super) struct SessionGate {
-    _stdin: tokio::process::ChildStdin,
+    stdin: tokio::process::ChildStdin,
+}
+
+impl SessionGate {
+    /// For a desktop the agent does not take (rejected after READY, its caller gone): its
+    /// helper stops Xvnc, whether or not it has exited already, and starts no session.
+    pub(super) fn refuse(self) {
+        // The pipe holds at most the request (under 20 KiB of its 64 KiB) and tokio made it
+        // non-blocking: the byte goes, or the helper is gone and nobody waits on it.
+        let _ = nix::unistd::write(&self.stdin, &[NO_SESSION]);
+    }
 }
 
 /// What the helper is asked to do.

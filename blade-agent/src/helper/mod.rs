@@ -32,8 +32,10 @@
 //!    `<KIND> <message>` with KIND one of REFUSED (unsafe home), BUSY (display taken, try
 //!    another), TIMEOUT, FAILED (`FailKind`, shared with the agent). On the fast path the
 //!    session command starts once stdin closes, which the agent does just after its own
-//!    answer (later when it stops a desktop nobody took; the helper waits 10 s at most), so
-//!    that the session's start does not compete with the answer on its way.
+//!    answer (the helper waits 10 s at most), so that the session's start does not compete
+//!    with the answer on its way. For a desktop it does not take (rejected after READY, or
+//!    its caller gone) the agent writes one byte first ([`NO_SESSION`]): the helper stops
+//!    Xvnc and starts nothing.
 //! 4. its stderr is the desktop's log `~/.vnc/HOST:N.log` (before that, none: the agent
 //!    reads only the bounded answer line from a process the user controls).
 //! 5. after READY (fast path) it stays as the session's supervisor: when the session command
@@ -243,7 +245,10 @@ pub fn main(pam_service: Option<&str>) -> ExitCode {
         Ok(login::After::Done(code)) => return code,
         Err(f) => return fail(f),
     }
-    match run(&args, &mut io::stdin().lock()) {
+    // Bound first: a temporary in the match would hold stdin's lock, which
+    // `Desktop::start_session` takes again.
+    let outcome = run(&args, &mut io::stdin().lock());
+    match outcome {
         Ok(Outcome::Supervise(mut desktop, pin)) => {
             answer(&ready(desktop.xvnc_pid, pin));
             if let Err(e) = desktop.start_session() {
@@ -280,6 +285,10 @@ fn answer(line: &str) {
     // If the agent is gone there is nobody to tell; the desktop still runs.
     let _ = writeln!(out, "{line}").and_then(|_| out.flush());
 }
+
+/// What the agent writes on the helper's stdin, after READY, for a desktop it did not take:
+/// the helper then stops Xvnc and starts no session (closing stdin unwritten lets it start).
+pub(crate) const NO_SESSION: u8 = b'!';
 
 /// Longest request (its real requests are under 1 KiB).
 const MAX_REQUEST: usize = 16 * 1024;

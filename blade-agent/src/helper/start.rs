@@ -173,15 +173,20 @@ fn runnable(path: &Path) -> Result<(), String> {
 
 impl Desktop {
     /// Starts the session command once READY is out and the agent has closed the helper's
-    /// stdin: it holds it until just after its answer, and longer while it stops a desktop
-    /// nobody took; this waits [`SESSION_GATE`] at most, then starts the session anyway.
-    /// Xvnc already gone (the agent stopped it: someone else listened on its port, or the
-    /// caller went away) means no session.
+    /// stdin, just after its answer; this waits [`SESSION_GATE`] at most, then starts the
+    /// session anyway. The agent's [`NO_SESSION`](super::NO_SESSION) byte first (it did not
+    /// take the desktop), or Xvnc already gone, means no session.
     pub(super) fn start_session(&mut self) -> Result<(), String> {
         let Some(mut command) = self.pending.take() else {
             return Ok(());
         };
-        wait_readable(std::io::stdin(), Instant::now() + SESSION_GATE);
+        if wait_readable(std::io::stdin(), Instant::now() + SESSION_GATE) {
+            let mut said = [0u8; 1];
+            if matches!(std::io::stdin().lock().read(&mut said), Ok(1)) {
+                self.stop_xvnc();
+                return Err("the agent did not take this desktop (rejected after READY, or its caller went away): Xvnc stopped, no session".into());
+            }
+        }
         match self.xvnc.try_wait() {
             Ok(None) => {}
             Ok(Some(_)) => return Err("Xvnc exited before the session command started".into()),
@@ -263,9 +268,9 @@ pub(super) fn start_wrapper(
 }
 
 /// Waits until `fd` has something to read or its end, or `deadline`: Xvnc's `-displayfd` line
-/// or Xvnc's exit (what it says is not needed: the banner check follows), or the agent
-/// closing the helper's stdin.
-fn wait_readable(fd: impl std::os::fd::AsFd, deadline: Instant) {
+/// or Xvnc's exit (what it says is not needed: the banner check follows), or the agent's
+/// word on the helper's stdin; false when the deadline came first.
+fn wait_readable(fd: impl std::os::fd::AsFd, deadline: Instant) -> bool {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -273,7 +278,8 @@ fn wait_readable(fd: impl std::os::fd::AsFd, deadline: Instant) {
         let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, timeout) {
             Err(nix::errno::Errno::EINTR) => continue,
-            _ => return,
+            Ok(n) => return n > 0,
+            Err(_) => return false,
         }
     }
 }

@@ -34,19 +34,7 @@ impl Desktop {
                 {
                     // The session ended: stop Xvnc as vncserver's -autokill would.
                     self.session = None;
-                    let _ = kill(xvnc, Signal::SIGTERM);
-                    let deadline = Instant::now() + Duration::from_secs(5);
-                    while Instant::now() < deadline {
-                        if !matches!(
-                            waitpid(xvnc, Some(WaitPidFlag::WNOHANG)),
-                            Ok(WaitStatus::StillAlive)
-                        ) {
-                            return;
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    let _ = self.xvnc.kill();
-                    let _ = self.xvnc.wait();
+                    self.stop_xvnc();
                     return;
                 }
                 Ok(_) => continue,
@@ -54,5 +42,23 @@ impl Desktop {
                 Err(_) => return,
             }
         }
+    }
+
+    /// Stops Xvnc: SIGTERM, so that it removes its X lock and socket, then SIGKILL after 5 s.
+    pub(super) fn stop_xvnc(&mut self) {
+        let xvnc = Pid::from_raw(self.xvnc_pid as i32);
+        let _ = kill(xvnc, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if !matches!(
+                waitpid(xvnc, Some(WaitPidFlag::WNOHANG)),
+                Ok(WaitStatus::StillAlive)
+            ) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.xvnc.kill();
+        let _ = self.xvnc.wait();
     }
 }

@@ -1,7 +1,8 @@
 //! Display and process faults on a blade: a stale X lock and socket, every display taken, an
-//! Xvnc that fails or never listens, an Xvnc killed mid-session, the helper kept waiting for the
-//! next start killed, the agent stopped and restarted under running desktops, and the agent
-//! killed as its start answer leaves.
+//! Xvnc that fails or never listens, a desktop rejected after READY while its server runs, an
+//! Xvnc killed mid-session, the helper kept waiting for the next start killed, the agent
+//! stopped and restarted under running desktops, and the agent killed as its start answer
+//! leaves.
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -168,6 +169,68 @@ async fn display_process() {
                 && left,
         );
     }
+
+    // A desktop the agent rejects after READY while its "Xvnc" still runs: the listener check
+    // finds no Xvnc of the user's behind the port (here a program that answers the banner but
+    // is not an Xvnc by /proc), so the port counts as someone else's. Its session command
+    // waits for the agent, and must not start; the server must not be left running.
+    let not_xvnc = Script::new(
+        "not-xvnc",
+        r#"exec python3 -c '
+import os, socket, sys
+a = sys.argv[1:]
+port = int(a[a.index("-rfbport") + 1])
+host = a[a.index("-interface") + 1] if "-interface" in a else "0.0.0.0"
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port))
+s.listen(8)
+os.write(0, a[0].lstrip(":").encode() + b"\n")
+while True:
+    c, _ = s.accept()
+    c.sendall(b"RFB 003.008\n")
+    c.close()
+' "$@""#,
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let counting = vncdispatch_tests::user_script(
+        dir.path(),
+        "counting-session",
+        "echo \"$DISPLAY\" >> \"$HOME/.session-starts\"\nexec sleep 600",
+    );
+    let agent = AgentProc::start(AgentOptions {
+        extra: vec!["--xvnc".into(), not_xvnc.0.display().to_string()],
+        session_command: Some(counting.into()),
+        ..Default::default()
+    })
+    .await;
+    let user = TestUser::create();
+    let r = agent.client().await.start_session(start(&user.name)).await;
+    rec.faults(1);
+    let left = eventually(5, || procs::of_uid(user.uid).is_empty()).await;
+    // Late starts would show after the helper's own wait for the agent (10 s) at most; a
+    // start on its way shows within a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sessions = std::fs::read_to_string(user.home.join(".session-starts"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0);
+    let rejected = agent.log().matches("trying another display").count();
+    let message = r
+        .as_ref()
+        .err()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    rec.case(
+        "desktop rejected after READY while its server runs",
+        "--xvnc is a program that binds its -rfbport, writes its -displayfd line and answers RFB banners, but is not an Xvnc to /proc: the agent's listener check takes the port for someone else's, on every display it tries; the session command records each start",
+        "refused, naming the port's holder; no session command started for any rejected desktop (the helper holds it until the agent says go, and the agent says no); nothing of the user's left running",
+        &format!(
+            "{}: {message}; rejections after READY: {rejected}; session commands started: {sessions}; user's processes gone: {left}",
+            code(&r)
+        ),
+        r.is_err() && message.contains("taken by another program") && rejected >= 1 && sessions == 0 && left,
+    );
+    drop(agent);
 
     // Xvnc crash mid-session: the next Dispatch notices and starts a new one.
     let s = Rig::with_dispatcher_args(&[]).await;
