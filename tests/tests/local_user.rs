@@ -602,6 +602,8 @@ while True:
     };
     let mut client = agent.client().await;
     let (mut ready_real, mut refused, mut fooled) = (0, 0, 0);
+    // The displays of the desktops reported READY, as their session commands see $DISPLAY.
+    let mut ready_on = Vec::new();
     let mut why = String::new();
     for _ in 0..5 {
         match client.start_session(start(&user.name)).await {
@@ -609,6 +611,7 @@ while True:
                 let (v4, v6) = real_banners(s.get_ref().port as u16);
                 if v4.as_deref() == Some("RFB 003.008") && v6.as_deref() == Some("RFB 003.008") {
                     ready_real += 1;
+                    ready_on.push(format!(":{}", s.get_ref().display));
                     // Its session starts a moment after the answer; wait for it before the stop.
                     if !vncdispatch_tests::eventually(5, || sessions() >= ready_real).await {
                         why = format!("no session command started for READY desktop {ready_real}");
@@ -634,11 +637,16 @@ while True:
             .matches("RFB port not the desktop's alone")
             .count();
     let started = sessions();
-    let started_on = std::fs::read_to_string(&starts)
+    let mut started_on = std::fs::read_to_string(&starts)
         .unwrap_or_default()
         .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    started_on.sort();
+    ready_on.sort();
+    // Not only as many: on the same displays (a missing start cannot hide a rejected one's).
+    let same_displays = started_on == ready_on;
+    let started_on = started_on.join(" ");
 
     // The counter itself works: a desktop on displays the racer never held starts one session.
     let control_agent = AgentProc::start(AgentOptions {
@@ -660,15 +668,17 @@ while True:
     rec.case(
         "a squatter racing the helper for its port",
         "a user watches /proc for the desktop's Xvnc and binds its -rfbport on [::] (V6ONLY) and 0.0.0.0 the moment it appears, before Xvnc can, answering with a fake RFB banner; five desktops are started and stopped",
-        "no desktop is ever reported READY where the squatter answers: each is READY with the real Xvnc on both families, or refused with an error that names the uid holding the ports; at least one display rejected after READY; one session command started per READY desktop and none for a rejected one (its helper waits for the agent's word, and the agent says no), the counter shown to work on displays the racer never held",
+        "no desktop is ever reported READY where the squatter answers: each is READY with the real Xvnc on both families, or refused with an error that names the uid holding the ports; at least one display rejected after READY; one session command started per READY desktop, on its display, and none for a rejected one (its helper waits for the agent's word, and the agent says no), the counter shown to work on displays the racer never held",
         &format!(
-            "READY with the real Xvnc {ready_real}, refused {refused}, READY at the squatter {fooled}; rejections after READY logged: {rejected}; session commands started: {started} (on {started_on:?}); a desktop on displays the racer never held started its session: {control}; racer watching: {ready}; last refusal: {why}"
+            "READY with the real Xvnc {ready_real}, refused {refused}, READY at the squatter {fooled}; rejections after READY logged: {rejected}; session commands started: {started} (on {started_on:?}; READY desktops on {:?}); a desktop on displays the racer never held started its session: {control}; racer watching: {ready}; last refusal: {why}",
+            ready_on.join(" ")
         ),
         ready
             && fooled == 0
             && ready_real + refused == 5
             && rejected >= 1
             && started == ready_real
+            && same_displays
             && control
             && (refused == 0 || why.contains(&format!("uid {}", attacker.uid))),
     );

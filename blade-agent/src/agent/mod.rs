@@ -268,11 +268,7 @@ impl Agent {
                 pid,
                 "the caller went away while its desktop started; stopping it (no session points at it)"
             );
-            terminate(&started).await;
-            if let Some(gate) = gate {
-                gate.refuse();
-            }
-            self.registry.forget(&started);
+            self.undo(&started, gate).await;
             return;
         }
         tracing::info!(
@@ -280,7 +276,12 @@ impl Agent {
             pid,
             "the caller went away while its desktop started; leaving it to the call waiting for the same user"
         );
-        lock(&self.unclaimed).insert(user.to_owned(), (started, gate));
+        let stale = lock(&self.unclaimed).insert(user.to_owned(), (started, gate));
+        // One left earlier that the waiting call did not take (its Xvnc was gone, so that call
+        // started this one): it is nobody's.
+        if let Some((stale, gate)) = stale {
+            self.undo(&stale, gate).await;
+        }
         drop(guard);
         // The lock is first come, first served: this waits behind the call it was left for.
         let again = self.lock_user(user).await;
@@ -291,13 +292,18 @@ impl Agent {
                 pid,
                 "the call waiting for the user did not take the desktop; stopping it"
             );
-            terminate(&left).await;
-            if let Some(gate) = gate {
-                gate.refuse();
-            }
-            self.registry.forget(&left);
+            self.undo(&left, gate).await;
         }
         drop(again);
+    }
+
+    /// Stops a desktop nobody took, and tells its helper to start no session.
+    async fn undo(&self, desktop: &RunningXvnc, gate: Option<SessionGate>) {
+        terminate(desktop).await;
+        if let Some(gate) = gate {
+            gate.refuse();
+        }
+        self.registry.forget(desktop);
     }
 
     /// Waits, at most `within`, for the starts under way (see [`Agent::start_session`]);
@@ -313,8 +319,20 @@ impl Agent {
         {
             tracing::warn!(
                 starts = self.starts.len(),
-                "starts still under way at exit; a desktop they leave runs with no session until stopped by hand"
+                "starts still under way at exit; a desktop they leave runs on, possibly with nobody told of it, until stopped (StopSession)"
             );
+        }
+        // Desktops whose caller went away, left for a call that will not come now: their
+        // helpers stop them and start no session.
+        for (_, (left, gate)) in lock(&self.unclaimed).drain() {
+            tracing::warn!(
+                display = left.display,
+                pid = left.pid,
+                "stopping a desktop nobody took"
+            );
+            if let Some(gate) = gate {
+                gate.refuse();
+            }
         }
     }
 
@@ -486,18 +504,28 @@ impl Agent {
                 return Ok(Ok((r, foreign)));
             }
             let holders = ports::listeners_on(port).unwrap_or_default();
-            Ok(Err(match holders.first() {
+            let why = match holders.first() {
                 Some(l) => format!(
                     "port {port} was taken by another program (uid {}) as Xvnc started",
                     l.uid
                 ),
                 None => format!("Xvnc (pid {pid}) exited right after starting"),
-            }))
+            };
+            // What the helper started may still run (mid-exit, or not an Xvnc by /proc): the
+            // user's, it is stopped here too. Its helper stops it on the agent's no, but
+            // hears that only while it waits (10 s), and not at all in wrapper mode.
+            let left = discover::Process::read(pid).filter(|p| p.uid == uid);
+            Ok(Err((why, left)))
         })
         .await?;
         let (running, foreign) = match checked {
             Ok(found) => found,
-            Err(why) => return Ok(Err(why)),
+            Err((why, left)) => {
+                if let Some(p) = left {
+                    stop_process(p.pid, || p.is_alive()).await;
+                }
+                return Ok(Err(why));
+            }
         };
         if let Some(why) = foreign {
             let port = running.port;
@@ -762,24 +790,30 @@ impl UserGuard {
 /// Stops an Xvnc: SIGTERM, then SIGKILL after the grace period. Its helper then ends the
 /// session's processes.
 async fn terminate(running: &RunningXvnc) {
-    let pid = Pid::from_raw(running.pid as i32);
-    if !running.is_alive() {
+    stop_process(running.pid, || running.is_alive()).await;
+}
+
+/// SIGTERM to `pid` while `alive` (the same process: pid and start time), then SIGKILL after
+/// the grace period.
+async fn stop_process(pid: u32, alive: impl Fn() -> bool) {
+    let target = Pid::from_raw(pid as i32);
+    if !alive() {
         return;
     }
-    let _ = kill(pid, Signal::SIGTERM);
+    let _ = kill(target, Signal::SIGTERM);
     let deadline = tokio::time::Instant::now() + STOP_GRACE;
     while tokio::time::Instant::now() < deadline {
-        if !running.is_alive() {
+        if !alive() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    if running.is_alive() {
-        tracing::warn!(pid = running.pid, "Xvnc ignored SIGTERM; killing it");
-        let _ = kill(pid, Signal::SIGKILL);
+    if alive() {
+        tracing::warn!(pid, "Xvnc ignored SIGTERM; killing it");
+        let _ = kill(target, Signal::SIGKILL);
         // Gone once its parent (the helper) reaps it, or a zombie: either counts as dead.
         for _ in 0..50 {
-            if !running.is_alive() {
+            if !alive() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -222,12 +222,18 @@ pub(super) struct SessionGate {
 }
 
 impl SessionGate {
-    /// For a desktop the agent does not take (rejected after READY, its caller gone): its
-    /// helper stops Xvnc, whether or not it has exited already, and starts no session.
+    /// For a desktop the agent does not take (rejected after READY, its caller gone): a
+    /// fast-path helper still waiting stops Xvnc, whether or not it has exited already, and
+    /// starts no session.
     pub(super) fn refuse(self) {
         // The pipe holds at most the request (under 20 KiB of its 64 KiB) and tokio made it
-        // non-blocking: the byte goes, or the helper is gone and nobody waits on it.
-        let _ = nix::unistd::write(&self.stdin, &[NO_SESSION]);
+        // non-blocking: the byte goes, or the helper is gone (EPIPE) and nobody waits on it.
+        match nix::unistd::write(&self.stdin, &[NO_SESSION]) {
+            Ok(_) | Err(nix::errno::Errno::EPIPE) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not tell a session helper to start no session; the agent stops its Xvnc")
+            }
+        }
     }
 }
 

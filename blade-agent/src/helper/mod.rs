@@ -35,7 +35,8 @@
 //!    answer (the helper waits 10 s at most), so that the session's start does not compete
 //!    with the answer on its way. For a desktop it does not take (rejected after READY, or
 //!    its caller gone) the agent writes one byte first ([`NO_SESSION`]): the helper stops
-//!    Xvnc and starts nothing.
+//!    Xvnc and starts nothing. (In wrapper mode vncserver starts the session itself and the
+//!    helper is gone after READY: the agent stops a desktop it does not take.)
 //! 4. its stderr is the desktop's log `~/.vnc/HOST:N.log` (before that, none: the agent
 //!    reads only the bounded answer line from a process the user controls).
 //! 5. after READY (fast path) it stays as the session's supervisor: when the session command
@@ -245,8 +246,7 @@ pub fn main(pam_service: Option<&str>) -> ExitCode {
         Ok(login::After::Done(code)) => return code,
         Err(f) => return fail(f),
     }
-    // Bound first: a temporary in the match would hold stdin's lock, which
-    // `Desktop::start_session` takes again.
+    // Bound first: a temporary in the match would hold stdin's lock for the whole match.
     let outcome = run(&args, &mut io::stdin().lock());
     match outcome {
         Ok(Outcome::Supervise(mut desktop, pin)) => {

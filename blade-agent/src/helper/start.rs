@@ -11,7 +11,7 @@ use nix::unistd::Uid;
 use std::fs::File;
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
@@ -181,8 +181,13 @@ impl Desktop {
             return Ok(());
         };
         if wait_readable(std::io::stdin(), Instant::now() + SESSION_GATE) {
+            // From the fd itself, as polled: std's buffer (empty after the password lines)
+            // and its lock are not involved.
             let mut said = [0u8; 1];
-            if matches!(std::io::stdin().lock().read(&mut said), Ok(1)) {
+            if matches!(
+                nix::unistd::read(std::io::stdin().as_fd(), &mut said),
+                Ok(1)
+            ) {
                 self.stop_xvnc();
                 return Err("the agent did not take this desktop (rejected after READY, or its caller went away): Xvnc stopped, no session".into());
             }

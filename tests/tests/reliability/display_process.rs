@@ -228,7 +228,8 @@ while True:
             "{}: {message}; rejections after READY: {rejected}; session commands started: {sessions}; user's processes gone: {left}",
             code(&r)
         ),
-        r.is_err() && message.contains("taken by another program") && rejected >= 1 && sessions == 0 && left,
+        // Every display tried but the last (the agent's 3 attempts) logs a rejection.
+        r.is_err() && message.contains("taken by another program") && rejected == 2 && sessions == 0 && left,
     );
     drop(agent);
 

@@ -194,13 +194,25 @@ async fn caller_gives_up(rec: &Record, secret: &Path) {
         "Xtigervnc",
         "sleep 1\nexec /usr/bin/Xtigervnc \"$@\"",
     );
+    // Records each session start: the desktop handed over starts one, the one undone none.
+    let counting = vncdispatch_tests::user_script(
+        dir.path(),
+        "counting-session",
+        "echo \"$DISPLAY\" >> \"$HOME/.session-starts\"\nexec /usr/bin/twm",
+    );
     let agent = AgentProc::start(AgentOptions {
         secret_file: Some(secret.to_owned()),
+        session_command: Some(counting.into()),
         extra: vec!["--xvnc".into(), slow_xvnc],
         ..Default::default()
     })
     .await;
     let (left, retried) = (TestUser::create(), TestUser::create());
+    let sessions = |u: &TestUser| {
+        std::fs::read_to_string(u.home.join(".session-starts"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
     let start = |name: &str| StartSessionRequest {
         username: name.to_owned(),
         password: "gaveup12".into(),
@@ -250,6 +262,12 @@ async fn caller_gives_up(rec: &Record, secret: &Path) {
         .map(|r| r.into_inner().stopped);
     let retried_xvnc: Vec<u32> = procs::xvnc_of(retried.uid).iter().map(|p| p.pid).collect();
     let left_xvnc = procs::xvnc_of(left.uid).len();
+    // The desktop handed over lets its session start a moment after the retry's answer (a
+    // wrong "no" would stop it instead): looked at again once that has had time.
+    let handed_session = vncdispatch_tests::eventually(5, || sessions(&retried) >= 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still: Vec<u32> = procs::xvnc_of(retried.uid).iter().map(|p| p.pid).collect();
+    let (retried_sessions, left_sessions) = (sessions(&retried), sessions(&left));
     let (left_undone, retried_undone, handed) = (
         log_lines(&left, undo),
         log_lines(&retried, undo),
@@ -258,16 +276,18 @@ async fn caller_gives_up(rec: &Record, secret: &Path) {
     rec.case(
         "a StartSession caller that gives up mid-start",
         "two users' StartSession calls dropped once the session helper runs as the user; one user asks again at once, the other never does",
-        "the start nobody asks for again is undone; the other goes to the retry waiting for it (not stopped and started again): that user has one desktop, the one the retry reported; the other has none and there was nothing left to stop",
+        "the start nobody asks for again is undone, its session command never started; the other goes to the retry waiting for it (not stopped and started again): that user has one desktop, the one the retry reported, still running with one session started after the answer; the other has none and there was nothing left to stop",
         &format!(
-            "answered before the drop: {answered_first:?}; undone: {left_undone} (asked again: {retried_undone}); left to the retry: {handed}; retry {}: Xvnc pids {retried_xvnc:?}; other user: stop found one {stopped:?}, Xvnc {left_xvnc}",
+            "answered before the drop: {answered_first:?}; undone: {left_undone} (asked again: {retried_undone}); left to the retry: {handed}; retry {}: Xvnc pids {retried_xvnc:?}, {still:?} later, sessions started {retried_sessions} (seen: {handed_session}); other user: stop found one {stopped:?}, Xvnc {left_xvnc}, sessions started {left_sessions}",
             again.as_ref().map(|s| s.vnc_pid.to_string()).unwrap_or_else(|e| format!("{:?}", e.code())),
         ),
         answered_first.is_empty()
             && left_undone == 1
             && retried_undone == 0
             && handed == 1
-            && again.as_ref().is_ok_and(|s| retried_xvnc == [s.vnc_pid])
+            && again.as_ref().is_ok_and(|s| retried_xvnc == [s.vnc_pid] && still == [s.vnc_pid])
+            && retried_sessions == 1
+            && left_sessions == 0
             && matches!(stopped, Ok(false))
             && left_xvnc == 0,
     );
