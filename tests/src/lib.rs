@@ -93,6 +93,25 @@ pub fn user_script(dir: &std::path::Path, name: &str, body: &str) -> String {
     path.display().to_string()
 }
 
+/// A session command (in `dir`) that notes each start, its `$DISPLAY` a line of
+/// `~/.session-starts`, then runs twm: for counting which desktops started their session.
+pub fn counting_session(dir: &std::path::Path) -> String {
+    user_script(
+        dir,
+        "counting-session",
+        "echo \"$DISPLAY\" >> \"$HOME/.session-starts\"\nexec /usr/bin/twm",
+    )
+}
+
+/// The displays a [`counting_session`] started on for the user whose home is `home`, in order.
+pub fn session_starts(home: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(home.join(".session-starts"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// True when running as root with TigerVNC installed: the integration tests need both.
 /// Without them the test fails (it does not skip): CI must run them.
 pub fn require_root_and_tigervnc() {

@@ -581,11 +581,7 @@ while True:
     // A session command that notes each start: a desktop the agent rejected (its listener
     // check found the squatter beside Xvnc) is not meant to start its session; counted.
     let dir = tempfile::tempdir().expect("dir");
-    let counting = vncdispatch_tests::user_script(
-        dir.path(),
-        "counting-session",
-        "echo \"$DISPLAY\" >> \"$HOME/.session-starts\"\nexec /usr/bin/twm",
-    );
+    let counting = vncdispatch_tests::counting_session(dir.path());
     let agent = AgentProc::start(AgentOptions {
         displays: Some((first, count)),
         rfb_listen: Some([0, 0, 0, 0].into()),
@@ -594,12 +590,7 @@ while True:
     })
     .await;
     let user = TestUser::create();
-    let starts = user.home.join(".session-starts");
-    let sessions = || {
-        std::fs::read_to_string(&starts)
-            .map(|t| t.lines().count())
-            .unwrap_or(0)
-    };
+    let sessions = || vncdispatch_tests::session_starts(&user.home).len();
     let mut client = agent.client().await;
     let (mut ready_real, mut refused, mut fooled) = (0, 0, 0);
     // The displays of the desktops reported READY, as their session commands see $DISPLAY.
@@ -637,11 +628,7 @@ while True:
             .matches("RFB port not the desktop's alone")
             .count();
     let started = sessions();
-    let mut started_on = std::fs::read_to_string(&starts)
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect::<Vec<_>>();
+    let mut started_on = vncdispatch_tests::session_starts(&user.home);
     started_on.sort();
     ready_on.sort();
     // Not only as many: on the same displays (a missing start cannot hide a rejected one's).

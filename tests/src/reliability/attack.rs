@@ -25,6 +25,14 @@ pub fn code<T>(r: &Result<T, Status>) -> String {
     }
 }
 
+/// An error's message, or nothing for a success.
+pub fn message<T>(r: &Result<T, Status>) -> String {
+    r.as_ref()
+        .err()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default()
+}
+
 /// Shows control characters and long inputs readably in the report.
 pub fn shown(s: &str) -> String {
     let mut out: String = s

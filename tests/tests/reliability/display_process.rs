@@ -10,7 +10,7 @@ use tonic::Code;
 use vncdispatch_proto::v1::{ResolveTokenRequest, StopSessionRequest};
 use vncdispatch_tests::agent::{AgentOptions, AgentProc};
 use vncdispatch_tests::reliability::attack::{
-    Script, agent_sessions, code, dispatch_as, start, wait_health,
+    Script, agent_sessions, code, dispatch_as, message, start, wait_health,
 };
 use vncdispatch_tests::reliability::{Log, Record};
 use vncdispatch_tests::rig::{Rig, UserDesktop};
@@ -147,11 +147,7 @@ async fn display_process() {
         let took = started.elapsed();
         rec.faults(1);
         let left = eventually(5, || procs::of_uid(user.uid).is_empty()).await;
-        let message = r
-            .as_ref()
-            .err()
-            .map(|e| e.message().to_owned())
-            .unwrap_or_default();
+        let message = message(&r);
         rec.case(
             what,
             &format!(
@@ -193,14 +189,9 @@ while True:
 ' "$@""#,
     );
     let dir = tempfile::tempdir().expect("dir");
-    let counting = vncdispatch_tests::user_script(
-        dir.path(),
-        "counting-session",
-        "echo \"$DISPLAY\" >> \"$HOME/.session-starts\"\nexec sleep 600",
-    );
     let agent = AgentProc::start(AgentOptions {
         extra: vec!["--xvnc".into(), not_xvnc.0.display().to_string()],
-        session_command: Some(counting.into()),
+        session_command: Some(vncdispatch_tests::counting_session(dir.path()).into()),
         ..Default::default()
     })
     .await;
@@ -211,15 +202,9 @@ while True:
     // Late starts would show after the helper's own wait for the agent (10 s) at most; a
     // start on its way shows within a second.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let sessions = std::fs::read_to_string(user.home.join(".session-starts"))
-        .map(|t| t.lines().count())
-        .unwrap_or(0);
+    let sessions = vncdispatch_tests::session_starts(&user.home).len();
     let rejected = agent.log().matches("trying another display").count();
-    let message = r
-        .as_ref()
-        .err()
-        .map(|e| e.message().to_owned())
-        .unwrap_or_default();
+    let message = message(&r);
     rec.case(
         "desktop rejected after READY while its server runs",
         "--xvnc is a program that binds its -rfbport, writes its -displayfd line and answers RFB banners, but is not an Xvnc to /proc: the agent's listener check takes the port for someone else's, on every display it tries; the session command records each start",

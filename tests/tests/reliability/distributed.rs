@@ -195,24 +195,15 @@ async fn caller_gives_up(rec: &Record, secret: &Path) {
         "sleep 1\nexec /usr/bin/Xtigervnc \"$@\"",
     );
     // Records each session start: the desktop handed over starts one, the one undone none.
-    let counting = vncdispatch_tests::user_script(
-        dir.path(),
-        "counting-session",
-        "echo \"$DISPLAY\" >> \"$HOME/.session-starts\"\nexec /usr/bin/twm",
-    );
     let agent = AgentProc::start(AgentOptions {
         secret_file: Some(secret.to_owned()),
-        session_command: Some(counting.into()),
+        session_command: Some(vncdispatch_tests::counting_session(dir.path()).into()),
         extra: vec!["--xvnc".into(), slow_xvnc],
         ..Default::default()
     })
     .await;
     let (left, retried) = (TestUser::create(), TestUser::create());
-    let sessions = |u: &TestUser| {
-        std::fs::read_to_string(u.home.join(".session-starts"))
-            .map(|t| t.lines().count())
-            .unwrap_or(0)
-    };
+    let sessions = |u: &TestUser| vncdispatch_tests::session_starts(&u.home).len();
     let start = |name: &str| StartSessionRequest {
         username: name.to_owned(),
         password: "gaveup12".into(),

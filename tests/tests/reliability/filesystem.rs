@@ -7,7 +7,7 @@ use std::sync::Arc;
 use vncdispatch_proto::v1::StopSessionRequest;
 use vncdispatch_tests::agent::{AgentOptions, AgentProc};
 use vncdispatch_tests::reliability::Record;
-use vncdispatch_tests::reliability::attack::{code, start};
+use vncdispatch_tests::reliability::attack::{code, message, start};
 use vncdispatch_tests::users::TestUser;
 use vncdispatch_tests::{procs, require_root_and_tigervnc};
 
@@ -106,11 +106,7 @@ async fn filesystem() {
         let target = prepare(&user);
         let r = c.start_session(start(&user.name)).await;
         rec.faults(1);
-        let message = r
-            .as_ref()
-            .err()
-            .map(|e| e.message().to_owned())
-            .unwrap_or_default();
+        let message = message(&r);
         let (unchanged, detail) = match what {
             w if w.contains("root-owned file") => (untouched(&target), "target unchanged"),
             w if w.contains("directory") && !w.contains("missing") => (
