@@ -155,12 +155,15 @@ pub fn raise_open_files_limit(per_connection: u64) {
 /// Exit code for configuration errors (sysexits EX_USAGE).
 pub const EX_USAGE: u8 = 64;
 
-/// Logs to stderr, filtered by `RUST_LOG` (else `default`), as text or as JSON objects.
+/// Logs to stderr, filtered by `RUST_LOG` (else `default`), as text or as JSON objects; text
+/// in colour only on a terminal (a journal or a log file gets plain lines to grep).
 pub fn init_logging(json: bool, default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
