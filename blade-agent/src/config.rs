@@ -62,7 +62,7 @@ pub struct DesktopConfig {
     /// the desktop ends when it exits. Fast mode starts it just after answering the start: a
     /// start fails if it is not a file the user may execute (a script's `#!` interpreter too);
     /// a later failure (the user's process limit) ends the desktop, with the reason in its
-    /// ~/.vnc log.
+    /// ~/.vnc log and in a warning in the agent's log.
     #[arg(
         long,
         env = "BLADE_AGENT_SESSION_COMMAND",

@@ -1071,3 +1071,45 @@ async fn a_session_command_the_user_cannot_run_fails_the_start_and_leaves_no_xvn
         );
     }
 }
+
+/// What only exec can tell (here: the program held open for writing, ETXTBSY) shows after
+/// READY, as the session command starts after the answer: the desktop is stopped, and the
+/// agent's log says why with the display, not only the user's ~/.vnc log.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_command_that_fails_at_exec_is_logged_by_the_agent_and_its_desktop_stopped() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root_and_tigervnc();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let busy = dir.path().join("busy-session");
+    std::fs::copy("/usr/bin/twm", &busy).unwrap();
+    std::fs::set_permissions(&busy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Open for writing while the desktop starts: exec refuses it ("Text file busy").
+    let _writer = std::fs::OpenOptions::new().write(true).open(&busy).unwrap();
+    let agent = AgentProc::start(AgentOptions {
+        session_command: Some(busy.clone()),
+        ..Default::default()
+    })
+    .await;
+    let user = TestUser::create();
+    let started = agent
+        .client()
+        .await
+        .start_session(start_req(&user.name, "sess-pw1"))
+        .await
+        .expect("READY: exec's refusal comes after the answer")
+        .into_inner();
+    let logged = vncdispatch_tests::eventually(10, || {
+        agent.log().lines().any(|l| {
+            l.contains("session command did not start")
+                && l.contains(&format!("display={}", started.display))
+                && l.contains("Text file busy")
+        })
+    })
+    .await;
+    assert!(logged, "no warning in the agent's log:\n{}", agent.log());
+    assert!(
+        vncdispatch_tests::eventually(5, || procs::xvnc_of(user.uid).is_empty()).await,
+        "the desktop whose session could not start is still running"
+    );
+}

@@ -6,13 +6,16 @@ use super::spare::Helper;
 use super::{Agent, Secrets};
 use crate::account::Account;
 use crate::error::AgentError;
-use crate::helper::{FailKind, NO_SESSION, StartMode, encode_request};
+use crate::helper::{
+    FailKind, NO_SESSION, NO_SESSION_LINE, SESSION_GATE, StartMode, encode_request,
+};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tracing::Instrument;
 use vncdispatch_proto::vencrypt::CertPin;
 
 /// Longest answer line read from the helper (its real answers are under 200 bytes).
@@ -152,9 +155,30 @@ impl Agent {
         let rest = rest.to_owned();
         match (kind, FailKind::from_word(kind)) {
             ("OK", _) => Ok(None),
-            ("READY", _) => parse_ready(&rest)
-                .map(Some)
-                .ok_or_else(|| helper_err(format!("bad answer {line:?}"))),
+            ("READY", _) => {
+                let ready = parse_ready(&rest)
+                    .ok_or_else(|| helper_err(format!("bad answer {line:?}")))?;
+                // The desktop's session command starts after the answer; should it fail, the
+                // helper says why in one more line, for this log (the caller was told READY).
+                let shown = display;
+                tokio::spawn(
+                    async move {
+                        let mut more = String::new();
+                        let wait = SESSION_GATE + Duration::from_secs(5);
+                        let read = tokio::time::timeout(wait, answer.read_line(&mut more)).await;
+                        let more = more.trim_end();
+                        if let (Ok(Ok(_)), Some(why)) = (read, more.strip_prefix(NO_SESSION_LINE)) {
+                            tracing::warn!(
+                                display = shown,
+                                why = ?why.trim_start(),
+                                "the desktop's session command did not start; its Xvnc is stopped (more in the user's ~/.vnc/HOST:N.log)"
+                            );
+                        }
+                    }
+                    .instrument(tracing::Span::current()),
+                );
+                Ok(Some(ready))
+            }
             (_, Some(FailKind::Refused)) => Err(Other(AgentError::UnsafeHome { user, why: rest })),
             (_, Some(FailKind::Busy)) => Err(Busy(rest)),
             (_, Some(FailKind::Denied)) => Err(Other(AgentError::AccountDenied {

@@ -35,8 +35,10 @@
 //!    answer (the helper waits 10 s at most), so that the session's start does not compete
 //!    with the answer on its way. For a desktop it does not take (rejected after READY, or
 //!    its caller gone) the agent writes one byte first ([`NO_SESSION`]): the helper stops
-//!    Xvnc and starts nothing. (In wrapper mode vncserver starts the session itself and the
-//!    helper is gone after READY: the agent stops a desktop it does not take.)
+//!    Xvnc and starts nothing. A session command that cannot start stops Xvnc too, and the
+//!    helper says why in one more line, `NOSESSION <why>`, for the agent's log. (In wrapper
+//!    mode vncserver starts the session itself and the helper is gone after READY: the agent
+//!    stops a desktop it does not take.)
 //! 4. its stderr is the desktop's log `~/.vnc/HOST:N.log` (before that, none: the agent
 //!    reads only the bounded answer line from a process the user controls).
 //! 5. after READY (fast path) it stays as the session's supervisor: when the session command
@@ -252,8 +254,12 @@ pub fn main(pam_service: Option<&str>) -> ExitCode {
         Ok(Outcome::Supervise(mut desktop, pin)) => {
             answer(&ready(desktop.xvnc_pid, pin));
             if let Err(e) = desktop.start_session() {
-                // After READY only the desktop's log can hear it (stderr is that log).
+                // Stderr is the desktop's log. The agent, which reported the desktop started,
+                // reads one more line for its own log (not when the no was its own).
                 eprintln!("session-helper: {e}");
+                if let start::NoSession::Failed(why) = e {
+                    answer(&format!("{NO_SESSION_LINE} {}", why.replace('\n', " ")));
+                }
                 return ExitCode::FAILURE;
             }
             desktop.supervise();
@@ -289,6 +295,15 @@ fn answer(line: &str) {
 /// What the agent writes on the helper's stdin, after READY, for a desktop it did not take:
 /// the helper then stops Xvnc and starts no session (closing stdin unwritten lets it start).
 pub(crate) const NO_SESSION: u8 = b'!';
+
+/// Longest a started desktop waits for the agent to close the helper's stdin: past the
+/// agent's stop of an Xvnc that ignores SIGTERM (5 s, then SIGKILL), so that a desktop the
+/// agent rejected does not start its session first.
+pub(crate) const SESSION_GATE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// After READY, the helper's line for a desktop whose session command could not start: the
+/// word, a space and why. Otherwise nothing follows READY.
+pub(crate) const NO_SESSION_LINE: &str = "NOSESSION";
 
 /// Longest request (its real requests are under 1 KiB).
 const MAX_REQUEST: usize = 16 * 1024;

@@ -5,7 +5,7 @@
 //! BUSY so the agent tries the next one.
 use super::files::write_xauthority;
 use super::x509::DesktopCert;
-use super::{FailKind, Failure, HelperArgs, failed, log_name};
+use super::{FailKind, Failure, HelperArgs, SESSION_GATE, failed, log_name};
 use crate::discover;
 use nix::unistd::Uid;
 use std::fs::File;
@@ -176,7 +176,7 @@ impl Desktop {
     /// stdin, just after its answer; this waits [`SESSION_GATE`] at most, then starts the
     /// session anyway. The agent's [`NO_SESSION`](super::NO_SESSION) byte first (it did not
     /// take the desktop), or Xvnc already gone, means no session.
-    pub(super) fn start_session(&mut self) -> Result<(), String> {
+    pub(super) fn start_session(&mut self) -> Result<(), NoSession> {
         let Some(mut command) = self.pending.take() else {
             return Ok(());
         };
@@ -189,16 +189,22 @@ impl Desktop {
                 Ok(1)
             ) {
                 self.stop_xvnc();
-                return Err("the agent did not take this desktop (rejected after READY, or its caller went away): Xvnc stopped, no session".into());
+                return Err(NoSession::Refused);
             }
         }
         match self.xvnc.try_wait() {
             Ok(None) => {}
-            Ok(Some(_)) => return Err("Xvnc exited before the session command started".into()),
+            Ok(Some(_)) => {
+                return Err(NoSession::Failed(
+                    "Xvnc exited before the session command started".into(),
+                ));
+            }
             Err(e) => {
                 let _ = self.xvnc.kill();
                 let _ = self.xvnc.wait();
-                return Err(format!("cannot tell whether Xvnc runs: {e}; stopped it"));
+                return Err(NoSession::Failed(format!(
+                    "cannot tell whether Xvnc runs: {e}; stopped it"
+                )));
             }
         }
         match command.spawn() {
@@ -209,19 +215,33 @@ impl Desktop {
             Err(e) => {
                 let _ = self.xvnc.kill();
                 let _ = self.xvnc.wait();
-                Err(format!(
-                    "cannot run session command {}: {e}",
+                Err(NoSession::Failed(format!(
+                    "cannot run session command {}: {e}; Xvnc stopped",
                     command.get_program().to_string_lossy()
-                ))
+                )))
             }
         }
     }
 }
 
-/// Longest a started desktop waits for the agent to close the helper's stdin: past the
-/// agent's stop of an Xvnc that ignores SIGTERM (5 s, then SIGKILL), so that a desktop the
-/// agent rejected does not start its session first.
-const SESSION_GATE: Duration = Duration::from_secs(10);
+/// Why a started desktop has no session.
+pub(super) enum NoSession {
+    /// The agent did not take the desktop (see [`NO_SESSION`](super::NO_SESSION)).
+    Refused,
+    /// The session command could not start; Xvnc is stopped.
+    Failed(String),
+}
+
+impl std::fmt::Display for NoSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoSession::Refused => f.write_str(
+                "the agent did not take this desktop (rejected after READY, or its caller went away): Xvnc stopped, no session",
+            ),
+            NoSession::Failed(why) => f.write_str(why),
+        }
+    }
+}
 
 pub(super) fn start_wrapper(
     args: &HelperArgs,
