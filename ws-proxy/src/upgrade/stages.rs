@@ -5,6 +5,7 @@
 use super::{Refusal, checks};
 use crate::http::{Body, Proxy};
 use crate::limits::{Guesses, Limits, Over, Slot};
+use crate::read_ahead::ReadAhead;
 use crate::relay::{Upstream, relay};
 use crate::token::{Target, TokenError, TokenSource};
 use http_body_util::BodyExt;
@@ -18,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::either::Either;
 use vncdispatch_proto::v1::ConnectionEvent;
 use vncdispatch_proto::v1::connection_event::Kind;
 use vncdispatch_proto::vencrypt::CertPin;
@@ -250,12 +252,12 @@ pub(super) fn spawn_relay(
     let cfg = &proxy.cfg;
     // Small I/O buffers: an idle desktop connection should cost kilobytes, not the 256 KiB
     // tungstenite's defaults pin per connection. tungstenite zero-fills its whole read buffer
-    // on every read, so that buffer is what an idle connection keeps: 8 KiB is plenty for what
-    // a browser sends (input events), and a larger message is read whole all the same.
+    // on every read, and reads at most that much: 1 KiB holds what a browser mostly sends
+    // (input events), and a larger message is read ahead 64 KiB a syscall (`read_ahead`).
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(cfg.max_message))
         .max_frame_size(Some(cfg.max_message))
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(16 * 1024);
     let (limits, auth_proxy, cancel, tokens) = (
         cfg.relay.clone(),
@@ -277,12 +279,17 @@ pub(super) fn spawn_relay(
                     return;
                 }
             };
-            let mut ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(ws_config),
-            )
-            .await;
+            // Without TLS, the socket itself back from hyper, with what hyper read past the
+            // request: tungstenite then reads and writes it directly, not through hyper's
+            // upgrade layers (two adapters and a dynamic call on every read and write).
+            let (io, early) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => (Either::Left(parts.io.into_inner()), parts.read_buf.to_vec()),
+                Err(upgraded) => (Either::Right(TokioIo::new(upgraded)), Vec::new()),
+            };
+            let io = ReadAhead::new(io);
+            let mut ws =
+                WebSocketStream::from_partially_read(io, early, Role::Server, Some(ws_config))
+                    .await;
             let pending = if auth_proxy {
                 let viewer = !target.share_id.is_empty();
                 match crate::authproxy::present_none(&mut ws, viewer).await {

@@ -1,0 +1,179 @@
+//! The browser's side of a relay, as tungstenite reads it: small reads for small messages,
+//! large ones for a large message.
+//!
+//! tungstenite zero-fills its read buffer before every read, and every read it makes is at
+//! most that buffer's size. A large buffer costs a memset per message (about a microsecond of
+//! a 64-byte round trip for 8 KiB, docs/bench/relay.txt) and stays with the connection
+//! however idle; a small one costs a syscall per few KiB of a large message (a paste, a file).
+//! So tungstenite gets a small buffer, and this layer reads ahead only when a read filled
+//! all of it: a large message then arrives 64 KiB a syscall, into a buffer that is given back
+//! once drained, and an input event is read straight into tungstenite's buffer.
+use bytes::{Buf, BytesMut};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Most read from the socket at once when reading ahead.
+const AHEAD: usize = 64 * 1024;
+
+/// A stream whose reads go ahead of the reader once it reads in bulk; writes pass through.
+#[derive(Debug)]
+pub struct ReadAhead<S> {
+    inner: S,
+    /// Read from the stream and not yet taken; no allocation unless reading ahead.
+    ahead: BytesMut,
+    /// The last read filled all the room it had: more is likely waiting.
+    bulk: bool,
+}
+
+impl<S> ReadAhead<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        ReadAhead {
+            inner,
+            ahead: BytesMut::new(),
+            bulk: false,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.ahead.is_empty() && this.bulk && out.remaining() < AHEAD {
+            this.ahead.reserve(AHEAD);
+            let read =
+                tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.ahead);
+            // Filled all its room: more is likely waiting still.
+            this.bulk = this.ahead.len() == this.ahead.capacity();
+            if this.ahead.is_empty() {
+                // Nothing yet (or the end, or an error): no buffer held while waiting.
+                this.ahead = BytesMut::new();
+            }
+            match read {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // The end, which the read below reports again.
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+        if !this.ahead.is_empty() {
+            let n = out.remaining().min(this.ahead.len());
+            out.put_slice(&this.ahead[..n]);
+            this.ahead.advance(n);
+            if this.ahead.is_empty() {
+                // Given back: a connection that went quiet holds no read-ahead buffer.
+                this.ahead = BytesMut::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        // Nothing ahead (or the stream ended while reading ahead: then this reads the end).
+        let room = out.remaining();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
+        this.bulk = room > 0 && out.remaining() == 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Whatever the sizes written and read, the bytes come out as they went in, the end is
+    /// seen, and nothing is held once all was read.
+    #[tokio::test]
+    async fn bytes_come_through_in_order_whatever_the_read_sizes() {
+        let (mut w, r) = tokio::io::duplex(256 * 1024);
+        let sent: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let writer = {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                // Small writes, then large ones: the reader goes from direct to ahead.
+                for chunk in sent[..1000].chunks(10) {
+                    w.write_all(chunk).await.unwrap();
+                }
+                for chunk in sent[1000..].chunks(70_000) {
+                    w.write_all(chunk).await.unwrap();
+                }
+            })
+        };
+        let mut r = ReadAhead::new(r);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        writer.await.unwrap();
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "bytes reordered or changed");
+        assert_eq!(r.ahead.capacity(), 0, "a drained reader holds its buffer");
+    }
+
+    /// A reader asking for a small buffer gets large reads from the stream once it reads in
+    /// bulk: the stream sees far fewer reads than the reader makes.
+    #[tokio::test]
+    async fn a_bulk_reader_reads_the_stream_64_kib_at_a_time() {
+        struct Counting<R>(R, usize);
+        impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                out: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                let this = self.get_mut();
+                this.1 += 1;
+                Pin::new(&mut this.0).poll_read(cx, out)
+            }
+        }
+        let data = vec![7u8; 1024 * 1024];
+        let mut r = ReadAhead::new(Counting(&data[..], 0));
+        let mut buf = [0u8; 1024];
+        let mut reads = 0;
+        while r.read(&mut buf).await.unwrap() > 0 {
+            reads += 1;
+        }
+        assert_eq!(reads, 1024);
+        // One direct read, then 16 of 64 KiB, then the end.
+        assert!(r.inner.1 <= 20, "{} reads of the stream", r.inner.1);
+    }
+}
