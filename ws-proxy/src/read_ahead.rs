@@ -2,12 +2,14 @@
 //! large ones for a large message.
 //!
 //! tungstenite zero-fills its read buffer before every read, and every read it makes is at
-//! most that buffer's size. A large buffer costs a memset per message (about a microsecond of
+//! most that buffer's size. A large buffer costs a memset per read (about a microsecond of
 //! a 64-byte round trip for 8 KiB, docs/bench/relay.txt) and stays with the connection
 //! however idle; a small one costs a syscall per few KiB of a large message (a paste, a file).
-//! So tungstenite gets a small buffer, and this layer reads ahead only when a read filled
-//! all of it: a large message then arrives 64 KiB a syscall, into a buffer that is given back
-//! once drained, and an input event is read straight into tungstenite's buffer.
+//! So tungstenite gets a small buffer ([`TUNGSTENITE_READ`]), and this layer reads ahead only
+//! when a read filled at least half of it: a large message then arrives 64 KiB a syscall, into
+//! a buffer that is given back once drained, and input events are read straight into
+//! tungstenite's buffer. (tungstenite itself keeps a buffer the size of the largest message
+//! it has received, for the connection's life.)
 use bytes::{Buf, BytesMut};
 use std::io;
 use std::pin::Pin;
@@ -16,6 +18,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Most read from the socket at once when reading ahead.
 const AHEAD: usize = 64 * 1024;
+
+/// tungstenite's read buffer (its `read_buffer_size`), which this layer is sized against.
+pub const TUNGSTENITE_READ: usize = 1024;
+
+/// A read that filled this much of the caller's room or more (all of it) suggests a large
+/// message: tungstenite's room shrinks to a few bytes as frames are split off its buffer, and
+/// two input events filling such a room are not one.
+const BULK_ROOM: usize = TUNGSTENITE_READ / 2;
 
 /// A stream whose reads go ahead of the reader once it reads in bulk; writes pass through.
 #[derive(Debug)]
@@ -75,7 +85,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         // Nothing ahead (or the stream ended while reading ahead: then this reads the end).
         let room = out.remaining();
         ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
-        this.bulk = room > 0 && out.remaining() == 0;
+        this.bulk = room >= BULK_ROOM && out.remaining() == 0;
         Poll::Ready(Ok(()))
     }
 }
@@ -175,5 +185,15 @@ mod tests {
         assert_eq!(reads, 1024);
         // One direct read, then 16 of 64 KiB, then the end.
         assert!(r.inner.1 <= 20, "{} reads of the stream", r.inner.1);
+
+        // Rooms of a few bytes (tungstenite's, between frames) do not start reading ahead.
+        let mut r = ReadAhead::new(Counting(&data[..4096], 0));
+        let mut small = [0u8; 16];
+        let mut reads = 0;
+        while r.read(&mut small).await.unwrap() > 0 {
+            reads += 1;
+        }
+        assert_eq!(reads, 256);
+        assert_eq!(r.inner.1, 257, "small reads went ahead");
     }
 }

@@ -328,7 +328,7 @@ impl Agent {
             tracing::warn!(
                 display = left.display,
                 pid = left.pid,
-                "stopping a desktop nobody took"
+                "a desktop nobody took: its helper stops it if it still waits (10 s after READY), else it runs on until stopped (StopSession)"
             );
             if let Some(gate) = gate {
                 gate.refuse();
@@ -809,7 +809,7 @@ async fn stop_process(pid: u32, alive: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     if alive() {
-        tracing::warn!(pid, "Xvnc ignored SIGTERM; killing it");
+        tracing::warn!(pid, "the desktop's server ignored SIGTERM; killing it");
         let _ = kill(target, Signal::SIGKILL);
         // Gone once its parent (the helper) reaps it, or a zombie: either counts as dead.
         for _ in 0..50 {

@@ -255,7 +255,8 @@ pub fn main(pam_service: Option<&str>) -> ExitCode {
             answer(&ready(desktop.xvnc_pid, pin));
             if let Err(e) = desktop.start_session() {
                 // Stderr is the desktop's log. The agent, which reported the desktop started,
-                // reads one more line for its own log (not when the no was its own).
+                // reads one more line for its own log: only for a command that could not
+                // start (not for the agent's own no, nor an Xvnc stopped meanwhile).
                 eprintln!("session-helper: {e}");
                 if let start::NoSession::Failed(why) = e {
                     answer(&format!("{NO_SESSION_LINE} {}", why.replace('\n', " ")));

@@ -194,11 +194,7 @@ impl Desktop {
         }
         match self.xvnc.try_wait() {
             Ok(None) => {}
-            Ok(Some(_)) => {
-                return Err(NoSession::Failed(
-                    "Xvnc exited before the session command started".into(),
-                ));
-            }
+            Ok(Some(_)) => return Err(NoSession::XvncGone),
             Err(e) => {
                 let _ = self.xvnc.kill();
                 let _ = self.xvnc.wait();
@@ -228,6 +224,8 @@ impl Desktop {
 pub(super) enum NoSession {
     /// The agent did not take the desktop (see [`NO_SESSION`](super::NO_SESSION)).
     Refused,
+    /// Xvnc ended before the session command started (stopped, or crashed).
+    XvncGone,
     /// The session command could not start; Xvnc is stopped.
     Failed(String),
 }
@@ -238,6 +236,7 @@ impl std::fmt::Display for NoSession {
             NoSession::Refused => f.write_str(
                 "the agent did not take this desktop (rejected after READY, or its caller went away): Xvnc stopped, no session",
             ),
+            NoSession::XvncGone => f.write_str("Xvnc exited before the session command started"),
             NoSession::Failed(why) => f.write_str(why),
         }
     }

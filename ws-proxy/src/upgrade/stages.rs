@@ -257,8 +257,9 @@ pub(super) fn spawn_relay(
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(cfg.max_message))
         .max_frame_size(Some(cfg.max_message))
-        .read_buffer_size(1024)
+        .read_buffer_size(crate::read_ahead::TUNGSTENITE_READ)
         .write_buffer_size(16 * 1024);
+    let tls = cfg.tls.is_some();
     let (limits, auth_proxy, cancel, tokens) = (
         cfg.relay.clone(),
         cfg.auth_proxy,
@@ -284,7 +285,13 @@ pub(super) fn spawn_relay(
             // upgrade layers (two adapters and a dynamic call on every read and write).
             let (io, early) = match upgraded.downcast::<TokioIo<TcpStream>>() {
                 Ok(parts) => (Either::Left(parts.io.into_inner()), parts.read_buf.to_vec()),
-                Err(upgraded) => (Either::Right(TokioIo::new(upgraded)), Vec::new()),
+                Err(upgraded) => {
+                    if !tls {
+                        // Works, but slower: http.rs serves something else than TokioIo<TcpStream>.
+                        tracing::warn!("plain connection not handed back as a TcpStream; relaying through hyper's layers");
+                    }
+                    (Either::Right(TokioIo::new(upgraded)), Vec::new())
+                }
             };
             let io = ReadAhead::new(io);
             let mut ws =
