@@ -196,4 +196,99 @@ mod tests {
         assert_eq!(reads, 256);
         assert_eq!(r.inner.1, 257, "small reads went ahead");
     }
+
+    /// A stream that plays a script: data, a Pending (waking at once), an error, the end.
+    enum Step {
+        Data(Vec<u8>),
+        Pending,
+        Fail,
+    }
+
+    struct Scripted(std::collections::VecDeque<Step>);
+
+    impl AsyncRead for Scripted {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            out: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let steps = &mut self.get_mut().0;
+            match steps.pop_front() {
+                None => Poll::Ready(Ok(())),
+                Some(Step::Pending) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                Some(Step::Fail) => Poll::Ready(Err(io::Error::other("reset"))),
+                Some(Step::Data(mut d)) => {
+                    let n = out.remaining().min(d.len());
+                    out.put_slice(&d[..n]);
+                    if n < d.len() {
+                        steps.push_front(Step::Data(d.split_off(n)));
+                    }
+                    Poll::Ready(Ok(()))
+                }
+            }
+        }
+    }
+
+    /// Waiting, failing and ending while reading ahead: no buffer is held while the stream
+    /// has nothing, an error reaches the reader, and bytes read ahead before the end are all
+    /// delivered before it.
+    #[tokio::test]
+    async fn pending_errors_and_the_end_while_reading_ahead() {
+        use futures_util::task::noop_waker_ref;
+        let bytes = |n: usize, from: u8| (0..n).map(|i| from.wrapping_add(i as u8)).collect();
+        let mut r = ReadAhead::new(Scripted(
+            [
+                Step::Data(bytes(1024, 0)),
+                Step::Pending,
+                Step::Data(bytes(3000, 1)),
+                Step::Fail,
+                Step::Data(bytes(10, 2)),
+            ]
+            .into(),
+        ));
+        let mut buf = [0u8; 1024];
+        assert_eq!(r.read(&mut buf).await.unwrap(), 1024);
+        assert!(r.bulk, "a read that filled its room reads ahead next");
+        // The read ahead finds nothing yet: Pending, and its 64 KiB are given back.
+        let mut rb = ReadBuf::new(&mut buf);
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(Pin::new(&mut r).poll_read(&mut cx, &mut rb).is_pending());
+        assert_eq!(r.ahead.capacity(), 0, "a buffer held while waiting");
+        let mut got = Vec::new();
+        loop {
+            match r.read(&mut buf).await {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => {
+                    assert_eq!(e.to_string(), "reset");
+                    break;
+                }
+            }
+        }
+        assert!(
+            got == bytes(3000, 1),
+            "bytes lost or changed before the error"
+        );
+        assert_eq!(r.read(&mut buf).await.unwrap(), 10);
+        assert_eq!(r.read(&mut buf).await.unwrap(), 0);
+
+        // The end right after a read ahead: what was read ahead comes first, then the end.
+        let mut r = ReadAhead::new(Scripted(
+            [Step::Data(bytes(1024, 3)), Step::Data(bytes(2000, 4))].into(),
+        ));
+        let mut got = Vec::new();
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let mut want: Vec<u8> = bytes(1024, 3);
+        want.extend(bytes(2000, 4).iter());
+        assert!(got == want, "bytes lost or changed before the end");
+        assert_eq!(r.ahead.capacity(), 0);
+    }
 }
