@@ -125,6 +125,19 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// Reads `r` to its end `size` bytes at a time: what came, and in how many reads.
+    async fn read_to_end(r: &mut (impl AsyncRead + Unpin), size: usize) -> (Vec<u8>, usize) {
+        let (mut got, mut reads, mut buf) = (Vec::new(), 0, vec![0u8; size]);
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return (got, reads);
+            }
+            got.extend_from_slice(&buf[..n]);
+            reads += 1;
+        }
+    }
+
     /// Whatever the sizes written and read, the bytes come out as they went in, the end is
     /// seen, and nothing is held once all was read.
     #[tokio::test]
@@ -144,15 +157,7 @@ mod tests {
             })
         };
         let mut r = ReadAhead::new(r);
-        let mut got = Vec::new();
-        let mut buf = [0u8; 1024];
-        loop {
-            let n = r.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..n]);
-        }
+        let (got, _) = read_to_end(&mut r, 1024).await;
         writer.await.unwrap();
         assert_eq!(got.len(), sent.len());
         assert!(got == sent, "bytes reordered or changed");
@@ -163,48 +168,40 @@ mod tests {
     /// bulk: the stream sees far fewer reads than the reader makes.
     #[tokio::test]
     async fn a_bulk_reader_reads_the_stream_64_kib_at_a_time() {
-        struct Counting<R>(R, usize);
-        impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
-            fn poll_read(
-                self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                out: &mut ReadBuf<'_>,
-            ) -> Poll<io::Result<()>> {
-                let this = self.get_mut();
-                this.1 += 1;
-                Pin::new(&mut this.0).poll_read(cx, out)
-            }
-        }
-        let data = vec![7u8; 1024 * 1024];
-        let mut r = ReadAhead::new(Counting(&data[..], 0));
-        let mut buf = [0u8; 1024];
-        let mut reads = 0;
-        while r.read(&mut buf).await.unwrap() > 0 {
-            reads += 1;
-        }
+        let mut r = ReadAhead::new(Scripted::new([Step::Data(vec![7u8; 1024 * 1024])]));
+        let (_, reads) = read_to_end(&mut r, 1024).await;
         assert_eq!(reads, 1024);
         // One direct read, then 16 of 64 KiB, then the end.
-        assert!(r.inner.1 <= 20, "{} reads of the stream", r.inner.1);
+        assert!(r.inner.reads <= 20, "{} reads of the stream", r.inner.reads);
 
         // Rooms of a few bytes (tungstenite's, between frames) do not start reading ahead.
-        let mut r = ReadAhead::new(Counting(&data[..4096], 0));
-        let mut small = [0u8; 16];
-        let mut reads = 0;
-        while r.read(&mut small).await.unwrap() > 0 {
-            reads += 1;
-        }
+        let mut r = ReadAhead::new(Scripted::new([Step::Data(vec![7u8; 4096])]));
+        let (_, reads) = read_to_end(&mut r, 16).await;
         assert_eq!(reads, 256);
-        assert_eq!(r.inner.1, 257, "small reads went ahead");
+        assert_eq!(r.inner.reads, 257, "small reads went ahead");
     }
 
-    /// A stream that plays a script: data, a Pending (waking at once), an error, the end.
+    /// A stream that plays a script: data, a Pending (waking at once), an error, the end;
+    /// counting the reads asked of it.
     enum Step {
         Data(Vec<u8>),
         Pending,
         Fail,
     }
 
-    struct Scripted(std::collections::VecDeque<Step>);
+    struct Scripted {
+        steps: std::collections::VecDeque<Step>,
+        reads: usize,
+    }
+
+    impl Scripted {
+        fn new(steps: impl IntoIterator<Item = Step>) -> Self {
+            Scripted {
+                steps: steps.into_iter().collect(),
+                reads: 0,
+            }
+        }
+    }
 
     impl AsyncRead for Scripted {
         fn poll_read(
@@ -212,7 +209,9 @@ mod tests {
             cx: &mut Context<'_>,
             out: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
-            let steps = &mut self.get_mut().0;
+            let this = self.get_mut();
+            this.reads += 1;
+            let steps = &mut this.steps;
             match steps.pop_front() {
                 None => Poll::Ready(Ok(())),
                 Some(Step::Pending) => {
@@ -239,16 +238,13 @@ mod tests {
     async fn pending_errors_and_the_end_while_reading_ahead() {
         use futures_util::task::noop_waker_ref;
         let bytes = |n: usize, from: u8| (0..n).map(|i| from.wrapping_add(i as u8)).collect();
-        let mut r = ReadAhead::new(Scripted(
-            [
-                Step::Data(bytes(1024, 0)),
-                Step::Pending,
-                Step::Data(bytes(3000, 1)),
-                Step::Fail,
-                Step::Data(bytes(10, 2)),
-            ]
-            .into(),
-        ));
+        let mut r = ReadAhead::new(Scripted::new([
+            Step::Data(bytes(1024, 0)),
+            Step::Pending,
+            Step::Data(bytes(3000, 1)),
+            Step::Fail,
+            Step::Data(bytes(10, 2)),
+        ]));
         let mut buf = [0u8; 1024];
         assert_eq!(r.read(&mut buf).await.unwrap(), 1024);
         assert!(r.bulk, "a read that filled its room reads ahead next");
@@ -275,17 +271,11 @@ mod tests {
         assert_eq!(r.read(&mut buf).await.unwrap(), 0);
 
         // The end right after a read ahead: what was read ahead comes first, then the end.
-        let mut r = ReadAhead::new(Scripted(
-            [Step::Data(bytes(1024, 3)), Step::Data(bytes(2000, 4))].into(),
-        ));
-        let mut got = Vec::new();
-        loop {
-            let n = r.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..n]);
-        }
+        let mut r = ReadAhead::new(Scripted::new([
+            Step::Data(bytes(1024, 3)),
+            Step::Data(bytes(2000, 4)),
+        ]));
+        let (got, _) = read_to_end(&mut r, 1024).await;
         let mut want: Vec<u8> = bytes(1024, 3);
         want.extend(bytes(2000, 4).iter());
         assert!(got == want, "bytes lost or changed before the end");
