@@ -255,7 +255,7 @@ impl SessionGate {
         match nix::unistd::write(&self.stdin, &[NO_SESSION]) {
             Ok(_) | Err(nix::errno::Errno::EPIPE) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "could not tell a session helper to start no session; the agent stops its Xvnc")
+                tracing::warn!(error = %e, "could not tell a session helper to start no session")
             }
         }
     }
